@@ -1,0 +1,23 @@
+"""Trajectory-Mixed Supervision (TMS) for Hugging Face TRL: reward-free, on-policy SFT that forgets less."""
+
+from .config import TMSConfig
+from .data import to_prompt_completion
+from .history import AdapterHistory
+from .mixture import MixtureDataset
+from .pld import PLDCallback, policy_label_divergence
+from .trainer import TMSTrainer
+from .trajectories import SamplingParams, generate_trajectories
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterHistory",
+    "MixtureDataset",
+    "PLDCallback",
+    "SamplingParams",
+    "TMSConfig",
+    "TMSTrainer",
+    "generate_trajectories",
+    "policy_label_divergence",
+    "to_prompt_completion",
+]

@@ -1,0 +1,174 @@
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+
+@dataclass
+class TMSConfig(SFTConfig):
+    r"""
+    Configuration class for the [`TMSTrainer`].
+
+    Extends [`~trl.SFTConfig`] with the parameters of Trajectory-Mixed Supervision (TMS, arXiv 2602.03073). Every
+    `SFTConfig` / `TrainingArguments` parameter keeps its meaning and applies to both training phases (the harvest run
+    on the labels and the student run on the mixture). Defaults follow the paper where it states them.
+
+    Parameters:
+        > Parameters that control the adapter history (harvest phase)
+
+        num_checkpoints (`int`, *optional*, defaults to `10`):
+            Number of adapter snapshots (T) taken during the harvest run, spaced evenly over its optimizer steps. The
+            initial adapter (step 0) is not one of them. Must not exceed the number of optimizer steps.
+        history_dir (`str`, *optional*):
+            Folder that receives the snapshots (one PEFT adapter folder `step-<N>` each) and the trajectories. Defaults
+            to `<output_dir>/_tms_history`; the leading underscore keeps it out of `push_to_hub` uploads.
+
+        > Parameters that control trajectory generation
+
+        samples_per_checkpoint (`int`, *optional*, defaults to `1`):
+            Number of completions each snapshot samples for every training prompt.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature for the trajectories. `0.0` means greedy decoding.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus-sampling probability mass for the trajectories.
+        top_k (`int`, *optional*, defaults to `0`):
+            Top-k filtering for the trajectories. `0` disables it.
+        max_new_tokens (`int`, *optional*, defaults to `256`):
+            Maximum number of tokens generated per trajectory. Generation stops earlier at the EOS token.
+        generation_batch_size (`int`, *optional*, defaults to `16`):
+            Number of sequences per `generate` call (prompts x resident snapshots x samples).
+        snapshots_per_generate (`int`, *optional*, defaults to `4`):
+            Number of snapshots resident at once and served in the same `generate` call, each row routed to its own
+            adapter with PEFT's `adapter_names`. `1` swaps one snapshot at a time. Each resident snapshot costs one
+            LoRA adapter of memory.
+
+        > Parameters that control the mixture (student phase)
+
+        label_weight (`float`, *optional*, defaults to `0.25`):
+            Probability (alpha) of training on the reference label each time an example is drawn; otherwise a
+            trajectory is drawn uniformly over the snapshots (then uniformly over that snapshot's samples). `1.0`
+            reduces TMS to plain SFT, `0.0` trains on trajectories only.
+
+        > Parameters that control Policy-Label Divergence (PLD) logging
+
+        log_pld (`bool`, *optional*, defaults to `True`):
+            Whether to log PLD (mean per-token NLL of the evaluation labels under the current policy) and PLD drift
+            (its rise above the running minimum) at every logging step of both phases. Needs an `eval_dataset`.
+        pld_num_samples (`int`, *optional*, defaults to `256`):
+            Maximum number of evaluation examples used to compute PLD. Each logging step costs one forward pass over
+            them.
+    """
+
+    # Parameters that control the adapter history
+    num_checkpoints: int = field(
+        default=10,
+        metadata={
+            "help": "Number of adapter snapshots (T) taken during the harvest run, spaced evenly over its optimizer "
+            "steps. The initial adapter (step 0) is not one of them. Must not exceed the number of optimizer steps."
+        },
+    )
+    history_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder that receives the snapshots (one PEFT adapter folder `step-<N>` each) and the "
+            "trajectories. Defaults to `<output_dir>/_tms_history`; the leading underscore keeps it out of "
+            "`push_to_hub` uploads."
+        },
+    )
+
+    # Parameters that control trajectory generation
+    samples_per_checkpoint: int = field(
+        default=1,
+        metadata={"help": "Number of completions each snapshot samples for every training prompt."},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature for the trajectories. `0.0` means greedy decoding."},
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus-sampling probability mass for the trajectories."},
+    )
+    top_k: int = field(
+        default=0,
+        metadata={"help": "Top-k filtering for the trajectories. `0` disables it."},
+    )
+    max_new_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "Maximum number of tokens generated per trajectory. Generation stops earlier at the EOS token."
+        },
+    )
+    generation_batch_size: int = field(
+        default=16,
+        metadata={"help": "Number of sequences per `generate` call (prompts x resident snapshots x samples)."},
+    )
+    snapshots_per_generate: int = field(
+        default=4,
+        metadata={
+            "help": "Number of snapshots resident at once and served in the same `generate` call, each row routed to "
+            "its own adapter with PEFT's `adapter_names`. `1` swaps one snapshot at a time. Each resident snapshot "
+            "costs one LoRA adapter of memory."
+        },
+    )
+
+    # Parameters that control the mixture
+    label_weight: float = field(
+        default=0.25,
+        metadata={
+            "help": "Probability (alpha) of training on the reference label each time an example is drawn; otherwise "
+            "a trajectory is drawn uniformly over the snapshots. `1.0` reduces TMS to plain SFT, `0.0` trains on "
+            "trajectories only."
+        },
+    )
+
+    # Parameters that control PLD logging
+    log_pld: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether to log PLD (mean per-token NLL of the evaluation labels under the current policy) and "
+            "PLD drift (its rise above the running minimum) at every logging step of both phases. Needs an "
+            "`eval_dataset`."
+        },
+    )
+    pld_num_samples: int = field(
+        default=256,
+        metadata={
+            "help": "Maximum number of evaluation examples used to compute PLD. Each logging step costs one forward "
+            "pass over them."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
+            (self.num_checkpoints >= 1, f"`num_checkpoints` must be at least 1, got {self.num_checkpoints}."),
+            (
+                0.0 <= self.label_weight <= 1.0,
+                f"`label_weight` (alpha) is a probability and must lie in [0, 1], got {self.label_weight}.",
+            ),
+            (
+                self.samples_per_checkpoint >= 1,
+                f"`samples_per_checkpoint` must be at least 1, got {self.samples_per_checkpoint}.",
+            ),
+            (self.temperature >= 0.0, f"`temperature` must be >= 0 (0 means greedy), got {self.temperature}."),
+            (0.0 < self.top_p <= 1.0, f"`top_p` must lie in (0, 1], got {self.top_p}."),
+            (self.top_k >= 0, f"`top_k` must be >= 0 (0 disables it), got {self.top_k}."),
+            (self.max_new_tokens >= 1, f"`max_new_tokens` must be at least 1, got {self.max_new_tokens}."),
+            (
+                self.generation_batch_size >= 1,
+                f"`generation_batch_size` must be at least 1, got {self.generation_batch_size}.",
+            ),
+            (
+                self.snapshots_per_generate >= 1,
+                f"`snapshots_per_generate` must be at least 1, got {self.snapshots_per_generate}.",
+            ),
+            (self.pld_num_samples >= 1, f"`pld_num_samples` must be at least 1, got {self.pld_num_samples}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.packing:
+            raise ValueError(
+                "`packing=True` is not supported by TMSTrainer: the mixture draws one completion per prompt each time "
+                "an example is drawn, which needs one example per sequence. Set `packing=False`."
+            )

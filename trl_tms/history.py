@@ -1,0 +1,134 @@
+"""The adapter history: LoRA snapshots of one training run, cheap in memory and on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import torch
+from peft import PeftConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+SNAPSHOT_WEIGHTS = "adapter_model.safetensors"
+SNAPSHOT_CONFIG = "adapter_config.json"
+SNAPSHOT_META = "tms_snapshot.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def adapter_parameters(model, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters that belong to one adapter of a PEFT model, by their full parameter names."""
+    pattern = re.compile(rf"\.{re.escape(adapter_name)}(\.|$)")
+    params = {name: param for name, param in model.named_parameters() if pattern.search(name)}
+    if not params:
+        raise ValueError(f"The model has no parameters for the adapter {adapter_name!r}.")
+    return params
+
+
+class AdapterHistory:
+    """
+    Snapshots of a LoRA adapter taken along one training run.
+
+    Each snapshot holds the adapter weights only (in PEFT's own key layout, on CPU), never a copy of the base model. With
+    a `directory`, every snapshot is also written atomically as a PEFT adapter folder `step-<N>/` (`adapter_config.json`
+    + `adapter_model.safetensors`) that `PeftModel.from_pretrained(base_model, folder)` loads, and the history can be
+    reopened with [`AdapterHistory.open`].
+
+    Args:
+        peft_config ([`~peft.PeftConfig`]):
+            Configuration of the adapter being snapshotted; written next to each snapshot.
+        directory (`str`, *optional*):
+            Folder that receives the snapshots. Without it the history lives in memory only.
+    """
+
+    def __init__(self, peft_config: PeftConfig, directory: str | None = None):
+        self.peft_config = peft_config
+        self.directory = directory
+        self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    # Taking and reading snapshots
+
+    def take(self, model, step: int, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """Copy the adapter's current weights to CPU as the snapshot of `step` and persist it if a directory is set."""
+        params = adapter_parameters(model, adapter_name)
+        copied = {name: param.detach().to("cpu", copy=True) for name, param in params.items()}
+        snapshot = get_peft_model_state_dict(model, state_dict=copied, adapter_name=adapter_name)
+        self._snapshots[step] = snapshot
+        if self.directory is not None:
+            self._write(step, snapshot)
+        return snapshot
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self._snapshots)
+
+    def __len__(self) -> int:
+        return len(self._snapshots)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.steps)
+
+    def __contains__(self, step: int) -> bool:
+        return step in self._snapshots
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        return self._snapshots[step]
+
+    def path(self, step: int) -> str:
+        if self.directory is None:
+            raise ValueError("This history has no directory: pass `directory=` to persist snapshots.")
+        return os.path.join(self.directory, f"step-{step}")
+
+    # Serving snapshots
+
+    def load_into(self, model, step: int, adapter_name: str) -> None:
+        """Hot-swap the snapshot of `step` into the (already added) adapter slot `adapter_name` of `model`."""
+        result = set_peft_model_state_dict(model, self._snapshots[step], adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise ValueError(
+                f"Snapshot step-{step} does not fit the model: {len(result.unexpected_keys)} of its tensors have no "
+                f"place in it (first: {result.unexpected_keys[0]!r}). Was it taken with a different base model or "
+                "LoRA configuration?"
+            )
+
+    # Disk
+
+    def _write(self, step: int, snapshot: dict[str, torch.Tensor]) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        final = self.path(step)
+        staging = tempfile.mkdtemp(prefix=f".step-{step}-", dir=self.directory)
+        try:
+            save_file({k: v.contiguous() for k, v in snapshot.items()}, os.path.join(staging, SNAPSHOT_WEIGHTS))
+            self.peft_config.save_pretrained(staging)
+            with open(os.path.join(staging, SNAPSHOT_META), "w") as f:
+                json.dump({"step": step, "num_tensors": len(snapshot)}, f)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def open(cls, directory: str) -> AdapterHistory:
+        """
+        Reopen a history written by a previous run. Only complete `step-<N>` folders are read (an interrupted write
+        leaves a hidden staging folder that is ignored), and only safetensors files are loaded.
+        """
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"No adapter history at {directory!r}.")
+        steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(directory)) if m)
+        if not steps:
+            raise FileNotFoundError(f"{directory!r} holds no `step-<N>` snapshot folders.")
+        peft_config = PeftConfig.from_pretrained(os.path.join(directory, f"step-{steps[0]}"))
+        history = cls(peft_config, directory)
+        for step in steps:
+            weights = os.path.join(directory, f"step-{step}", SNAPSHOT_WEIGHTS)
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(f"Snapshot step-{step} has no {SNAPSHOT_WEIGHTS} (only safetensors are read).")
+            history._snapshots[step] = load_file(weights)
+        return history

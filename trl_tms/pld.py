@@ -1,0 +1,123 @@
+"""Policy-Label Divergence (PLD): how far the supervision sits from the policy, logged during training."""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+
+
+def policy_label_divergence(trainer, dataset) -> float:
+    """
+    PLD of the trainer's current model on a tokenized labelled dataset: the mean per-token negative log-likelihood
+    of the labels (tokens whose label is not -100), KL(delta(y*) || pi_theta) per token. Runs through the trainer's
+    own eval dataloader, so batches are sharded across processes and the sums are reduced over all of them.
+    """
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=trainer.accelerator.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=trainer.accelerator.device)
+    try:
+        with torch.no_grad():
+            for batch in trainer.get_eval_dataloader(dataset):
+                batch = trainer._prepare_inputs({k: v for k, v in batch.items() if k in _MODEL_INPUTS})
+                batch_nll, batch_tokens = _label_nll(model, batch)
+                nll += batch_nll
+                tokens += batch_tokens
+    finally:
+        model.train(was_training)
+    nll = trainer.accelerator.reduce(nll, reduction="sum")
+    tokens = trainer.accelerator.reduce(tokens, reduction="sum")
+    if tokens.item() == 0:
+        raise ValueError("The PLD dataset has no label tokens (every label is -100).")
+    return (nll / tokens).item()
+
+
+def _label_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = batch["labels"]
+    try:
+        # SFTTrainer's fused LM head gives per-token log-probs without materialising the logits.
+        outputs = model(**batch, fused_lm_head=True, use_cache=False)
+        return -outputs.log_probs.double().sum(), outputs.label_mask.double().sum()
+    except TypeError:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        mask = targets != -100
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return -(log_probs * mask).double().sum(), mask.double().sum()
+
+
+class PLDCallback(TrainerCallback):
+    """
+    Logs Policy-Label Divergence while a trainer trains: `pld`, the mean per-token NLL of held-out reference labels
+    under the current policy, and `pld_drift`, its rise above the lowest value seen so far in this run. Under SFT, PLD
+    dips then rises; the rise predicts forgetting (TMS, arXiv 2602.03073).
+
+    PLD is computed once at the start of training (step 0) and at every logging step, and goes through the trainer's
+    own metrics, so `trainer.state.log_history` and every reporter (wandb, tensorboard, trackio, ...) receive it. Works
+    on [`~trl.SFTTrainer`], [`TMSTrainer`] and, through `trainer.log`, any [`~transformers.Trainer`].
+
+    Example:
+
+    ```python
+    >>> trainer = SFTTrainer(model=..., train_dataset=train, eval_dataset=heldout, ...)
+    >>> trainer.add_callback(PLDCallback(trainer))
+    >>> trainer.train()
+    ```
+
+    Args:
+        trainer ([`~transformers.Trainer`]):
+            The trainer to watch.
+        eval_dataset ([`~datasets.Dataset`], *optional*):
+            Labelled held-out examples. Defaults to the trainer's `eval_dataset` (the first one, if several). A raw
+            dataset is preprocessed like the trainer's own eval data.
+        num_samples (`int`, *optional*, defaults to `256`):
+            Use at most this many examples; each logging step costs one forward pass over them.
+    """
+
+    def __init__(self, trainer, eval_dataset=None, num_samples: int = 256):
+        self.trainer = trainer
+        dataset = eval_dataset if eval_dataset is not None else trainer.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()), None)
+        if dataset is None:
+            raise ValueError(
+                "PLDCallback needs held-out labelled examples: pass `eval_dataset=` to the trainer or to the callback."
+            )
+        if "input_ids" not in dataset.column_names and hasattr(trainer, "_prepare_dataset"):
+            dataset = trainer._prepare_dataset(
+                dataset, trainer.processing_class, trainer.args, False, getattr(trainer, "_formatting_func", None), "pld"
+            )
+        if "labels" not in dataset.column_names:
+            raise ValueError(
+                "The PLD dataset has no labels: give it reference completions (prompt-completion or messages) so that "
+                f"PLD can measure their likelihood; got columns {dataset.column_names}."
+            )
+        self.dataset = dataset.select(range(min(num_samples, len(dataset))))
+        self.best = float("inf")
+        self.last: dict[str, float] = {}
+
+    def measure(self) -> dict[str, float]:
+        """Compute PLD now and update the running minimum; returns `{"pld": ..., "pld_drift": ...}`."""
+        pld = policy_label_divergence(self.trainer, self.dataset)
+        self.best = min(self.best, pld)
+        self.last = {"pld": pld, "pld_drift": pld - self.best}
+        return self.last
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.best = float("inf")
+        self.trainer.log(self.measure())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not control.should_log:
+            return
+        values = self.measure()
+        metrics = getattr(self.trainer, "_metrics", None)
+        if metrics is None:
+            self.trainer.log(values)
+        else:
+            for key, value in values.items():
+                metrics["train"][key].append(value)

@@ -1,0 +1,303 @@
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import TrainerCallback, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+from trl.models import unwrap_model_for_generation
+
+from .config import TMSConfig
+from .data import to_prompt_completion
+from .history import AdapterHistory, adapter_parameters
+from .mixture import IS_LABEL, MixtureCollator, MixtureDataset, mixture_candidates
+from .pld import PLDCallback
+from .quantization import keep_4bit_layers_trainable
+from .trajectories import SamplingParams, generate_trajectories, save_trajectories
+
+PHASE_IDS = {"harvest": 1, "student": 2}
+
+
+def snapshot_steps(total_steps: int, num_checkpoints: int) -> list[int]:
+    """`num_checkpoints` optimizer steps spread evenly over `total_steps`, the last one being the final step."""
+    return [k * total_steps // num_checkpoints for k in range(1, num_checkpoints + 1)]
+
+
+class TMSTrainer(SFTTrainer):
+    """
+    Trainer for Trajectory-Mixed Supervision (TMS): reward-free, on-policy SFT (arXiv 2602.03073).
+
+    A drop-in replacement for [`~trl.SFTTrainer`] (same constructor, same dataset formats that carry a prompt) whose
+    `train()` runs the three phases of TMS:
+
+    1. **harvest**: ordinary SFT of a LoRA adapter on the labels, taking `num_checkpoints` adapter snapshots evenly
+       over the run into an [`AdapterHistory`] (written under `history_dir`);
+    2. **trajectories**: every snapshot, hot-swapped into a spare adapter slot of the same model, samples
+       `samples_per_checkpoint` completions for every training prompt;
+    3. **student**: the adapter restarts from its initial weights, with a fresh optimizer and schedule, and trains for
+       the same number of steps on the mixture: each time an example is drawn, its label with probability
+       `label_weight`, else one of its trajectories, uniformly over snapshots.
+
+    With an `eval_dataset`, Policy-Label Divergence (`pld`, `pld_drift`) is logged in both phases. Log entries carry
+    `tms_phase` (1 = harvest, 2 = student); `trainer.state.log_history` holds both phases after `train()`.
+
+    Args:
+        model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            Model to train, as for [`~trl.SFTTrainer`]. Needs a LoRA adapter: pass `peft_config` or a `PeftModel`.
+        args ([`TMSConfig`], *optional*):
+            Configuration. An [`~trl.SFTConfig`] or [`~transformers.TrainingArguments`] is converted with TMS defaults.
+        train_dataset ([`~datasets.Dataset`]):
+            Prompt-completion (standard or conversational) or conversational `"messages"` dataset, whose last
+            assistant turn is the label.
+        eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
+            Held-out labelled examples in the same formats; used for evaluation and PLD.
+        peft_config ([`~peft.LoraConfig`], *optional*):
+            LoRA configuration used to wrap the model.
+
+    The other arguments (`data_collator`, `processing_class`, `compute_metrics`, `callbacks`,
+    `optimizer_cls_and_kwargs`, `preprocess_logits_for_metrics`, `quantization_config`, ...) are those of
+    [`~trl.SFTTrainer`]. Not supported: `formatting_func` (it turns prompts into plain text) and ready-made `optimizers`
+    instances (the student needs a fresh optimizer; pass `optimizer_cls_and_kwargs` instead).
+    """
+
+    _tag_names = ["trl", "sft", "tms"]
+    _name = "TMS"
+    _paper = {
+        "title": "TMS: Trajectory-Mixed Supervision for Reward-Free, On-Policy SFT",
+        "id": "2602.03073",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{khan2026tms,
+                title        = {{TMS: Trajectory-Mixed Supervision for Reward-Free, On-Policy SFT}},
+                author       = {Khan and Liu and Tan and Fleming and Chen},
+                year         = 2026,
+                eprint       = {arXiv:2602.03073}
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        args: TMSConfig | SFTConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+    ):
+        args = _as_tms_config(args, model)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required.")
+        if formatting_func is not None:
+            raise ValueError(
+                "`formatting_func` is not supported by TMSTrainer: it turns examples into plain text, and TMS needs the "
+                "prompt apart from the label to generate trajectories. Format the dataset into prompt-completion "
+                "columns beforehand."
+            )
+        if optimizers != (None, None):
+            raise ValueError(
+                "TMSTrainer trains twice (harvest, then student) and the student needs a fresh optimizer and "
+                "schedule, so ready-made `optimizers` instances cannot be reused. Pass `optimizer_cls_and_kwargs` or "
+                "set `optim` / `lr_scheduler_type` in the config."
+            )
+        if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            raise ValueError(
+                "`dataset_kwargs={'skip_prepare_dataset': True}` is not supported: TMS reads the prompts and labels "
+                "from an untokenized dataset."
+            )
+        _check_lora(model, peft_config)
+
+        train_dataset = to_prompt_completion(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: to_prompt_completion(ds, f"eval ({key})") for key, ds in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = to_prompt_completion(eval_dataset, "eval")
+        self._prompts = train_dataset
+        self.phase: str | None = None
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=None,
+        )
+
+        if getattr(self.model, "is_loaded_in_4bit", False) or getattr(
+            self.model.get_base_model(), "is_loaded_in_4bit", False
+        ):
+            keep_4bit_layers_trainable(self.model)
+        self.adapter_name = self.model.active_adapter
+        self._initial_adapter = {
+            name: param.detach().clone() for name, param in adapter_parameters(self.model, self.adapter_name).items()
+        }
+        self.history_dir = args.history_dir or os.path.join(args.output_dir, "_tms_history")
+        self.history = AdapterHistory(
+            self.model.peft_config[self.adapter_name],
+            directory=self.history_dir if self.is_world_process_zero() else None,
+        )
+        self.trajectories = None
+        self.stats: dict[str, float] = {}
+
+        planned = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        if args.num_checkpoints > planned:
+            raise ValueError(
+                f"`num_checkpoints` ({args.num_checkpoints}) exceeds the number of optimizer steps of the harvest run "
+                f"({planned}). Lower `num_checkpoints`, or train longer (more epochs or data, or a smaller batch)."
+            )
+        self.add_callback(_PhaseCallback(self))
+        self.pld_callback = None
+        if args.log_pld and self.eval_dataset is not None:
+            self.pld_callback = PLDCallback(self, num_samples=args.pld_num_samples)
+            self.add_callback(self.pld_callback)
+
+    # The three phases
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Run harvest, trajectories and student; returns the student run's `TrainOutput`."""
+        if resume_from_checkpoint:
+            raise NotImplementedError(
+                "Resuming a TMS run is not supported yet: start the run again without `resume_from_checkpoint`."
+            )
+        args = self.args
+        user_output_dir, user_max_steps = args.output_dir, args.max_steps
+        try:
+            # Harvest checkpoints are not the result: keep them beside the history, out of `output_dir`'s top level.
+            args.output_dir = os.path.join(self.history_dir, "harvest")
+            self.phase = "harvest"
+            self.harvest_output = super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            harvest_log, harvest_steps = self.state.log_history, self.state.global_step
+            args.output_dir = user_output_dir
+
+            self.phase = "trajectories"
+            started = time.perf_counter()
+            self.trajectories = self._generate_trajectories()
+            self.stats["trajectory_seconds"] = time.perf_counter() - started
+
+            self.phase = "student"
+            self._prepare_student()
+            args.max_steps = harvest_steps
+            output = super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        finally:
+            args.output_dir, args.max_steps = user_output_dir, user_max_steps
+            self.phase = None
+        self.state.log_history = harvest_log + self.state.log_history
+        return output
+
+    def _generate_trajectories(self):
+        trajectories = generate_trajectories(
+            self.model,
+            self._tokenizer,
+            self._prompts,
+            self.history,
+            SamplingParams.from_config(self.args),
+            adapter_name=self.adapter_name,
+            chat_template=self.chat_template,
+            generation_context=lambda _: unwrap_model_for_generation(self.model_wrapped, self.accelerator),
+            disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
+        )
+        if self.is_world_process_zero():
+            save_trajectories(trajectories, os.path.join(self.history_dir, "trajectories"))
+        return trajectories
+
+    def _prepare_student(self) -> None:
+        candidates, empty = mixture_candidates(self._prompts, self.trajectories)
+        candidates = self._prepare_dataset(candidates, self.processing_class, self.args, False, None, "mixture")
+        self.train_dataset = MixtureDataset(candidates, self.args.label_weight, self.args.seed)
+        if not isinstance(self.data_collator, MixtureCollator):
+            self.data_collator = MixtureCollator(self.data_collator)
+        self.stats.update(
+            trajectories=len(self.trajectories),
+            empty_trajectories=empty,
+            unfinished_trajectories=len(self.trajectories) - sum(self.trajectories["finished"]),
+        )
+        with torch.no_grad():
+            for name, param in adapter_parameters(self.model, self.adapter_name).items():
+                param.copy_(self._initial_adapter[name])
+        self.optimizer, self.lr_scheduler = None, None
+        self._total_train_tokens = 0
+
+    # Hooks into SFTTrainer
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if IS_LABEL not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, IS_LABEL]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        is_label = inputs.pop(IS_LABEL, None)
+        if is_label is not None:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["tms_label_fraction"].append(self.accelerator.gather_for_metrics(is_label).mean().item())
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.phase in PHASE_IDS:
+            logs["tms_phase"] = PHASE_IDS[self.phase]
+        super().log(logs, start_time)
+
+
+class _PhaseCallback(TrainerCallback):
+    """Takes the harvest snapshots, and opens the student run's log with the trajectory counts."""
+
+    def __init__(self, trainer: TMSTrainer):
+        self.trainer = trainer
+        self.steps: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = set()
+        if self.trainer.phase == "harvest":
+            self.steps = set(snapshot_steps(state.max_steps, args.num_checkpoints))
+        elif self.trainer.phase == "student":
+            self.trainer.log({f"tms_{key}": float(value) for key, value in self.trainer.stats.items()})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            self.trainer.history.take(self.trainer.model, state.global_step, self.trainer.adapter_name)
+
+
+def _as_tms_config(args, model) -> TMSConfig:
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+        return TMSConfig(f"{str(name).rstrip('/').split('/')[-1]}-TMS")
+    if isinstance(args, TMSConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        values = args.to_dict()
+        values["hub_token"] = args.hub_token  # to_dict hides it
+        return TMSConfig(**values)
+    raise TypeError(f"`args` must be a TMSConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+
+
+def _check_lora(model, peft_config) -> None:
+    if peft_config is None and not isinstance(model, PeftModel):
+        raise ValueError(
+            "TMSTrainer trains and snapshots a LoRA adapter, but no adapter was given. Pass "
+            "`peft_config=LoraConfig(...)` (e.g. `LoraConfig(r=16, target_modules='all-linear')`) or a `PeftModel`."
+        )
+    config = peft_config if peft_config is not None else model.peft_config[model.active_adapter]
+    if not isinstance(config, LoraConfig):
+        raise ValueError(
+            f"TMSTrainer snapshots and hot-swaps LoRA adapters; got a {type(config).__name__}. Use a `LoraConfig`."
+        )

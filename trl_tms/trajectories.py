@@ -1,0 +1,244 @@
+"""Trajectories: completions sampled from each snapshot of the history, on the one model being trained."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from trl.data_utils import is_conversational
+
+from .data import as_completion, prompt_token_ids
+from .history import AdapterHistory
+
+SLOT_PREFIX = "tms_slot_"
+
+
+@dataclass
+class SamplingParams:
+    """How each snapshot samples its trajectories."""
+
+    samples_per_checkpoint: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    snapshots_per_generate: int = 4
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, args) -> SamplingParams:
+        return cls(
+            samples_per_checkpoint=args.samples_per_checkpoint,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.generation_batch_size,
+            snapshots_per_generate=args.snapshots_per_generate,
+            seed=args.seed,
+        )
+
+    def generate_kwargs(self, tokenizer, model) -> dict:
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": eos,
+            "use_cache": True,
+        }
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def generate_trajectories(
+    model,
+    tokenizer,
+    prompts: Dataset,
+    history: AdapterHistory,
+    sampling: SamplingParams,
+    *,
+    adapter_name: str = "default",
+    chat_template: str | None = None,
+    generation_context=None,
+    disable_tqdm: bool = False,
+) -> Dataset:
+    """
+    Sample `sampling.samples_per_checkpoint` completions for every prompt from every snapshot in `history`.
+
+    Snapshots are hot-swapped into spare adapter slots of `model` (a `PeftModel`), so one base model serves the whole
+    history; several snapshots share one `generate` call through PEFT's `adapter_names`. The slots are removed before
+    returning, and the trained adapter is left active and trainable.
+
+    Args:
+        model ([`~peft.PeftModel`]):
+            The model being trained.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            Tokenizer with a pad token.
+        prompts ([`~datasets.Dataset`]):
+            Prompt-completion dataset; only the prompts are used.
+        history ([`AdapterHistory`]):
+            The snapshots to sample from.
+        sampling ([`SamplingParams`]):
+            Sampling settings.
+        adapter_name (`str`, *optional*, defaults to `"default"`):
+            The trained adapter, whose configuration the slots copy.
+        chat_template (`str`, *optional*):
+            Chat template override, as used by the SFT preprocessing.
+        generation_context (`Callable`, *optional*):
+            Context manager factory yielding the model to generate with (e.g. TRL's `unwrap_model_for_generation`).
+        disable_tqdm (`bool`, *optional*, defaults to `False`):
+            Hide the progress bar.
+
+    Returns:
+        [`~datasets.Dataset`]: One row per trajectory with columns `prompt_index`, `prompt`, `completion`,
+        `snapshot_step`, `sample_index`, `finished` (stopped at EOS) and `num_tokens`.
+    """
+    if len(history) == 0:
+        raise ValueError("The adapter history is empty: there is nothing to sample trajectories from.")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` before generating trajectories.")
+
+    peft_config = model.peft_config[adapter_name]
+    # PEFT cannot route rows to different DoRA adapters within one batch.
+    use_dora = getattr(peft_config, "use_dora", False)
+    per_call = 1 if use_dora else min(sampling.snapshots_per_generate, len(history))
+    slots = [f"{SLOT_PREFIX}{j}" for j in range(per_call)]
+
+    conversational = is_conversational(prompts[0])
+    prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
+    # Longest prompts first: similar lengths share a batch (less padding) and an out-of-memory error shows at once.
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    steps = history.steps
+    groups = [steps[i : i + per_call] for i in range(0, len(steps), per_call)]
+    rows_per_prompt = per_call * sampling.samples_per_checkpoint
+    prompts_per_call = max(1, sampling.batch_size // rows_per_prompt)
+    batches = [order[i : i + prompts_per_call] for i in range(0, len(order), prompts_per_call)]
+
+    records = {k: [] for k in ("prompt_index", "snapshot_step", "sample_index", "completion_ids", "finished")}
+    generation_context = generation_context or contextlib.nullcontext
+    was_training = model.training
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    for slot in slots:
+        model.add_adapter(slot, peft_config)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(sampling.seed)
+    try:
+        with generation_context(model) as gen_model, torch.no_grad():
+            gen_model.eval()
+            kwargs = sampling.generate_kwargs(tokenizer, gen_model)
+            eos_ids = set(kwargs["eos_token_id"] if isinstance(kwargs["eos_token_id"], list) else [kwargs["eos_token_id"]])
+            progress = tqdm(total=len(groups) * len(batches), desc="Generating trajectories", disable=disable_tqdm)
+            for group in groups:
+                for slot, step in zip(slots, group):
+                    history.load_into(model, step, slot)
+                for batch in batches:
+                    row_meta = [
+                        (index, step, sample, slot)
+                        for index in batch
+                        for slot, step in zip(slots, group)
+                        for sample in range(sampling.samples_per_checkpoint)
+                    ]
+                    input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in row_meta], tokenizer.pad_token_id)
+                    device = next(gen_model.parameters()).device
+                    with _route(model, [slot for *_, slot in row_meta], per_row=not use_dora) as route:
+                        output = gen_model.generate(
+                            input_ids=input_ids.to(device),
+                            attention_mask=attention_mask.to(device),
+                            **kwargs,
+                            **route,
+                        )
+                    for (index, step, sample, _), new_tokens in zip(row_meta, output[:, input_ids.shape[1] :].tolist()):
+                        ids, finished = _until_eos(new_tokens, eos_ids)
+                        records["prompt_index"].append(index)
+                        records["snapshot_step"].append(step)
+                        records["sample_index"].append(sample)
+                        records["completion_ids"].append(ids)
+                        records["finished"].append(finished)
+                    progress.update(1)
+            progress.close()
+    finally:
+        torch.random.set_rng_state(generator_state)
+        for slot in slots:
+            model.delete_adapter(slot)
+        model.set_adapter(adapter_name)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trainable)
+        model.train(was_training)
+
+    completion_ids = records.pop("completion_ids")
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    order = sorted(
+        range(len(texts)),
+        key=lambda r: (records["prompt_index"][r], records["snapshot_step"][r], records["sample_index"][r]),
+    )
+    return Dataset.from_dict(
+        {
+            "prompt_index": [records["prompt_index"][r] for r in order],
+            "prompt": [prompts[records["prompt_index"][r]]["prompt"] for r in order],
+            "completion": [as_completion(texts[r], conversational) for r in order],
+            "snapshot_step": [records["snapshot_step"][r] for r in order],
+            "sample_index": [records["sample_index"][r] for r in order],
+            "finished": [records["finished"][r] for r in order],
+            "num_tokens": [len(completion_ids[r]) for r in order],
+        }
+    )
+
+
+@contextlib.contextmanager
+def _route(model, row_adapters: list[str], per_row: bool):
+    """Route each row to its snapshot: per-row `adapter_names`, or (DoRA) by activating the one slot of the call."""
+    if per_row:
+        yield {"adapter_names": row_adapters}
+        return
+    previous = model.active_adapter
+    model.set_adapter(row_adapters[0])
+    try:
+        yield {}
+    finally:
+        model.set_adapter(previous)
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return input_ids, attention_mask
+
+
+def _until_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:position], True
+    # Finished rows of a batch are padded after their EOS; an unfinished row ran out of `max_new_tokens`.
+    return tokens, False
+
+
+def save_trajectories(trajectories: Dataset, path: str) -> None:
+    """Write the trajectories with `save_to_disk`, atomically: a reader sees the old folder or the new, never half."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".trajectories-", dir=parent)
+    try:
+        trajectories.save_to_disk(staging)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

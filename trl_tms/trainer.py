@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import textwrap
 import time
@@ -284,9 +285,8 @@ def _as_tms_config(args, model) -> TMSConfig:
     if isinstance(args, TMSConfig):
         return args
     if isinstance(args, TrainingArguments):
-        values = args.to_dict()
-        values["hub_token"] = args.hub_token  # to_dict hides it
-        return TMSConfig(**values)
+        # Not `to_dict()`: it masks every `*_token` field (hub_token, eos_token, pad_token).
+        return TMSConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
     raise TypeError(f"`args` must be a TMSConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
 
 

@@ -1,0 +1,44 @@
+import random
+
+import pytest
+from datasets import Dataset
+from transformers import PreTrainedTokenizerFast
+
+from tiny import save_tiny
+
+NUMBERS = "one two three four five six seven eight nine ten".split()
+
+
+def make_examples(n: int, seed: int = 0, fmt: str = "conversational") -> Dataset:
+    """Tiny arithmetic-looking prompts with labels, in one of TRL's dataset formats."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.choice(NUMBERS), rng.choice(NUMBERS)
+        question, answer = f"what is {a} plus {b} ?", f"the answer is {a} {b} ."
+        if fmt == "conversational":
+            rows.append(
+                {"prompt": [{"role": "user", "content": question}], "completion": [{"role": "assistant", "content": answer}]}
+            )
+        elif fmt == "standard":
+            rows.append({"prompt": question, "completion": " " + answer})
+        elif fmt == "messages":
+            rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+        else:
+            raise ValueError(fmt)
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return save_tiny(str(tmp_path_factory.mktemp("tiny-llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> str:
+    return save_tiny(str(tmp_path_factory.mktemp("tiny-qwen2")), "qwen2")
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    # AutoTokenizer rebuilds a custom WordLevel tokenizer wrongly in transformers 5 (see stack notes).
+    return PreTrainedTokenizerFast.from_pretrained(path)

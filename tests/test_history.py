@@ -1,0 +1,101 @@
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from trl_tms import AdapterHistory
+from trl_tms.history import adapter_parameters
+
+
+def peft_model(path, r=4):
+    torch.manual_seed(0)
+    return get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=r, target_modules="all-linear", init_lora_weights=False)
+    )
+
+
+def test_take_copies_only_the_adapter_to_cpu(tiny_llama, tmp_path):
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], directory=str(tmp_path / "h"))
+    snapshot = history.take(model, step=5)
+    lora_params = adapter_parameters(model, "default")
+    assert len(snapshot) == len(lora_params)
+    assert all("lora_" in key and ".default" not in key for key in snapshot)
+    assert sum(t.numel() for t in snapshot.values()) < sum(p.numel() for p in model.parameters()) / 5
+    # A copy, not a view: training on afterwards leaves the snapshot alone.
+    before = {k: v.clone() for k, v in snapshot.items()}
+    with torch.no_grad():
+        for param in lora_params.values():
+            param.add_(1.0)
+    assert all(torch.equal(before[k], snapshot[k]) for k in snapshot)
+
+
+def test_snapshot_folder_loads_with_peft(tiny_llama, tmp_path):
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], directory=str(tmp_path / "h"))
+    history.take(model, step=3)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), history.path(3))
+    ids = torch.tensor([[2, 5, 6, 7]])
+    model.eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_rewriting_a_step_replaces_it_atomically(tiny_llama, tmp_path):
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], directory=str(tmp_path / "h"))
+    history.take(model, step=1)
+    with torch.no_grad():
+        for param in adapter_parameters(model, "default").values():
+            param.mul_(2)
+    history.take(model, step=1)
+    assert os.listdir(tmp_path / "h") == ["step-1"]
+    reopened = AdapterHistory.open(str(tmp_path / "h"))
+    assert all(torch.equal(reopened[1][k], history[1][k]) for k in history[1])
+
+
+def test_failed_write_leaves_no_partial_snapshot(tiny_llama, tmp_path, monkeypatch):
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], directory=str(tmp_path / "h"))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("trl_tms.history.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        history.take(model, step=2)
+    assert os.listdir(tmp_path / "h") == []
+
+
+def test_open_ignores_staging_folders_and_refuses_non_safetensors(tiny_llama, tmp_path):
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], directory=str(tmp_path / "h"))
+    history.take(model, step=4)
+    os.makedirs(tmp_path / "h" / ".step-8-abc")  # an interrupted write
+    assert AdapterHistory.open(str(tmp_path / "h")).steps == [4]
+    os.remove(tmp_path / "h" / "step-4" / "adapter_model.safetensors")
+    torch.save({}, tmp_path / "h" / "step-4" / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="only safetensors"):
+        AdapterHistory.open(str(tmp_path / "h"))
+    with pytest.raises(FileNotFoundError, match="No adapter history"):
+        AdapterHistory.open(str(tmp_path / "missing"))
+
+
+def test_load_into_a_slot_and_mismatch_error(tiny_llama, tmp_path):
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"])
+    history.take(model, step=1)
+    model.add_adapter("slot", model.peft_config["default"])
+    history.load_into(model, 1, "slot")
+    slot = adapter_parameters(model, "slot")
+    for name, param in adapter_parameters(model, "default").items():
+        assert torch.equal(slot[name.replace(".default", ".slot")], param)
+
+    other = peft_model(tiny_llama, r=2)
+    other_history = AdapterHistory(other.peft_config["default"])
+    other_history.take(other, step=1)
+    with pytest.raises(Exception, match="size mismatch|does not fit"):
+        other_history.load_into(model, 1, "slot")
+    with pytest.raises(ValueError, match="no directory"):
+        other_history.path(1)

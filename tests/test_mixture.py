@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_tms.mixture import IS_LABEL, LABEL, MixtureCollator, MixtureDataset, mixture_candidates
+
+
+def synthetic_candidates(num_prompts: int, steps=(10, 20), samples: int = 2) -> Dataset:
+    rows = {"prompt_index": [], "snapshot_step": [], "input_ids": [], "labels": []}
+    for index in range(num_prompts):
+        for step in (LABEL, *steps):
+            for sample in range(1 if step == LABEL else samples):
+                rows["prompt_index"].append(index)
+                rows["snapshot_step"].append(step)
+                # The token ids encode where the example came from, so a draw can be checked from the item alone.
+                rows["input_ids"].append([index, step, sample])
+                rows["labels"].append([index, step, sample])
+    return Dataset.from_dict(rows)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
+def test_label_fraction_matches_alpha(alpha):
+    n = 4000
+    mixture = MixtureDataset(synthetic_candidates(n), label_weight=alpha, seed=3)
+    for epoch in range(2):
+        mixture.set_epoch(epoch)
+        drawn = [mixture[i] for i in range(n)]
+        fraction = sum(item[IS_LABEL] for item in drawn) / n
+        sigma = math.sqrt(alpha * (1 - alpha) / n)
+        assert abs(fraction - alpha) <= 4 * sigma + 1e-12
+        assert fraction == pytest.approx(mixture.label_fraction(epoch))
+        # A label flag always goes with the label's tokens, and vice versa.
+        assert all((item["input_ids"][1] == LABEL) == item[IS_LABEL] for item in drawn)
+
+
+def test_trajectories_are_uniform_over_snapshots_and_samples():
+    n = 4000
+    mixture = MixtureDataset(synthetic_candidates(n, steps=(10, 20, 30)), label_weight=0.0, seed=0)
+    drawn = [tuple(mixture[i]["input_ids"][1:]) for i in range(n)]
+    for step in (10, 20, 30):
+        for sample in (0, 1):
+            share = drawn.count((step, sample)) / n
+            assert abs(share - 1 / 6) < 4 * math.sqrt((1 / 6) * (5 / 6) / n)
+
+
+def test_draws_are_fresh_each_epoch_and_reproducible():
+    candidates = synthetic_candidates(500)
+    a = MixtureDataset(candidates, label_weight=0.25, seed=1)
+    b = MixtureDataset(candidates, label_weight=0.25, seed=1)
+    c = MixtureDataset(candidates, label_weight=0.25, seed=2)
+    epoch0 = [a.draw(i, 0) for i in range(500)]
+    assert epoch0 == [b.draw(i, 0) for i in range(500)]
+    assert epoch0 != [a.draw(i, 1) for i in range(500)]
+    assert epoch0 != [c.draw(i, 0) for i in range(500)]
+    # Each item belongs to its own prompt.
+    assert all(a[i]["input_ids"][0] == i for i in range(500))
+
+
+def test_prompt_without_trajectories_uses_its_label():
+    candidates = Dataset.from_dict(
+        {"prompt_index": [0, 1, 1], "snapshot_step": [LABEL, LABEL, 5], "input_ids": [[0], [1], [2]], "labels": [[0], [1], [2]]}
+    )
+    mixture = MixtureDataset(candidates, label_weight=0.0, seed=0)
+    assert mixture.draw(0) == (0, True)
+    assert mixture.draw(1) == (2, False)
+
+
+def test_empty_trajectories_are_left_out_and_counted():
+    dataset = Dataset.from_list(
+        [{"prompt": "what is one ?", "completion": " one ."}, {"prompt": "what is two ?", "completion": " two ."}]
+    )
+    trajectories = Dataset.from_dict(
+        {"prompt_index": [0, 0, 1], "snapshot_step": [3, 6, 3], "completion": [" uno", "", "  "]}
+    )
+    candidates, empty = mixture_candidates(dataset, trajectories)
+    assert empty == 2
+    assert candidates["prompt_index"] == [0, 1, 0]
+    assert candidates["snapshot_step"] == [LABEL, LABEL, 3]
+    assert candidates["completion"] == [" one .", " two .", " uno"]
+    assert candidates["prompt"] == ["what is one ?", "what is two ?", "what is one ?"]
+
+
+def test_conversational_trajectories_keep_the_message_form():
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "hello"}]}]
+    )
+    trajectories = Dataset.from_dict(
+        {"prompt_index": [0], "snapshot_step": [2], "completion": [[{"role": "assistant", "content": "yes"}]]}
+    )
+    candidates, empty = mixture_candidates(dataset, trajectories)
+    assert empty == 0
+    assert candidates["completion"][1] == [{"role": "assistant", "content": "yes"}]
+
+
+def test_collator_carries_flags_and_passes_eval_batches_through():
+    seen = []
+
+    def inner(examples):
+        seen.append([sorted(e) for e in examples])
+        return {"input_ids": torch.tensor([e["input_ids"] for e in examples])}
+
+    collator = MixtureCollator(inner)
+    batch = collator([{"input_ids": [1], "labels": [1], IS_LABEL: True}, {"input_ids": [2], "labels": [2], IS_LABEL: False}])
+    assert batch[IS_LABEL].tolist() == [1.0, 0.0]
+    assert seen[-1] == [["input_ids", "labels"]] * 2
+    assert IS_LABEL not in collator([{"input_ids": [1], "labels": [1]}])
+
+
+def test_empty_mixture_raises():
+    empty = Dataset.from_dict({"prompt_index": [], "snapshot_step": [], "input_ids": [], "labels": []})
+    with pytest.raises(ValueError, match="mixture is empty"):
+        MixtureDataset(empty, label_weight=0.25, seed=0)

@@ -1,0 +1,374 @@
+"""End-to-end tests of TMSTrainer on a tiny local model: the three phases, what they leave behind, and bad input."""
+
+import os
+
+import pytest
+import torch
+from conftest import load_tokenizer, make_examples
+from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from trl_tms import AdapterHistory, TMSConfig, TMSTrainer
+from trl_tms.history import adapter_parameters
+from trl_tms.trainer import snapshot_steps
+
+
+def tms_config(tmp_path, **overrides) -> TMSConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        num_checkpoints=3,
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=1e-2,
+        max_new_tokens=8,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return TMSConfig(**values)
+
+
+def lora() -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+
+
+def adapter_state(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in adapter_parameters(trainer.model, trainer.adapter_name).items()}
+
+
+class Recorder(TrainerCallback):
+    """Records the adapter after every optimizer step and at the start of each phase."""
+
+    def __init__(self):
+        self.trainer = None
+        self.after_step = {"harvest": {}, "student": {}}
+        self.at_begin = {}
+        self.optimizer_state_at_begin = {}
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.at_begin[self.trainer.phase] = adapter_state(self.trainer)
+        self.optimizer_state_at_begin[self.trainer.phase] = len(optimizer.state) if optimizer is not None else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after_step[self.trainer.phase][state.global_step] = adapter_state(self.trainer)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory):
+    """One complete TMS run (24 prompts, 2 epochs of batch 4: 12 steps, T=3), shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("run")
+    recorder = Recorder()
+    trainer = TMSTrainer(
+        model=tiny_llama,
+        args=tms_config(tmp_path, samples_per_checkpoint=2, snapshots_per_generate=2),
+        train_dataset=make_examples(24, seed=0),
+        eval_dataset=make_examples(8, seed=1),
+        processing_class=load_tokenizer(tiny_llama),
+        peft_config=lora(),
+        callbacks=[recorder],
+    )
+    recorder.trainer = trainer
+    initial = adapter_state(trainer)
+    trainer.train()
+    return trainer, recorder, initial
+
+
+def test_snapshot_count_and_steps(trained):
+    trainer, _, _ = trained
+    assert trainer.history.steps == [4, 8, 12]
+    assert sorted(os.listdir(trainer.history_dir)) == ["step-12", "step-4", "step-8", "trajectories"]
+    for step in trainer.history.steps:
+        folder = trainer.history.path(step)
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(folder))
+
+
+@pytest.mark.parametrize(
+    ("total", "t", "expected"), [(12, 3, [4, 8, 12]), (10, 10, list(range(1, 11))), (10, 4, [2, 5, 7, 10])]
+)
+def test_snapshot_schedule_is_even_and_ends_at_the_last_step(total, t, expected):
+    assert snapshot_steps(total, t) == expected
+
+
+def test_snapshots_equal_the_adapter_at_their_step_and_differ(trained):
+    trainer, recorder, _ = trained
+    model_keys = {}
+    for step in trainer.history.steps:
+        live = recorder.after_step["harvest"][step]
+        snapshot = trainer.history[step]
+        assert len(snapshot) == len(live) > 0
+        for name, tensor in live.items():
+            key = name.replace(f".{trainer.adapter_name}", "")
+            model_keys[key] = name
+            torch.testing.assert_close(snapshot[key], tensor.cpu(), rtol=0, atol=0)
+        on_disk = load_file(os.path.join(trainer.history.path(step), "adapter_model.safetensors"))
+        assert set(on_disk) == set(snapshot)
+        for key in snapshot:
+            assert torch.equal(on_disk[key], snapshot[key])
+    steps = trainer.history.steps
+    for a, b in zip(steps, steps[1:]):
+        diff = sum((trainer.history[a][k] - trainer.history[b][k]).abs().sum().item() for k in trainer.history[a])
+        assert diff > 0, f"snapshots {a} and {b} are identical"
+
+
+def test_history_reopens_from_disk(trained):
+    trainer, _, _ = trained
+    reopened = AdapterHistory.open(trainer.history_dir)
+    assert reopened.steps == trainer.history.steps
+    for step in reopened.steps:
+        for key, tensor in trainer.history[step].items():
+            assert torch.equal(reopened[step][key], tensor)
+    assert not [name for name in os.listdir(trainer.history_dir) if name.startswith(".")], "staging folders left"
+
+
+def test_student_starts_from_the_initial_adapter_with_a_fresh_optimizer(trained):
+    trainer, recorder, initial = trained
+    student_start = recorder.at_begin["student"]
+    harvest_end = recorder.after_step["harvest"][12]
+    for name, tensor in initial.items():
+        assert torch.equal(student_start[name], tensor)
+    assert any(not torch.equal(harvest_end[n], initial[n]) for n in initial), "harvest did not move the adapter"
+    assert recorder.optimizer_state_at_begin["student"] == 0
+    # The student's first step moves away from the initial adapter, not from the harvest result.
+    first = recorder.after_step["student"][1]
+    dist_initial = sum((first[n] - initial[n]).pow(2).sum().item() for n in initial)
+    dist_harvest = sum((first[n] - harvest_end[n]).pow(2).sum().item() for n in initial)
+    assert dist_initial < dist_harvest
+
+
+def test_student_runs_as_many_steps_as_the_harvest(trained):
+    trainer, recorder, _ = trained
+    assert sorted(recorder.after_step["student"]) == sorted(recorder.after_step["harvest"]) == list(range(1, 13))
+    assert trainer.state.global_step == 12
+
+
+def test_trajectories_cover_every_prompt_and_snapshot(trained):
+    trainer, _, _ = trained
+    trajectories = trainer.trajectories
+    assert len(trajectories) == 24 * 3 * 2
+    seen = {(r["prompt_index"], r["snapshot_step"], r["sample_index"]) for r in trajectories}
+    assert seen == {(i, s, k) for i in range(24) for s in (4, 8, 12) for k in (0, 1)}
+    assert all(n <= 8 for n in trajectories["num_tokens"])
+    assert trajectories[0]["prompt"] == make_examples(24, seed=0)[trajectories[0]["prompt_index"]]["prompt"]
+    from datasets import load_from_disk
+
+    saved = load_from_disk(os.path.join(trainer.history_dir, "trajectories"))
+    assert saved["completion"] == trajectories["completion"]
+    assert saved.column_names == [
+        "prompt_index", "prompt", "completion", "snapshot_step", "sample_index", "finished", "num_tokens"
+    ]
+
+
+def test_pld_is_logged_in_both_phases(trained):
+    trainer, _, _ = trained
+    history = trainer.state.log_history
+    for phase in (1, 2):
+        entries = [e for e in history if e.get("tms_phase") == phase and "pld" in e]
+        assert [e["step"] for e in entries] == [0, 2, 4, 6, 8, 10, 12]
+        assert all(e["pld"] > 0 and e["pld_drift"] >= 0 for e in entries)
+        values = [e["pld"] for e in entries]
+        assert [e["pld_drift"] for e in entries] == pytest.approx([v - min(values[: i + 1]) for i, v in enumerate(values)])
+    harvest = [e["pld"] for e in history if e.get("tms_phase") == 1 and "pld" in e]
+    student = [e["pld"] for e in history if e.get("tms_phase") == 2 and "pld" in e]
+    assert student[0] == pytest.approx(harvest[0])  # both start from the same initial adapter
+    assert harvest[-1] < harvest[0]  # SFT on the labels lowers their NLL
+
+
+def test_label_fraction_and_trajectory_counts_are_logged(trained):
+    trainer, _, _ = trained
+    history = trainer.state.log_history
+    fractions = [e["tms_label_fraction"] for e in history if "tms_label_fraction" in e]
+    assert len(fractions) == 6 and all(0 <= f <= 1 for f in fractions)
+    assert not any("tms_label_fraction" in e for e in history if e.get("tms_phase") == 1)
+    stats = next(e for e in history if "tms_trajectories" in e)
+    assert stats["tms_trajectories"] == 144
+    assert stats["tms_empty_trajectories"] + stats["tms_unfinished_trajectories"] <= 144
+
+
+def test_save_model_writes_only_the_student_adapter(trained, tmp_path):
+    trainer, recorder, _ = trained
+    trainer.save_model(str(tmp_path / "final"))
+    files = set(os.listdir(tmp_path / "final"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not [f for f in files if f.startswith("tms_slot") or os.path.isdir(tmp_path / "final" / f)]
+    saved = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
+    final = recorder.after_step["student"][12]
+    assert set(saved) == {n.replace(f".{trainer.adapter_name}", "") for n in final}
+    for name, tensor in final.items():
+        assert torch.equal(saved[name.replace(f".{trainer.adapter_name}", "")], tensor)
+    assert list(trainer.model.peft_config) == [trainer.adapter_name]
+
+
+def test_hot_swapped_generation_equals_a_fresh_load(trained, tiny_llama):
+    from trl_tms import SamplingParams, generate_trajectories
+
+    trainer, _, _ = trained
+    prompts = make_examples(5, seed=7)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6, batch_size=4, snapshots_per_generate=2)
+    swapped = generate_trajectories(trainer.model, trainer.processing_class, prompts, trainer.history, greedy)
+    tokenizer = load_tokenizer(tiny_llama)
+    for step in trainer.history.steps:
+        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), trainer.history.path(step))
+        fresh.eval()
+        for index, example in enumerate(prompts):
+            ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, return_tensors="pt")
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            out = fresh.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            new = out[0, ids.shape[1] :].tolist()
+            if tokenizer.eos_token_id in new:
+                new = new[: new.index(tokenizer.eos_token_id)]
+            expected = tokenizer.decode(new, skip_special_tokens=True)
+            row = [r for r in swapped if r["prompt_index"] == index and r["snapshot_step"] == step]
+            assert len(row) == 1
+            assert row[0]["completion"][0]["content"] == expected, f"step {step}, prompt {index}"
+    # The trained adapter is active and trainable again, and no slot is left behind.
+    assert list(trainer.model.peft_config) == [trainer.adapter_name]
+    assert all(p.requires_grad for p in adapter_parameters(trainer.model, trainer.adapter_name).values())
+
+
+@pytest.mark.parametrize("fmt", ["standard", "messages"])
+def test_other_dataset_formats_run_end_to_end(fmt, tiny_llama, tmp_path):
+    trainer = TMSTrainer(
+        model=tiny_llama,
+        args=tms_config(tmp_path, num_checkpoints=2, num_train_epochs=1, logging_steps=1),
+        train_dataset=make_examples(8, seed=0, fmt=fmt),
+        eval_dataset=make_examples(4, seed=1, fmt=fmt),
+        processing_class=load_tokenizer(tiny_llama),
+        peft_config=lora(),
+    )
+    trainer.train()
+    assert trainer.history.steps == [1, 2]
+    completion = trainer.trajectories[0]["completion"]
+    assert isinstance(completion, str) if fmt == "standard" else completion[0]["role"] == "assistant"
+    assert trainer.state.global_step == 2
+
+
+def test_empty_trajectories_are_left_out_and_counted(tiny_llama, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer = load_tokenizer(tiny_llama)
+    with torch.no_grad():  # a model that always says EOS first: every trajectory is empty
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.eos_token_id] = 1.0
+        model.model.norm.weight.fill_(100.0)
+    trainer = TMSTrainer(
+        model=model,
+        args=tms_config(tmp_path, num_checkpoints=2, num_train_epochs=1, learning_rate=1e-5, temperature=0.0),
+        train_dataset=make_examples(8, seed=0),
+        processing_class=tokenizer,
+        peft_config=lora(),
+    )
+    trainer.train()
+    assert all(text == "" for text in (c[0]["content"] for c in trainer.trajectories["completion"]))
+    stats = next(e for e in trainer.state.log_history if "tms_empty_trajectories" in e)
+    assert stats["tms_empty_trajectories"] == 16
+    fractions = [e["tms_label_fraction"] for e in trainer.state.log_history if "tms_label_fraction" in e]
+    assert fractions and all(f == 1.0 for f in fractions)  # labels only: nothing else to train on
+
+
+# Bad input: a clear error before any training starts
+
+
+def make_trainer(tiny_llama, tmp_path, **kwargs):
+    values = dict(
+        model=tiny_llama,
+        args=tms_config(tmp_path),
+        train_dataset=make_examples(24),
+        processing_class=load_tokenizer(tiny_llama),
+        peft_config=lora(),
+    )
+    values.update(kwargs)
+    return TMSTrainer(**values)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("label_weight", 1.5, "label_weight"),
+        ("label_weight", -0.1, "label_weight"),
+        ("num_checkpoints", 0, "num_checkpoints"),
+        ("samples_per_checkpoint", 0, "samples_per_checkpoint"),
+        ("temperature", -1.0, "temperature"),
+        ("top_p", 0.0, "top_p"),
+        ("max_new_tokens", 0, "max_new_tokens"),
+    ],
+)
+def test_bad_config_values_raise(field, value, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        tms_config(tmp_path, **{field: value})
+
+
+def test_no_lora_raises(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="peft_config=LoraConfig"):
+        make_trainer(tiny_llama, tmp_path, peft_config=None)
+
+
+def test_non_lora_adapter_raises(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="LoRA"):
+        make_trainer(tiny_llama, tmp_path, peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+
+
+def test_peft_model_is_accepted(tiny_llama, tmp_path):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), lora())
+    trainer = make_trainer(tiny_llama, tmp_path, model=model, peft_config=None)
+    assert trainer.adapter_name == "default"
+
+
+def test_text_dataset_raises(tiny_llama, tmp_path):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="no prompts"):
+        make_trainer(tiny_llama, tmp_path, train_dataset=Dataset.from_dict({"text": ["hello world"] * 8}))
+
+
+def test_messages_without_final_assistant_turn_raise(tiny_llama, tmp_path):
+    from datasets import Dataset
+
+    bad = Dataset.from_list([{"messages": [{"role": "user", "content": "hello"}]}] * 8)
+    with pytest.raises(ValueError, match="assistant turn"):
+        make_trainer(tiny_llama, tmp_path, train_dataset=bad)
+
+
+def test_empty_label_raises(tiny_llama, tmp_path):
+    from datasets import Dataset
+
+    bad = Dataset.from_list([{"prompt": "what is one plus one ?", "completion": "  "}] * 8)
+    with pytest.raises(ValueError, match="empty completion"):
+        make_trainer(tiny_llama, tmp_path, train_dataset=bad)
+
+
+def test_more_checkpoints_than_steps_raises(tiny_llama, tmp_path):
+    # 24 prompts, batch 4, 2 epochs: 12 optimizer steps.
+    with pytest.raises(ValueError, match=r"`num_checkpoints` \(13\) exceeds the number of optimizer steps .*\(12\)"):
+        make_trainer(tiny_llama, tmp_path, args=tms_config(tmp_path, num_checkpoints=13))
+
+
+def test_eval_set_without_labels_raises(tiny_llama, tmp_path):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match='no "completion" column'):
+        make_trainer(tiny_llama, tmp_path, eval_dataset=Dataset.from_dict({"prompt": ["what is one plus one ?"] * 4}))
+
+
+def test_formatting_func_and_optimizer_instances_raise(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="formatting_func"):
+        make_trainer(tiny_llama, tmp_path, formatting_func=lambda example: example["prompt"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        make_trainer(tiny_llama, tmp_path, optimizers=(optimizer, None))
+
+
+def test_sft_config_is_converted(tiny_llama, tmp_path):
+    from trl import SFTConfig
+
+    args = SFTConfig(
+        output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, report_to="none", bf16=False, use_cpu=True,
+        eos_token="</s>", max_length=64,
+    )
+    trainer = make_trainer(tiny_llama, tmp_path, args=args)
+    assert isinstance(trainer.args, TMSConfig)
+    assert (trainer.args.eos_token, trainer.args.max_length, trainer.args.output_dir) == ("</s>", 64, str(tmp_path / "o"))
+    assert trainer.args.num_checkpoints == 10 and trainer.args.label_weight == 0.25

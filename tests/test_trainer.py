@@ -372,3 +372,38 @@ def test_sft_config_is_converted(tiny_llama, tmp_path):
     assert isinstance(trainer.args, TMSConfig)
     assert (trainer.args.eos_token, trainer.args.max_length, trainer.args.output_dir) == ("</s>", 64, str(tmp_path / "o"))
     assert trainer.args.num_checkpoints == 10 and trainer.args.label_weight == 0.25
+
+
+class LogSink(TrainerCallback):
+    """Stands in for a reporter (wandb, tensorboard, trackio): they all read the logs in `on_log`."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_gradient_accumulation_reporters_and_seeded_trajectories(tiny_llama, tmp_path):
+    def run(name):
+        sink = LogSink()
+        trainer = TMSTrainer(
+            model=tiny_llama,
+            args=tms_config(tmp_path / name, gradient_accumulation_steps=2, per_device_train_batch_size=2),
+            train_dataset=make_examples(24, seed=0),
+            eval_dataset=make_examples(4, seed=1),
+            processing_class=load_tokenizer(tiny_llama),
+            peft_config=lora(),
+            callbacks=[sink],
+        )
+        trainer.train()
+        return trainer, sink
+
+    trainer, sink = run("a")
+    # 24 prompts, 2 x 2 per optimizer step, 2 epochs: 12 optimizer steps.
+    assert trainer.history.steps == [4, 8, 12] and trainer.state.global_step == 12
+    for phase in (1, 2):
+        assert any("pld" in log and log.get("tms_phase") == phase for log in sink.logs)
+    assert any("tms_label_fraction" in log for log in sink.logs)
+    again, _ = run("b")
+    assert again.trajectories["completion"] == trainer.trajectories["completion"]

@@ -22,6 +22,14 @@ class TMSConfig(SFTConfig):
             Folder that receives the snapshots (one PEFT adapter folder `step-<N>` each) and the trajectories. Defaults
             to `<output_dir>/_tms_history`; the leading underscore keeps it out of `push_to_hub` uploads.
 
+        push_history (`bool`, *optional*, defaults to `False`):
+            Whether `push_to_hub` also uploads the adapter snapshots, to `history/step-<N>/` in the repo, each loadable
+            with `PeftModel.from_pretrained(base, repo_id, subfolder="history/step-<N>")`. By default only the
+            student's adapter and its model card are uploaded.
+        hub_base_model (`str`, *optional*):
+            Hub id of the base model, written as `base_model` in the model card. Needed only when it cannot be read
+            from the model (a model passed as an object or loaded from a local folder outside the Hugging Face cache).
+
         > Parameters that control trajectory generation
 
         samples_per_checkpoint (`int`, *optional*, defaults to `1`):
@@ -72,6 +80,23 @@ class TMSConfig(SFTConfig):
             "help": "Folder that receives the snapshots (one PEFT adapter folder `step-<N>` each) and the "
             "trajectories. Defaults to `<output_dir>/_tms_history`; the leading underscore keeps it out of "
             "`push_to_hub` uploads."
+        },
+    )
+
+    push_history: bool = field(
+        default=False,
+        metadata={
+            "help": "Whether `push_to_hub` also uploads the adapter snapshots, to `history/step-<N>/` in the repo, each "
+            'loadable with `PeftModel.from_pretrained(base, repo_id, subfolder="history/step-<N>")`. By default only '
+            "the student's adapter and its model card are uploaded."
+        },
+    )
+    hub_base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the base model, written as `base_model` in the model card. Needed only when it cannot "
+            "be read from the model (a model passed as an object or loaded from a local folder outside the Hugging "
+            "Face cache)."
         },
     )
 

@@ -1,19 +1,23 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import textwrap
 import time
+from functools import partial
 
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import get_config_model_id
 
 from .config import TMSConfig
 from .data import to_prompt_completion
 from .history import AdapterHistory, adapter_parameters
+from .hub import complete_model_card, push_history, resolve_base_model
 from .mixture import IS_LABEL, MixtureCollator, MixtureDataset, mixture_candidates
 from .pld import PLDCallback
 from .quantization import keep_4bit_layers_trainable
@@ -118,6 +122,7 @@ class TMSTrainer(SFTTrainer):
                 "from an untokenized dataset."
             )
         _check_lora(model, peft_config)
+        _check_quantization(quantization_config or (args.model_init_kwargs or {}).get("quantization_config"))
 
         train_dataset = to_prompt_completion(train_dataset, "train")
         if isinstance(eval_dataset, dict):
@@ -258,6 +263,51 @@ class TMSTrainer(SFTTrainer):
             logs["tms_phase"] = PHASE_IDS[self.phase]
         super().log(logs, start_time)
 
+    # The Hub
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        args = self.args
+        settings = {
+            "num_checkpoints (T)": args.num_checkpoints,
+            "label_weight (alpha)": args.label_weight,
+            "snapshot steps": ", ".join(map(str, self.history.steps)) or "none yet",
+            "samples_per_checkpoint": args.samples_per_checkpoint,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "max_new_tokens": args.max_new_tokens,
+        }
+        final_pld = {}
+        for phase, label in ((1, "harvest (SFT on the labels)"), (2, "student (TMS)")):
+            entries = [e for e in self.state.log_history if e.get("tms_phase") == phase and "pld" in e]
+            if entries:
+                final_pld[label] = entries[-1]
+        complete_model_card(
+            os.path.join(args.output_dir, "README.md"),
+            base_model=resolve_base_model(get_config_model_id(self.model.config), args.hub_base_model),
+            settings=settings,
+            pld=final_pld,
+            history_repo_folder="history" if args.push_history else None,
+        )
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **kwargs):
+        """Push the student's adapter and its model card; with `push_history=True`, the snapshots too."""
+        result = super().push_to_hub(
+            commit_message=commit_message, blocking=blocking, token=token, revision=revision, **kwargs
+        )
+        if self.args.push_history and self.is_world_process_zero():
+            push_history(
+                self.history_dir,
+                self.hub_model_id,
+                "history",
+                token=token if token is not None else self.args.hub_token,
+                revision=revision if revision is not None else self.args.hub_revision,
+            )
+        return result
+
 
 class _PhaseCallback(TrainerCallback):
     """Takes the harvest snapshots, and opens the student run's log with the trajectory counts."""
@@ -290,6 +340,17 @@ def _as_tms_config(args, model) -> TMSConfig:
     raise TypeError(f"`args` must be a TMSConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
 
 
+def _check_quantization(quantization_config) -> None:
+    if quantization_config is None:
+        return
+    get = quantization_config.get if isinstance(quantization_config, dict) else partial(getattr, quantization_config)
+    if (get("load_in_4bit", False) or get("load_in_8bit", False)) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "4-bit and 8-bit (QLoRA) loading needs bitsandbytes, which is not installed. Install it with "
+            "`pip install 'bitsandbytes>=0.50.2'`, or drop `quantization_config` to train in full precision."
+        )
+
+
 def _check_lora(model, peft_config) -> None:
     if peft_config is None and not isinstance(model, PeftModel):
         raise ValueError(
@@ -299,5 +360,6 @@ def _check_lora(model, peft_config) -> None:
     config = peft_config if peft_config is not None else model.peft_config[model.active_adapter]
     if not isinstance(config, LoraConfig):
         raise ValueError(
-            f"TMSTrainer snapshots and hot-swaps LoRA adapters; got a {type(config).__name__}. Use a `LoraConfig`."
+            f"TMSTrainer snapshots and hot-swaps LoRA adapters; got a {type(config).__name__}. Use a `LoraConfig` "
+            "(it also works on 4-bit and 8-bit bases)."
         )

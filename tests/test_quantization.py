@@ -1,0 +1,118 @@
+"""QLoRA: a 4-bit base through all three phases, and training after generation that stays correct on CPU."""
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import load_tokenizer, make_examples
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from trl_tms import AdapterHistory, SamplingParams, TMSConfig, TMSTrainer, generate_trajectories
+from trl_tms.quantization import keep_4bit_layers_trainable
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def nf4() -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+def qlora_model(path, seed=0):
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4(), device_map="cpu")
+    torch.manual_seed(seed)
+    # Non-zero B so that every LoRA factor gets a gradient.
+    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
+def lora_grads(model, batch):
+    model.train()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])  # no bias / bias in the attention projections
+def test_gradients_after_generation_equal_those_of_a_model_that_never_generated(arch, request):
+    path = request.getfixturevalue(arch)
+    tokenizer = load_tokenizer(path)
+    text = ["what is one plus two ? the answer is one two .", "what is ten plus ten ? the answer is ten ten ."]
+    batch = tokenizer(text, return_tensors="pt", padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    reference = lora_grads(qlora_model(path), batch)
+
+    model = qlora_model(path)
+    assert keep_4bit_layers_trainable(model) == sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) > 0
+    history = AdapterHistory(model.peft_config["default"])
+    history.take(model, step=1)
+    out = generate_trajectories(
+        model, tokenizer, make_examples(4), history, SamplingParams(max_new_tokens=4, snapshots_per_generate=1)
+    )
+    assert len(out) == 4
+    after = lora_grads(model, batch)
+
+    assert set(after) == set(reference)
+    for name in reference:
+        torch.testing.assert_close(after[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_tms_runs_all_phases_on_a_4bit_base(tiny_qwen2, tmp_path):
+    trainer = TMSTrainer(
+        model=tiny_qwen2,
+        args=TMSConfig(
+            output_dir=str(tmp_path / "out"),
+            num_checkpoints=2,
+            per_device_train_batch_size=4,
+            num_train_epochs=1,
+            learning_rate=1e-2,
+            max_new_tokens=6,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            bf16=False,
+            use_cpu=True,
+            disable_tqdm=True,
+            model_init_kwargs={"device_map": "cpu"},
+        ),
+        train_dataset=make_examples(8),
+        eval_dataset=make_examples(4, seed=1),
+        processing_class=load_tokenizer(tiny_qwen2),
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        quantization_config=nf4(),
+    )
+    layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    trainer.train()
+    assert trainer.history.steps == [1, 2] and len(trainer.trajectories) == 16
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in layers)  # never merged into the 4-bit weights
+    entries = [e for e in trainer.state.log_history if "loss" in e]
+    assert entries and all(torch.isfinite(torch.tensor(e["loss"])) for e in entries)
+
+
+def test_4bit_without_bitsandbytes_raises(tiny_llama, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        "importlib.util.find_spec", lambda name, *a, **k: None if name == "bitsandbytes" else real(name, *a, **k)
+    )
+    with pytest.raises(ImportError, match="pip install"):
+        TMSTrainer(
+            model=tiny_llama,
+            args=TMSConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
+            train_dataset=make_examples(8),
+            processing_class=load_tokenizer(tiny_llama),
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+            quantization_config=nf4(),
+        )
+
+
+def test_8bit_with_a_non_lora_adapter_raises(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="LoraConfig"):
+        TMSTrainer(
+            model=tiny_llama,
+            args=TMSConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
+            train_dataset=make_examples(8),
+            processing_class=load_tokenizer(tiny_llama),
+            peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        )

@@ -1,0 +1,88 @@
+"""The Hugging Face Hub: the student's model card, and the adapter history when the user asks for it."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from huggingface_hub import ModelCard, upload_folder
+
+_HUB_CACHE_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")
+
+
+def resolve_base_model(name_or_path: str | None, override: str | None = None) -> str | None:
+    """
+    The Hub id of the base model for the card's `base_model`: `override` if given, the name itself if it is a Hub id,
+    the id encoded in a Hugging Face cache path (`.../models--org--name/snapshots/<rev>`), else `None` (unknown).
+    """
+    if override:
+        return override
+    if not name_or_path:
+        return None
+    match = _HUB_CACHE_SNAPSHOT.search(name_or_path)
+    if match:
+        return f"{match.group(1)}/{match.group(2)}"
+    if os.path.exists(name_or_path):
+        return None
+    return name_or_path
+
+
+def complete_model_card(
+    path: str,
+    *,
+    base_model: str | None,
+    settings: dict[str, object],
+    pld: dict[str, float],
+    history_repo_folder: str | None,
+) -> ModelCard:
+    """
+    Turn TRL's card at `path` into the card of a TMS adapter: PEFT front matter (`library_name: peft`, the base model,
+    a `tms` tag) and a section with the TMS settings, the final PLD and PLD drift, and where the snapshots are.
+    """
+    card = ModelCard.load(path)
+    card.data.base_model = base_model
+    card.data.library_name = "peft"
+    card.data.tags = sorted({*(card.data.tags or []), "trl", "sft", "tms", "peft", "lora"})
+    lines = [
+        "",
+        "## Trajectory-Mixed Supervision",
+        "",
+        "This LoRA adapter was trained with [TMS](https://huggingface.co/papers/2602.03073) (trl-tms): a harvest SFT "
+        "run on the labels, trajectories sampled from its adapter snapshots, and a student trained from the initial "
+        "adapter on a mixture of labels and trajectories.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in settings.items()),
+    ]
+    if pld:
+        lines += [
+            "",
+            "Policy-Label Divergence (mean per-token NLL of held-out reference labels; lower means the labels sit "
+            "closer to the policy), at the end of each phase:",
+            "",
+            "| phase | PLD | PLD drift |",
+            "|---|---|---|",
+            *(f"| {phase} | {value['pld']:.4f} | {value['pld_drift']:.4f} |" for phase, value in pld.items()),
+        ]
+    if history_repo_folder:
+        lines += [
+            "",
+            f"The adapter snapshots of the harvest run are in `{history_repo_folder}/step-<N>/`; load one with "
+            f'`PeftModel.from_pretrained(base_model, repo_id, subfolder="{history_repo_folder}/step-<N>")`.',
+        ]
+    card.text = card.text.rstrip() + "\n" + "\n".join(lines) + "\n"
+    card.save(path)
+    return card
+
+
+def push_history(history_dir: str, repo_id: str, folder: str, **kwargs):
+    """Upload the snapshot folders (`step-<N>/`, complete ones only) of a history to `repo_id` under `folder`."""
+    return upload_folder(
+        repo_id=repo_id,
+        folder_path=history_dir,
+        path_in_repo=folder,
+        allow_patterns=["step-*/*"],
+        commit_message="Upload TMS adapter history",
+        **kwargs,
+    )

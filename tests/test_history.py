@@ -99,3 +99,14 @@ def test_load_into_a_slot_and_mismatch_error(tiny_llama, tmp_path):
         other_history.load_into(model, 1, "slot")
     with pytest.raises(ValueError, match="no directory"):
         other_history.path(1)
+
+
+def test_taking_a_snapshot_never_asks_the_hub(tiny_llama, monkeypatch):
+    model = peft_model(tiny_llama)
+    model.peft_config["default"].base_model_name_or_path = "some-org/some-model"  # as for a model loaded by Hub id
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr("peft.utils.save_and_load.check_file_exists_on_hf_hub", no_network)
+    assert len(AdapterHistory(model.peft_config["default"]).take(model, step=1)) > 0

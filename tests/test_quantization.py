@@ -1,6 +1,7 @@
 """QLoRA: a 4-bit base through all three phases, and training after generation that stays correct on CPU."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from trl_tms import AdapterHistory, SamplingParams, TMSConfig, TMSTrainer, gener
 from trl_tms.quantization import keep_4bit_layers_trainable
 
 bnb = pytest.importorskip("bitsandbytes")
+# scripts/gpu_check.sh runs this file with TMS_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("TMS_TEST_DEVICE", "cpu")
 
 
 def nf4() -> BitsAndBytesConfig:
@@ -19,7 +22,7 @@ def nf4() -> BitsAndBytesConfig:
 
 
 def qlora_model(path, seed=0):
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4(), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4(), device_map=DEVICE)
     torch.manual_seed(seed)
     # Non-zero B so that every LoRA factor gets a gradient.
     return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
@@ -39,6 +42,7 @@ def test_gradients_after_generation_equal_those_of_a_model_that_never_generated(
     text = ["what is one plus two ? the answer is one two .", "what is ten plus ten ? the answer is ten ten ."]
     batch = tokenizer(text, return_tensors="pt", padding=True)
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
 
     reference = lora_grads(qlora_model(path), batch)
 
@@ -71,9 +75,9 @@ def test_tms_runs_all_phases_on_a_4bit_base(tiny_qwen2, tmp_path):
             save_strategy="no",
             report_to="none",
             bf16=False,
-            use_cpu=True,
+            use_cpu=DEVICE == "cpu",
             disable_tqdm=True,
-            model_init_kwargs={"device_map": "cpu"},
+            model_init_kwargs={"device_map": DEVICE},
         ),
         train_dataset=make_examples(8),
         eval_dataset=make_examples(4, seed=1),

@@ -56,7 +56,10 @@ class AdapterHistory:
         """Copy the adapter's current weights to CPU as the snapshot of `step` and persist it if a directory is set."""
         params = adapter_parameters(model, adapter_name)
         copied = {name: param.detach().to("cpu", copy=True) for name, param in params.items()}
-        snapshot = get_peft_model_state_dict(model, state_dict=copied, adapter_name=adapter_name)
+        # The snapshot holds adapter tensors only; "auto" would look the base model up on the Hub at every snapshot.
+        snapshot = get_peft_model_state_dict(
+            model, state_dict=copied, adapter_name=adapter_name, save_embedding_layers=False
+        )
         self._snapshots[step] = snapshot
         if self.directory is not None:
             self._write(step, snapshot)

@@ -94,6 +94,7 @@ def test_push_sends_the_student_adapter_and_a_tms_card(tiny_llama, tmp_path, hub
     final = [e for e in trainer.state.log_history if e.get("tms_phase") == 2 and "pld" in e][-1]
     assert f"| student (TMS) | {final['pld']:.4f} | {final['pld_drift']:.4f} |" in text
     assert "2602.03073" in text and "@article{khan2026tms" in text
+    assert "fine-tuned version of [HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2" in text
 
 
 def test_push_history_uploads_loadable_snapshots(tiny_llama, tmp_path, hub):
@@ -114,8 +115,9 @@ def test_push_history_uploads_loadable_snapshots(tiny_llama, tmp_path, hub):
 def test_base_model_of_a_local_folder_is_unknown_unless_given(tiny_llama, tmp_path, hub):
     trainer = run(tiny_llama, tmp_path)
     trainer.push_to_hub()
-    meta, _ = front_matter(os.path.join(trainer.args.output_dir, "README.md"))
+    meta, text = front_matter(os.path.join(trainer.args.output_dir, "README.md"))
     assert meta.get("base_model") is None
+    assert "huggingface.co/None" not in text and "a base model not on the Hub" in text
 
 
 def test_resolve_base_model(tmp_path):

@@ -79,3 +79,13 @@ def test_pld_callback_without_data_raises(tiny_llama, tmp_path):
     trainer = sft_trainer(tiny_llama, tmp_path)
     with pytest.raises(ValueError, match="eval_dataset"):
         PLDCallback(trainer)
+
+
+def test_pld_follows_epoch_logging(tiny_llama, tmp_path):
+    trainer = sft_trainer(
+        tiny_llama, tmp_path, eval_dataset=make_examples(4, seed=1), logging_strategy="epoch", num_train_epochs=2
+    )
+    trainer.add_callback(PLDCallback(trainer))
+    trainer.train()
+    # 16 examples in batches of 4: 4 steps per epoch.
+    assert [e["step"] for e in trainer.state.log_history if "pld" in e] == [0, 4, 8]

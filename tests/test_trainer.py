@@ -49,10 +49,15 @@ class Recorder(TrainerCallback):
         self.after_step = {"harvest": {}, "student": {}}
         self.at_begin = {}
         self.optimizer_state_at_begin = {}
+        self.mixture_epoch = []
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.at_begin[self.trainer.phase] = adapter_state(self.trainer)
         self.optimizer_state_at_begin[self.trainer.phase] = len(optimizer.state) if optimizer is not None else None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.trainer.phase == "student":
+            self.mixture_epoch.append(self.trainer.train_dataset.epoch)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.after_step[self.trainer.phase][state.global_step] = adapter_state(self.trainer)
@@ -144,6 +149,29 @@ def test_student_runs_as_many_steps_as_the_harvest(trained):
     trainer, recorder, _ = trained
     assert sorted(recorder.after_step["student"]) == sorted(recorder.after_step["harvest"]) == list(range(1, 13))
     assert trainer.state.global_step == 12
+
+
+def test_the_mixture_is_drawn_afresh_each_student_epoch(trained):
+    trainer, recorder, _ = trained
+    assert recorder.mixture_epoch == [0] * 6 + [1] * 6
+
+
+def test_a_new_run_replaces_the_previous_history(tiny_llama, tmp_path):
+    def run(t):
+        trainer = TMSTrainer(
+            model=tiny_llama,
+            args=tms_config(tmp_path, num_checkpoints=t, num_train_epochs=1, log_pld=False),
+            train_dataset=make_examples(8),
+            processing_class=load_tokenizer(tiny_llama),
+            peft_config=lora(),
+        )
+        trainer.train()
+        return trainer
+
+    run(2)
+    trainer = run(1)
+    assert sorted(os.listdir(trainer.history_dir)) == ["step-2", "trajectories"]
+    assert set(trainer.trajectories["snapshot_step"]) == {2}
 
 
 def test_trajectories_cover_every_prompt_and_snapshot(trained):

@@ -28,7 +28,7 @@ class TMSConfig(SFTConfig):
             student's adapter and its model card are uploaded.
         hub_base_model (`str`, *optional*):
             Hub id of the base model, written as `base_model` in the model card. Needed only when it cannot be read
-            from the model (a model passed as an object or loaded from a local folder outside the Hugging Face cache).
+            from the model: one loaded from a local folder outside the Hugging Face cache, or one with no name.
 
         > Parameters that control trajectory generation
 
@@ -43,7 +43,8 @@ class TMSConfig(SFTConfig):
         max_new_tokens (`int`, *optional*, defaults to `256`):
             Maximum number of tokens generated per trajectory. Generation stops earlier at the EOS token.
         generation_batch_size (`int`, *optional*, defaults to `16`):
-            Number of sequences per `generate` call (prompts x resident snapshots x samples).
+            Number of sequences per `generate` call (prompts x resident snapshots x samples). A call holds at least one
+            prompt, so it exceeds this when `snapshots_per_generate * samples_per_checkpoint` does.
         snapshots_per_generate (`int`, *optional*, defaults to `4`):
             Number of snapshots resident at once and served in the same `generate` call, each row routed to its own
             adapter with PEFT's `adapter_names`. `1` swaps one snapshot at a time. Each resident snapshot costs one
@@ -95,8 +96,8 @@ class TMSConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Hub id of the base model, written as `base_model` in the model card. Needed only when it cannot "
-            "be read from the model (a model passed as an object or loaded from a local folder outside the Hugging "
-            "Face cache)."
+            "be read from the model: one loaded from a local folder outside the Hugging Face cache, or one with no "
+            "name."
         },
     )
 
@@ -125,7 +126,10 @@ class TMSConfig(SFTConfig):
     )
     generation_batch_size: int = field(
         default=16,
-        metadata={"help": "Number of sequences per `generate` call (prompts x resident snapshots x samples)."},
+        metadata={
+            "help": "Number of sequences per `generate` call (prompts x resident snapshots x samples). A call holds at "
+            "least one prompt, so it exceeds this when `snapshots_per_generate * samples_per_checkpoint` does."
+        },
     )
     snapshots_per_generate: int = field(
         default=4,
@@ -192,6 +196,11 @@ class TMSConfig(SFTConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.dataloader_persistent_workers and self.dataloader_num_workers > 0:
+            raise ValueError(
+                "`dataloader_persistent_workers=True` is not supported by TMSTrainer: persistent workers keep copies of "
+                "the mixture and would replay the first epoch's draws in every epoch. Set it to False."
+            )
         if self.packing:
             raise ValueError(
                 "`packing=True` is not supported by TMSTrainer: the mixture draws one completion per prompt each time "

@@ -8,6 +8,7 @@ import re
 from huggingface_hub import ModelCard, upload_folder
 
 _HUB_CACHE_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")
+_TRL_BASE_SENTENCE = re.compile(r"This model is a fine-tuned version of \[[^\]]*\]\(https://huggingface\.co/[^)]*\)")
 
 
 def resolve_base_model(name_or_path: str | None, override: str | None = None) -> str | None:
@@ -41,6 +42,8 @@ def complete_model_card(
     """
     card = ModelCard.load(path)
     card.data.base_model = base_model
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a base model not on the Hub"
+    card.text = _TRL_BASE_SENTENCE.sub(f"This model is a fine-tuned version of {base_link}", card.text)
     card.data.library_name = "peft"
     card.data.tags = sorted({*(card.data.tags or []), "trl", "sft", "tms", "peft", "lora"})
     lines = [

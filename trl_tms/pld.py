@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
+from .quantization import keep_4bit_layers_trainable
+
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
 
@@ -21,7 +23,14 @@ def policy_label_divergence(trainer, dataset) -> float:
     tokens = torch.zeros((), dtype=torch.float64, device=trainer.accelerator.device)
     try:
         with torch.no_grad():
-            for batch in trainer.get_eval_dataloader(dataset):
+            # Not `get_eval_dataloader`: with persistent workers it would hand back the cached loader of the eval set.
+            loader = trainer._get_dataloader(
+                dataset=dataset,
+                description="PLD",
+                batch_size=trainer.args.eval_batch_size,
+                sampler_fn=trainer._get_eval_sampler,
+            )
+            for batch in loader:
                 batch = trainer._prepare_inputs({k: v for k, v in batch.items() if k in _MODEL_INPUTS})
                 batch_nll, batch_tokens = _label_nll(model, batch)
                 nll += batch_nll
@@ -99,6 +108,9 @@ class PLDCallback(TrainerCallback):
         self.dataset = dataset.select(range(min(num_samples, len(dataset))))
         self.best = float("inf")
         self.last: dict[str, float] = {}
+        self._measured_step = None
+        # PLD's no-grad forwards must not repack a 4-bit base into bitsandbytes' CPU inference layout.
+        keep_4bit_layers_trainable(trainer.model)
 
     def measure(self) -> dict[str, float]:
         """Compute PLD now and update the running minimum; returns `{"pld": ..., "pld_drift": ...}`."""
@@ -109,11 +121,20 @@ class PLDCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.best = float("inf")
+        self._measured_step = state.global_step
         self.trainer.log(self.measure())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not control.should_log:
+        self._maybe_measure(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # `logging_strategy="epoch"` asks for a log here rather than after a step.
+        self._maybe_measure(state, control)
+
+    def _maybe_measure(self, state, control) -> None:
+        if not control.should_log or state.global_step == self._measured_step:
             return
+        self._measured_step = state.global_step
         values = self.measure()
         metrics = getattr(self.trainer, "_metrics", None)
         if metrics is None:

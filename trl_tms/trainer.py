@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import shutil
 import textwrap
 import time
 from functools import partial
@@ -10,6 +11,7 @@ from functools import partial
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback, TrainingArguments
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import get_config_model_id
@@ -22,6 +24,8 @@ from .mixture import IS_LABEL, MixtureCollator, MixtureDataset, mixture_candidat
 from .pld import PLDCallback
 from .quantization import keep_4bit_layers_trainable
 from .trajectories import SamplingParams, generate_trajectories, save_trajectories
+
+logger = logging.get_logger(__name__)
 
 PHASE_IDS = {"harvest": 1, "student": 2}
 
@@ -122,7 +126,8 @@ class TMSTrainer(SFTTrainer):
                 "from an untokenized dataset."
             )
         _check_lora(model, peft_config)
-        _check_quantization(quantization_config or (args.model_init_kwargs or {}).get("quantization_config"))
+        if isinstance(model, str):  # TRL ignores `quantization_config` for a model that is already loaded
+            _check_quantization(quantization_config or (args.model_init_kwargs or {}).get("quantization_config"))
 
         train_dataset = to_prompt_completion(train_dataset, "train")
         if isinstance(eval_dataset, dict):
@@ -187,14 +192,16 @@ class TMSTrainer(SFTTrainer):
                 "Resuming a TMS run is not supported yet: start the run again without `resume_from_checkpoint`."
             )
         args = self.args
-        user_output_dir, user_max_steps = args.output_dir, args.max_steps
+        user_output_dir, user_max_steps, user_push = args.output_dir, args.max_steps, args.push_to_hub
+        self._clear_previous_history()
         try:
-            # Harvest checkpoints are not the result: keep them beside the history, out of `output_dir`'s top level.
-            args.output_dir = os.path.join(self.history_dir, "harvest")
+            # Harvest checkpoints are not the result: keep them beside the history, out of `output_dir`'s top level,
+            # and off the Hub.
+            args.output_dir, args.push_to_hub = os.path.join(self.history_dir, "harvest"), False
             self.phase = "harvest"
             self.harvest_output = super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
             harvest_log, harvest_steps = self.state.log_history, self.state.global_step
-            args.output_dir = user_output_dir
+            args.output_dir, args.push_to_hub = user_output_dir, user_push
 
             self.phase = "trajectories"
             started = time.perf_counter()
@@ -206,10 +213,20 @@ class TMSTrainer(SFTTrainer):
             args.max_steps = harvest_steps
             output = super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:
-            args.output_dir, args.max_steps = user_output_dir, user_max_steps
+            args.output_dir, args.max_steps, args.push_to_hub = user_output_dir, user_max_steps, user_push
             self.phase = None
         self.state.log_history = harvest_log + self.state.log_history
         return output
+
+    def _clear_previous_history(self) -> None:
+        """A new run replaces the snapshots and trajectories a previous run left in the same history folder."""
+        if not self.is_world_process_zero() or not os.path.isdir(self.history_dir):
+            return
+        stale = [n for n in os.listdir(self.history_dir) if n.startswith("step-") or n == "trajectories"]
+        if stale:
+            logger.warning(f"Replacing the adapter history of a previous run in {self.history_dir} ({len(stale)} entries).")
+        for name in stale:
+            shutil.rmtree(os.path.join(self.history_dir, name))
 
     def _generate_trajectories(self):
         trajectories = generate_trajectories(
@@ -220,7 +237,11 @@ class TMSTrainer(SFTTrainer):
             SamplingParams.from_config(self.args),
             adapter_name=self.adapter_name,
             chat_template=self.chat_template,
-            generation_context=lambda _: unwrap_model_for_generation(self.model_wrapped, self.accelerator),
+            generation_context=lambda _: unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ),
             disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
         )
         if self.is_world_process_zero():
@@ -322,6 +343,11 @@ class _PhaseCallback(TrainerCallback):
             self.steps = set(snapshot_steps(state.max_steps, args.num_checkpoints))
         elif self.trainer.phase == "student":
             self.trainer.log({f"tms_{key}": float(value) for key, value in self.trainer.stats.items()})
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # Not left to accelerate: its `set_epoch` does not reach the dataset behind a multi-process sampler.
+        if self.trainer.phase == "student":
+            self.trainer.train_dataset.set_epoch(round(state.epoch))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.steps:

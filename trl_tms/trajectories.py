@@ -132,10 +132,11 @@ def generate_trajectories(
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     for slot in slots:
         model.add_adapter(slot, peft_config)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(sampling.seed)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        with generation_context(model) as gen_model, torch.no_grad():
+        # Seeded sampling that leaves the caller's random streams (CPU and GPU) as they were.
+        with torch.random.fork_rng(devices=devices), generation_context(model) as gen_model, torch.no_grad():
+            torch.manual_seed(sampling.seed)
             gen_model.eval()
             kwargs = sampling.generate_kwargs(tokenizer, gen_model)
             eos_ids = set(kwargs["eos_token_id"] if isinstance(kwargs["eos_token_id"], list) else [kwargs["eos_token_id"]])
@@ -169,7 +170,6 @@ def generate_trajectories(
                     progress.update(1)
             progress.close()
     finally:
-        torch.random.set_rng_state(generator_state)
         for slot in slots:
             model.delete_adapter(slot)
         model.set_adapter(adapter_name)

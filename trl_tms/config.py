@@ -1,6 +1,11 @@
 from dataclasses import dataclass, field
 
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_npu_available, is_torch_xpu_available
 from trl import SFTConfig
+
+
+def _bf16_accelerator_available() -> bool:
+    return is_torch_bf16_gpu_available() or is_torch_xpu_available() or is_torch_npu_available()
 
 
 @dataclass
@@ -10,7 +15,9 @@ class TMSConfig(SFTConfig):
 
     Extends [`~trl.SFTConfig`] with the parameters of Trajectory-Mixed Supervision (TMS, arXiv 2602.03073). Every
     `SFTConfig` / `TrainingArguments` parameter keeps its meaning and applies to both training phases (the harvest run
-    on the labels and the student run on the mixture). Defaults follow the paper where it states them.
+    on the labels and the student run on the mixture). Defaults follow the paper where it states them. One default
+    differs from `SFTConfig`: when `bf16` is not set and no bf16-capable accelerator is present, it is `False` (fp32
+    on CPU) rather than an error.
 
     Parameters:
         > Parameters that control the adapter history (harvest phase)
@@ -168,6 +175,10 @@ class TMSConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        # SFTConfig turns bf16 on by default, which stops a run on a machine without a bf16 accelerator unless
+        # `use_cpu` is set; there, TMS defaults to fp32 instead.
+        if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
+            self.bf16 = False
         super().__post_init__()
         checks = [
             (self.num_checkpoints >= 1, f"`num_checkpoints` must be at least 1, got {self.num_checkpoints}."),

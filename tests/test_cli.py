@@ -1,0 +1,122 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import make_examples
+from trl import SFTConfig
+
+from trl_tms import TMSConfig
+from trl_tms.cli import check_arguments, load_datasets, main, make_parser
+
+
+def qa_file(tmp_path, n=8, name="qa.jsonl"):
+    path = tmp_path / name
+    rows = [{"question": f"what is {w} plus {w} ?", "answer": f"the answer is {w} {w} ."} for w in ("one", "two") * (n // 2)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def parse(argv):
+    return make_parser().parse_args_and_config(args=argv)
+
+
+def test_help_documents_every_tms_field():
+    text = make_parser().format_help()
+    tms_fields = {f.name for f in dataclasses.fields(TMSConfig)} - {f.name for f in dataclasses.fields(SFTConfig)}
+    assert tms_fields and all(f"--{name}" in text for name in tms_fields)
+    assert "--prompt_column" in text and "--use_peft" in text
+
+
+def test_yaml_config_and_flags_combine(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"num_checkpoints": 3, "label_weight": 0.5, "lora_r": 8, "output_dir": "x"}))
+    script_args, training_args, model_args = parse(["--config", str(config), "--label_weight", "0.75"])
+    assert (training_args.num_checkpoints, training_args.label_weight) == (3, 0.75)
+    assert model_args.lora_r == 8 and model_args.use_peft is True
+    assert script_args.dataset_name is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--use_peft", "false"], "use_peft"),
+        (["--dataset_name", "x.jsonl", "--prompt_column", "question"], "go together"),
+        (["--prompt_column", "q", "--completion_column", "a"], "needs `--dataset_name`"),
+        (["--num_train_examples", "0"], "at least 1"),
+    ],
+)
+def test_contradictory_flags_raise(argv, match):
+    script_args, _, model_args = parse(["--output_dir", "x", *argv])
+    with pytest.raises(ValueError, match=match):
+        check_arguments(script_args, model_args)
+
+
+def test_bad_values_and_unknown_flags_raise():
+    with pytest.raises(ValueError, match="label_weight"):
+        parse(["--output_dir", "x", "--label_weight", "2"])
+    with pytest.raises(ValueError, match="not used"):
+        parse(["--output_dir", "x", "--no_such_flag", "1"])
+
+
+def test_local_files_with_a_column_mapping(tmp_path):
+    script_args, training_args, _ = parse(
+        ["--output_dir", "x", "--dataset_name", qa_file(tmp_path), "--prompt_column", "question",
+         "--completion_column", "answer", "--num_train_examples", "6"]
+    )
+    train, eval_dataset = load_datasets(script_args, seed=0)
+    assert len(train) == 6 and eval_dataset is None
+    assert train[0]["prompt"] == [{"role": "user", "content": "what is one plus one ?"}]
+    assert train[0]["completion"] == [{"role": "assistant", "content": "the answer is one one ."}]
+
+    parquet = str(tmp_path / "pc.parquet")
+    make_examples(5, fmt="standard").to_parquet(parquet)
+    script_args, _, _ = parse(["--output_dir", "x", "--dataset_name", parquet])
+    train, _ = load_datasets(script_args, seed=0)
+    assert train.column_names == ["prompt", "completion"] and len(train) == 5
+
+
+def test_bad_dataset_arguments_raise(tmp_path):
+    script_args, _, _ = parse(["--output_dir", "x", "--dataset_name", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(FileNotFoundError, match="No such dataset file"):
+        load_datasets(script_args, seed=0)
+    odd = tmp_path / "data.txt"
+    odd.write_text("hello")
+    script_args, _, _ = parse(["--output_dir", "x", "--dataset_name", str(odd)])
+    with pytest.raises(ValueError, match="json, .jsonl, .parquet"):
+        load_datasets(script_args, seed=0)
+    script_args, _, _ = parse(
+        ["--output_dir", "x", "--dataset_name", qa_file(tmp_path), "--prompt_column", "q", "--completion_column", "a"]
+    )
+    with pytest.raises(ValueError, match="not found"):
+        load_datasets(script_args, seed=0)
+
+
+def test_main_runs_a_tms_job_end_to_end(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    data = qa_file(tmp_path, n=8)
+    main(
+        [
+            "--model_name_or_path", tiny_llama, "--dataset_name", data, "--prompt_column", "question",
+            "--completion_column", "answer", "--output_dir", str(out), "--num_checkpoints", "2",
+            "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--max_new_tokens", "4", "--report_to", "none",
+            "--save_strategy", "no", "--lora_r", "4", "--disable_tqdm", "true",
+        ]
+    )
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    assert sorted(os.listdir(out / "_tms_history")) == ["step-1", "step-2", "trajectories"]
+    printed = capsys.readouterr().out
+    assert f"Student adapter:   {out}" in printed and "step-<N>/ snapshots: 1, 2" in printed
+    assert "Trajectories:      16 generated" in printed  # 8 prompts x 2 snapshots
+
+
+def test_console_script_reports_errors_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_tms.cli", "--output_dir", str(tmp_path), "--use_peft", "false"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "trl-tms: error:" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,71 @@
+"""What a finished TMS run has to say for itself: where things went, how PLD moved, one answer before and after."""
+
+from __future__ import annotations
+
+import torch
+
+from .data import prompt_token_ids
+
+PHASE_NAMES = {1: "harvest", 2: "student"}
+
+
+def pld_by_phase(log_history: list[dict]) -> dict[str, dict[str, float]]:
+    """Start, minimum and end of PLD, and the end's drift, for each phase found in a TMS run's `log_history`."""
+    summary = {}
+    for phase, name in PHASE_NAMES.items():
+        entries = [e for e in log_history if e.get("tms_phase") == phase and "pld" in e]
+        if entries:
+            values = [e["pld"] for e in entries]
+            summary[name] = {
+                "start": values[0],
+                "min": min(values),
+                "end": values[-1],
+                "end_drift": entries[-1]["pld_drift"],
+                "end_step": entries[-1]["step"],
+            }
+    return summary
+
+
+def answer(trainer, example: dict, max_new_tokens: int = 128, with_adapter: bool = True) -> str:
+    """Greedy answer of the trained model (or, `with_adapter=False`, of its base) to a prompt-completion example."""
+    model = trainer.model
+    tokenizer = trainer.processing_class
+    ids = torch.tensor([prompt_token_ids(tokenizer, example, trainer.chat_template)], device=model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if with_adapter:
+                output = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
+            else:
+                with model.disable_adapter():
+                    output = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def format_summary(trainer, output_dir: str) -> str:
+    """A short, plain-text account of a finished run."""
+    lines = [
+        f"Student adapter:   {output_dir}",
+        f"Adapter history:   {trainer.history_dir}  (step-<N>/ snapshots: {', '.join(map(str, trainer.history.steps))};"
+        " trajectories/)",
+    ]
+    stats = trainer.stats
+    if stats:
+        lines.append(
+            f"Trajectories:      {stats['trajectories']} generated in {stats['trajectory_seconds']:.0f} s; "
+            f"{stats['empty_trajectories']} empty (left out), {stats['unfinished_trajectories']} cut at max_new_tokens"
+        )
+    pld = pld_by_phase(trainer.state.log_history)
+    if pld:
+        lines.append("PLD (mean NLL per token of the held-out labels; lower = labels closer to the policy):")
+        for name, v in pld.items():
+            lines.append(
+                f"  {name:8s} start {v['start']:.3f}  min {v['min']:.3f}  end {v['end']:.3f} (step {v['end_step']}, "
+                f"drift {v['end_drift']:.3f})"
+            )
+    else:
+        lines.append("PLD:               not measured (no eval_dataset, or log_pld=False)")
+    return "\n".join(lines)

@@ -107,8 +107,10 @@ def config_doc_problems(markdown: str, fields: list[dataclasses.Field]) -> list[
             continue
         if literal is None or type(value) is not type(f.default) or value != f.default:
             problems.append(f"`{f.name}`: documented default {row['default']!r}, real default {f.default!r}")
-        if "type" in row and _code(row["type"]) != _type_name(f.type):
-            problems.append(f"`{f.name}`: documented type {row['type']!r}, real type `{_type_name(f.type)}`")
+        # The annotation, not `f.type`: HfArgumentParser (the CLI's parser) rewrites `f.type` in place.
+        real = _type_name(TMSConfig.__annotations__[f.name])
+        if "type" in row and _code(row["type"]) != real:
+            problems.append(f"`{f.name}`: documented type {row['type']!r}, real type `{real}`")
     return problems
 
 

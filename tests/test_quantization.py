@@ -12,7 +12,10 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl_tms import AdapterHistory, SamplingParams, TMSConfig, TMSTrainer, generate_trajectories
 from trl_tms.quantization import keep_4bit_layers_trainable
 
+from tiny import save_tiny
+
 bnb = pytest.importorskip("bitsandbytes")
+has_avx512bf16 = bnb.functional.has_avx512bf16
 # scripts/gpu_check.sh runs this file with TMS_TEST_DEVICE=cuda.
 DEVICE = os.environ.get("TMS_TEST_DEVICE", "cpu")
 
@@ -59,6 +62,24 @@ def test_gradients_after_generation_equal_those_of_a_model_that_never_generated(
     assert set(after) == set(reference)
     for name in reference:
         torch.testing.assert_close(after[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not has_avx512bf16(), reason="the repacking happens on AVX512-BF16 CPUs")
+def test_a_model_repacked_before_training_is_refused(tmp_path):
+    # Wide enough for bitsandbytes' CPU repacking to succeed (on the 32-wide model it crashes instead).
+    path = save_tiny(str(tmp_path / "llama128"), "llama", hidden_size=128)
+    tokenizer = load_tokenizer(path)
+    model = qlora_model(path)
+    model.eval()
+    with torch.no_grad():  # the user samples once before training: bitsandbytes repacks every 4-bit layer
+        model.generate(**tokenizer(["what is one"], return_tensors="pt"), max_new_tokens=2, do_sample=False)
+    with pytest.raises(RuntimeError, match="Load the model afresh"):
+        TMSTrainer(
+            model=model,
+            args=TMSConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False),
+            train_dataset=make_examples(8),
+            processing_class=tokenizer,
+        )
 
 
 def test_tms_runs_all_phases_on_a_4bit_base(tiny_qwen2, tmp_path):

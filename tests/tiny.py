@@ -30,15 +30,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(arch: str = "llama", seed: int = 0):
+def build_model(arch: str = "llama", seed: int = 0, hidden_size: int = 32):
     import torch
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     common = dict(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -59,8 +59,8 @@ def build_model(arch: str = "llama", seed: int = 0):
     return model, tokenizer
 
 
-def save_tiny(path: str, arch: str = "llama") -> str:
-    model, tokenizer = build_model(arch)
+def save_tiny(path: str, arch: str = "llama", hidden_size: int = 32) -> str:
+    model, tokenizer = build_model(arch, hidden_size=hidden_size)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

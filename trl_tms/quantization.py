@@ -9,7 +9,9 @@ def keep_4bit_layers_trainable(model) -> int:
 
     On CPUs with AVX512-BF16, the first no-grad eval-mode forward (e.g. `generate`) permanently repacks every
     `Linear4bit` weight; training afterwards then crashes (layers with bias) or silently computes wrong LoRA gradients
-    (layers without bias). TMS generates and then trains on the same model, so the repacking must never happen.
+    (layers without bias). TMS generates and then trains on the same model, so the repacking must never happen. A
+    model that was already repacked cannot be trained correctly (bitsandbytes rounds its scales to bf16 when it
+    repacks, so the layout cannot be restored exactly): it is refused with an error.
 
     Returns:
         `int`: The number of 4-bit layers patched (0 when bitsandbytes is not installed or the model is not 4-bit).
@@ -18,9 +20,15 @@ def keep_4bit_layers_trainable(model) -> int:
         import bitsandbytes as bnb
     except ImportError:
         return 0
-    patched = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            patched += 1
-    return patched
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    repacked = [m for m in layers if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
+    if repacked:
+        raise RuntimeError(
+            f"{len(repacked)} of the model's 4-bit layers were already repacked by bitsandbytes for CPU inference (the "
+            "model ran `generate` or an eval forward on CPU before training), and cannot be trained correctly any "
+            "more. Load the model afresh and hand it to the trainer before any inference, or call "
+            "`trl_tms.quantization.keep_4bit_layers_trainable(model)` right after loading it."
+        )
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    return len(layers)

@@ -155,10 +155,7 @@ class TMSTrainer(SFTTrainer):
             formatting_func=None,
         )
 
-        if getattr(self.model, "is_loaded_in_4bit", False) or getattr(
-            self.model.get_base_model(), "is_loaded_in_4bit", False
-        ):
-            keep_4bit_layers_trainable(self.model)
+        keep_4bit_layers_trainable(self.model)  # TMS generates, then trains, on the same (maybe 4-bit) base
         self.adapter_name = self.model.active_adapter
         self._initial_adapter = {
             name: param.detach().clone() for name, param in adapter_parameters(self.model, self.adapter_name).items()

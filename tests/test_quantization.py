@@ -115,6 +115,25 @@ def test_tms_runs_all_phases_on_a_4bit_base(tiny_qwen2, tmp_path):
     assert entries and all(torch.isfinite(torch.tensor(e["loss"])) for e in entries)
 
 
+def test_tms_runs_all_phases_on_a_model_already_loaded_in_4bit(tiny_llama, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=nf4(), device_map=DEVICE)
+    trainer = TMSTrainer(
+        model=model,
+        args=TMSConfig(
+            output_dir=str(tmp_path / "out"), num_checkpoints=2, per_device_train_batch_size=4, num_train_epochs=1,
+            max_new_tokens=4, save_strategy="no", report_to="none", bf16=False, use_cpu=DEVICE == "cpu",
+            disable_tqdm=True,
+        ),
+        train_dataset=make_examples(8),
+        eval_dataset=make_examples(4, seed=1),
+        processing_class=load_tokenizer(tiny_llama),
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    trainer.train()
+    assert trainer.history.steps == [1, 2] and len(trainer.trajectories) == 16
+    assert [e["tms_phase"] for e in trainer.state.log_history if "pld" in e and e["step"] == 0] == [1, 2]
+
+
 def test_4bit_without_bitsandbytes_raises(tiny_llama, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -17,6 +17,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from .config import TMSConfig
+from .data import to_prompt_completion
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=get_peft_config(model_args),
         quantization_config=quantization_config if isinstance(model, str) else None,
     )
-    sample = eval_dataset[0] if eval_dataset is not None else None
+    # One held-out prompt for the before/after answers, in prompt-completion form whatever the dataset's format.
+    sample = to_prompt_completion(eval_dataset.select([0]), "eval")[0] if eval_dataset is not None else None
     base_answer = answer(trainer, sample, with_adapter=False) if sample is not None else None
     trainer.train()
     trainer.save_model(training_args.output_dir)

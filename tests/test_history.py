@@ -110,3 +110,12 @@ def test_taking_a_snapshot_never_asks_the_hub(tiny_llama, monkeypatch):
 
     monkeypatch.setattr("peft.utils.save_and_load.check_file_exists_on_hf_hub", no_network)
     assert len(AdapterHistory(model.peft_config["default"]).take(model, step=1)) > 0
+
+
+def test_snapshot_folders_are_ordinary_folders(tiny_llama, tmp_path):
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], directory=str(tmp_path / "h"))
+    history.take(model, step=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(history.path(1)).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0700

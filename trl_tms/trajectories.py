@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +10,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from trl.data_utils import is_conversational
 
+from .atomic import atomic_folder
 from .data import as_completion, prompt_token_ids
 from .history import AdapterHistory
 
@@ -231,14 +229,5 @@ def _until_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
 
 def save_trajectories(trajectories: Dataset, path: str) -> None:
     """Write the trajectories with `save_to_disk`, atomically: a reader sees the old folder or the new, never half."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".trajectories-", dir=parent)
-    try:
+    with atomic_folder(path) as staging:
         trajectories.save_to_disk(staging)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

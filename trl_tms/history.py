@@ -90,13 +90,30 @@ class AdapterHistory:
 
     def load_into(self, model, step: int, adapter_name: str) -> None:
         """Hot-swap the snapshot of `step` into the (already added) adapter slot `adapter_name` of `model`."""
-        result = set_peft_model_state_dict(model, self._snapshots[step], adapter_name=adapter_name)
+        snapshot = self._snapshots[step]
+        slot = {
+            name.replace(f".{adapter_name}", ""): param
+            for name, param in adapter_parameters(model, adapter_name).items()
+        }
+        if set(snapshot) == set(slot) and all(slot[k].shape == t.shape for k, t in snapshot.items()):
+            # In-place copies: about 10x faster than PEFT's `set_peft_model_state_dict`, which walks the whole model.
+            with torch.no_grad():
+                for key, tensor in snapshot.items():
+                    slot[key].copy_(tensor)
+            return
+        try:  # keys PEFT renames in its own way (e.g. modules_to_save): let PEFT map them
+            result = set_peft_model_state_dict(model, snapshot, adapter_name=adapter_name)
+        except RuntimeError as error:
+            raise ValueError(self._misfit(step, str(error).splitlines()[0])) from error
         if result.unexpected_keys:
-            raise ValueError(
-                f"Snapshot step-{step} does not fit the model: {len(result.unexpected_keys)} of its tensors have no "
-                f"place in it (first: {result.unexpected_keys[0]!r}). Was it taken with a different base model or "
-                "LoRA configuration?"
-            )
+            raise ValueError(self._misfit(step, f"no place for {result.unexpected_keys[0]!r}"))
+
+    @staticmethod
+    def _misfit(step: int, detail: str) -> str:
+        return (
+            f"Snapshot step-{step} does not fit the model ({detail}). Was it taken with a different base model or "
+            "LoRA configuration?"
+        )
 
     # Disk
 

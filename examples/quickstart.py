@@ -42,10 +42,10 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_tms import TMSConfig, TMSTrainer
+from trl_tms.report import pld_by_phase
 from trl_tms.embedded import extract_final_number, is_correct, load_embedded_model, load_gsm_symbolic
 from trl_tms.quantization import keep_4bit_layers_trainable
 
-PHASES = {1: "harvest", 2: "student"}
 
 
 def parse_args():
@@ -117,25 +117,6 @@ def answer(model, tokenizer, prompt, max_new_tokens: int) -> str:
     )
     model.train(was_training)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def pld_summary(log_history) -> dict[str, dict[str, float]]:
-    """PLD at the start, lowest and end of each training phase, from `trainer.state.log_history`."""
-    summary = {}
-    for phase_id, phase in PHASES.items():
-        entries = [e for e in log_history if e.get("tms_phase") == phase_id and "pld" in e]
-        if not entries:
-            continue
-        summary[phase] = {
-            "start": entries[0]["pld"],
-            "start_step": entries[0].get("step", 0),
-            "min": min(e["pld"] for e in entries),
-            "end": entries[-1]["pld"],
-            "end_step": entries[-1].get("step", 0),
-            "end_drift": entries[-1].get("pld_drift", float("nan")),
-            "points": len(entries),
-        }
-    return summary
 
 
 def shorten(text: str, width: int = 400) -> str:
@@ -224,7 +205,7 @@ def main():
     harvest_seconds = trainer.harvest_output.metrics.get("train_runtime", float("nan"))
     trajectory_seconds = trainer.stats.get("trajectory_seconds", float("nan"))
     student_seconds = output.metrics.get("train_runtime", float("nan"))
-    plds = pld_summary(trainer.state.log_history)
+    plds = pld_by_phase(trainer.state.log_history)
     history_path = os.path.join(args.output_dir, "tms_log_history.json")
     with open(history_path, "w") as handle:
         json.dump(trainer.state.log_history, handle, indent=1)

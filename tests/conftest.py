@@ -8,6 +8,9 @@ from tiny import save_tiny
 
 NUMBERS = "one two three four five six seven eight nine ten".split()
 
+# Trainer settings every tiny test run shares: CPU, fp32, quiet, nothing saved or reported.
+QUIET_CPU = dict(save_strategy="no", report_to="none", bf16=False, use_cpu=True, disable_tqdm=True)
+
 
 def make_examples(n: int, seed: int = 0, fmt: str = "conversational") -> Dataset:
     """Tiny arithmetic-looking prompts with labels, in one of TRL's dataset formats."""

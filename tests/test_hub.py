@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import load_tokenizer, make_examples
+from conftest import QUIET_CPU, load_tokenizer, make_examples
 from huggingface_hub.utils import filter_repo_objects
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
@@ -50,11 +50,7 @@ def run(path, tmp_path, **overrides):
         num_train_epochs=1,
         max_new_tokens=6,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        disable_tqdm=True,
+        **QUIET_CPU,
     )
     values.update(overrides)
     trainer = TMSTrainer(

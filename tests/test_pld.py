@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import load_tokenizer, make_examples
+from conftest import QUIET_CPU, load_tokenizer, make_examples
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
@@ -16,11 +16,7 @@ def sft_trainer(path, tmp_path, eval_dataset=None, **overrides):
         num_train_epochs=1,
         learning_rate=1e-2,
         logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        disable_tqdm=True,
+        **QUIET_CPU,
     )
     values.update(overrides)
     return SFTTrainer(

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import load_tokenizer, make_examples
+from conftest import QUIET_CPU, load_tokenizer, make_examples
 from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -23,11 +23,7 @@ def tms_config(tmp_path, **overrides) -> TMSConfig:
         learning_rate=1e-2,
         max_new_tokens=8,
         logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        disable_tqdm=True,
+        **QUIET_CPU,
     )
     values.update(overrides)
     return TMSConfig(**values)

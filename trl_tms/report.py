@@ -18,10 +18,12 @@ def pld_by_phase(log_history: list[dict]) -> dict[str, dict[str, float]]:
             values = [e["pld"] for e in entries]
             summary[name] = {
                 "start": values[0],
+                "start_step": entries[0]["step"],
                 "min": min(values),
                 "end": values[-1],
-                "end_drift": entries[-1]["pld_drift"],
                 "end_step": entries[-1]["step"],
+                "end_drift": entries[-1]["pld_drift"],
+                "points": len(entries),
             }
     return summary
 

@@ -55,6 +55,8 @@ def settings(model_name: str) -> dict:
     return dict(
         per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-3, max_length=64 if tiny else 256,
         logging_steps=4, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+        # Set for both arms: SFTConfig and TMSConfig default `bf16` differently on a CPU without a bf16 GPU.
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         disable_tqdm=True, seed=0,
     )
 

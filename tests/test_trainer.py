@@ -431,3 +431,14 @@ def test_gradient_accumulation_reporters_and_seeded_trajectories(tiny_llama, tmp
     assert any("tms_label_fraction" in log for log in sink.logs)
     again, _ = run("b")
     assert again.trajectories["completion"] == trainer.trajectories["completion"]
+
+
+def test_bf16_default_matches_sft_config_where_sft_config_works():
+    from trl import SFTConfig
+
+    assert TMSConfig("x", use_cpu=True).bf16 == SFTConfig("x", use_cpu=True).bf16
+    assert TMSConfig("x", use_cpu=True, bf16=False).bf16 is False
+    if not torch.cuda.is_available():
+        assert TMSConfig("x").bf16 is False  # SFTConfig("x") raises here
+        with pytest.raises(ValueError, match="bf16"):
+            SFTConfig("x")

@@ -16,8 +16,8 @@ class TMSConfig(SFTConfig):
     Extends [`~trl.SFTConfig`] with the parameters of Trajectory-Mixed Supervision (TMS, arXiv 2602.03073). Every
     `SFTConfig` / `TrainingArguments` parameter keeps its meaning and applies to both training phases (the harvest run
     on the labels and the student run on the mixture). Defaults follow the paper where it states them. One default
-    differs from `SFTConfig`: when `bf16` is not set and no bf16-capable accelerator is present, it is `False` (fp32
-    on CPU) rather than an error.
+    differs from `SFTConfig`: when `bf16` is not set, `use_cpu` is off and no bf16-capable accelerator is present, it
+    is `False` (fp32 on CPU) rather than an error.
 
     Parameters:
         > Parameters that control the adapter history (harvest phase)
@@ -176,8 +176,9 @@ class TMSConfig(SFTConfig):
 
     def __post_init__(self):
         # SFTConfig turns bf16 on by default, which stops a run on a machine without a bf16 accelerator unless
-        # `use_cpu` is set; there, TMS defaults to fp32 instead.
-        if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
+        # `use_cpu` is set; there, TMS defaults to fp32 instead. With `use_cpu` it keeps SFTConfig's choice, so that
+        # SFT and TMS runs compare at the same precision.
+        if self.bf16 is None and not self.fp16 and not self.use_cpu and not _bf16_accelerator_available():
             self.bf16 = False
         super().__post_init__()
         checks = [

@@ -137,6 +137,7 @@ def generate_trajectories(
             torch.manual_seed(sampling.seed)
             gen_model.eval()
             kwargs = sampling.generate_kwargs(tokenizer, gen_model)
+            device = next(gen_model.parameters()).device
             eos_ids = set(kwargs["eos_token_id"] if isinstance(kwargs["eos_token_id"], list) else [kwargs["eos_token_id"]])
             progress = tqdm(total=len(groups) * len(batches), desc="Generating trajectories", disable=disable_tqdm)
             for group in groups:
@@ -150,7 +151,6 @@ def generate_trajectories(
                         for sample in range(sampling.samples_per_checkpoint)
                     ]
                     input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in row_meta], tokenizer.pad_token_id)
-                    device = next(gen_model.parameters()).device
                     with _route(model, [slot for *_, slot in row_meta], per_row=not use_dora) as route:
                         output = gen_model.generate(
                             input_ids=input_ids.to(device),
@@ -176,6 +176,7 @@ def generate_trajectories(
         model.train(was_training)
 
     completion_ids = records.pop("completion_ids")
+    prompt_column = prompts["prompt"]  # one column read, not one row read per trajectory
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     order = sorted(
         range(len(texts)),
@@ -184,7 +185,7 @@ def generate_trajectories(
     return Dataset.from_dict(
         {
             "prompt_index": [records["prompt_index"][r] for r in order],
-            "prompt": [prompts[records["prompt_index"][r]]["prompt"] for r in order],
+            "prompt": [prompt_column[records["prompt_index"][r]] for r in order],
             "completion": [as_completion(texts[r], conversational) for r in order],
             "snapshot_step": [records["snapshot_step"][r] for r in order],
             "sample_index": [records["sample_index"][r] for r in order],

@@ -107,7 +107,7 @@ def test_main_runs_a_tms_job_end_to_end(tiny_llama, tmp_path, capsys):
         ]
     )
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
-    assert sorted(os.listdir(out / "_tms_history")) == ["step-1", "step-2", "trajectories"]
+    assert sorted(os.listdir(out / "_tms_history")) == ["step-1", "step-2", "tms_run.json", "trajectories"]
     printed = capsys.readouterr().out
     assert f"Student adapter:   {out}" in printed and "step-<N>/ snapshots: 1, 2" in printed
     assert "Trajectories:      16 generated" in printed  # 8 prompts x 2 snapshots
@@ -134,3 +134,13 @@ def test_main_with_a_messages_eval_split(tiny_llama, tmp_path, capsys, monkeypat
     printed = capsys.readouterr().out
     assert "A held-out prompt:\n  what is" in printed and "TMS student (greedy):" in printed
     assert "PLD (mean NLL" in printed
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, None), ("false", None), ("True", True), ("yes", True), ("out/checkpoint-8", "out/checkpoint-8")],
+)
+def test_resume_flag(value, expected):
+    from trl_tms.cli import resume_argument
+
+    assert resume_argument(value) == expected

@@ -4,9 +4,12 @@ import pytest
 import torch
 from conftest import QUIET_CPU, load_tokenizer, make_examples
 from peft import LoraConfig
+from transformers import TrainerCallback
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
-from trl_tms import PLDCallback, policy_label_divergence
+from trl_tms import PLDCallback, TMSConfig, policy_label_divergence
 
 
 def sft_trainer(path, tmp_path, eval_dataset=None, **overrides):
@@ -85,3 +88,60 @@ def test_pld_follows_epoch_logging(tiny_llama, tmp_path):
     trainer.train()
     # 16 examples in batches of 4: 4 steps per epoch.
     assert [e["step"] for e in trainer.state.log_history if "pld" in e] == [0, 4, 8]
+
+
+class WeightsAtStep(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.weights = trainer, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.weights[state.global_step] = {
+            n: p.detach().clone() for n, p in self.trainer.model.named_parameters() if p.requires_grad
+        }
+
+
+def scripted_pld(monkeypatch, values):
+    """PLD at step 0, 1, 2, ... (logging every step) follows `values`: the alarm logic is tested, not the model."""
+    sequence = iter(values)
+    monkeypatch.setattr("trl_tms.pld.policy_label_divergence", lambda trainer, dataset: next(sequence))
+
+
+def test_forgetting_alarm_warns_without_stopping(tiny_llama, tmp_path, monkeypatch):
+    scripted_pld(monkeypatch, [3.0, 2.0, 1.0, 1.05, 1.3, 1.2])
+    trainer = sft_trainer(tiny_llama, tmp_path, make_examples(4, seed=1), logging_steps=1, num_train_epochs=5,
+                          per_device_train_batch_size=16)
+    logger = logging.get_logger("trl_tms.pld")
+    with CaptureLogger(logger) as captured:
+        trainer.add_callback(PLDCallback(trainer, drift_threshold=0.2))
+        trainer.train()
+    assert trainer.state.global_step == 5
+    alarms = [e["step"] for e in trainer.state.log_history if e.get("pld_alarm")]
+    assert alarms == [4]  # drift 0.05, 0.3, 0.2: only step 4 is above 0.2
+    assert captured.out.count("PLD drift 0.300 passed 0.2 at step 4") == 1
+
+
+def test_forgetting_alarm_stops_and_restores_the_best_weights(tiny_llama, tmp_path, monkeypatch):
+    scripted_pld(monkeypatch, [3.0, 2.0, 1.0, 1.05, 1.3, 1.2, 1.1, 1.0])
+    trainer = sft_trainer(tiny_llama, tmp_path, make_examples(4, seed=1), logging_steps=1, num_train_epochs=7,
+                          per_device_train_batch_size=16)
+    recorder = WeightsAtStep(trainer)
+    trainer.add_callback(recorder)
+    trainer.add_callback(PLDCallback(trainer, drift_threshold=0.2, stop_on_drift=True))
+    trainer.train()
+    assert trainer.state.global_step == 4  # stopped at the alarm, not at step 7
+    restored = [e["pld_restored_step"] for e in trainer.state.log_history if "pld_restored_step" in e]
+    assert restored == [2.0]
+    current = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    for name, value in recorder.weights[2].items():
+        torch.testing.assert_close(current[name], value)
+    assert any(not torch.equal(current[n], v) for n, v in recorder.weights[4].items())
+
+
+def test_forgetting_alarm_settings_are_checked(tiny_llama, tmp_path):
+    trainer = sft_trainer(tiny_llama, tmp_path, make_examples(4, seed=1))
+    with pytest.raises(ValueError, match="must be positive"):
+        PLDCallback(trainer, drift_threshold=0.0)
+    with pytest.raises(ValueError, match="needs a `drift_threshold`"):
+        PLDCallback(trainer, stop_on_drift=True)
+    with pytest.raises(ValueError, match="pld_stop_on_drift=True` needs `pld_drift_threshold`"):
+        TMSConfig(output_dir=str(tmp_path), pld_stop_on_drift=True, **QUIET_CPU)

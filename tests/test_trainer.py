@@ -82,7 +82,7 @@ def trained(tiny_llama, tmp_path_factory):
 def test_snapshot_count_and_steps(trained):
     trainer, _, _ = trained
     assert trainer.history.steps == [4, 8, 12]
-    assert sorted(os.listdir(trainer.history_dir)) == ["step-12", "step-4", "step-8", "trajectories"]
+    assert sorted(os.listdir(trainer.history_dir)) == ["step-12", "step-4", "step-8", "tms_run.json", "trajectories"]
     for step in trainer.history.steps:
         folder = trainer.history.path(step)
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(folder))
@@ -166,7 +166,7 @@ def test_a_new_run_replaces_the_previous_history(tiny_llama, tmp_path):
 
     run(2)
     trainer = run(1)
-    assert sorted(os.listdir(trainer.history_dir)) == ["step-2", "trajectories"]
+    assert sorted(os.listdir(trainer.history_dir)) == ["step-2", "tms_run.json", "trajectories"]
     assert set(trainer.trajectories["snapshot_step"]) == {2}
 
 

@@ -140,6 +140,15 @@ def _limit(dataset: Dataset, count: int | None) -> Dataset:
     return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
 
+def resume_argument(value: str | None) -> bool | str | None:
+    """`--resume_from_checkpoint true` finds the interrupted run on disk; a path names a checkpoint."""
+    if value is None or value.strip().lower() in ("", "false", "no", "0"):
+        return None
+    if value.strip().lower() in ("true", "yes", "1"):
+        return True
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     check_arguments(script_args, model_args)
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     # One held-out prompt for the before/after answers, in prompt-completion form whatever the dataset's format.
     sample = to_prompt_completion(eval_dataset.select([0]), "eval")[0] if eval_dataset is not None else None
     base_answer = answer(trainer, sample, with_adapter=False) if sample is not None else None
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)

@@ -72,6 +72,11 @@ class TMSConfig(SFTConfig):
         pld_num_samples (`int`, *optional*, defaults to `256`):
             Maximum number of evaluation examples used to compute PLD. Each logging step costs one forward pass over
             them.
+        pld_drift_threshold (`float`, *optional*):
+            Forgetting alarm: warn (and log `pld_alarm`) when PLD drift passes this many nats per token. `None` turns
+            the alarm off.
+        pld_stop_on_drift (`bool`, *optional*, defaults to `False`):
+            When the alarm goes off, stop the current phase and restore the adapter of the lowest PLD seen in it.
     """
 
     # Parameters that control the adapter history
@@ -173,6 +178,20 @@ class TMSConfig(SFTConfig):
             "pass over them."
         },
     )
+    pld_drift_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Forgetting alarm: warn (and log `pld_alarm`) when PLD drift passes this many nats per token. "
+            "`None` turns the alarm off."
+        },
+    )
+    pld_stop_on_drift: bool = field(
+        default=False,
+        metadata={
+            "help": "When the alarm goes off, stop the current phase and restore the adapter of the lowest PLD seen "
+            "in it."
+        },
+    )
 
     def __post_init__(self):
         # SFTConfig turns bf16 on by default, which stops a run on a machine without a bf16 accelerator unless
@@ -204,6 +223,15 @@ class TMSConfig(SFTConfig):
                 f"`snapshots_per_generate` must be at least 1, got {self.snapshots_per_generate}.",
             ),
             (self.pld_num_samples >= 1, f"`pld_num_samples` must be at least 1, got {self.pld_num_samples}."),
+            (
+                self.pld_drift_threshold is None or self.pld_drift_threshold > 0,
+                f"`pld_drift_threshold` must be positive (nats per token), got {self.pld_drift_threshold}.",
+            ),
+            (
+                not self.pld_stop_on_drift or self.pld_drift_threshold is not None,
+                "`pld_stop_on_drift=True` needs `pld_drift_threshold`: set the drift (nats per token) that stops a "
+                "phase, e.g. 0.1.",
+            ),
         ]
         for ok, message in checks:
             if not ok:

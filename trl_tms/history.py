@@ -118,11 +118,20 @@ class AdapterHistory:
     # Disk
 
     def _write(self, step: int, snapshot: dict[str, torch.Tensor]) -> None:
-        with atomic_folder(self.path(step)) as staging:
-            save_file({k: v.contiguous() for k, v in snapshot.items()}, os.path.join(staging, SNAPSHOT_WEIGHTS))
-            self.peft_config.save_pretrained(staging)
-            with open(os.path.join(staging, SNAPSHOT_META), "w") as f:
-                json.dump({"step": step, "num_tensors": len(snapshot)}, f)
+        try:
+            with atomic_folder(self.path(step)) as staging:
+                save_file({k: v.contiguous() for k, v in snapshot.items()}, os.path.join(staging, SNAPSHOT_WEIGHTS))
+                self.peft_config.save_pretrained(staging)
+                with open(os.path.join(staging, SNAPSHOT_META), "w") as f:
+                    json.dump({"step": step, "num_tensors": len(snapshot)}, f)
+        except OSError as error:
+            size = sum(t.numel() * t.element_size() for t in snapshot.values()) / 2**20
+            raise OSError(
+                error.errno,
+                f"Could not write snapshot step-{step} to {self.directory} ({error}). Each snapshot needs about "
+                f"{size:.1f} MiB: free space or choose another `history_dir`, then continue with "
+                "`train(resume_from_checkpoint=True)`.",
+            ) from error
 
     @classmethod
     def open(cls, directory: str) -> AdapterHistory:
@@ -141,5 +150,11 @@ class AdapterHistory:
             weights = os.path.join(directory, f"step-{step}", SNAPSHOT_WEIGHTS)
             if not os.path.isfile(weights):
                 raise FileNotFoundError(f"Snapshot step-{step} has no {SNAPSHOT_WEIGHTS} (only safetensors are read).")
-            history._snapshots[step] = load_file(weights)
+            try:
+                history._snapshots[step] = load_file(weights)
+            except Exception as error:  # safetensors raises its own error type for a damaged header or body
+                raise ValueError(
+                    f"Snapshot step-{step} ({weights}) is not a readable safetensors file ({error}). Delete the folder "
+                    "and take the snapshot again (resume from a checkpoint before that step), or start the run again."
+                ) from error
         return history

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 from .quantization import keep_4bit_layers_trainable
+
+logger = logging.get_logger(__name__)
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
@@ -85,9 +88,31 @@ class PLDCallback(TrainerCallback):
             dataset is preprocessed like the trainer's own eval data.
         num_samples (`int`, *optional*, defaults to `256`):
             Use at most this many examples; each logging step costs one forward pass over them.
+        drift_threshold (`float`, *optional*):
+            Forgetting alarm: when `pld_drift` passes this value (nats per token), log a warning and `pld_alarm=1`.
+        stop_on_drift (`bool`, *optional*, defaults to `False`):
+            When the alarm goes off, also stop training and put back the trainable weights (the adapter, for a PEFT
+            model) of the lowest PLD seen in this run; the step they come from is logged as `pld_restored_step`. The
+            best weights are kept on CPU: cheap for an adapter, a full copy for full fine-tuning.
     """
 
-    def __init__(self, trainer, eval_dataset=None, num_samples: int = 256):
+    def __init__(
+        self,
+        trainer,
+        eval_dataset=None,
+        num_samples: int = 256,
+        drift_threshold: float | None = None,
+        stop_on_drift: bool = False,
+    ):
+        if drift_threshold is not None and drift_threshold <= 0:
+            raise ValueError(f"`drift_threshold` must be positive (nats per token), got {drift_threshold}.")
+        if stop_on_drift and drift_threshold is None:
+            raise ValueError("`stop_on_drift=True` needs a `drift_threshold`, e.g. 0.1 nats per token.")
+        self.drift_threshold = drift_threshold
+        self.stop_on_drift = stop_on_drift
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_step: int | None = None
+        self.alarm_step: int | None = None
         self.trainer = trainer
         dataset = eval_dataset if eval_dataset is not None else trainer.eval_dataset
         if isinstance(dataset, dict):
@@ -112,17 +137,29 @@ class PLDCallback(TrainerCallback):
         # PLD's no-grad forwards must not repack a 4-bit base into bitsandbytes' CPU inference layout.
         keep_4bit_layers_trainable(trainer.model)
 
-    def measure(self) -> dict[str, float]:
+    def measure(self, step: int | None = None) -> dict[str, float]:
         """Compute PLD now and update the running minimum; returns `{"pld": ..., "pld_drift": ...}`."""
         pld = policy_label_divergence(self.trainer, self.dataset)
-        self.best = min(self.best, pld)
+        if pld < self.best:
+            self.best = pld
+            if self.stop_on_drift:
+                self.best_step = step
+                self.best_weights = {
+                    name: param.detach().to("cpu", copy=True)
+                    for name, param in self.trainer.model.named_parameters()
+                    if param.requires_grad
+                }
         self.last = {"pld": pld, "pld_drift": pld - self.best}
         return self.last
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.best = float("inf")
+        # A run resumed from a checkpoint has its earlier PLD in the restored log: keep the drift relative to it.
+        earlier = [e["pld"] for e in state.log_history if "pld" in e]
+        self.best = min(earlier, default=float("inf"))
+        self.best_weights, self.best_step, self.alarm_step = None, None, None
         self._measured_step = state.global_step
-        self.trainer.log(self.measure())
+        if not any("pld" in e and e.get("step") == state.global_step for e in state.log_history):
+            self.trainer.log(self.measure(state.global_step))
 
     def on_step_end(self, args, state, control, **kwargs):
         self._maybe_measure(state, control)
@@ -135,10 +172,32 @@ class PLDCallback(TrainerCallback):
         if not control.should_log or state.global_step == self._measured_step:
             return
         self._measured_step = state.global_step
-        values = self.measure()
+        values = self.measure(state.global_step)
+        values.update(self._check_drift(state, control, values["pld_drift"]))
         metrics = getattr(self.trainer, "_metrics", None)
         if metrics is None:
             self.trainer.log(values)
         else:
             for key, value in values.items():
                 metrics["train"][key].append(value)
+
+    def _check_drift(self, state, control, drift: float) -> dict[str, float]:
+        if self.drift_threshold is None or drift <= self.drift_threshold:
+            return {}
+        extra = {"pld_alarm": 1.0}
+        if self.alarm_step is None:
+            logger.warning(
+                f"PLD drift {drift:.3f} passed {self.drift_threshold} at step {state.global_step}: the policy is moving "
+                "away from the held-out labels, which predicts forgetting."
+                + (" Stopping and restoring the weights of the lowest PLD." if self.stop_on_drift else "")
+            )
+        self.alarm_step = state.global_step if self.alarm_step is None else self.alarm_step
+        if self.stop_on_drift:
+            control.should_training_stop = True
+            if self.best_weights is not None:
+                params = dict(self.trainer.model.named_parameters())
+                with torch.no_grad():
+                    for name, value in self.best_weights.items():
+                        params[name].copy_(value)
+                extra["pld_restored_step"] = float(self.best_step)
+        return extra

@@ -2,13 +2,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import math
 import os
 import shutil
+import tempfile
 import textwrap
 import time
 from functools import partial
 
 import torch
+from datasets import load_from_disk
 from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging
@@ -23,11 +27,23 @@ from .hub import complete_model_card, push_history, resolve_base_model
 from .mixture import IS_LABEL, MixtureCollator, MixtureDataset, mixture_candidates
 from .pld import PLDCallback
 from .quantization import keep_4bit_layers_trainable
+from .resume import (
+    RUN_FILE,
+    dataset_digest,
+    differences,
+    is_inside,
+    latest_checkpoint,
+    lora_summary,
+    model_summary,
+    read_run,
+    write_run,
+)
 from .trajectories import SamplingParams, generate_trajectories, save_trajectories
 
 logger = logging.get_logger(__name__)
 
 PHASE_IDS = {"harvest": 1, "student": 2}
+TRAJECTORY_PARTS = "trajectory-parts"
 
 
 def snapshot_steps(total_steps: int, num_checkpoints: int) -> list[int]:
@@ -126,6 +142,9 @@ class TMSTrainer(SFTTrainer):
                 "from an untokenized dataset."
             )
         _check_lora(model, peft_config)
+        if args.process_index == 0:  # fail now, not hours later at the first snapshot or checkpoint
+            _check_writable(args.output_dir, "output_dir")
+            _check_writable(args.history_dir or os.path.join(args.output_dir, "_tms_history"), "history_dir")
         if isinstance(model, str):  # TRL ignores `quantization_config` for a model that is already loaded
             _check_quantization(quantization_config or (args.model_init_kwargs or {}).get("quantization_config"))
 
@@ -155,6 +174,7 @@ class TMSTrainer(SFTTrainer):
             formatting_func=None,
         )
 
+        self._check_label_tokens_left(train_dataset)
         keep_4bit_layers_trainable(self.model)  # TMS generates, then trains, on the same (maybe 4-bit) base
         self.adapter_name = self.model.active_adapter
         self._initial_adapter = {
@@ -169,6 +189,7 @@ class TMSTrainer(SFTTrainer):
         self.stats: dict[str, float] = {}
 
         planned = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        self._planned_steps = planned
         if args.num_checkpoints > planned:
             raise ValueError(
                 f"`num_checkpoints` ({args.num_checkpoints}) exceeds the number of optimizer steps of the harvest run "
@@ -177,55 +198,206 @@ class TMSTrainer(SFTTrainer):
         self.add_callback(_PhaseCallback(self))
         self.pld_callback = None
         if args.log_pld and self.eval_dataset is not None:
-            self.pld_callback = PLDCallback(self, num_samples=args.pld_num_samples)
+            self.pld_callback = PLDCallback(
+                self,
+                num_samples=args.pld_num_samples,
+                drift_threshold=args.pld_drift_threshold,
+                stop_on_drift=args.pld_stop_on_drift,
+            )
             self.add_callback(self.pld_callback)
+
+    def _check_label_tokens_left(self, raw_dataset) -> None:
+        """TRL silently drops examples whose label was truncated away; say so, and refuse when none is left."""
+        kept, total = len(self.train_dataset), len(raw_dataset)
+        if kept == total:
+            return
+        message = (
+            f"{total - kept} of {total} training examples have no label tokens left after truncation to "
+            f"`max_length={self.args.max_length}` (their prompts are that long or longer)"
+        )
+        if kept == 0:
+            raise ValueError(f"{message}, so there is nothing to train on. Raise `max_length` or shorten the prompts.")
+        logger.warning(f"{message}: they are left out of both phases. Raise `max_length` to keep them.")
 
     # The three phases
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Run harvest, trajectories and student; returns the student run's `TrainOutput`."""
-        if resume_from_checkpoint:
-            raise NotImplementedError(
-                "Resuming a TMS run is not supported yet: start the run again without `resume_from_checkpoint`."
-            )
+        """
+        Run harvest, trajectories and student; returns the student run's `TrainOutput`.
+
+        Args:
+            resume_from_checkpoint (`bool` or `str`, *optional*):
+                Continue an interrupted run of the same settings (same `history_dir`) instead of starting over: phases
+                that finished are reused from the history folder (snapshots, trajectories), an interrupted generation
+                keeps the groups of snapshots it had sampled, and the harvest and the student restart from their last
+                Trainer checkpoint (`<history_dir>/harvest/checkpoint-*` and `<output_dir>/checkpoint-*`, written
+                according to `save_strategy`). `True` finds all of this on disk; a checkpoint path resumes that phase
+                from that checkpoint.
+        """
         args = self.args
         user_output_dir, user_max_steps, user_push = args.output_dir, args.max_steps, args.push_to_hub
-        self._clear_previous_history()
+        harvest_dir = os.path.join(self.history_dir, "harvest")
+        run = self._start_run(resume_from_checkpoint)
         try:
             # Harvest checkpoints are not the result: keep them beside the history, out of `output_dir`'s top level,
             # and off the Hub.
-            args.output_dir, args.push_to_hub = os.path.join(self.history_dir, "harvest"), False
-            self.phase = "harvest"
-            self.harvest_output = super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
-            harvest_log, harvest_steps = self.state.log_history, self.state.global_step
-            args.output_dir, args.push_to_hub = user_output_dir, user_push
+            if run.get("harvest_done"):
+                self._reopen_history(run["snapshot_steps"])
+                self.harvest_output = None
+            else:
+                checkpoint = self._checkpoint_for(resume_from_checkpoint, harvest_dir)
+                if checkpoint is not None:
+                    planned = snapshot_steps(run["planned_steps"], args.num_checkpoints)
+                    self._reopen_history([step for step in planned if step <= _checkpoint_step(checkpoint)])
+                args.output_dir, args.push_to_hub = harvest_dir, False
+                self.phase = "harvest"
+                self.harvest_output = super().train(
+                    resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+                )
+                args.output_dir, args.push_to_hub = user_output_dir, user_push
+                run.update(
+                    harvest_done=True,
+                    harvest_steps=self.state.global_step,
+                    harvest_log=self.state.log_history,
+                    snapshot_steps=self.history.steps,
+                )
+                self._save_run(run)
+            harvest_log, harvest_steps = run["harvest_log"], run["harvest_steps"]
 
             self.phase = "trajectories"
             started = time.perf_counter()
-            self.trajectories = self._generate_trajectories()
-            self.stats["trajectory_seconds"] = time.perf_counter() - started
+            self.trajectories = self._generate_trajectories(reuse=run.get("trajectories_done", False))
+            self.stats["trajectory_seconds"] = run.get("trajectory_seconds", time.perf_counter() - started)
+            if not run.get("trajectories_done"):
+                run.update(trajectories_done=True, trajectory_seconds=self.stats["trajectory_seconds"])
+                self._save_run(run)
 
             self.phase = "student"
+            checkpoint = self._checkpoint_for(resume_from_checkpoint, user_output_dir)
             self._prepare_student()
             args.max_steps = harvest_steps
-            output = super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            output = super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
         finally:
             args.output_dir, args.max_steps, args.push_to_hub = user_output_dir, user_max_steps, user_push
             self.phase = None
         self.state.log_history = harvest_log + self.state.log_history
         return output
 
+    # Run record and resuming
+
+    def _run_settings(self) -> dict:
+        """What the snapshots (`harvest`) and the trajectories depend on."""
+        args = self.args
+        harvest = {
+            "model": model_summary(self.model),
+            "lora": lora_summary(self.model.peft_config[self.adapter_name]),
+            "train_data": dataset_digest(self._prompts),
+            "num_train_examples": len(self._prompts),
+            "num_checkpoints": args.num_checkpoints,
+            "planned_steps": self._planned_steps,
+            "seed": args.seed,
+            "learning_rate": args.learning_rate,
+            "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "max_length": args.max_length,
+        }
+        trajectories = dataclasses.asdict(SamplingParams.from_config(args))
+        trajectories.pop("batch_size")  # batching changes speed, not the distribution sampled
+        return {"harvest": harvest, "trajectories": trajectories}
+
+    def _start_run(self, resume_from_checkpoint) -> dict:
+        settings = self._run_settings()
+        fresh = {"settings": settings, "planned_steps": self._planned_steps}
+        if not resume_from_checkpoint:
+            self._clear_previous_history()
+            self._save_run(fresh)
+            return fresh
+        run = read_run(self.history_dir)
+        if run is None:
+            if isinstance(resume_from_checkpoint, str):
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint!r}: {self.history_dir} holds no record of a TMS run "
+                    f"({RUN_FILE}). Pass the same `history_dir` (or `output_dir`) as the interrupted run, or start again "
+                    "without `resume_from_checkpoint`."
+                )
+            logger.warning(f"No interrupted TMS run in {self.history_dir}: starting from the beginning.")
+            self._clear_previous_history()
+            self._save_run(fresh)
+            return fresh
+        changed = differences(run["settings"]["harvest"], settings["harvest"])
+        if changed:
+            raise ValueError(
+                f"The history in {self.history_dir} comes from a run with other settings, so its snapshots cannot be "
+                f"reused: {'; '.join(changed)}. Resume with the settings of that run, pass another `history_dir`, or "
+                "start again without `resume_from_checkpoint` (the history is then replaced)."
+            )
+        if run.get("trajectories_done") and run["settings"]["trajectories"] != settings["trajectories"]:
+            logger.warning(
+                "Sampling settings changed since the trajectories were generated "
+                f"({'; '.join(differences(run['settings']['trajectories'], settings['trajectories']))}): the snapshots "
+                "are reused and the trajectories sampled again."
+            )
+            run["trajectories_done"] = False
+            run.pop("trajectory_seconds", None)
+            if self.is_world_process_zero():
+                for name in ("trajectories", TRAJECTORY_PARTS):
+                    shutil.rmtree(os.path.join(self.history_dir, name), ignore_errors=True)
+        run["settings"] = settings
+        self._save_run(run)
+        return run
+
+    def _save_run(self, run: dict) -> None:
+        if self.is_world_process_zero():
+            write_run(self.history_dir, run)
+
+    def _reopen_history(self, expected: list[int]) -> None:
+        """Load the snapshots of `expected` steps from disk (a resumed harvest takes the later ones again)."""
+        if not expected:
+            return
+        try:
+            reopened = AdapterHistory.open(self.history_dir)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"The snapshots of the interrupted run in {self.history_dir} cannot be read ({error}). Start again "
+                "without `resume_from_checkpoint`."
+            ) from error
+        missing = [s for s in expected if s not in reopened]
+        if missing:
+            raise ValueError(
+                f"The history in {self.history_dir} lacks the snapshots of steps {missing}, which the run should have "
+                "taken before it stopped. Resume from an earlier checkpoint, or start again without "
+                "`resume_from_checkpoint`."
+            )
+        for step in expected:
+            self.history._snapshots[step] = reopened[step]
+
+    def _checkpoint_for(self, resume_from_checkpoint, folder: str) -> str | None:
+        """The Trainer checkpoint a phase writing to `folder` resumes from: the one named if it lies there, else the last."""
+        if not resume_from_checkpoint:
+            return None
+        if isinstance(resume_from_checkpoint, str):
+            if not os.path.isdir(resume_from_checkpoint):
+                raise ValueError(f"`resume_from_checkpoint` {resume_from_checkpoint!r} is not a folder.")
+            return resume_from_checkpoint if is_inside(resume_from_checkpoint, folder) else None
+        return latest_checkpoint(folder)
+
     def _clear_previous_history(self) -> None:
         """A new run replaces the snapshots and trajectories a previous run left in the same history folder."""
         if not self.is_world_process_zero() or not os.path.isdir(self.history_dir):
             return
-        stale = [n for n in os.listdir(self.history_dir) if n.startswith("step-") or n == "trajectories"]
+        names = ("trajectories", TRAJECTORY_PARTS, "harvest", RUN_FILE)
+        stale = [n for n in os.listdir(self.history_dir) if n.startswith("step-") or n in names]
         if stale:
             logger.warning(f"Replacing the adapter history of a previous run in {self.history_dir} ({len(stale)} entries).")
         for name in stale:
-            shutil.rmtree(os.path.join(self.history_dir, name))
+            path = os.path.join(self.history_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-    def _generate_trajectories(self):
+    def _generate_trajectories(self, reuse: bool = False):
+        saved = os.path.join(self.history_dir, "trajectories")
+        if reuse and os.path.isdir(saved):
+            return load_from_disk(saved)
         trajectories = generate_trajectories(
             self.model,
             self._tokenizer,
@@ -240,9 +412,11 @@ class TMSTrainer(SFTTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ),
             disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
+            parts_dir=os.path.join(self.history_dir, TRAJECTORY_PARTS) if self.is_world_process_zero() else None,
         )
         if self.is_world_process_zero():
-            save_trajectories(trajectories, os.path.join(self.history_dir, "trajectories"))
+            save_trajectories(trajectories, saved)
+            shutil.rmtree(os.path.join(self.history_dir, TRAJECTORY_PARTS), ignore_errors=True)
         return trajectories
 
     def _prepare_student(self) -> None:
@@ -344,11 +518,30 @@ class _PhaseCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         # Not left to accelerate: its `set_epoch` does not reach the dataset behind a multi-process sampler.
         if self.trainer.phase == "student":
-            self.trainer.train_dataset.set_epoch(round(state.epoch))
+            # Floor with a margin: `state.epoch` is a float sum (0.9999...) at an epoch's start, and 1.5 when a run
+            # resumes in the middle of its second epoch.
+            self.trainer.train_dataset.set_epoch(math.floor(state.epoch + 1e-6))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.steps:
             self.trainer.history.take(self.trainer.model, state.global_step, self.trainer.adapter_name)
+
+
+def _check_writable(folder: str, field: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"Cannot write to `{field}` {folder!r} ({error.strerror or error}). TMS writes its snapshots, trajectories "
+            f"and checkpoints there: pass a writable `{field}`."
+        ) from error
+
+
+def _checkpoint_step(checkpoint: str) -> int:
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        return json.load(f)["global_step"]
 
 
 def _as_tms_config(args, model) -> TMSConfig:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +73,7 @@ def generate_trajectories(
     chat_template: str | None = None,
     generation_context=None,
     disable_tqdm: bool = False,
+    parts_dir: str | None = None,
 ) -> Dataset:
     """
     Sample `sampling.samples_per_checkpoint` completions for every prompt from every snapshot in `history`.
@@ -98,6 +101,10 @@ def generate_trajectories(
             Context manager factory yielding the model to generate with (e.g. TRL's `unwrap_model_for_generation`).
         disable_tqdm (`bool`, *optional*, defaults to `False`):
             Hide the progress bar.
+        parts_dir (`str`, *optional*):
+            Folder where the trajectories of each group of snapshots are written (atomically) as soon as they are
+            sampled, and read back instead of sampled again: an interrupted generation continues where it stopped.
+            Each group is seeded on its own, so the result does not depend on where it was interrupted.
 
     Returns:
         [`~datasets.Dataset`]: One row per trajectory with columns `prompt_index`, `prompt`, `completion`,
@@ -134,13 +141,20 @@ def generate_trajectories(
     try:
         # Seeded sampling that leaves the caller's random streams (CPU and GPU) as they were.
         with torch.random.fork_rng(devices=devices), generation_context(model) as gen_model, torch.no_grad():
-            torch.manual_seed(sampling.seed)
             gen_model.eval()
             kwargs = sampling.generate_kwargs(tokenizer, gen_model)
             device = next(gen_model.parameters()).device
             eos_ids = set(kwargs["eos_token_id"] if isinstance(kwargs["eos_token_id"], list) else [kwargs["eos_token_id"]])
             progress = tqdm(total=len(groups) * len(batches), desc="Generating trajectories", disable=disable_tqdm)
             for group in groups:
+                part = _read_part(parts_dir, group)
+                if part is not None:
+                    for key, values in part.items():
+                        records[key].extend(values)
+                    progress.update(len(batches))
+                    continue
+                done = len(records["prompt_index"])
+                torch.manual_seed(sampling.seed * 1_000_003 + group[0])
                 for slot, step in zip(slots, group):
                     history.load_into(model, step, slot)
                 for batch in batches:
@@ -166,6 +180,7 @@ def generate_trajectories(
                         records["completion_ids"].append(ids)
                         records["finished"].append(finished)
                     progress.update(1)
+                _write_part(parts_dir, group, {key: values[done:] for key, values in records.items()})
             progress.close()
     finally:
         for slot in slots:
@@ -226,6 +241,35 @@ def _until_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
             return tokens[:position], True
     # Finished rows of a batch are padded after their EOS; an unfinished row ran out of `max_new_tokens`.
     return tokens, False
+
+
+def _part_path(parts_dir: str, group: list[int]) -> str:
+    return os.path.join(parts_dir, f"steps-{'-'.join(map(str, group))}.json")
+
+
+def _read_part(parts_dir: str | None, group: list[int]) -> dict | None:
+    if parts_dir is None or not os.path.isfile(_part_path(parts_dir, group)):
+        return None
+    try:
+        with open(_part_path(parts_dir, group)) as f:
+            part = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None  # damaged: sample this group again
+    keys = ("prompt_index", "snapshot_step", "sample_index", "completion_ids", "finished")
+    if set(part) != set(keys) or len({len(part[k]) for k in keys}) != 1:
+        return None
+    return part
+
+
+def _write_part(parts_dir: str | None, group: list[int], part: dict) -> None:
+    if parts_dir is None:
+        return
+    os.makedirs(parts_dir, exist_ok=True)
+    path = _part_path(parts_dir, group)
+    staging = f"{path}.tmp"
+    with open(staging, "w") as f:
+        json.dump(part, f)
+    os.replace(staging, path)
 
 
 def save_trajectories(trajectories: Dataset, path: str) -> None:

@@ -1,0 +1,67 @@
+"""How good are the trajectories a TMS student trains on? Per snapshot: the share that reach the right final number,
+the share cut at `max_new_tokens`, and their mean length.
+
+    python benchmarks/trajectory_quality.py <history_dir>/trajectories --num_train 64 [--output quality.json]
+
+The training set is rebuilt with `load_leg_counting(num_train, ..., seed=0)` (as in `retention.py`), so that each
+trajectory's `prompt_index` finds its reference answer. `retention.py` records the same numbers for every TMS arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def trajectory_quality(trajectories, answers: list[str]) -> dict:
+    """`{"by_step": {step: {...}}, "all": {...}}` with `n`, `correct`, `unfinished` (fractions) and `mean_tokens`."""
+    from trl_tms.embedded import is_correct
+
+    sums = defaultdict(lambda: {"n": 0, "correct": 0, "unfinished": 0, "tokens": 0})
+    for row in trajectories:
+        completion = row["completion"]
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        for key in (row["snapshot_step"], "all"):
+            s = sums[key]
+            s["n"] += 1
+            s["correct"] += int(is_correct(text, answers[row["prompt_index"]]))
+            s["unfinished"] += int(not row["finished"])
+            s["tokens"] += row["num_tokens"]
+
+    def rates(s):
+        return {"n": s["n"], "correct": s["correct"] / s["n"], "unfinished": s["unfinished"] / s["n"],
+                "mean_tokens": s["tokens"] / s["n"]}
+
+    return {"by_step": {str(k): rates(v) for k, v in sorted((k, v) for k, v in sums.items() if k != "all")},
+            "all": rates(sums["all"])}
+
+
+def format_quality(quality: dict) -> str:
+    lines = ["| snapshot step | trajectories | correct | cut at max_new_tokens | mean tokens |", "|---|---|---|---|---|"]
+    for step, q in list(quality["by_step"].items()) + [("all", quality["all"])]:
+        lines.append(f"| {step} | {q['n']} | {q['correct']:.3f} | {q['unfinished']:.3f} | {q['mean_tokens']:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trajectories", help="A saved trajectories folder (`<history_dir>/trajectories`).")
+    parser.add_argument("--num_train", type=int, default=64)
+    parser.add_argument("--output", default=None, help="Write the numbers as JSON here.")
+    args = parser.parse_args()
+
+    from datasets import load_from_disk
+
+    from trl_tms.embedded import load_leg_counting
+
+    train, _ = load_leg_counting(args.num_train, 1, seed=0)
+    quality = trajectory_quality(load_from_disk(args.trajectories), train["answer"])
+    print(format_quality(quality))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(quality, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

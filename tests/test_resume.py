@@ -1,0 +1,207 @@
+"""An interrupted TMS run resumed in any phase ends where an uninterrupted run with the same seed ends."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import QUIET_CPU, load_tokenizer, make_examples
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+import trl_tms.trajectories as trajectories_module
+from trl_tms import TMSConfig, TMSTrainer
+from trl_tms.history import adapter_parameters
+from trl_tms.resume import RUN_FILE
+
+TOTAL_STEPS = 12  # 24 prompts, batch 4, 2 epochs
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    """Raises after optimizer step `step` of `phase`, as a crash or a kill would stop the run."""
+
+    def __init__(self, phase: str, step: int):
+        self.phase, self.step, self.trainer = phase, step, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.phase == self.phase and state.global_step == self.step:
+            raise Interrupt(f"{self.phase} stopped at step {self.step}")
+
+
+def config(tmp_path, **overrides) -> TMSConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"), num_checkpoints=3, per_device_train_batch_size=4, num_train_epochs=2,
+        learning_rate=1e-2, max_new_tokens=6, logging_steps=2, snapshots_per_generate=1, generation_batch_size=8,
+        seed=7, **{**QUIET_CPU, "save_strategy": "steps"}, save_steps=2,
+    )
+    values.update(overrides)
+    return TMSConfig(**values)
+
+
+def make(path, tmp_path, callbacks=(), lora_r=4, **overrides):
+    trainer = TMSTrainer(
+        model=path, args=config(tmp_path, **overrides), train_dataset=make_examples(24, seed=0),
+        eval_dataset=make_examples(6, seed=1), processing_class=load_tokenizer(path),
+        peft_config=LoraConfig(r=lora_r, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
+        callbacks=list(callbacks),
+    )
+    for callback in callbacks:
+        callback.trainer = trainer
+    return trainer
+
+
+def adapter(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in adapter_parameters(trainer.model, trainer.adapter_name).items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, tmp_path_factory):
+    trainer = make(tiny_llama, tmp_path_factory.mktemp("reference"))
+    trainer.train()
+    return {
+        "adapter": adapter(trainer),
+        "trajectories": trainer.trajectories.to_list(),
+        "snapshots": {s: dict(trainer.history[s]) for s in trainer.history.steps},
+        "log": trainer.state.log_history,
+    }
+
+
+def assert_same_run(trainer, reference):
+    assert trainer.history.steps == sorted(reference["snapshots"])
+    for step, snapshot in reference["snapshots"].items():
+        for key, tensor in snapshot.items():
+            torch.testing.assert_close(trainer.history[step][key], tensor, rtol=1e-5, atol=1e-6)
+    assert trainer.trajectories.to_list() == reference["trajectories"]
+    for name, tensor in reference["adapter"].items():
+        torch.testing.assert_close(adapter(trainer)[name], tensor, rtol=1e-5, atol=1e-6)
+    assert trainer.state.global_step == TOTAL_STEPS
+
+
+def test_resume_mid_harvest(tiny_llama, tmp_path, reference):
+    with pytest.raises(Interrupt):
+        make(tiny_llama, tmp_path, callbacks=[StopAt("harvest", 5)]).train()
+    history_dir = tmp_path / "out" / "_tms_history"
+    assert sorted(n for n in os.listdir(history_dir / "harvest") if n.startswith("checkpoint-")) == [
+        "checkpoint-2", "checkpoint-4"]
+    assert os.path.isdir(history_dir / "step-4")  # snapshot steps are 4, 8, 12
+    resumed = make(tiny_llama, tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    assert_same_run(resumed, reference)
+    harvest_pld = [e["step"] for e in resumed.state.log_history if e.get("tms_phase") == 1 and "pld" in e]
+    assert harvest_pld == [e["step"] for e in reference["log"] if e.get("tms_phase") == 1 and "pld" in e]
+
+
+def test_resume_mid_trajectories_reuses_the_sampled_groups(tiny_llama, tmp_path, reference, monkeypatch):
+    calls = []
+    original = trajectories_module.AdapterHistory.load_into
+
+    def load_into(self, model, step, adapter_name):
+        calls.append(step)
+        if len(calls) == 3 and crash:
+            raise Interrupt("killed while generating the third group")
+        return original(self, model, step, adapter_name)
+
+    monkeypatch.setattr(trajectories_module.AdapterHistory, "load_into", load_into)
+    crash = True
+    with pytest.raises(Interrupt):
+        make(tiny_llama, tmp_path).train()
+    parts = os.listdir(tmp_path / "out" / "_tms_history" / "trajectory-parts")
+    assert sorted(parts) == ["steps-4.json", "steps-8.json"]
+
+    crash, calls[:] = False, []
+    resumed = make(tiny_llama, tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    assert calls == [12]  # only the group that had not been sampled
+    assert_same_run(resumed, reference)
+    assert not os.path.exists(tmp_path / "out" / "_tms_history" / "trajectory-parts")
+
+
+def test_resume_mid_student(tiny_llama, tmp_path, reference):
+    with pytest.raises(Interrupt):
+        make(tiny_llama, tmp_path, callbacks=[StopAt("student", 7)]).train()
+    run = json.load(open(tmp_path / "out" / "_tms_history" / RUN_FILE))
+    assert run["harvest_done"] and run["trajectories_done"]
+    resumed = make(tiny_llama, tmp_path)
+    generated = []
+    resumed._generate_trajectories = lambda reuse=False, _g=resumed._generate_trajectories: generated.append(reuse) or _g(reuse)
+    resumed.train(resume_from_checkpoint=True)
+    assert generated == [True]
+    assert resumed.harvest_output is None  # the harvest was not run again
+    assert_same_run(resumed, reference)
+    student_pld = [e["step"] for e in resumed.state.log_history if e.get("tms_phase") == 2 and "pld" in e]
+    assert student_pld == [e["step"] for e in reference["log"] if e.get("tms_phase") == 2 and "pld" in e]
+
+
+def test_resume_from_a_named_student_checkpoint(tiny_llama, tmp_path, reference):
+    with pytest.raises(Interrupt):
+        make(tiny_llama, tmp_path, callbacks=[StopAt("student", 9)]).train()
+    resumed = make(tiny_llama, tmp_path)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+    assert_same_run(resumed, reference)
+
+
+def test_finished_history_is_reused_by_another_student(tiny_llama, tmp_path, reference):
+    """A second student (other label_weight) on a finished history: no harvest, no generation."""
+    shared = str(tmp_path / "history")
+    make(tiny_llama, tmp_path, history_dir=shared, output_dir=str(tmp_path / "a")).train()
+    other = make(tiny_llama, tmp_path, history_dir=shared, output_dir=str(tmp_path / "b"), label_weight=0.9)
+    other.train(resume_from_checkpoint=True)
+    assert other.harvest_output is None
+    assert other.trajectories.to_list() == reference["trajectories"]
+    assert other.state.global_step == TOTAL_STEPS
+
+
+def test_changed_sampling_regenerates_only_the_trajectories(tiny_llama, tmp_path, reference, caplog):
+    make(tiny_llama, tmp_path).train()
+    resumed = make(tiny_llama, tmp_path, temperature=0.0)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.harvest_output is None
+    assert resumed.trajectories.to_list() != reference["trajectories"]
+    assert set(resumed.trajectories["snapshot_step"]) == {4, 8, 12}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(lora_r=8), "lora.r: 4 there, 8 now"),
+        (dict(learning_rate=5e-3), "learning_rate: 0.01 there, 0.005 now"),
+        (dict(num_checkpoints=2), "num_checkpoints: 3 there, 2 now"),
+    ],
+)
+def test_resume_with_other_settings_is_refused(tiny_llama, tmp_path, change, match):
+    with pytest.raises(Interrupt):
+        make(tiny_llama, tmp_path, callbacks=[StopAt("harvest", 5)]).train()
+    with pytest.raises(ValueError, match=match):
+        make(tiny_llama, tmp_path, **change).train(resume_from_checkpoint=True)
+    assert os.path.isdir(tmp_path / "out" / "_tms_history" / "step-4")  # the refused resume deleted nothing
+
+
+def test_resume_with_other_data_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(Interrupt):
+        make(tiny_llama, tmp_path, callbacks=[StopAt("harvest", 5)]).train()
+    trainer = TMSTrainer(
+        model=tiny_llama, args=config(tmp_path), train_dataset=make_examples(24, seed=3),
+        processing_class=load_tokenizer(tiny_llama), peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    with pytest.raises(ValueError, match="train_data"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_resume_without_a_record(tiny_llama, tmp_path, caplog):
+    with pytest.raises(ValueError, match="holds no record of a TMS run"):
+        make(tiny_llama, tmp_path).train(resume_from_checkpoint=str(tmp_path))
+    trainer = make(tiny_llama, tmp_path)
+    trainer.train(resume_from_checkpoint=True)  # nothing to resume: a warning, then a full run
+    assert trainer.state.global_step == TOTAL_STEPS and len(trainer.history) == 3
+
+
+def test_a_fresh_run_replaces_an_interrupted_one(tiny_llama, tmp_path, reference):
+    with pytest.raises(Interrupt):
+        make(tiny_llama, tmp_path, callbacks=[StopAt("student", 3)]).train()
+    fresh = make(tiny_llama, tmp_path)
+    fresh.train()
+    assert_same_run(fresh, reference)

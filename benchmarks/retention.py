@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import probes  # noqa: E402
+from trl_tms.atomic import write_json_atomically  # noqa: E402
 from trajectory_quality import trajectory_quality  # noqa: E402
 
 MODES = {
@@ -128,7 +129,7 @@ class Probes:
         prompts = [probes.chat_ids(tokenizer, p) for p in self.chat_prompts]
         answers = probes.greedy_answers(model, tokenizer, prompts, self.chat_tokens)
         self.conversations = list(zip(prompts, answers))
-        write_json(cache, self.conversations)
+        write_json_atomically(cache, self.conversations)
 
     def evaluate(self, model, tokenizer, reference=None) -> dict:
         from trl_tms.embedded import is_correct
@@ -210,15 +211,6 @@ def train_arm(arm: str, tms: dict | None, regime: dict, seed: int, model, tokeni
 
 
 # Reporting
-
-
-def write_json(path: str, value) -> None:
-    """Written beside and renamed over, so an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    staging = f"{path}.tmp"
-    with open(staging, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(staging, path)
 
 
 METRICS = [  # (name, items key, higher is better, format)
@@ -403,7 +395,7 @@ def main(argv=None):
         print("[base] evaluating", flush=True)
         base = bench.evaluate(model, tokenizer)
         base.update(arm="base", regime="-", seed=None, settings={})
-        write_json(base_path, base)
+        write_json_atomically(base_path, base)
     print(f"[base] target {base['target_accuracy']:.3f} {base['retention']}", flush=True)
     del model
 
@@ -431,7 +423,7 @@ def main(argv=None):
                 result.update(record, arm=arm, regime=regime_name, seed=seed,
                               settings={**{k: v for k, v in regime.items() if k != "only"}, **(tms or {}),
                                         "batch_size": BATCH_SIZE, "num_train": len(train)})
-                write_json(path, result)
+                write_json_atomically(path, result)
                 runs.append(result)
                 print(f"[{key}] target {result['target_accuracy']:.3f} {result['retention']} "
                       f"wall {record['wall_seconds']}", flush=True)
@@ -453,7 +445,7 @@ def main(argv=None):
         "seeds": mode["seeds"], "torch_threads": torch.get_num_threads(),
     }
     results["runs"] = [{k: v for k, v in r.items() if k != "items"} for r in runs]
-    write_json(os.path.join(output_dir, "retention.json"), results)
+    write_json_atomically(os.path.join(output_dir, "retention.json"), results)
     with open(os.path.join(output_dir, "retention.md"), "w") as f:
         f.write(f"# Retention benchmark ({mode_name})\n\n`{command}`\n\n{report}\n")
     written = plots(results, runs, output_dir)

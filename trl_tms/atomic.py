@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -28,3 +29,12 @@ def atomic_folder(path: str):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_json_atomically(path: str, value) -> None:
+    """Write `value` as JSON beside `path` and rename it over: a reader sees the old file or the new, never half."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    staging = f"{path}.tmp"
+    with open(staging, "w") as f:
+        json.dump(value, f)
+    os.replace(staging, path)

@@ -14,6 +14,8 @@ import re
 
 from transformers.trainer_utils import get_last_checkpoint
 
+from .atomic import write_json_atomically
+
 RUN_FILE = "tms_run.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -68,13 +70,8 @@ def read_run(history_dir: str) -> dict | None:
 
 
 def write_run(history_dir: str, record: dict) -> None:
-    """Written beside and renamed over: an interruption leaves the previous record, never half of one."""
-    os.makedirs(history_dir, exist_ok=True)
-    path = os.path.join(history_dir, RUN_FILE)
-    staging = f"{path}.tmp"
-    with open(staging, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(staging, path)
+    """Written atomically: an interruption leaves the previous record, never half of one."""
+    write_json_atomically(os.path.join(history_dir, RUN_FILE), record)
 
 
 def _flat(settings: dict, prefix: str = "") -> dict:

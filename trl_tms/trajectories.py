@@ -12,7 +12,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from trl.data_utils import is_conversational
 
-from .atomic import atomic_folder
+from .atomic import atomic_folder, write_json_atomically
 from .data import as_completion, prompt_token_ids
 from .history import AdapterHistory
 
@@ -264,12 +264,7 @@ def _read_part(parts_dir: str | None, group: list[int]) -> dict | None:
 def _write_part(parts_dir: str | None, group: list[int], part: dict) -> None:
     if parts_dir is None:
         return
-    os.makedirs(parts_dir, exist_ok=True)
-    path = _part_path(parts_dir, group)
-    staging = f"{path}.tmp"
-    with open(staging, "w") as f:
-        json.dump(part, f)
-    os.replace(staging, path)
+    write_json_atomically(_part_path(parts_dir, group), part)
 
 
 def save_trajectories(trajectories: Dataset, path: str) -> None:

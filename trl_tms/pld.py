@@ -17,7 +17,8 @@ def policy_label_divergence(trainer, dataset) -> float:
     """
     PLD of the trainer's current model on a tokenized labelled dataset: the mean per-token negative log-likelihood
     of the labels (tokens whose label is not -100), KL(delta(y*) || pi_theta) per token. Runs through the trainer's
-    own eval dataloader, so batches are sharded across processes and the sums are reduced over all of them.
+    own eval dataloader, so batches are sharded across processes; per-example sums are gathered with
+    `gather_for_metrics`, which drops the examples repeated to even out the last batch, so every example counts once.
     """
     model = trainer.model
     was_training = model.training
@@ -35,31 +36,30 @@ def policy_label_divergence(trainer, dataset) -> float:
             )
             for batch in loader:
                 batch = trainer._prepare_inputs({k: v for k, v in batch.items() if k in _MODEL_INPUTS})
-                batch_nll, batch_tokens = _label_nll(model, batch)
-                nll += batch_nll
-                tokens += batch_tokens
+                batch_nll, batch_tokens = trainer.accelerator.gather_for_metrics(_label_nll(model, batch))
+                nll += batch_nll.sum()
+                tokens += batch_tokens.sum()
     finally:
         model.train(was_training)
-    nll = trainer.accelerator.reduce(nll, reduction="sum")
-    tokens = trainer.accelerator.reduce(tokens, reduction="sum")
     if tokens.item() == 0:
         raise ValueError("The PLD dataset has no label tokens (every label is -100).")
     return (nll / tokens).item()
 
 
 def _label_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed NLL of its label tokens and their number."""
     labels = batch["labels"]
     try:
         # SFTTrainer's fused LM head gives per-token log-probs without materialising the logits.
         outputs = model(**batch, fused_lm_head=True, use_cache=False)
-        return -outputs.log_probs.double().sum(), outputs.label_mask.double().sum()
+        return -outputs.log_probs.double().sum(-1), outputs.label_mask.double().sum(-1)
     except TypeError:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         targets = labels[:, 1:]
         mask = targets != -100
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return -(log_probs * mask).double().sum(), mask.double().sum()
+        return -(log_probs * mask).double().sum(-1), mask.double().sum(-1)
 
 
 class PLDCallback(TrainerCallback):

@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
+from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import get_config_model_id
 
@@ -174,6 +175,7 @@ class TMSTrainer(SFTTrainer):
             formatting_func=None,
         )
 
+        _check_parallelism(self.accelerator)
         self._check_label_tokens_left(train_dataset)
         keep_4bit_layers_trainable(self.model)  # TMS generates, then trains, on the same (maybe 4-bit) base
         self.adapter_name = self.model.active_adapter
@@ -412,7 +414,9 @@ class TMSTrainer(SFTTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ),
             disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
-            parts_dir=os.path.join(self.history_dir, TRAJECTORY_PARTS) if self.is_world_process_zero() else None,
+            parts_dir=os.path.join(self.history_dir, TRAJECTORY_PARTS),
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
         )
         if self.is_world_process_zero():
             save_trajectories(trajectories, saved)
@@ -525,6 +529,18 @@ class _PhaseCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.steps:
             self.trainer.history.take(self.trainer.model, state.global_step, self.trainer.adapter_name)
+
+
+def _check_parallelism(accelerator) -> None:
+    """Refuse the backends that shard parameters: snapshots and hot-swapped slots read the adapter weights whole."""
+    backend = DistributedBackend(accelerator)
+    if backend.is_zero3 or backend.is_fsdp:
+        name = "DeepSpeed ZeRO-3" if backend.is_zero3 else f"FSDP (version {backend.fsdp_version})"
+        raise NotImplementedError(
+            f"TMSTrainer does not support {name} yet: it shards the LoRA weights, which the adapter snapshots and the "
+            "trajectory slots read whole. Use data parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed "
+            "ZeRO-1/2; a LoRA adapter and its optimizer state are small, and a 4-bit base fits where ZeRO-3 was needed."
+        )
 
 
 def _check_writable(folder: str, field: str) -> None:

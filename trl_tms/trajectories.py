@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 from trl.data_utils import is_conversational
@@ -17,6 +18,7 @@ from .data import as_completion, prompt_token_ids
 from .history import AdapterHistory
 
 SLOT_PREFIX = "tms_slot_"
+PART_KEYS = ("prompt_index", "snapshot_step", "sample_index", "completion_ids", "finished")
 
 
 @dataclass
@@ -74,6 +76,8 @@ def generate_trajectories(
     generation_context=None,
     disable_tqdm: bool = False,
     parts_dir: str | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> Dataset:
     """
     Sample `sampling.samples_per_checkpoint` completions for every prompt from every snapshot in `history`.
@@ -104,7 +108,12 @@ def generate_trajectories(
         parts_dir (`str`, *optional*):
             Folder where the trajectories of each group of snapshots are written (atomically) as soon as they are
             sampled, and read back instead of sampled again: an interrupted generation continues where it stopped.
-            Each group is seeded on its own, so the result does not depend on where it was interrupted.
+            Only the main process (`process_index == 0`) reads and writes them.
+        process_index (`int`, *optional*, defaults to `0`) and num_processes (`int`, *optional*, defaults to `1`):
+            With several processes (launched by `accelerate` or `torchrun`), the batches of prompts are dealt out across
+            them and the trajectories gathered, so every process returns all of them and every prompt is sampled once.
+            Each batch is seeded on its own, from `sampling.seed`, its snapshots and its position: the trajectories do
+            not depend on the number of processes nor on where an interrupted generation stopped.
 
     Returns:
         [`~datasets.Dataset`]: One row per trajectory with columns `prompt_index`, `prompt`, `completion`,
@@ -130,8 +139,9 @@ def generate_trajectories(
     rows_per_prompt = per_call * sampling.samples_per_checkpoint
     prompts_per_call = max(1, sampling.batch_size // rows_per_prompt)
     batches = [order[i : i + prompts_per_call] for i in range(0, len(order), prompts_per_call)]
+    mine = range(process_index, len(batches), num_processes)
 
-    records = {k: [] for k in ("prompt_index", "snapshot_step", "sample_index", "completion_ids", "finished")}
+    records = {key: [] for key in PART_KEYS}
     generation_context = generation_context or contextlib.nullcontext
     was_training = model.training
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -145,42 +155,45 @@ def generate_trajectories(
             kwargs = sampling.generate_kwargs(tokenizer, gen_model)
             device = next(gen_model.parameters()).device
             eos_ids = set(kwargs["eos_token_id"] if isinstance(kwargs["eos_token_id"], list) else [kwargs["eos_token_id"]])
-            progress = tqdm(total=len(groups) * len(batches), desc="Generating trajectories", disable=disable_tqdm)
+
+            def sample(batch: list[int], group: list[int]) -> list[tuple]:
+                """One `generate` call: each prompt of `batch` x each snapshot of `group` x each sample, as PART_KEYS rows."""
+                row_meta = [
+                    (index, step, k, slot)
+                    for index in batch
+                    for slot, step in zip(slots, group)
+                    for k in range(sampling.samples_per_checkpoint)
+                ]
+                input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in row_meta], tokenizer.pad_token_id)
+                with _route(model, [slot for *_, slot in row_meta], per_row=not use_dora) as route:
+                    output = gen_model.generate(
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs, **route
+                    )
+                new_tokens = output[:, input_ids.shape[1] :].tolist()
+                return [(i, step, k, *_until_eos(tokens, eos_ids)) for (i, step, k, _), tokens in zip(row_meta, new_tokens)]
+
+            progress = tqdm(total=len(groups) * len(mine), desc="Generating trajectories", disable=disable_tqdm)
             for group in groups:
-                part = _read_part(parts_dir, group)
-                if part is not None:
-                    for key, values in part.items():
-                        records[key].extend(values)
-                    progress.update(len(batches))
-                    continue
-                done = len(records["prompt_index"])
-                torch.manual_seed(sampling.seed * 1_000_003 + group[0])
-                for slot, step in zip(slots, group):
-                    history.load_into(model, step, slot)
-                for batch in batches:
-                    row_meta = [
-                        (index, step, sample, slot)
-                        for index in batch
-                        for slot, step in zip(slots, group)
-                        for sample in range(sampling.samples_per_checkpoint)
-                    ]
-                    input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in row_meta], tokenizer.pad_token_id)
-                    with _route(model, [slot for *_, slot in row_meta], per_row=not use_dora) as route:
-                        output = gen_model.generate(
-                            input_ids=input_ids.to(device),
-                            attention_mask=attention_mask.to(device),
-                            **kwargs,
-                            **route,
-                        )
-                    for (index, step, sample, _), new_tokens in zip(row_meta, output[:, input_ids.shape[1] :].tolist()):
-                        ids, finished = _until_eos(new_tokens, eos_ids)
-                        records["prompt_index"].append(index)
-                        records["snapshot_step"].append(step)
-                        records["sample_index"].append(sample)
-                        records["completion_ids"].append(ids)
-                        records["finished"].append(finished)
-                    progress.update(1)
-                _write_part(parts_dir, group, {key: values[done:] for key, values in records.items()})
+                part = _read_part(parts_dir, group) if process_index == 0 else None
+                if num_processes > 1:
+                    part = broadcast_object_list([part])[0]
+                if part is None:
+                    for slot, step in zip(slots, group):
+                        history.load_into(model, step, slot)
+                    rows = []
+                    for b in mine:
+                        torch.manual_seed(_batch_seed(sampling.seed, group[0], b))
+                        rows += sample(batches[b], group)
+                        progress.update(1)
+                    if num_processes > 1:
+                        rows = gather_object(rows)
+                    part = {key: [row[k] for row in rows] for k, key in enumerate(PART_KEYS)}
+                    if process_index == 0:
+                        _write_part(parts_dir, group, part)
+                else:
+                    progress.update(len(mine))
+                for key, values in part.items():
+                    records[key].extend(values)
             progress.close()
     finally:
         for slot in slots:
@@ -208,6 +221,10 @@ def generate_trajectories(
             "num_tokens": [len(completion_ids[r]) for r in order],
         }
     )
+
+
+def _batch_seed(seed: int, first_step: int, batch: int) -> int:
+    return ((seed * 1_000_003 + first_step) * 10_007 + batch) % 2**63
 
 
 @contextlib.contextmanager
@@ -255,8 +272,7 @@ def _read_part(parts_dir: str | None, group: list[int]) -> dict | None:
             part = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None  # damaged: sample this group again
-    keys = ("prompt_index", "snapshot_step", "sample_index", "completion_ids", "finished")
-    if set(part) != set(keys) or len({len(part[k]) for k in keys}) != 1:
+    if set(part) != set(PART_KEYS) or len({len(part[k]) for k in PART_KEYS}) != 1:
         return None
     return part
 

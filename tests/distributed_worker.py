@@ -1,0 +1,95 @@
+"""Run by tests/test_distributed.py, under `accelerate launch` or as one plain process.
+
+    distributed_worker.py train MODEL OUT      a whole TMS run; every process writes OUT/rank-<i>.json
+    distributed_worker.py generate MODEL OUT   trajectories of the snapshots in OUT/history, into OUT/regenerated.json
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+from accelerate import PartialState
+from conftest import QUIET_CPU, load_tokenizer, make_examples
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import trl_tms.trajectories as trajectories_module
+from trl_tms import AdapterHistory, TMSConfig, TMSTrainer
+from trl_tms.trajectories import SamplingParams, generate_trajectories
+
+LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+TRAIN, EVAL = make_examples(24, seed=0), make_examples(7, seed=1)  # 7: uneven across two processes on purpose
+
+
+def config(out: str) -> TMSConfig:
+    return TMSConfig(
+        output_dir=os.path.join(out, "student"), history_dir=os.path.join(out, "history"), num_checkpoints=3,
+        per_device_train_batch_size=4, per_device_eval_batch_size=2, num_train_epochs=2, learning_rate=1e-2,
+        max_new_tokens=6, samples_per_checkpoint=2, snapshots_per_generate=2, generation_batch_size=4,
+        logging_steps=1, seed=7, **QUIET_CPU,
+    )
+
+
+def trajectory_rows(trajectories) -> list:
+    columns = ("prompt_index", "snapshot_step", "sample_index", "completion", "finished")
+    return [list(row) for row in zip(*(trajectories[c] for c in columns))]
+
+
+def digest(rows) -> str:
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def count_sampled_rows() -> list[int]:
+    """Counts the rows this process hands to `generate` (every call pads its prompts first)."""
+    rows, pad = [0], trajectories_module._left_pad
+
+    def counting(sequences, pad_id):
+        rows[0] += len(sequences)
+        return pad(sequences, pad_id)
+
+    trajectories_module._left_pad = counting
+    return rows
+
+
+def train(model_path: str, out: str) -> None:
+    sampled_here = count_sampled_rows()
+    trainer = TMSTrainer(
+        model=model_path, args=config(out), train_dataset=TRAIN, eval_dataset=EVAL,
+        processing_class=load_tokenizer(model_path), peft_config=LoraConfig(**LORA),
+    )
+    trainer.train()
+    state = PartialState()
+    rows = trajectory_rows(trainer.trajectories)
+    summary = {
+        "num_processes": state.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "num_trajectories": len(rows),
+        "sampled_here": sampled_here[0],
+        "trajectories_digest": digest(rows),
+        "log_history": trainer.state.log_history,
+        "history_steps": trainer.history.steps,
+        "history_directory": trainer.history.directory,
+    }
+    if state.is_main_process:
+        summary["trajectories"] = rows
+        trainer.save_model()
+    with open(os.path.join(out, f"rank-{state.process_index}.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def generate(model_path: str, out: str) -> None:
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), LoraConfig(**LORA))
+    state = PartialState(cpu=True)
+    trajectories = generate_trajectories(
+        model, load_tokenizer(model_path), TRAIN, AdapterHistory.open(os.path.join(out, "history")),
+        SamplingParams.from_config(config(out)), chat_template=None, disable_tqdm=True,
+        process_index=state.process_index, num_processes=state.num_processes,
+    )
+    if state.is_main_process:
+        with open(os.path.join(out, "regenerated.json"), "w") as f:
+            json.dump(trajectory_rows(trajectories), f)
+
+
+if __name__ == "__main__":
+    {"train": train, "generate": generate}[sys.argv[1]](sys.argv[2], sys.argv[3])

@@ -1,0 +1,123 @@
+"""Two CPU processes under `accelerate launch` (gloo; the code path of multi-GPU DDP) against one process."""
+
+import json
+import re
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import load_tokenizer
+from peft import LoraConfig
+
+from trl_tms import TMSTrainer
+from trl_tms.pld import policy_label_divergence
+from trl_tms.trainer import snapshot_steps
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DDP_CONFIG = os.path.join(HERE, "..", "examples", "accelerate_configs", "ddp.yaml")
+sys.path.insert(0, HERE)
+import distributed_worker as worker  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+
+def run(args: list[str], processes: int) -> None:
+    # One thread per process, as `accelerate launch` sets for CPU processes, so both runs do the same arithmetic.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_LOG_LEVEL": "error"}
+    if processes > 1:
+        args = ["-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", str(processes), *args]
+    result = subprocess.run(
+        [sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_llama, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp"))
+    run(["distributed_worker.py", "train", tiny_llama, out], processes=2)
+    ranks = []
+    for rank in range(2):
+        with open(os.path.join(out, f"rank-{rank}.json")) as f:
+            ranks.append(json.load(f))
+    return tiny_llama, out, ranks
+
+
+def test_every_prompt_gets_its_trajectories_once_and_every_process_holds_them_all(two_process_run):
+    _, _, (main, other) = two_process_run
+    assert main["num_processes"] == other["num_processes"] == 2
+    config = worker.config("unused")
+    # 24 prompts, global batch 2 x 4 = 8: 3 steps an epoch, 2 epochs.
+    steps = snapshot_steps(6, config.num_checkpoints)
+    assert main["history_steps"] == other["history_steps"] == steps
+    expected = {(p, s, k) for p in range(len(worker.TRAIN)) for s in steps for k in range(config.samples_per_checkpoint)}
+    keys = [tuple(row[:3]) for row in main["trajectories"]]
+    assert len(keys) == len(set(keys)) == main["num_trajectories"] == other["num_trajectories"]
+    assert set(keys) == expected
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    # The work was split, not repeated: each group of snapshots samples 24 batches (one prompt each), 12 per process.
+    assert main["sampled_here"] + other["sampled_here"] == len(expected)
+    assert 0 < other["sampled_here"] <= main["sampled_here"]
+
+
+def test_history_is_written_by_the_main_process_only(two_process_run):
+    _, out, (main, other) = two_process_run
+    history = os.path.join(out, "history")
+    assert main["history_directory"] == history and other["history_directory"] is None
+    assert sorted(n for n in os.listdir(history) if n.startswith("step-")) == [f"step-{s}" for s in (2, 4, 6)]
+    with open(os.path.join(history, "tms_run.json")) as f:
+        record = json.load(f)
+    assert record["harvest_done"] and record["trajectories_done"]
+    assert os.path.isfile(os.path.join(out, "student", "adapter_model.safetensors"))
+
+
+def test_sharded_trajectories_equal_one_process_sampling_the_same_snapshots(two_process_run):
+    model, out, (main, _) = two_process_run
+    run(["distributed_worker.py", "generate", model, out], processes=1)
+    with open(os.path.join(out, "regenerated.json")) as f:
+        assert main["trajectories"] == json.load(f)
+
+
+def test_two_processes_sample_the_same_trajectories_as_one(two_process_run, tmp_path):
+    model, out, _ = two_process_run
+    os.symlink(os.path.join(out, "history"), tmp_path / "history")
+    run(["distributed_worker.py", "generate", model, str(tmp_path)], processes=1)
+    run(["distributed_worker.py", "generate", model, out], processes=2)
+    with open(tmp_path / "regenerated.json") as one, open(os.path.join(out, "regenerated.json")) as two:
+        assert json.load(one) == json.load(two)
+
+
+def test_pld_counts_every_held_out_example_once(two_process_run, tmp_path):
+    """7 held-out examples over 2 processes: the sampler repeats one to even the batches; PLD must not count it."""
+    model, _, (main, _) = two_process_run
+    trainer = TMSTrainer(
+        model=model, args=worker.config(str(tmp_path)), train_dataset=worker.TRAIN, eval_dataset=worker.EVAL,
+        processing_class=load_tokenizer(model), peft_config=LoraConfig(**worker.LORA),
+    )
+    # The LoRA B matrices start at zero, so the step-0 PLD of both runs is the base model's.
+    one_process = policy_label_divergence(trainer, trainer.pld_callback.dataset)
+    two_processes = next(e["pld"] for e in main["log_history"] if "pld" in e)
+    assert two_processes == pytest.approx(one_process, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "deepspeed_stage, fsdp_version, refused",
+    [(3, None, "DeepSpeed ZeRO-3"), (0, 2, "FSDP (version 2)"), (0, 1, "FSDP (version 1)"), (2, None, None)],
+)
+def test_parameter_sharding_backends_are_refused_with_what_to_use_instead(deepspeed_stage, fsdp_version, refused):
+    from types import SimpleNamespace
+
+    from trl_tms.trainer import _check_parallelism
+
+    state = SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(zero_stage=deepspeed_stage) if deepspeed_stage else None,
+        fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version) if fsdp_version else None,
+    )
+    accelerator = SimpleNamespace(state=state)
+    if refused is None:
+        _check_parallelism(accelerator)  # ZeRO-2 keeps every parameter whole on every process
+        return
+    with pytest.raises(NotImplementedError, match=rf"does not support {re.escape(refused)}.*ddp.yaml"):
+        _check_parallelism(accelerator)

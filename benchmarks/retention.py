@@ -51,7 +51,7 @@ MODES = {
     "full": dict(
         num_train=64, num_test=100, num_pld=48, mc_items=400, wiki_items=1000, chat_prompts=48, chat_tokens=96,
         regimes={
-            "mild": dict(lora_r=16, learning_rate=3e-4, epochs=3),
+            "mild": dict(lora_r=16, learning_rate=3e-4, epochs=3, only=["sft", "tms", "tms_alpha0.5"]),
             "aggressive": dict(lora_r=64, learning_rate=1e-3, epochs=4),
             # The control for "same target accuracy": SFT stopped at half the aggressive run, where its target accuracy
             # comes near that of TMS.
@@ -62,6 +62,10 @@ MODES = {
             "tms": dict(label_weight=0.25, num_checkpoints=10),
             # Same harvest and trajectories as `tms` (reused from its history folder): only the student differs.
             "tms_alpha0.5": dict(label_weight=0.5, num_checkpoints=10),
+            "tms_curriculum": dict(label_weight=0.25, num_checkpoints=10, trajectory_choice="curriculum"),
+            "tms_pld": dict(label_weight=0.25, num_checkpoints=10, trajectory_choice="pld"),
+            # One run, its own history: snapshots every steps / 10, from step 0.
+            "tms_online": dict(label_weight=0.25, num_checkpoints=10, tms_mode="online"),
         },
         seeds=[0],
     ),
@@ -193,15 +197,22 @@ def train_arm(arm: str, tms: dict | None, regime: dict, seed: int, model, tokeni
                            temperature=1.0, history_dir=history_dir, **tms, **common)
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set,
                              processing_class=tokenizer, peft_config=lora)
+        online = tms.get("tms_mode") == "online"
         reuse = history_dir is not None and os.path.isfile(os.path.join(history_dir, "tms_run.json"))
         trainer.train(resume_from_checkpoint=reuse or None)
-        phases = {
-            "harvest": None if reuse else trainer.harvest_output.metrics["train_runtime"],
-            "trajectories": None if reuse else trainer.stats["trajectory_seconds"],
-            "student": trainer.state.log_history[-1]["train_runtime"],
-        }
         log = trainer.state.log_history
-        pld = [(e["step"], e["pld"], e["pld_drift"]) for e in log if "pld" in e and e.get("tms_phase") == 2]
+        if online:
+            phases = {"online": log[-1]["train_runtime"], "trajectories": trainer.stats["trajectory_seconds"]}
+        else:
+            phases = {
+                "harvest": None if reuse else trainer.harvest_output.metrics["train_runtime"],
+                "trajectories": None if reuse else trainer.stats["trajectory_seconds"],
+                "student": log[-1]["train_runtime"],
+            }
+            scoring = [e["tms_scoring_seconds"] for e in log if "tms_scoring_seconds" in e]
+            if scoring:
+                phases["pld_scoring"] = sum(scoring)
+        pld = [(e["step"], e["pld"], e["pld_drift"]) for e in log if "pld" in e and e.get("tms_phase") in (2, 3)]
         stats = {k: v for k, v in trainer.stats.items()}
         stats["harvest_pld"] = [(e["step"], e["pld"], e["pld_drift"]) for e in log if "pld" in e and e.get("tms_phase") == 1]
         if "answer" in train.column_names:
@@ -362,6 +373,8 @@ def main(argv=None):
     parser.add_argument("--seeds", default=None, help="Comma-separated seeds (default: 0 for --quick, 0,1 for full).")
     parser.add_argument("--regimes", default=None, help="Comma-separated subset of the mode's regimes.")
     parser.add_argument("--output_dir", default=None, help="Default: benchmarks/results/retention[_quick].")
+    parser.add_argument("--report_only", action="store_true", help="Train nothing: build the report from every arm "
+                        "result saved in the output folder (any seed), e.g. after runs of separate seeds or regimes.")
     parser.add_argument("--work_dir", default=None, help="Scratch space for checkpoints and histories (default: a "
                         "temporary folder, removed after each arm).")
     args = parser.parse_args(argv)
@@ -405,7 +418,12 @@ def main(argv=None):
         for arm, tms in mode["arms"].items():
             if arm not in regime.get("only", mode["arms"]):
                 continue
-            for seed in mode["seeds"]:
+            seeds = mode["seeds"]
+            if args.report_only:
+                prefix = f"{arm_key(arm, regime_name)}_s"
+                seeds = sorted(int(n[len(prefix):-5]) for n in os.listdir(arms_dir)
+                               if n.startswith(prefix) and n[len(prefix):-5].isdigit())
+            for seed in seeds:
                 key = f"{arm_key(arm, regime_name)}_s{seed}"
                 path = os.path.join(arms_dir, f"{key}.json")
                 if os.path.isfile(path):
@@ -416,7 +434,8 @@ def main(argv=None):
                 print(f"[{key}] training ({regime_name}: {regime}; {tms or 'plain SFTTrainer'})", flush=True)
                 model, tokenizer = load_model(args.model, args.device)
                 workdir = tempfile.mkdtemp(prefix=f"retention-{key}-", dir=args.work_dir)
-                shared = os.path.join(scratch, f"history-{regime_name}-s{seed}") if tms else None
+                online = (tms or {}).get("tms_mode") == "online"
+                shared = os.path.join(scratch, f"history-{regime_name}-s{seed}") if tms and not online else None
                 trainer, record = train_arm(arm, tms, regime, seed, model, tokenizer, train, pld_set, workdir,
                                             args.device, task_tokens, history_dir=shared)
                 result = bench.evaluate(trainer.model, tokenizer, reference=trainer.model.disable_adapter)
@@ -435,14 +454,15 @@ def main(argv=None):
     for regime_name in mode["regimes"]:
         for arm in regime_arms(mode, regime_name):
             group = [r for r in runs if r["arm"] == arm and r["regime"] == regime_name]
-            results[arm_key(arm, regime_name)] = summarise(group, base)
+            if group:
+                results[arm_key(arm, regime_name)] = summarise(group, base)
     report = table(results, mode)
     results["base"] = {k: v for k, v in results["base"].items() if k != "items"}
     results["settings"] = {
         "command": command, "mode": mode_name, "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "device": args.device, "task": args.task, "num_train": len(train), "num_test": len(test),
         "num_pld": len(pld_set), "batch_size": BATCH_SIZE, "regimes": mode["regimes"], "arms": mode["arms"],
-        "seeds": mode["seeds"], "torch_threads": torch.get_num_threads(),
+        "seeds": sorted({r["seed"] for r in runs}), "torch_threads": torch.get_num_threads(),
     }
     results["runs"] = [{k: v for k, v in r.items() if k != "items"} for r in runs]
     write_json_atomically(os.path.join(output_dir, "retention.json"), results)

@@ -112,3 +112,62 @@ def test_empty_mixture_raises():
     empty = Dataset.from_dict({"prompt_index": [], "snapshot_step": [], "input_ids": [], "labels": []})
     with pytest.raises(ValueError, match="mixture is empty"):
         MixtureDataset(empty, label_weight=0.25, seed=0)
+
+
+def test_curriculum_follows_the_epochs_through_the_snapshots():
+    n, steps = 600, (10, 20, 30, 40, 50, 60)
+    mixture = MixtureDataset(synthetic_candidates(n, steps=steps, samples=1), 0.0, seed=0, trajectory_choice="curriculum",
+                             num_epochs=3)
+    for epoch, window in enumerate([(10, 20), (30, 40), (50, 60)]):
+        mixture.set_epoch(epoch)
+        drawn = [mixture[i]["input_ids"][1] for i in range(n)]
+        assert set(drawn) == set(window)  # both snapshots of the slice, no other
+        assert abs(drawn.count(window[0]) / n - 0.5) < 4 * math.sqrt(0.25 / n)
+    # More epochs than snapshots: each epoch still gets one, in order.
+    mixture = MixtureDataset(synthetic_candidates(50, steps=(10, 20), samples=1), 0.0, seed=0,
+                             trajectory_choice="curriculum", num_epochs=4)
+    assert [{mixture.draw(i, e)[0] % 3 for i in range(50)} for e in range(4)] == [{1}, {1}, {2}, {2}]
+    # A prompt without a trajectory of the epoch's snapshot takes the nearest one it has (earlier on a tie).
+    candidates = synthetic_candidates(2, steps=(10, 20, 30, 40), samples=1).filter(
+        lambda row: not (row["prompt_index"] == 0 and row["snapshot_step"] in (20, 30))
+    )
+    mixture = MixtureDataset(candidates, 0.0, seed=0, trajectory_choice="curriculum", num_epochs=4)
+    assert [candidates[mixture.draw(0, e)[0]]["snapshot_step"] for e in range(4)] == [10, 10, 40, 40]
+    assert [candidates[mixture.draw(1, e)[0]]["snapshot_step"] for e in range(4)] == [10, 20, 30, 40]
+    # One epoch: uniform over all snapshots.
+    mixture = MixtureDataset(synthetic_candidates(n, steps=steps, samples=1), 0.0, seed=0, trajectory_choice="curriculum")
+    assert {mixture[i]["input_ids"][1] for i in range(n)} == set(steps)
+
+
+def test_pld_choice_takes_each_prompts_lowest_scored_trajectory():
+    n = 300
+    candidates = synthetic_candidates(n, steps=(10, 20, 30), samples=2)
+    mixture = MixtureDataset(candidates, label_weight=0.25, seed=0, trajectory_choice="pld")
+    with pytest.raises(ValueError, match="need scores"):
+        [mixture[i] for i in range(n)]
+    rows = mixture.trajectory_rows
+    assert len(rows) == n * 3 * 2
+    scores = {row: float(torch.rand(1, generator=torch.Generator().manual_seed(row))) for row in rows}
+    mixture.set_scores(scores)
+    drawn = [mixture[i] for i in range(n)]
+    trajectories = [item for item in drawn if not item[IS_LABEL]]
+    assert abs(len(trajectories) / n - 0.75) < 4 * math.sqrt(0.75 * 0.25 / n)
+    prompt_of, tokens_of = list(candidates["prompt_index"]), list(candidates["input_ids"])
+    best = {i: min((r for r in rows if prompt_of[r] == i), key=scores.get) for i in range(n)}
+    for item in trajectories:
+        assert item["input_ids"] == tokens_of[best[item["input_ids"][0]]]
+    drawing = {item["input_ids"][0] for item in trajectories}
+    assert sorted(mixture.best_rows()) == sorted(best[i] for i in drawing)
+    # Only the prompts that draw a trajectory this epoch need scores.
+    needed = mixture.rows_to_score()
+    assert {prompt_of[row] for row in needed} == {prompt_of[row] for row, is_label in map(mixture.draw, range(n))
+                                                   if not is_label}
+    assert len(needed) == 6 * len({prompt_of[row] for row in needed})
+    mixture.set_scores({row: scores[row] for row in needed})
+    with pytest.raises(ValueError, match="missing for 1 trajectory rows"):
+        mixture.set_scores({row: 0.0 for row in needed[1:]})
+
+
+def test_unknown_trajectory_choice_is_refused():
+    with pytest.raises(ValueError, match="trajectory_choice"):
+        MixtureDataset(synthetic_candidates(2), 0.5, seed=0, trajectory_choice="best")

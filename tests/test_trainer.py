@@ -442,3 +442,52 @@ def test_bf16_default_matches_sft_config_where_sft_config_works():
         assert TMSConfig("x").bf16 is False  # SFTConfig("x") raises here
         with pytest.raises(ValueError, match="bf16"):
             SFTConfig("x")
+
+
+def test_pld_trajectory_choice_scores_every_trajectory_under_the_student(tiny_llama, tmp_path):
+    args = tms_config(tmp_path, trajectory_choice="pld", samples_per_checkpoint=2, label_weight=0.25, eval_strategy="no")
+    trainer = TMSTrainer(model=tiny_llama, args=args, train_dataset=make_examples(16), peft_config=lora(),
+                         processing_class=load_tokenizer(tiny_llama))
+    trainer.train()
+    scored = [e for e in trainer.state.log_history if "tms_chosen_nll" in e]
+    assert len(scored) == 2  # once per student epoch
+    assert all(e["tms_chosen_nll"] <= e["tms_trajectory_nll"] for e in scored)
+
+    trainer._score_trajectories()  # again, under the final student, to check each score by hand
+    mixture, candidates = trainer.train_dataset, trainer._candidates
+    model = trainer.model.eval()
+    assert len(mixture.trajectory_rows) == 16 * 3 * 2 - trainer.stats["empty_trajectories"]
+    rows = mixture.rows_to_score()  # those of the prompts that draw a trajectory in the last epoch
+    assert 0 < len(rows) < len(mixture.trajectory_rows)
+    for row in rows[::5]:
+        ids, labels = torch.tensor([candidates[row]["input_ids"]]), torch.tensor(candidates[row]["labels"])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        targets = labels[1:]
+        mask = targets != -100
+        nll = -torch.log_softmax(logits.double(), -1)[torch.arange(len(targets)), targets.clamp(min=0)][mask].mean()
+        assert mixture.scores[row] == pytest.approx(nll.item(), rel=1e-4)
+    prompt_of = list(candidates["prompt_index"])
+    for position in range(len(mixture)):
+        row, is_label = mixture.draw(position, epoch=1)
+        if not is_label:
+            own = [r for r in rows if prompt_of[r] == prompt_of[row]]
+            assert mixture.scores[row] == min(mixture.scores[r] for r in own)
+
+
+def test_curriculum_trajectory_choice_knows_the_number_of_student_epochs(tiny_llama, tmp_path):
+    args = tms_config(tmp_path, trajectory_choice="curriculum", num_train_epochs=3, eval_strategy="no")
+    trainer = TMSTrainer(model=tiny_llama, args=args, train_dataset=make_examples(16), peft_config=lora(),
+                         processing_class=load_tokenizer(tiny_llama))
+    trainer.train()
+    mixture = trainer.train_dataset
+    assert mixture.num_epochs == 3
+    steps = trainer.history.steps  # 3 snapshots, 3 epochs: one snapshot an epoch, earliest first
+    step_of, prompt_of = list(trainer._candidates["snapshot_step"]), list(trainer._candidates["prompt_index"])
+    has = {(prompt_of[row], step_of[row]) for row in mixture.trajectory_rows}
+    for epoch, step in enumerate(steps):
+        drawn = [mixture.draw(p, epoch)[0] for p in range(len(mixture)) if not mixture.draw(p, epoch)[1]]
+        assert drawn
+        for row in drawn:
+            # A prompt whose trajectory of this snapshot came out empty takes a neighbouring snapshot's.
+            assert step_of[row] == step or (prompt_of[row], step) not in has

@@ -3,6 +3,8 @@ from dataclasses import dataclass, field
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_npu_available, is_torch_xpu_available
 from trl import SFTConfig
 
+from .mixture import TRAJECTORY_CHOICES
+
 
 def _bf16_accelerator_available() -> bool:
     return is_torch_bf16_gpu_available() or is_torch_xpu_available() or is_torch_npu_available()
@@ -21,6 +23,18 @@ class TMSConfig(SFTConfig):
 
     Parameters:
         > Parameters that control the adapter history (harvest phase)
+
+        tms_mode (`str`, *optional*, defaults to `"two_pass"`):
+            `"two_pass"` (the paper): a harvest run on the labels takes the snapshots, then a student restarts from the
+            initial adapter and trains on the mixture. `"online"`: one run; every `online_snapshot_every` steps, from
+            step 0, the adapter being trained is snapshotted and samples trajectories for every prompt, and the
+            mixture draws from the last `num_checkpoints` snapshots taken so far (labels only are not needed at the
+            start: step 0's snapshot is the initial model). Training costs one run instead of two; generation the
+            same. Needs `dataloader_num_workers=0` (the mixture grows during an epoch) and
+            `trajectory_choice="uniform"`.
+        online_snapshot_every (`int`, *optional*):
+            Online TMS: optimizer steps between snapshots. Defaults to the run's steps divided by `num_checkpoints`,
+            which takes `num_checkpoints` snapshots (steps 0, K, 2K, ...) and keeps all of them in the mixture.
 
         num_checkpoints (`int`, *optional*, defaults to `10`):
             Number of adapter snapshots (T) taken during the harvest run, spaced evenly over its optimizer steps. The
@@ -63,6 +77,13 @@ class TMSConfig(SFTConfig):
             Probability (alpha) of training on the reference label each time an example is drawn; otherwise a
             trajectory is drawn uniformly over the snapshots (then uniformly over that snapshot's samples). `1.0`
             reduces TMS to plain SFT, `0.0` trains on trajectories only.
+        trajectory_choice (`str`, *optional*, defaults to `"uniform"`):
+            Which trajectory a prompt trains on when it does not draw its label. `"uniform"` (the paper): uniformly over
+            the snapshots, then over that snapshot's samples. `"curriculum"`: uniformly within a slice of the snapshots
+            that follows the student's progress (epoch `e` of `E` uses the `e`-th of `E` consecutive slices, earliest
+            snapshots first; with one epoch it is uniform). `"pld"`: the trajectory with the lowest mean NLL per token
+            under the current student (closest to the policy), every trajectory being scored in batches at the start
+            of each epoch (one forward pass over all of them per epoch).
 
         > Parameters that control Policy-Label Divergence (PLD) logging
 
@@ -80,6 +101,23 @@ class TMSConfig(SFTConfig):
     """
 
     # Parameters that control the adapter history
+    tms_mode: str = field(
+        default="two_pass",
+        metadata={
+            "help": "`two_pass` (the paper: a harvest run takes the snapshots, then a student trains on the mixture) "
+            "or `online` (one run: every `online_snapshot_every` steps, from step 0, the adapter being trained is "
+            "snapshotted and samples trajectories for every prompt; the mixture draws from the last `num_checkpoints` "
+            "snapshots). Online needs `dataloader_num_workers=0` and `trajectory_choice='uniform'`.",
+            "choices": ["two_pass", "online"],
+        },
+    )
+    online_snapshot_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Online TMS: optimizer steps between snapshots. Defaults to the run's steps divided by "
+            "`num_checkpoints` (snapshots at steps 0, K, 2K, ..., all kept in the mixture)."
+        },
+    )
     num_checkpoints: int = field(
         default=10,
         metadata={
@@ -161,6 +199,17 @@ class TMSConfig(SFTConfig):
             "trajectories only."
         },
     )
+    trajectory_choice: str = field(
+        default="uniform",
+        metadata={
+            "help": "Which trajectory a prompt trains on when it does not draw its label: `uniform` (the paper: "
+            "uniformly over snapshots, then samples), `curriculum` (uniformly within a slice of the snapshots that "
+            "follows the student's progress: epoch e of E uses the e-th of E consecutive slices, earliest first) or "
+            "`pld` (the trajectory with the lowest mean NLL per token under the current student, all trajectories "
+            "being scored in batches at the start of each epoch).",
+            "choices": ["uniform", "curriculum", "pld"],
+        },
+    )
 
     # Parameters that control PLD logging
     log_pld: bool = field(
@@ -221,6 +270,28 @@ class TMSConfig(SFTConfig):
             (
                 self.snapshots_per_generate >= 1,
                 f"`snapshots_per_generate` must be at least 1, got {self.snapshots_per_generate}.",
+            ),
+            (
+                self.tms_mode in ("two_pass", "online"),
+                f"`tms_mode` must be `two_pass` or `online`, got {self.tms_mode!r}.",
+            ),
+            (
+                self.online_snapshot_every is None or self.online_snapshot_every >= 1,
+                f"`online_snapshot_every` must be at least 1 (optimizer steps), got {self.online_snapshot_every}.",
+            ),
+            (
+                self.tms_mode != "online" or self.trajectory_choice == "uniform",
+                f"`trajectory_choice={self.trajectory_choice!r}` works with `tms_mode='two_pass'` only: online TMS "
+                "draws uniformly from the snapshots it has taken so far. Set `trajectory_choice='uniform'`.",
+            ),
+            (
+                self.tms_mode != "online" or self.dataloader_num_workers == 0,
+                "`tms_mode='online'` needs `dataloader_num_workers=0`: the mixture gains trajectories during an epoch, "
+                "and worker processes would keep the copy they started the epoch with.",
+            ),
+            (
+                self.trajectory_choice in TRAJECTORY_CHOICES,
+                f"`trajectory_choice` must be one of {', '.join(TRAJECTORY_CHOICES)}, got {self.trajectory_choice!r}.",
             ),
             (self.pld_num_samples >= 1, f"`pld_num_samples` must be at least 1, got {self.pld_num_samples}."),
             (

@@ -7,19 +7,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from .data import as_completion
 
 LABEL = -1  # `snapshot_step` of a reference label among the candidates
 IS_LABEL = "tms_is_label"  # per-example flag carried to the loss, so the label fraction actually trained on is logged
 _CARRIED = ("tools", "chat_template_kwargs")
+TRAJECTORY_CHOICES = ("uniform", "curriculum", "pld")
 
 
-def mixture_candidates(dataset: Dataset, trajectories: Dataset) -> tuple[Dataset, int]:
+def mixture_candidates(dataset: Dataset, trajectories: Dataset | None, with_labels: bool = True) -> tuple[Dataset, int]:
     """
     Every completion a prompt can be trained on, in prompt-completion form: its reference label
-    (`snapshot_step == -1`) and its non-empty trajectories.
+    (`snapshot_step == -1`, unless `with_labels=False`) and its non-empty trajectories (if any).
 
     Returns:
         `tuple[Dataset, int]`: The candidates and the number of empty trajectories left out.
@@ -37,9 +38,12 @@ def mixture_candidates(dataset: Dataset, trajectories: Dataset) -> tuple[Dataset
         for column in carried:
             rows[column].append(example[column])
 
-    for index, completion in enumerate(dataset["completion"]):
-        add(index, completion, LABEL)
+    if with_labels:
+        for index, completion in enumerate(dataset["completion"]):
+            add(index, completion, LABEL)
     empty = 0
+    if trajectories is None:
+        return Dataset.from_dict(dict(rows)), empty
     for index, step, text in zip(
         trajectories["prompt_index"], trajectories["snapshot_step"], _texts(trajectories["completion"])
     ):
@@ -50,6 +54,13 @@ def mixture_candidates(dataset: Dataset, trajectories: Dataset) -> tuple[Dataset
     return Dataset.from_dict(dict(rows)), empty
 
 
+def _slice(steps: list[int], epoch: int, num_epochs: int) -> list[int]:
+    """The `epoch`-th of `num_epochs` consecutive, non-empty slices of `steps` (slices overlap when steps are fewer)."""
+    start = epoch * len(steps) // num_epochs
+    stop = max(start + 1, (epoch + 1) * len(steps) // num_epochs)
+    return steps[start:stop]
+
+
 def _texts(completions: list) -> list[str]:
     return [c if isinstance(c, str) else "".join(m["content"] for m in c) for c in completions]
 
@@ -57,8 +68,17 @@ def _texts(completions: list) -> list[str]:
 class MixtureDataset(torch.utils.data.Dataset):
     """
     One example per prompt per epoch, drawn as TMS prescribes: the reference label with probability `label_weight`,
-    otherwise a trajectory chosen uniformly over the snapshots that produced one, then uniformly over that snapshot's
-    samples. The draw for prompt `i` in epoch `e` depends only on `(seed, e, i)`, so it is fresh every epoch,
+    otherwise one of the prompt's trajectories, picked by `trajectory_choice`:
+
+    - `"uniform"` (the paper): uniformly over the snapshots that produced one, then uniformly over that snapshot's
+      samples;
+    - `"curriculum"`: as uniform, but within the snapshots of the student's progress: in epoch `e` of `E`, the `e`-th of
+      `E` consecutive slices of the snapshots (earliest first), so the student follows the harvest run's path. A prompt
+      with no trajectory in the slice (all of them empty) takes its nearest snapshot's. With one epoch it is uniform;
+    - `"pld"`: the trajectory closest to the policy, i.e. with the lowest mean NLL per token under the current student,
+      as given by [`set_scores`] (the trainer scores every trajectory at the start of each epoch).
+
+    The draw for prompt `i` in epoch `e` depends only on `(seed, e, i)` (and the scores), so it is fresh every epoch,
     reproducible, and independent of batch order and of the number of dataloader workers.
 
     Args:
@@ -69,42 +89,129 @@ class MixtureDataset(torch.utils.data.Dataset):
             Probability (alpha) of drawing the label.
         seed (`int`):
             Seed of the draws.
+        trajectory_choice (`str`, *optional*, defaults to `"uniform"`):
+            `"uniform"`, `"curriculum"` or `"pld"`, as above.
+        num_epochs (`int`, *optional*, defaults to `1`):
+            Number of epochs the student trains for; sets the slices of `"curriculum"`.
     """
 
-    def __init__(self, candidates: Dataset, label_weight: float, seed: int):
+    def __init__(
+        self, candidates: Dataset, label_weight: float, seed: int, trajectory_choice: str = "uniform", num_epochs: int = 1
+    ):
+        if trajectory_choice not in TRAJECTORY_CHOICES:
+            raise ValueError(f"`trajectory_choice` must be one of {TRAJECTORY_CHOICES}, got {trajectory_choice!r}.")
         self.label_weight = label_weight
         self.seed = seed
+        self.trajectory_choice = trajectory_choice
+        self.num_epochs = num_epochs
         self.epoch = 0
+        self.scores: dict[int, float] | None = None
         self._examples = candidates.select_columns(["input_ids", "labels"])
+        self._prompt_of = list(candidates["prompt_index"])
+        self._step_of = list(candidates["snapshot_step"])
+        self._index(keep_steps=None)
+
+    def _index(self, keep_steps: set[int] | None) -> None:
         self._label: dict[int, int] = {}
         self._trajectories: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-        for row, (index, step) in enumerate(zip(candidates["prompt_index"], candidates["snapshot_step"])):
+        for row, (index, step) in enumerate(zip(self._prompt_of, self._step_of)):
             if step == LABEL:
                 self._label[index] = row
-            else:
+            elif keep_steps is None or step in keep_steps:
                 self._trajectories[index][step].append(row)
         self.prompt_indices = sorted(set(self._label) | set(self._trajectories))
+        self.snapshot_steps = sorted({step for by_step in self._trajectories.values() for step in by_step})
         if not self.prompt_indices:
             raise ValueError("The mixture is empty: no prompt has a label or a trajectory left after preprocessing.")
+
+    def extend(self, candidates: Dataset, keep_steps: set[int] | None = None) -> None:
+        """
+        Add tokenized trajectory candidates (online TMS) and draw from those of `keep_steps` only (default: all). The
+        prompts stay the same, so the length of the dataset does not change under the sampler.
+        """
+        if LABEL in candidates["snapshot_step"]:
+            raise ValueError("`extend` takes trajectories only; the labels are given once, to the constructor.")
+        self._examples = concatenate_datasets([self._examples, candidates.select_columns(["input_ids", "labels"])])
+        self._prompt_of += list(candidates["prompt_index"])
+        self._step_of += list(candidates["snapshot_step"])
+        self._index(keep_steps)
+        if len(self.prompt_indices) != len(set(self._label)):
+            raise ValueError("`extend` got trajectories of prompts that have no label in the mixture.")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def trajectory_rows(self) -> list[int]:
+        """Candidate rows that are trajectories (not labels), in row order."""
+        return sorted(row for by_step in self._trajectories.values() for rows in by_step.values() for row in rows)
+
+    def rows_to_score(self, epoch: int | None = None) -> list[int]:
+        """For `"pld"`: the trajectory rows of the prompts that draw a trajectory, not their label, in `epoch`."""
+        epoch = self.epoch if epoch is None else epoch
+        return sorted(
+            row
+            for index in self.prompt_indices
+            if index in self._trajectories and not self._draws_label(index, epoch)[0]
+            for rows in self._trajectories[index].values()
+            for row in rows
+        )
+
+    def set_scores(self, scores: dict[int, float]) -> None:
+        """Mean NLL per token of trajectory rows under the current student (at least `rows_to_score()`), for `"pld"`."""
+        missing = set(self.rows_to_score()) - set(scores)
+        if missing:
+            raise ValueError(f"Scores are missing for {len(missing)} trajectory rows (e.g. row {min(missing)}).")
+        self.scores = dict(scores)
+
     def __len__(self) -> int:
         return len(self.prompt_indices)
+
+    def best_rows(self) -> list[int]:
+        """For `"pld"`: the lowest-scored trajectory row of each prompt that draws a trajectory in the current epoch."""
+        return [
+            self._best_row(self._trajectories[index])
+            for index in self.prompt_indices
+            if index in self._trajectories and not self._draws_label(index, self.epoch)[0]
+        ]
+
+    def _best_row(self, by_step: dict[int, list[int]]) -> int:
+        if self.scores is None:
+            raise ValueError('`trajectory_choice="pld"` draws need scores: call `set_scores` first.')
+        return min((row for rows in by_step.values() for row in rows), key=lambda row: (self.scores[row], row))
 
     def draw(self, position: int, epoch: int | None = None) -> tuple[int, bool]:
         """The candidate row drawn for the prompt at `position` in `epoch`, and whether it is the label."""
         index = self.prompt_indices[position]
         epoch = self.epoch if epoch is None else epoch
-        rng = np.random.default_rng([self.seed, epoch, index])
-        by_step = self._trajectories.get(index)
-        label_row = self._label.get(index)
-        if label_row is not None and (not by_step or rng.random() < self.label_weight):
-            return label_row, True
+        is_label, rng = self._draws_label(index, epoch)
+        if is_label:
+            return self._label[index], True
+        by_step = self._trajectories[index]
         steps = sorted(by_step)
+        if self.trajectory_choice == "pld":
+            return self._best_row(by_step), False
+        if self.trajectory_choice == "curriculum":
+            steps = self._curriculum_steps(steps, min(epoch, self.num_epochs - 1))
         rows = by_step[steps[rng.integers(len(steps))]]
         return rows[rng.integers(len(rows))], False
+
+    def _draws_label(self, index: int, epoch: int) -> tuple[bool, np.random.Generator]:
+        """Whether prompt `index` draws its label in `epoch`, and the random stream its trajectory draw continues."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        if index not in self._label:
+            return False, rng
+        return index not in self._trajectories or rng.random() < self.label_weight, rng
+
+    def _curriculum_steps(self, steps: list[int], epoch: int) -> list[int]:
+        """The prompt's snapshots within the epoch's slice of all snapshots, else (empty trajectories) the nearest."""
+        window = _slice(self.snapshot_steps, epoch, self.num_epochs)
+        inside = [step for step in steps if step in window]
+        if inside:
+            return inside
+        rank = {step: i for i, step in enumerate(self.snapshot_steps)}
+        middle = (rank[window[0]] + rank[window[-1]]) / 2
+        return [min(steps, key=lambda step: (abs(rank[step] - middle), step))]
 
     def label_fraction(self, epoch: int | None = None) -> float:
         """Fraction of prompts that draw their label in `epoch`."""

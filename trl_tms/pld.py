@@ -16,34 +16,42 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 def policy_label_divergence(trainer, dataset) -> float:
     """
     PLD of the trainer's current model on a tokenized labelled dataset: the mean per-token negative log-likelihood
-    of the labels (tokens whose label is not -100), KL(delta(y*) || pi_theta) per token. Runs through the trainer's
-    own eval dataloader, so batches are sharded across processes; per-example sums are gathered with
-    `gather_for_metrics`, which drops the examples repeated to even out the last batch, so every example counts once.
+    of the labels (tokens whose label is not -100), KL(delta(y*) || pi_theta) per token. See [`label_nll`].
+    """
+    nll, tokens = label_nll(trainer, dataset)
+    if tokens.sum().item() == 0:
+        raise ValueError("The PLD dataset has no label tokens (every label is -100).")
+    return (nll.sum() / tokens.sum()).item()
+
+
+def label_nll(trainer, dataset, description: str = "PLD") -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Per example of a tokenized labelled dataset, in its order: the summed NLL of its label tokens under the trainer's
+    current model, and their number (float64, on CPU). Runs through the trainer's own eval dataloader, so batches are
+    sharded across processes; results are gathered with `gather_for_metrics`, which drops the examples repeated to even
+    out the last batch, so every example counts once and every process gets the whole result.
     """
     model = trainer.model
     was_training = model.training
     model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=trainer.accelerator.device)
-    tokens = torch.zeros((), dtype=torch.float64, device=trainer.accelerator.device)
+    nll, tokens = [], []
     try:
         with torch.no_grad():
             # Not `get_eval_dataloader`: with persistent workers it would hand back the cached loader of the eval set.
             loader = trainer._get_dataloader(
                 dataset=dataset,
-                description="PLD",
+                description=description,
                 batch_size=trainer.args.eval_batch_size,
                 sampler_fn=trainer._get_eval_sampler,
             )
             for batch in loader:
                 batch = trainer._prepare_inputs({k: v for k, v in batch.items() if k in _MODEL_INPUTS})
                 batch_nll, batch_tokens = trainer.accelerator.gather_for_metrics(_label_nll(model, batch))
-                nll += batch_nll.sum()
-                tokens += batch_tokens.sum()
+                nll.append(batch_nll.cpu())
+                tokens.append(batch_tokens.cpu())
     finally:
         model.train(was_training)
-    if tokens.item() == 0:
-        raise ValueError("The PLD dataset has no label tokens (every label is -100).")
-    return (nll / tokens).item()
+    return torch.cat(nll), torch.cat(tokens)
 
 
 def _label_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,9 +12,9 @@ import time
 from functools import partial
 
 import torch
-from datasets import load_from_disk
+from datasets import concatenate_datasets, load_from_disk
 from peft import LoraConfig, PeftModel
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 from trl.distributed import DistributedBackend
@@ -26,7 +26,7 @@ from .data import to_prompt_completion
 from .history import AdapterHistory, adapter_parameters
 from .hub import complete_model_card, push_history, resolve_base_model
 from .mixture import IS_LABEL, MixtureCollator, MixtureDataset, mixture_candidates
-from .pld import PLDCallback
+from .pld import PLDCallback, label_nll
 from .quantization import keep_4bit_layers_trainable
 from .resume import (
     RUN_FILE,
@@ -43,7 +43,7 @@ from .trajectories import SamplingParams, generate_trajectories, save_trajectori
 
 logger = logging.get_logger(__name__)
 
-PHASE_IDS = {"harvest": 1, "student": 2}
+PHASE_IDS = {"harvest": 1, "student": 2, "online": 3}
 TRAJECTORY_PARTS = "trajectory-parts"
 
 
@@ -236,6 +236,8 @@ class TMSTrainer(SFTTrainer):
                 according to `save_strategy`). `True` finds all of this on disk; a checkpoint path resumes that phase
                 from that checkpoint.
         """
+        if self.args.tms_mode == "online":
+            return self._train_online(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         args = self.args
         user_output_dir, user_max_steps, user_push = args.output_dir, args.max_steps, args.push_to_hub
         harvest_dir = os.path.join(self.history_dir, "harvest")
@@ -287,6 +289,56 @@ class TMSTrainer(SFTTrainer):
         self.state.log_history = harvest_log + self.state.log_history
         return output
 
+    def _train_online(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
+        """
+        Online TMS: one run. Every `online_snapshot_every` steps, from step 0, the adapter is snapshotted and samples a
+        trajectory for every prompt; the mixture draws from the last `num_checkpoints` snapshots taken so far.
+        """
+        args = self.args
+        run = self._start_run(resume_from_checkpoint)
+        checkpoint = self._checkpoint_for(resume_from_checkpoint, args.output_dir)
+        every = args.online_snapshot_every or max(1, run["planned_steps"] // args.num_checkpoints)
+        self._online_steps = list(range(0, run["planned_steps"], every))
+        candidates, _ = mixture_candidates(self._prompts, None)
+        self._candidates = self._prepare_dataset(candidates, self.processing_class, args, False, None, "mixture")
+        self.train_dataset = MixtureDataset(self._candidates, args.label_weight, args.seed)
+        if not isinstance(self.data_collator, MixtureCollator):
+            self.data_collator = MixtureCollator(self.data_collator)
+        self._online_trajectories = []
+        self.stats = {"trajectory_seconds": 0.0, "trajectories": 0, "empty_trajectories": 0}
+        self.phase = "online"
+        try:
+            output = super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+        finally:
+            self.phase = None
+        self.trajectories = concatenate_datasets(self._online_trajectories)
+        if self.is_world_process_zero():
+            save_trajectories(self.trajectories, os.path.join(self.history_dir, "trajectories"))
+            shutil.rmtree(os.path.join(self.history_dir, TRAJECTORY_PARTS), ignore_errors=True)
+        run.update(online_done=True, snapshot_steps=self.history.steps, trajectory_seconds=self.stats["trajectory_seconds"])
+        self._save_run(run)
+        return output
+
+    def _refresh_online(self, step: int, take: bool = True) -> None:
+        """Online TMS: snapshot the adapter at `step` (unless resuming) and add its trajectories to the mixture."""
+        if take:
+            self.history.take(self.model, step, self.adapter_name)
+        started = time.perf_counter()
+        trajectories = self._sample(steps=[step])
+        seconds = time.perf_counter() - started
+        self._online_trajectories.append(trajectories)
+        candidates, empty = mixture_candidates(self._prompts, trajectories, with_labels=False)
+        window = set(self.history.steps[-self.args.num_checkpoints :])
+        if len(candidates):
+            candidates = self._prepare_dataset(candidates, self.processing_class, self.args, False, None, "trajectories")
+            self.train_dataset.extend(candidates, keep_steps=window)
+        self.stats["trajectory_seconds"] += seconds
+        self.stats["trajectories"] += len(trajectories)
+        self.stats["empty_trajectories"] += empty
+        self.log_event({"tms_snapshot_step": step, "tms_trajectory_seconds": seconds, "tms_empty_trajectories": empty})
+
     # Run record and resuming
 
     def _run_settings(self) -> dict:
@@ -298,6 +350,8 @@ class TMSTrainer(SFTTrainer):
             "train_data": dataset_digest(self._prompts),
             "num_train_examples": len(self._prompts),
             "num_checkpoints": args.num_checkpoints,
+            "tms_mode": args.tms_mode,
+            "online_snapshot_every": args.online_snapshot_every,
             "planned_steps": self._planned_steps,
             "seed": args.seed,
             "learning_rate": args.learning_rate,
@@ -400,7 +454,15 @@ class TMSTrainer(SFTTrainer):
         saved = os.path.join(self.history_dir, "trajectories")
         if reuse and os.path.isdir(saved):
             return load_from_disk(saved)
-        trajectories = generate_trajectories(
+        trajectories = self._sample()
+        if self.is_world_process_zero():
+            save_trajectories(trajectories, saved)
+            shutil.rmtree(os.path.join(self.history_dir, TRAJECTORY_PARTS), ignore_errors=True)
+        return trajectories
+
+    def _sample(self, steps: list[int] | None = None):
+        """Trajectories of the snapshots of `steps` (default: all), each group's part kept until the phase ends."""
+        return generate_trajectories(
             self.model,
             self._tokenizer,
             self._prompts,
@@ -417,16 +479,16 @@ class TMSTrainer(SFTTrainer):
             parts_dir=os.path.join(self.history_dir, TRAJECTORY_PARTS),
             process_index=self.accelerator.process_index,
             num_processes=self.accelerator.num_processes,
+            steps=steps,
         )
-        if self.is_world_process_zero():
-            save_trajectories(trajectories, saved)
-            shutil.rmtree(os.path.join(self.history_dir, TRAJECTORY_PARTS), ignore_errors=True)
-        return trajectories
 
     def _prepare_student(self) -> None:
         candidates, empty = mixture_candidates(self._prompts, self.trajectories)
         candidates = self._prepare_dataset(candidates, self.processing_class, self.args, False, None, "mixture")
-        self.train_dataset = MixtureDataset(candidates, self.args.label_weight, self.args.seed)
+        self._candidates = candidates
+        self.train_dataset = MixtureDataset(
+            candidates, self.args.label_weight, self.args.seed, trajectory_choice=self.args.trajectory_choice
+        )
         if not isinstance(self.data_collator, MixtureCollator):
             self.data_collator = MixtureCollator(self.data_collator)
         self.stats.update(
@@ -439,6 +501,26 @@ class TMSTrainer(SFTTrainer):
                 param.copy_(self._initial_adapter[name])
         self.optimizer, self.lr_scheduler = None, None
         self._total_train_tokens = 0
+
+    def _score_trajectories(self) -> dict[str, float]:
+        """For `trajectory_choice="pld"`: the mean NLL per token of the trajectories the epoch may draw, under the student."""
+        started = time.perf_counter()
+        rows = self.train_dataset.rows_to_score()  # prompts drawing their label this epoch need no score
+        if not rows:
+            self.train_dataset.set_scores({})
+            return {"tms_scoring_seconds": time.perf_counter() - started}
+        lengths = [len(ids) for ids in self._candidates.select(rows)["input_ids"]]
+        # Longest first, so each batch pads little.
+        order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+        nll, tokens = label_nll(self, self._candidates.select([rows[i] for i in order]), "Scoring trajectories")
+        mean = (nll / tokens.clamp(min=1)).tolist()
+        self.train_dataset.set_scores({rows[i]: mean[k] for k, i in enumerate(order)})
+        chosen = [self.train_dataset.scores[row] for row in self.train_dataset.best_rows()]
+        return {
+            "tms_scoring_seconds": time.perf_counter() - started,
+            "tms_chosen_nll": sum(chosen) / len(chosen),
+            "tms_trajectory_nll": sum(mean) / len(mean),
+        }
 
     # Hooks into SFTTrainer
 
@@ -458,6 +540,15 @@ class TMSTrainer(SFTTrainer):
         if self.phase in PHASE_IDS:
             logs["tms_phase"] = PHASE_IDS[self.phase]
         super().log(logs, start_time)
+
+    def log_event(self, logs: dict[str, float]) -> None:
+        """
+        Log what TMS did between two training logs (snapshot, scoring). Not through `SFTTrainer.log`, which would
+        attach and reset the training metrics accumulating for the next regular log.
+        """
+        if self.phase in PHASE_IDS:
+            logs["tms_phase"] = PHASE_IDS[self.phase]
+        Trainer.log(self, logs)
 
     # The Hub
 
@@ -517,17 +608,34 @@ class _PhaseCallback(TrainerCallback):
         if self.trainer.phase == "harvest":
             self.steps = set(snapshot_steps(state.max_steps, args.num_checkpoints))
         elif self.trainer.phase == "student":
-            self.trainer.log({f"tms_{key}": float(value) for key, value in self.trainer.stats.items()})
+            self.trainer.train_dataset.num_epochs = state.num_train_epochs
+            self.trainer.log_event({f"tms_{key}": float(value) for key, value in self.trainer.stats.items()})
+        elif self.trainer.phase == "online":
+            self.steps = set(self.trainer._online_steps)
+            if state.global_step == 0:
+                self.trainer._refresh_online(0)
+                return
+            # A resumed run takes up the snapshots it had taken (and their trajectories, from the parts on disk).
+            taken = [step for step in self.trainer._online_steps if step <= state.global_step]
+            self.trainer._reopen_history(taken)
+            for step in taken:
+                self.trainer._refresh_online(step, take=False)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # Not left to accelerate: its `set_epoch` does not reach the dataset behind a multi-process sampler.
-        if self.trainer.phase == "student":
+        if self.trainer.phase in ("student", "online"):
             # Floor with a margin: `state.epoch` is a float sum (0.9999...) at an epoch's start, and 1.5 when a run
             # resumes in the middle of its second epoch.
             self.trainer.train_dataset.set_epoch(math.floor(state.epoch + 1e-6))
+            if args.trajectory_choice == "pld":
+                self.trainer.log_event(self.trainer._score_trajectories())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.steps:
+        if state.global_step not in self.steps:
+            return
+        if self.trainer.phase == "online":
+            self.trainer._refresh_online(state.global_step)
+        else:
             self.trainer.history.take(self.trainer.model, state.global_step, self.trainer.adapter_name)
 
 

@@ -78,6 +78,7 @@ def generate_trajectories(
     parts_dir: str | None = None,
     process_index: int = 0,
     num_processes: int = 1,
+    steps: list[int] | None = None,
 ) -> Dataset:
     """
     Sample `sampling.samples_per_checkpoint` completions for every prompt from every snapshot in `history`.
@@ -114,6 +115,8 @@ def generate_trajectories(
             them and the trajectories gathered, so every process returns all of them and every prompt is sampled once.
             Each batch is seeded on its own, from `sampling.seed`, its snapshots and its position: the trajectories do
             not depend on the number of processes nor on where an interrupted generation stopped.
+        steps (`list[int]`, *optional*):
+            Sample from these snapshots of the history only (default: all of them).
 
     Returns:
         [`~datasets.Dataset`]: One row per trajectory with columns `prompt_index`, `prompt`, `completion`,
@@ -127,14 +130,16 @@ def generate_trajectories(
     peft_config = model.peft_config[adapter_name]
     # PEFT cannot route rows to different DoRA adapters within one batch.
     use_dora = getattr(peft_config, "use_dora", False)
-    per_call = 1 if use_dora else min(sampling.snapshots_per_generate, len(history))
+    steps = history.steps if steps is None else sorted(steps)
+    if not set(steps) <= set(history.steps):
+        raise ValueError(f"The history has no snapshots of steps {sorted(set(steps) - set(history.steps))}.")
+    per_call = 1 if use_dora else min(sampling.snapshots_per_generate, len(steps))
     slots = [f"{SLOT_PREFIX}{j}" for j in range(per_call)]
 
     conversational = is_conversational(prompts[0])
     prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
     # Longest prompts first: similar lengths share a batch (less padding) and an out-of-memory error shows at once.
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    steps = history.steps
     groups = [steps[i : i + per_call] for i in range(0, len(steps), per_call)]
     rows_per_prompt = per_call * sampling.samples_per_checkpoint
     prompts_per_call = max(1, sampling.batch_size // rows_per_prompt)

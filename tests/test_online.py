@@ -1,0 +1,114 @@
+"""Online TMS (`tms_mode="online"`): one run that snapshots itself and mixes in its own trajectories as it goes."""
+
+import os
+
+import pytest
+import torch
+from conftest import QUIET_CPU, load_tokenizer, make_examples
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+from trl_tms import TMSConfig, TMSTrainer
+from trl_tms.history import adapter_parameters
+from trl_tms.mixture import LABEL
+
+
+class Interrupt(Exception):
+    pass
+
+
+class Watch(TrainerCallback):
+    """Records, before each optimizer step, which snapshots the mixture draws from; optionally stops at a step."""
+
+    def __init__(self, stop_at=None):
+        self.trainer, self.pools, self.stop_at = None, {}, stop_at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        mixture = self.trainer.train_dataset
+        self.pools[state.global_step] = sorted({s for by_step in mixture._trajectories.values() for s in by_step})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.stop_at:
+            raise Interrupt(f"stopped at step {self.stop_at}")
+
+
+def make(path, tmp_path, watch=None, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"), tms_mode="online", num_checkpoints=3, per_device_train_batch_size=4,
+        num_train_epochs=2, learning_rate=1e-2, max_new_tokens=6, logging_steps=2, seed=5, **QUIET_CPU,
+    )
+    values.update(overrides)
+    trainer = TMSTrainer(
+        model=path, args=TMSConfig(**values), train_dataset=make_examples(24), eval_dataset=make_examples(6, seed=1),
+        processing_class=load_tokenizer(path),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
+        callbacks=[watch] if watch else None,
+    )
+    if watch:
+        watch.trainer = trainer
+    return trainer
+
+
+def adapter(trainer):
+    return {n: p.detach().clone() for n, p in adapter_parameters(trainer.model, trainer.adapter_name).items()}
+
+
+def test_one_run_snapshots_itself_from_step_0_and_trains_on_what_it_has_sampled(tiny_llama, tmp_path):
+    watch = Watch()
+    trainer = make(tiny_llama, tmp_path, watch)
+    trainer.train()
+    # 24 prompts, batch 4, 2 epochs: 12 steps in one run; 3 snapshots every 12 // 3 = 4 steps, from the start.
+    assert trainer.state.global_step == 12
+    assert trainer.history.steps == [0, 4, 8]
+    assert sorted(os.listdir(trainer.history_dir)) == ["step-0", "step-4", "step-8", "tms_run.json", "trajectories"]
+    assert {e.get("tms_phase") for e in trainer.state.log_history} == {3}
+    assert [e["tms_snapshot_step"] for e in trainer.state.log_history if "tms_snapshot_step" in e] == [0, 4, 8]
+    # Before step s+1 the mixture holds the trajectories of the snapshots taken at steps <= s, never later ones.
+    assert watch.pools == {s: [t for t in (0, 4, 8) if t <= s] for s in range(12)}
+    assert len(trainer.trajectories) == 24 * 3
+    assert sorted(set(trainer.trajectories["snapshot_step"])) == [0, 4, 8]
+    # The adapter trained once: it is not reset to its initial weights halfway, as the two-pass student is.
+    assert trainer.stats["trajectories"] == 72
+    # Trajectories really are mixed in.
+    fractions = [e["tms_label_fraction"] for e in trainer.state.log_history if "tms_label_fraction" in e]
+    assert 0 < sum(fractions) / len(fractions) < 0.75
+
+
+def test_rolling_window_keeps_the_last_num_checkpoints_snapshots(tiny_llama, tmp_path):
+    watch = Watch()
+    trainer = make(tiny_llama, tmp_path, watch, num_checkpoints=2, online_snapshot_every=3)
+    trainer.train()
+    assert trainer.history.steps == [0, 3, 6, 9]
+    assert watch.pools[2] == [0] and watch.pools[3] == [0, 3] and watch.pools[7] == [3, 6] and watch.pools[11] == [6, 9]
+    mixture = trainer.train_dataset
+    drawn_steps = {mixture._step_of[mixture.draw(p)[0]] for p in range(len(mixture))}
+    assert drawn_steps <= {LABEL, 6, 9}
+
+
+def test_online_resume_continues_with_the_snapshots_and_trajectories_on_disk(tiny_llama, tmp_path):
+    full = make(tiny_llama, tmp_path / "full", save_strategy="steps", save_steps=2)
+    full.train()
+    with pytest.raises(Interrupt):
+        make(tiny_llama, tmp_path / "cut", Watch(stop_at=7), save_strategy="steps", save_steps=2).train()
+    watch = Watch()
+    resumed = make(tiny_llama, tmp_path / "cut", watch, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.history.steps == [0, 4, 8]
+    assert watch.pools[6] == [0, 4]  # step 0 and 4 snapshots reloaded from disk, not taken from resumed weights
+    assert resumed.trajectories["completion"] == full.trajectories["completion"]
+    final, expected = adapter(resumed), adapter(full)
+    assert all(torch.allclose(final[n], expected[n], rtol=1e-5, atol=1e-7) for n in expected)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(trajectory_choice="pld"), "works with `tms_mode='two_pass'` only"),
+        (dict(dataloader_num_workers=2), "needs `dataloader_num_workers=0`"),
+        (dict(online_snapshot_every=0), "`online_snapshot_every` must be at least 1"),
+        (dict(tms_mode="offline"), "`tms_mode` must be `two_pass` or `online`"),
+    ],
+)
+def test_online_settings_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TMSConfig(output_dir="x", **{"tms_mode": "online", **overrides}, **QUIET_CPU)

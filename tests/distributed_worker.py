@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py, under `accelerate launch` or as one plain process.
 
     distributed_worker.py train MODEL OUT      a whole TMS run; every process writes OUT/rank-<i>.json
+    distributed_worker.py online MODEL OUT     the same with `tms_mode="online"`
     distributed_worker.py generate MODEL OUT   trajectories of the snapshots in OUT/history, into OUT/regenerated.json
 """
 
@@ -8,6 +9,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 
 from accelerate import PartialState
 from conftest import QUIET_CPU, load_tokenizer, make_examples
@@ -22,12 +24,12 @@ LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 TRAIN, EVAL = make_examples(24, seed=0), make_examples(7, seed=1)  # 7: uneven across two processes on purpose
 
 
-def config(out: str) -> TMSConfig:
+def config(out: str, **overrides) -> TMSConfig:
     return TMSConfig(
         output_dir=os.path.join(out, "student"), history_dir=os.path.join(out, "history"), num_checkpoints=3,
         per_device_train_batch_size=4, per_device_eval_batch_size=2, num_train_epochs=2, learning_rate=1e-2,
         max_new_tokens=6, samples_per_checkpoint=2, snapshots_per_generate=2, generation_batch_size=4,
-        logging_steps=1, seed=7, **QUIET_CPU,
+        logging_steps=1, seed=7, **QUIET_CPU, **overrides,
     )
 
 
@@ -52,10 +54,10 @@ def count_sampled_rows() -> list[int]:
     return rows
 
 
-def train(model_path: str, out: str) -> None:
+def train(model_path: str, out: str, **overrides) -> None:
     sampled_here = count_sampled_rows()
     trainer = TMSTrainer(
-        model=model_path, args=config(out), train_dataset=TRAIN, eval_dataset=EVAL,
+        model=model_path, args=config(out, **overrides), train_dataset=TRAIN, eval_dataset=EVAL,
         processing_class=load_tokenizer(model_path), peft_config=LoraConfig(**LORA),
     )
     trainer.train()
@@ -92,4 +94,5 @@ def generate(model_path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"train": train, "generate": generate}[sys.argv[1]](sys.argv[2], sys.argv[3])
+    online = partial(train, tms_mode="online")
+    {"train": train, "online": online, "generate": generate}[sys.argv[1]](sys.argv[2], sys.argv[3])

@@ -102,6 +102,27 @@ def test_pld_counts_every_held_out_example_once(two_process_run, tmp_path):
     assert two_processes == pytest.approx(one_process, rel=1e-6)
 
 
+def test_online_tms_on_two_processes_samples_each_snapshot_once_and_shares_it(tiny_llama, tmp_path):
+    out = str(tmp_path)
+    run(["distributed_worker.py", "online", tiny_llama, out], processes=2)
+    ranks = []
+    for rank in range(2):
+        with open(os.path.join(out, f"rank-{rank}.json")) as f:
+            ranks.append(json.load(f))
+    main, other = ranks
+    # 6 steps of global batch 8; snapshots every 6 // 3 = 2 steps from step 0, taken by both processes.
+    assert main["history_steps"] == other["history_steps"] == [0, 2, 4]
+    assert sorted(n for n in os.listdir(os.path.join(out, "history")) if n.startswith("step-")) == [
+        "step-0", "step-2", "step-4"
+    ]
+    keys = [tuple(row[:3]) for row in main["trajectories"]]
+    expected = {(p, s, k) for p in range(len(worker.TRAIN)) for s in (0, 2, 4) for k in range(2)}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    assert main["sampled_here"] + other["sampled_here"] == len(expected) and other["sampled_here"] > 0
+    assert {e.get("tms_phase") for e in main["log_history"]} == {3}
+
+
 @pytest.mark.parametrize(
     "deepspeed_stage, fsdp_version, refused",
     [(3, None, "DeepSpeed ZeRO-3"), (0, 2, "FSDP (version 2)"), (0, 1, "FSDP (version 1)"), (2, None, None)],

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -361,6 +362,46 @@ def plots(results: dict, runs: list[dict], output_dir: str) -> list[str]:
     return written
 
 
+def train_arms(args, mode: dict, bench, train, pld_set, arms_dir: str, task_tokens: int, scratch: str) -> list:
+    """Train and evaluate every arm of the mode not saved in `arms_dir` yet; load the ones that are."""
+    runs = []
+    for regime_name, regime in mode["regimes"].items():
+        for arm, tms in mode["arms"].items():
+            if arm not in regime.get("only", mode["arms"]):
+                continue
+            seeds = mode["seeds"]
+            if args.report_only:
+                prefix = f"{arm_key(arm, regime_name)}_s"
+                seeds = sorted(int(n[len(prefix):-5]) for n in os.listdir(arms_dir)
+                               if n.startswith(prefix) and n[len(prefix):-5].isdigit())
+            for seed in seeds:
+                key = f"{arm_key(arm, regime_name)}_s{seed}"
+                path = os.path.join(arms_dir, f"{key}.json")
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        runs.append(json.load(f))
+                    print(f"[{key}] done earlier: {path}", flush=True)
+                    continue
+                print(f"[{key}] training ({regime_name}: {regime}; {tms or 'plain SFTTrainer'})", flush=True)
+                model, tokenizer = load_model(args.model, args.device)
+                workdir = tempfile.mkdtemp(prefix=f"{key}-", dir=scratch)
+                online = (tms or {}).get("tms_mode") == "online"
+                shared = os.path.join(scratch, f"history-{regime_name}-s{seed}") if tms and not online else None
+                trainer, record = train_arm(arm, tms, regime, seed, model, tokenizer, train, pld_set, workdir,
+                                            args.device, task_tokens, history_dir=shared)
+                result = bench.evaluate(trainer.model, tokenizer, reference=trainer.model.disable_adapter)
+                result.update(record, arm=arm, regime=regime_name, seed=seed,
+                              settings={**{k: v for k, v in regime.items() if k != "only"}, **(tms or {}),
+                                        "batch_size": BATCH_SIZE, "num_train": len(train)})
+                write_json_atomically(path, result)
+                runs.append(result)
+                print(f"[{key}] target {result['target_accuracy']:.3f} {result['retention']} "
+                      f"wall {record['wall_seconds']}", flush=True)
+                del trainer, model
+                shutil.rmtree(workdir, ignore_errors=True)
+    return runs
+
+
 # Main
 
 
@@ -412,44 +453,13 @@ def main(argv=None):
     print(f"[base] target {base['target_accuracy']:.3f} {base['retention']}", flush=True)
     del model
 
-    runs = []
     scratch = tempfile.mkdtemp(prefix="retention-histories-", dir=args.work_dir)
-    for regime_name, regime in mode["regimes"].items():
-        for arm, tms in mode["arms"].items():
-            if arm not in regime.get("only", mode["arms"]):
-                continue
-            seeds = mode["seeds"]
-            if args.report_only:
-                prefix = f"{arm_key(arm, regime_name)}_s"
-                seeds = sorted(int(n[len(prefix):-5]) for n in os.listdir(arms_dir)
-                               if n.startswith(prefix) and n[len(prefix):-5].isdigit())
-            for seed in seeds:
-                key = f"{arm_key(arm, regime_name)}_s{seed}"
-                path = os.path.join(arms_dir, f"{key}.json")
-                if os.path.isfile(path):
-                    with open(path) as f:
-                        runs.append(json.load(f))
-                    print(f"[{key}] done earlier: {path}", flush=True)
-                    continue
-                print(f"[{key}] training ({regime_name}: {regime}; {tms or 'plain SFTTrainer'})", flush=True)
-                model, tokenizer = load_model(args.model, args.device)
-                workdir = tempfile.mkdtemp(prefix=f"retention-{key}-", dir=args.work_dir)
-                online = (tms or {}).get("tms_mode") == "online"
-                shared = os.path.join(scratch, f"history-{regime_name}-s{seed}") if tms and not online else None
-                trainer, record = train_arm(arm, tms, regime, seed, model, tokenizer, train, pld_set, workdir,
-                                            args.device, task_tokens, history_dir=shared)
-                result = bench.evaluate(trainer.model, tokenizer, reference=trainer.model.disable_adapter)
-                result.update(record, arm=arm, regime=regime_name, seed=seed,
-                              settings={**{k: v for k, v in regime.items() if k != "only"}, **(tms or {}),
-                                        "batch_size": BATCH_SIZE, "num_train": len(train)})
-                write_json_atomically(path, result)
-                runs.append(result)
-                print(f"[{key}] target {result['target_accuracy']:.3f} {result['retention']} "
-                      f"wall {record['wall_seconds']}", flush=True)
-                del trainer, model
-                shutil.rmtree(workdir, ignore_errors=True)
-
-    shutil.rmtree(scratch, ignore_errors=True)
+    # On a kill (SIGTERM) the `finally` runs too, so scratch histories and checkpoints do not pile up in /tmp.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        runs = train_arms(args, mode, bench, train, pld_set, arms_dir, task_tokens, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     results = {"base": {k: base[k] for k in ("target_accuracy", "retention", "items", "eval_seconds")}}
     for regime_name in mode["regimes"]:
         for arm in regime_arms(mode, regime_name):

@@ -9,9 +9,10 @@ Prints a table and writes `benchmarks/results/speed_<model>.json`. Measured:
 - swap: hot-swapping a snapshot into a slot vs loading base model + adapter from disk;
 - generation: trajectory tokens/s with all snapshots in one `generate` call, one snapshot per call, and a model
   reloaded per snapshot (same prompts, same snapshots);
-- end to end: TMS / SFT wall time on the same data and step count, by phase;
-- memory: peak resident memory of a TMS run / an SFT run (each in its own process), and history disk use vs T full
-  model checkpoints.
+- end to end: TMS / SFT wall time on the same data and step count, by phase, for two-pass TMS (the paper), two-pass
+  TMS with `trajectory_choice="pld"` and online TMS (`tms_mode="online"`, one training run);
+- memory: peak resident memory during training (sampled every 10 ms from the start of `train()`, so model loading is
+  left out) of each TMS run / the SFT run, each in its own process, and history disk use vs T full model checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -65,8 +67,37 @@ def tms_fields(model_name: str) -> dict:
     return dict(num_checkpoints=4, max_new_tokens=16 if model_name == "tiny" else 64, generation_batch_size=32)
 
 
+ARMS = {  # TMS arms: their fields on top of `tms_fields`
+    "tms": {},
+    "tms_pld": {"trajectory_choice": "pld"},
+    "tms_online": {"tms_mode": "online"},
+}
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 10 ms."""
+
+    def __enter__(self):
+        import psutil
+
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(0.01)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
 def run_arm(arm: str, model_name: str, workdir: str) -> dict:
-    """One training run (SFT or TMS) in this process; returns wall times and peak RSS."""
+    """One training run (SFT or a TMS arm) in this process; returns wall times and peak RSS."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -79,18 +110,25 @@ def run_arm(arm: str, model_name: str, workdir: str) -> dict:
     if arm == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(out, **settings(model_name)), train_dataset=train,
                              eval_dataset=heldout, processing_class=tokenizer, peft_config=lora)
-        trainer.train()
+        with PeakRSS() as memory:
+            trainer.train()
         phases = {"train": time.perf_counter() - started}
     else:
-        trainer = TMSTrainer(model=model, args=TMSConfig(out, log_pld=False, **tms_fields(model_name),
-                                                         **settings(model_name)),
-                             train_dataset=train, eval_dataset=heldout, processing_class=tokenizer, peft_config=lora)
-        trainer.train()
-        phases = {
-            "harvest": trainer.harvest_output.metrics["train_runtime"],
-            "trajectories": trainer.stats["trajectory_seconds"],
-            "student": trainer.state.log_history[-1]["train_runtime"],
-        }
+        config = TMSConfig(out, log_pld=False, **tms_fields(model_name), **ARMS[arm], **settings(model_name))
+        trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
+                             processing_class=tokenizer, peft_config=lora)
+        with PeakRSS() as memory:
+            trainer.train()
+        log = trainer.state.log_history
+        if config.tms_mode == "online":
+            phases = {"online": log[-1]["train_runtime"], "trajectories": trainer.stats["trajectory_seconds"]}
+        else:
+            phases = {
+                "harvest": trainer.harvest_output.metrics["train_runtime"],
+                "trajectories": trainer.stats["trajectory_seconds"],
+                "student": log[-1]["train_runtime"],
+                "pld_scoring": sum(e["tms_scoring_seconds"] for e in log if "tms_scoring_seconds" in e),
+            }
         history_bytes = sum(
             os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(trainer.history_dir)
             for f in files if "step-" in root
@@ -100,6 +138,7 @@ def run_arm(arm: str, model_name: str, workdir: str) -> dict:
         "wall_s": time.perf_counter() - started,
         "steps": trainer.state.global_step,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_peak_rss_mb": memory.peak / 2**20,
         **phases,
     }
 
@@ -200,7 +239,7 @@ def _one_snapshot(history, step):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--arm", choices=["sft", "tms"], help=argparse.SUPPRESS)  # one training run, for peak RSS
+    parser.add_argument("--arm", choices=["sft", *ARMS], help=argparse.SUPPRESS)  # one training run, for peak RSS
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -210,7 +249,7 @@ def main():
             return
         results = {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
                    "threads": torch.get_num_threads(), "micro": micro(args.model, workdir)}
-        for arm in ("sft", "tms"):
+        for arm in ("sft", *ARMS):
             proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--arm", arm],
                                   capture_output=True, text=True, check=True)
             results[arm] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -223,6 +262,11 @@ def main():
         "multi_snapshot_over_single_tokens_per_s": m["multi_over_single_per_token"],
         "tms_over_sft_wall": tms["wall_s"] / sft["wall_s"],
         "tms_over_sft_peak_rss": tms["peak_rss_mb"] / sft["peak_rss_mb"],
+        "tms_over_sft_train_peak_rss": tms["train_peak_rss_mb"] / sft["train_peak_rss_mb"],
+        "tms_pld_over_sft_wall": results["tms_pld"]["wall_s"] / sft["wall_s"],
+        "tms_online_over_sft_wall": results["tms_online"]["wall_s"] / sft["wall_s"],
+        "tms_online_over_tms_wall": results["tms_online"]["wall_s"] / tms["wall_s"],
+        "tms_online_over_sft_train_peak_rss": results["tms_online"]["train_peak_rss_mb"] / sft["train_peak_rss_mb"],
         "history_disk_over_T_model_copies": tms["history_bytes"] / (T * m["full_model_bytes"]),
     }
     rows = [
@@ -235,8 +279,18 @@ def main():
         ("TMS / SFT wall time", f"{tms['wall_s']:.1f} s / {sft['wall_s']:.1f} s "
          f"(harvest {tms['harvest']:.1f}, trajectories {tms['trajectories']:.1f}, student {tms['student']:.1f})",
          f"{results['ratios']['tms_over_sft_wall']:.2f}", "low"),
-        ("TMS / SFT peak RSS", f"{tms['peak_rss_mb']:.0f} MB / {sft['peak_rss_mb']:.0f} MB",
-         f"{results['ratios']['tms_over_sft_peak_rss']:.3f}", "<= 1.10"),
+        ("TMS (pld choice) / SFT wall time", f"{results['tms_pld']['wall_s']:.1f} s (scoring "
+         f"{results['tms_pld']['pld_scoring']:.1f})", f"{results['ratios']['tms_pld_over_sft_wall']:.2f}", ""),
+        ("online TMS / SFT wall time", f"{results['tms_online']['wall_s']:.1f} s (training "
+         f"{results['tms_online']['online']:.1f}, of which trajectories {results['tms_online']['trajectories']:.1f})",
+         f"{results['ratios']['tms_online_over_sft_wall']:.2f}", "below two-pass"),
+        ("online TMS / two-pass TMS wall time", "", f"{results['ratios']['tms_online_over_tms_wall']:.2f}", "< 1"),
+        ("TMS / SFT peak RSS, whole process", f"{tms['peak_rss_mb']:.0f} MB / {sft['peak_rss_mb']:.0f} MB",
+         f"{results['ratios']['tms_over_sft_peak_rss']:.3f}", ""),
+        ("TMS / SFT peak RSS during train()", f"{tms['train_peak_rss_mb']:.0f} MB / {sft['train_peak_rss_mb']:.0f} MB",
+         f"{results['ratios']['tms_over_sft_train_peak_rss']:.3f}", "<= 1.10"),
+        ("online TMS / SFT peak RSS during train()", f"{results['tms_online']['train_peak_rss_mb']:.0f} MB",
+         f"{results['ratios']['tms_online_over_sft_train_peak_rss']:.3f}", "<= 1.10"),
         ("history disk / T model copies", f"{tms['history_bytes'] / 1e6:.2f} MB / {T * m['full_model_bytes'] / 1e6:.1f} MB",
          f"{results['ratios']['history_disk_over_T_model_copies']:.4f}", "adapters only"),
     ]

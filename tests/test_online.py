@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 from trl_tms import TMSConfig, TMSTrainer
 from trl_tms.history import adapter_parameters
 from trl_tms.mixture import LABEL
+from trl_tms.trainer import online_snapshot_steps
 
 
 class Interrupt(Exception):
@@ -112,3 +113,10 @@ def test_online_resume_continues_with_the_snapshots_and_trajectories_on_disk(tin
 def test_online_settings_are_checked(overrides, message):
     with pytest.raises(ValueError, match=message):
         TMSConfig(output_dir="x", **{"tms_mode": "online", **overrides}, **QUIET_CPU)
+
+
+def test_online_snapshot_schedule():
+    assert online_snapshot_steps(32, 10) == [0, 3, 6, 9, 12, 16, 19, 22, 25, 28]  # exactly T, from step 0
+    assert online_snapshot_steps(12, 3) == [0, 4, 8]
+    assert online_snapshot_steps(32, 10, every=3) == list(range(0, 32, 3))  # 11: the mixture keeps the last 10
+    assert online_snapshot_steps(4, 10) == [0, 1, 2, 3]  # never a step twice

@@ -33,8 +33,9 @@ class TMSConfig(SFTConfig):
             same. Needs `dataloader_num_workers=0` (the mixture grows during an epoch) and
             `trajectory_choice="uniform"`.
         online_snapshot_every (`int`, *optional*):
-            Online TMS: optimizer steps between snapshots. Defaults to the run's steps divided by `num_checkpoints`,
-            which takes `num_checkpoints` snapshots (steps 0, K, 2K, ...) and keeps all of them in the mixture.
+            Online TMS: optimizer steps between snapshots (taken at steps 0, K, 2K, ...; the mixture keeps the last
+            `num_checkpoints`). By default, `num_checkpoints` snapshots at steps `k * steps // num_checkpoints`,
+            `k = 0..T-1`, all kept in the mixture.
 
         num_checkpoints (`int`, *optional*, defaults to `10`):
             Number of adapter snapshots (T) taken during the harvest run, spaced evenly over its optimizer steps. The
@@ -114,8 +115,9 @@ class TMSConfig(SFTConfig):
     online_snapshot_every: int | None = field(
         default=None,
         metadata={
-            "help": "Online TMS: optimizer steps between snapshots. Defaults to the run's steps divided by "
-            "`num_checkpoints` (snapshots at steps 0, K, 2K, ..., all kept in the mixture)."
+            "help": "Online TMS: optimizer steps between snapshots (at steps 0, K, 2K, ...; the mixture keeps the last "
+            "`num_checkpoints`). By default, `num_checkpoints` snapshots at steps `k * steps // num_checkpoints`, "
+            "`k = 0..T-1`, all kept in the mixture."
         },
     )
     num_checkpoints: int = field(

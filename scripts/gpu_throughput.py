@@ -66,7 +66,8 @@ def main():
     for step in (2, 3, 4):
         history.take(model, step=step)
     model.add_adapter("probe", model.peft_config["default"])
-    swap_s = timed(lambda: history.load_into(model, 1, "probe"), 10, args.device)
+    slot = history.slot_parameters(model, "probe")
+    swap_s = timed(lambda: history.load_into(model, 1, "probe", slot), 10, args.device)
     model.delete_adapter("probe")
     model.set_adapter("default")
 

@@ -93,6 +93,17 @@ def test_load_into_a_slot_and_mismatch_error(tiny_llama, tmp_path, monkeypatch):
     slot = adapter_parameters(model, "slot")
     for name, param in adapter_parameters(model, "default").items():
         assert torch.equal(slot[name.replace(".default", ".slot")], param)
+    # Swapping again through the slot's parameters found once (as generation does) copies the other snapshot in.
+    with torch.no_grad():
+        for param in adapter_parameters(model, "default").values():
+            param.add_(1.0)
+    history.take(model, step=2)
+    found = history.slot_parameters(model, "slot")
+    history.load_into(model, 2, "slot", found)
+    for name, param in adapter_parameters(model, "default").items():
+        assert torch.equal(slot[name.replace(".default", ".slot")], param)
+    history.load_into(model, 1, "slot", found)
+    assert not torch.equal(slot[name.replace(".default", ".slot")], param)
 
     other = peft_model(tiny_llama, r=2)
     other_history = AdapterHistory(other.peft_config["default"])

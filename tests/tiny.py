@@ -30,7 +30,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(arch: str = "llama", seed: int = 0, hidden_size: int = 32):
+def build_model(arch: str = "llama", seed: int = 0, hidden_size: int = 32, heads: int = 4):
     import torch
 
     torch.manual_seed(seed)
@@ -40,8 +40,8 @@ def build_model(arch: str = "llama", seed: int = 0, hidden_size: int = 32):
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -59,8 +59,8 @@ def build_model(arch: str = "llama", seed: int = 0, hidden_size: int = 32):
     return model, tokenizer
 
 
-def save_tiny(path: str, arch: str = "llama", hidden_size: int = 32) -> str:
-    model, tokenizer = build_model(arch, hidden_size=hidden_size)
+def save_tiny(path: str, arch: str = "llama", hidden_size: int = 32, heads: int = 4) -> str:
+    model, tokenizer = build_model(arch, hidden_size=hidden_size, heads=heads)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

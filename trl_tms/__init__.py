@@ -7,6 +7,7 @@ from .mixture import MixtureDataset
 from .pld import PLDCallback, policy_label_divergence
 from .trainer import TMSTrainer
 from .trajectories import SamplingParams, generate_trajectories
+from .vllm_generation import generate_trajectories_vllm, is_vllm_available
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,8 @@ __all__ = [
     "TMSConfig",
     "TMSTrainer",
     "generate_trajectories",
+    "generate_trajectories_vllm",
+    "is_vllm_available",
     "policy_label_divergence",
     "to_prompt_completion",
 ]

@@ -70,7 +70,16 @@ class TMSConfig(SFTConfig):
         snapshots_per_generate (`int`, *optional*, defaults to `4`):
             Number of snapshots resident at once and served in the same `generate` call, each row routed to its own
             adapter with PEFT's `adapter_names`. `1` swaps one snapshot at a time. Each resident snapshot costs one
-            LoRA adapter of memory.
+            LoRA adapter of memory. With vLLM: the snapshots each `generate` call (and each saved part) covers.
+        generation_backend (`str`, *optional*, defaults to `"transformers"`):
+            `"transformers"`: the snapshots are hot-swapped into adapter slots of the model being trained and sampled
+            with its `generate`. `"vllm"`: one vLLM engine loads the base weights and serves every snapshot as a LoRA
+            adapter (multi-LoRA, no merging), each (prompt, snapshot) encoding its prompt once for all its samples;
+            the engine is shut down before the student trains. Needs the `vllm` package, `tms_mode="two_pass"`, one
+            process, and a model loaded from a local folder of safetensors weights when it is quantized.
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+            With `generation_backend="vllm"`: the fraction of the GPU's memory the engine may take beside the model
+            being trained. Ignored on CPU (there `VLLM_CPU_KVCACHE_SPACE`, in GiB, sizes vLLM's cache).
 
         > Parameters that control the mixture (student phase)
 
@@ -192,6 +201,22 @@ class TMSConfig(SFTConfig):
         },
     )
 
+    generation_backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "`transformers` (hot-swapped adapter slots, PEFT's `generate`) or `vllm` (one vLLM engine serving "
+            "every snapshot as a LoRA adapter; needs the `vllm` package and `tms_mode='two_pass'`).",
+            "choices": ["transformers", "vllm"],
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={
+            "help": "With `generation_backend='vllm'`: fraction of the GPU's memory the engine may take beside the "
+            "model being trained. Ignored on CPU."
+        },
+    )
+
     # Parameters that control the mixture
     label_weight: float = field(
         default=0.25,
@@ -272,6 +297,20 @@ class TMSConfig(SFTConfig):
             (
                 self.snapshots_per_generate >= 1,
                 f"`snapshots_per_generate` must be at least 1, got {self.snapshots_per_generate}.",
+            ),
+            (
+                self.generation_backend in ("transformers", "vllm"),
+                f"`generation_backend` must be `transformers` or `vllm`, got {self.generation_backend!r}.",
+            ),
+            (
+                self.generation_backend != "vllm" or self.tms_mode == "two_pass",
+                "`generation_backend='vllm'` works with `tms_mode='two_pass'`: online TMS samples a few prompts at "
+                "every snapshot, where starting an engine would cost more than it saves. Use "
+                "`generation_backend='transformers'` for online TMS.",
+            ),
+            (
+                0.0 < self.vllm_gpu_memory_utilization <= 1.0,
+                f"`vllm_gpu_memory_utilization` must lie in (0, 1], got {self.vllm_gpu_memory_utilization}.",
             ),
             (
                 self.tms_mode in ("two_pass", "online"),

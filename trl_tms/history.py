@@ -88,13 +88,19 @@ class AdapterHistory:
 
     # Serving snapshots
 
-    def load_into(self, model, step: int, adapter_name: str) -> None:
-        """Hot-swap the snapshot of `step` into the (already added) adapter slot `adapter_name` of `model`."""
+    @staticmethod
+    def slot_parameters(model, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+        """The parameters of adapter slot `adapter_name`, keyed like a snapshot: what `load_into` copies into."""
+        return {name.replace(f".{adapter_name}", ""): p for name, p in adapter_parameters(model, adapter_name).items()}
+
+    def load_into(self, model, step: int, adapter_name: str, slot: dict[str, torch.nn.Parameter] | None = None) -> None:
+        """
+        Hot-swap the snapshot of `step` into the (already added) adapter slot `adapter_name` of `model`. Pass `slot`
+        (from `slot_parameters`) when swapping into the same slot repeatedly: finding the slot's parameters walks the
+        whole model and costs more than the copy.
+        """
         snapshot = self._snapshots[step]
-        slot = {
-            name.replace(f".{adapter_name}", ""): param
-            for name, param in adapter_parameters(model, adapter_name).items()
-        }
+        slot = self.slot_parameters(model, adapter_name) if slot is None else slot
         if set(snapshot) == set(slot) and all(slot[k].shape == t.shape for k, t in snapshot.items()):
             # In-place copies: about 10x faster than PEFT's `set_peft_model_state_dict`, which walks the whole model.
             with torch.no_grad():

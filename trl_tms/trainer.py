@@ -40,11 +40,13 @@ from .resume import (
     write_run,
 )
 from .trajectories import SamplingParams, generate_trajectories, save_trajectories
+from .vllm_generation import check_vllm_available, generate_trajectories_vllm
 
 logger = logging.get_logger(__name__)
 
 PHASE_IDS = {"harvest": 1, "student": 2, "online": 3}
 TRAJECTORY_PARTS = "trajectory-parts"
+VLLM_DIR = "vllm"
 
 
 def snapshot_steps(total_steps: int, num_checkpoints: int) -> list[int]:
@@ -150,6 +152,8 @@ class TMSTrainer(SFTTrainer):
                 "from an untokenized dataset."
             )
         _check_lora(model, peft_config)
+        if args.generation_backend == "vllm":
+            check_vllm_available()
         if args.process_index == 0:  # fail now, not hours later at the first snapshot or checkpoint
             _check_writable(args.output_dir, "output_dir")
             _check_writable(args.history_dir or os.path.join(args.output_dir, "_tms_history"), "history_dir")
@@ -183,6 +187,12 @@ class TMSTrainer(SFTTrainer):
         )
 
         _check_parallelism(self.accelerator)
+        if args.generation_backend == "vllm":
+            if self.accelerator.num_processes > 1:
+                raise NotImplementedError(
+                    "`generation_backend='vllm'` runs one engine in one process; with several processes use "
+                    "`generation_backend='transformers'` (the prompts are then shared out across processes)."
+                )
         self._check_label_tokens_left(train_dataset)
         keep_4bit_layers_trainable(self.model)  # TMS generates, then trains, on the same (maybe 4-bit) base
         self.adapter_name = self.model.active_adapter
@@ -362,6 +372,7 @@ class TMSTrainer(SFTTrainer):
         }
         trajectories = dataclasses.asdict(SamplingParams.from_config(args))
         trajectories.pop("batch_size")  # batching changes speed, not the distribution sampled
+        trajectories["generation_backend"] = args.generation_backend  # each backend seeds its samples its own way
         return {"harvest": harvest, "trajectories": trajectories}
 
     def _start_run(self, resume_from_checkpoint) -> dict:
@@ -444,7 +455,7 @@ class TMSTrainer(SFTTrainer):
         """A new run replaces the snapshots and trajectories a previous run left in the same history folder."""
         if not self.is_world_process_zero() or not os.path.isdir(self.history_dir):
             return
-        names = ("trajectories", TRAJECTORY_PARTS, "harvest", RUN_FILE)
+        names = ("trajectories", TRAJECTORY_PARTS, VLLM_DIR, "harvest", RUN_FILE)
         stale = [n for n in os.listdir(self.history_dir) if n.startswith("step-") or n in names]
         if stale:
             logger.warning(f"Replacing the adapter history of a previous run in {self.history_dir} ({len(stale)} entries).")
@@ -459,11 +470,28 @@ class TMSTrainer(SFTTrainer):
         trajectories = self._sample()
         if self.is_world_process_zero():
             save_trajectories(trajectories, saved)
-            shutil.rmtree(os.path.join(self.history_dir, TRAJECTORY_PARTS), ignore_errors=True)
+            # The parts, and vLLM's copy of the base weights: the history keeps adapters and trajectories only.
+            for name in (TRAJECTORY_PARTS, VLLM_DIR):
+                shutil.rmtree(os.path.join(self.history_dir, name), ignore_errors=True)
         return trajectories
 
     def _sample(self, steps: list[int] | None = None):
         """Trajectories of the snapshots of `steps` (default: all), each group's part kept until the phase ends."""
+        if self.args.generation_backend == "vllm":
+            return generate_trajectories_vllm(
+                self.model,
+                self._tokenizer,
+                self._prompts,
+                self.history,
+                SamplingParams.from_config(self.args),
+                work_dir=os.path.join(self.history_dir, VLLM_DIR),
+                adapter_name=self.adapter_name,
+                chat_template=self.chat_template,
+                gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
+                disable_tqdm=self.args.disable_tqdm,
+                parts_dir=os.path.join(self.history_dir, TRAJECTORY_PARTS),
+                steps=steps,
+            )
         return generate_trajectories(
             self.model,
             self._tokenizer,

@@ -136,7 +136,6 @@ def generate_trajectories(
     per_call = 1 if use_dora else min(sampling.snapshots_per_generate, len(steps))
     slots = [f"{SLOT_PREFIX}{j}" for j in range(per_call)]
 
-    conversational = is_conversational(prompts[0])
     prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
     # Longest prompts first: similar lengths share a batch (less padding) and an out-of-memory error shows at once.
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
@@ -152,6 +151,7 @@ def generate_trajectories(
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     for slot in slots:
         model.add_adapter(slot, peft_config)
+    slot_parameters = {slot: history.slot_parameters(model, slot) for slot in slots}
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         # Seeded sampling that leaves the caller's random streams (CPU and GPU) as they were.
@@ -186,7 +186,7 @@ def generate_trajectories(
                     part = broadcast_object_list([part])[0]
                 if part is None:
                     for slot, step in zip(slots, group):
-                        history.load_into(model, step, slot)
+                        history.load_into(model, step, slot, slot_parameters[slot])
                     rows = []
                     for b in mine:
                         torch.manual_seed(_batch_seed(sampling.seed, group[0], b))
@@ -210,7 +210,15 @@ def generate_trajectories(
             param.requires_grad_(name in trainable)
         model.train(was_training)
 
+    return trajectories_dataset(tokenizer, prompts, records)
+
+
+def trajectories_dataset(tokenizer, prompts: Dataset, records: dict[str, list]) -> Dataset:
+    """The trajectories' dataset from the sampled rows (`PART_KEYS` columns), decoded and sorted by (prompt, snapshot,
+    sample) so that it does not depend on how the rows were batched."""
+    records = dict(records)
     completion_ids = records.pop("completion_ids")
+    conversational = is_conversational(prompts[0])
     prompt_column = prompts["prompt"]  # one column read, not one row read per trajectory
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     order = sorted(

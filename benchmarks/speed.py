@@ -362,7 +362,7 @@ def main():
          f"{results['ratios']['history_disk_over_T_model_copies']:.4f}", "adapters only"),
     ]
     print(f"\n{name} on {results['device']} ({results['threads']} threads), T={T}, LoRA r=16 all-linear\n")
-    print(f"| measure | values | ratio | target |\n|---|---|---|---|")
+    print("| measure | values | ratio | target |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     output = args.output or os.path.join(HERE, "results", f"speed_{name}{'_cuda' if DEVICE == 'cuda' else ''}.json")

@@ -13,7 +13,13 @@ from tiny import save_tiny
 from transformers import AutoModelForCausalLM
 
 from trl_tms import AdapterHistory, SamplingParams, TMSConfig, TMSTrainer, generate_trajectories
-from trl_tms.vllm_generation import _lora_rank, _vllm_sampling, base_model_folder, generate_trajectories_vllm
+from trl_tms.vllm_generation import (
+    _lora_rank,
+    _vllm_sampling,
+    base_model_folder,
+    check_vllm_servable,
+    generate_trajectories_vllm,
+)
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
@@ -65,6 +71,25 @@ def test_base_weights_for_vllm_leave_the_lora_layers_out(tmp_path):
     loaded = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=4, target_modules="all-linear"))
     assert base_model_folder(loaded, str(tmp_path / "unused")) == path
     assert not os.path.exists(tmp_path / "unused")
+
+
+def test_what_vllm_cannot_serve_is_refused_before_training(tmp_path):
+    from tiny import build_model
+
+    path = save_tiny(str(tmp_path / "tiny"))
+    loaded = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=4, target_modules="all-linear"))
+    check_vllm_servable(loaded)
+    loaded.is_loaded_in_4bit = True  # quantized, but its full-precision weights are in `path`: servable
+    check_vllm_servable(loaded)
+    for config, match in ((LoraConfig(r=4, use_dora=True, target_modules="all-linear"), "DoRA"),
+                          (LoraConfig(r=600, target_modules="all-linear"), "ranks up to 512")):
+        with pytest.raises(ValueError, match=match):
+            check_vllm_servable(get_peft_model(build_model("llama")[0], config))
+    in_memory = get_peft_model(build_model("llama")[0], LoraConfig(r=4, target_modules="all-linear"))
+    check_vllm_servable(in_memory)  # its base weights can be saved for vLLM
+    in_memory.is_loaded_in_4bit = True  # ... unless they are quantized
+    with pytest.raises(ValueError, match="local folder path"):
+        check_vllm_servable(in_memory)
 
 
 def test_vllm_sampling_settings():

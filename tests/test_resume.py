@@ -205,3 +205,28 @@ def test_a_fresh_run_replaces_an_interrupted_one(tiny_llama, tmp_path, reference
     fresh = make(tiny_llama, tmp_path)
     fresh.train()
     assert_same_run(fresh, reference)
+
+
+def test_checkpoints_never_get_ahead_of_the_snapshots_written_in_the_background(tiny_llama, tmp_path, monkeypatch):
+    import time
+
+    from safetensors.torch import save_file
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        save_file(*args, **kwargs)
+
+    class SnapshotsOnDiskAtSave(TrainerCallback):
+        seen: dict[int, list[int]] = {}
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.trainer.phase == "harvest":
+                history = self.trainer.history_dir
+                self.seen[state.global_step] = sorted(int(n[5:]) for n in os.listdir(history) if n.startswith("step-"))
+
+    monkeypatch.setattr("trl_tms.history.save_file", slow)
+    recorder = SnapshotsOnDiskAtSave()
+    trainer = make(tiny_llama, tmp_path, callbacks=[recorder], num_train_epochs=1)  # 6 steps, snapshots 2, 4, 6
+    trainer.train()
+    assert trainer.history.steps == [2, 4, 6]
+    assert recorder.seen == {2: [2], 4: [2, 4], 6: [2, 4, 6]}

@@ -204,6 +204,7 @@ class TMSTrainer(SFTTrainer):
         self.history = AdapterHistory(
             self.model.peft_config[self.adapter_name],
             directory=self.history_dir if self.is_world_process_zero() else None,
+            background_writes=True,
         )
         self.trajectories = None
         self.stats: dict[str, float] = {}
@@ -425,6 +426,7 @@ class TMSTrainer(SFTTrainer):
         """Load the snapshots of `expected` steps from disk (a resumed harvest takes the later ones again)."""
         if not expected:
             return
+        self.history.flush()
         try:
             reopened = AdapterHistory.open(self.history_dir)
         except (OSError, ValueError) as error:
@@ -669,12 +671,17 @@ class _PhaseCallback(TrainerCallback):
                 self.trainer.log_event(self.trainer._score_trajectories())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step not in self.steps:
-            return
-        if self.trainer.phase == "online":
-            self.trainer._refresh_online(state.global_step)
-        else:
-            self.trainer.history.take(self.trainer.model, state.global_step, self.trainer.adapter_name)
+        if state.global_step in self.steps:
+            if self.trainer.phase == "online":
+                self.trainer._refresh_online(state.global_step)
+            else:
+                self.trainer.history.take(self.trainer.model, state.global_step, self.trainer.adapter_name)
+        if control.should_save:
+            # The checkpoint written after this step must not get ahead of the snapshots it resumes with.
+            self.trainer.history.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.history.flush()
 
 
 def _check_parallelism(accelerator) -> None:

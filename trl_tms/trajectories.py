@@ -16,6 +16,7 @@ from trl.data_utils import is_conversational
 from .atomic import atomic_folder, write_json_atomically
 from .data import as_completion, prompt_token_ids
 from .history import AdapterHistory
+from .routing import RowRouter
 
 SLOT_PREFIX = "tms_slot_"
 PART_KEYS = ("prompt_index", "snapshot_step", "sample_index", "completion_ids", "finished")
@@ -84,7 +85,7 @@ def generate_trajectories(
     Sample `sampling.samples_per_checkpoint` completions for every prompt from every snapshot in `history`.
 
     Snapshots are hot-swapped into spare adapter slots of `model` (a `PeftModel`), so one base model serves the whole
-    history; several snapshots share one `generate` call through PEFT's `adapter_names`. The slots are removed before
+    history; several snapshots share one `generate` call, each row routed to its own snapshot by [`RowRouter`]. The slots are removed before
     returning, and the trained adapter is left active and trainable.
 
     Args:
@@ -148,6 +149,7 @@ def generate_trajectories(
     for slot in slots:
         model.add_adapter(slot, peft_config)
     slot_parameters = {slot: history.slot_parameters(model, slot) for slot in slots}
+    route = RowRouter(model, slots)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         # Seeded sampling that leaves the caller's random streams (CPU and GPU) as they were.
@@ -166,11 +168,9 @@ def generate_trajectories(
                     for k in range(sampling.samples_per_checkpoint)
                 ]
                 input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in row_meta], tokenizer.pad_token_id)
-                # One snapshot in the call: activate its slot rather than route rows (PEFT's per-row routing indexes
-                # every LoRA layer's input per adapter at every token, which costs ~10% on CPU).
-                with _route(model, [slot for *_, slot in row_meta], per_row=len(group) > 1) as route:
+                with route([slot for *_, slot in row_meta]) as routing:
                     output = gen_model.generate(
-                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs, **route
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs, **routing
                     )
                 new_tokens = output[:, input_ids.shape[1] :].tolist()
                 return [(i, step, k, *_until_eos(tokens, eos_ids)) for (i, step, k, _), tokens in zip(row_meta, new_tokens)]
@@ -250,20 +250,6 @@ def trajectories_dataset(tokenizer, prompts: Dataset, records: dict[str, list]) 
 
 def _batch_seed(seed: int, first_step: int, batch: int) -> int:
     return ((seed * 1_000_003 + first_step) * 10_007 + batch) % 2**63
-
-
-@contextlib.contextmanager
-def _route(model, row_adapters: list[str], per_row: bool):
-    """Route each row to its snapshot: per-row `adapter_names`, or, when all rows share one, by activating that slot."""
-    if per_row:
-        yield {"adapter_names": row_adapters}
-        return
-    previous = model.active_adapter
-    model.set_adapter(row_adapters[0])
-    try:
-        yield {}
-    finally:
-        model.set_adapter(previous)
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

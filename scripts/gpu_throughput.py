@@ -66,7 +66,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, words = build(args.device, hidden, layers, tmp)
-    history = AdapterHistory(model.peft_config["default"])
+    history = AdapterHistory(model.peft_config["default"], background_writes=True)  # as TMSTrainer takes them
     take_s = timed(lambda: history.take(model, step=1), 10, args.device)
     for step in (2, 3, 4):
         history.take(model, step=step)

@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM
 from trl_tms import AdapterHistory
 from trl_tms.history import adapter_parameters
 
+DEVICE = os.environ.get("TMS_TEST_DEVICE", "cpu")
+
 
 def peft_model(path, r=4):
     torch.manual_seed(0)
@@ -16,20 +18,26 @@ def peft_model(path, r=4):
     )
 
 
-def test_take_copies_only_the_adapter_to_cpu(tiny_llama, tmp_path):
-    model = peft_model(tiny_llama)
-    history = AdapterHistory(model.peft_config["default"], directory=str(tmp_path / "h"))
-    snapshot = history.take(model, step=5)
+@pytest.mark.parametrize("background_writes", [False, True])
+def test_take_copies_only_the_adapter_to_cpu(tiny_llama, tmp_path, background_writes):
+    model = peft_model(tiny_llama).to(DEVICE)  # scripts/gpu_check.sh runs this on CUDA: copies staged on the GPU
+    history = AdapterHistory(model.peft_config["default"], str(tmp_path / "h"), background_writes=background_writes)
     lora_params = adapter_parameters(model, "default")
-    assert len(snapshot) == len(lora_params)
-    assert all("lora_" in key and ".default" not in key for key in snapshot)
-    assert sum(t.numel() for t in snapshot.values()) < sum(p.numel() for p in model.parameters()) / 5
-    # A copy, not a view: training on afterwards leaves the snapshot alone.
-    before = {k: v.clone() for k, v in snapshot.items()}
+    expected = {k: v.detach().cpu().clone() for k, v in lora_params.items()}
+    history.take(model, step=5)
+    # Training on at once (before a background copy could have run) leaves the snapshot alone: it is a copy.
     with torch.no_grad():
         for param in lora_params.values():
             param.add_(1.0)
-    assert all(torch.equal(before[k], snapshot[k]) for k in snapshot)
+    snapshot = history[5]
+    assert len(snapshot) == len(lora_params)
+    assert all("lora_" in key and ".default" not in key and t.device.type == "cpu" for key, t in snapshot.items())
+    assert sum(t.numel() for t in snapshot.values()) < sum(p.numel() for p in model.parameters()) / 5
+    for name, tensor in expected.items():
+        assert torch.equal(snapshot[name.replace(".default", "")], tensor)
+    history.flush()
+    on_disk = AdapterHistory.open(str(tmp_path / "h"))[5]
+    assert all(torch.equal(on_disk[k], snapshot[k]) for k in snapshot)
 
 
 def test_snapshot_folder_loads_with_peft(tiny_llama, tmp_path):
@@ -122,7 +130,9 @@ def test_taking_a_snapshot_never_asks_the_hub(tiny_llama, monkeypatch):
         raise AssertionError("the Hub was asked")
 
     monkeypatch.setattr("peft.utils.save_and_load.check_file_exists_on_hf_hub", no_network)
-    assert len(AdapterHistory(model.peft_config["default"]).take(model, step=1)) > 0
+    history = AdapterHistory(model.peft_config["default"])
+    history.take(model, step=1)
+    assert len(history[1]) > 0
 
 
 def test_snapshot_folders_are_ordinary_folders(tiny_llama, tmp_path):
@@ -148,7 +158,8 @@ def test_background_writes_land_on_flush_and_failures_surface(tiny_llama, tmp_pa
         save_file(*args, **kwargs)
 
     monkeypatch.setattr("trl_tms.history.save_file", held_back)
-    snapshot = history.take(model, step=1)
+    history.take(model, step=1)
+    snapshot = history[1]
     assert 1 in history and not os.path.exists(history.path(1))  # take returned while the write waits
     release.set()
     history.flush()

@@ -30,23 +30,34 @@ def adapter_parameters(model, adapter_name: str) -> dict[str, torch.nn.Parameter
     return params
 
 
-def _copy_to_cpu(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Detached CPU copies. From a GPU they land in one pinned buffer per dtype: queued copies, one wait, and swaps
-    back to the GPU that need not wait either."""
-    on_gpu = [name for name, param in params.items() if param.is_cuda]
-    copies = {name: param.detach().to("cpu", copy=True) for name, param in params.items() if not param.is_cuda}
-    for dtype in {params[name].dtype for name in on_gpu}:
-        names = [name for name in on_gpu if params[name].dtype == dtype]
-        buffer = torch.empty(sum(params[n].numel() for n in names), dtype=dtype, pin_memory=True)
+def _stage_on_device(params: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Copy GPU parameters into one flat GPU buffer per dtype (a few kernels, no wait); returns the buffers and the
+    copies as views of them."""
+    buffers, views = [], {}
+    for dtype in {p.dtype for p in params.values()}:
+        names = [name for name, p in params.items() if p.dtype == dtype]
+        buffer = torch.cat([params[name].reshape(-1) for name in names])
         offset = 0
         for name in names:
-            param = params[name]
-            copies[name] = buffer[offset : offset + param.numel()].view(param.shape)
-            copies[name].copy_(param.detach(), non_blocking=True)
-            offset += param.numel()
-    if on_gpu:
-        torch.cuda.synchronize(params[on_gpu[0]].device)
-    return {name: copies[name] for name in params}
+            views[name] = buffer[offset : offset + params[name].numel()].view(params[name].shape)
+            offset += params[name].numel()
+        buffers.append(buffer)
+    return buffers, {name: views[name] for name in params}
+
+
+def _unstage(buffers: list[torch.Tensor], staged: dict[str, torch.Tensor], ready) -> dict[str, torch.Tensor]:
+    """The staged snapshot on CPU, in pinned memory (swaps back to the GPU then queue up without waiting)."""
+    ready.synchronize()
+    snapshot = {}
+    for buffer in buffers:
+        host = torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=True)
+        host.copy_(buffer)
+        start, size = buffer.data_ptr(), buffer.element_size()
+        for key, view in staged.items():
+            if start <= view.data_ptr() < start + buffer.numel() * size:
+                offset = (view.data_ptr() - start) // size
+                snapshot[key] = host[offset : offset + view.numel()].view(view.shape)
+    return {key: snapshot[key] for key in staged}
 
 
 class AdapterHistory:
@@ -64,8 +75,8 @@ class AdapterHistory:
         directory (`str`, *optional*):
             Folder that receives the snapshots. Without it the history lives in memory only.
         background_writes (`bool`, *optional*, defaults to `False`):
-            Write snapshot folders from a background thread, so that `take` returns once the weights are copied (a
-            GPU optimizer step can be shorter than writing the file). Call [`AdapterHistory.flush`] before reading the
+            Write snapshot folders from a background thread, so that `take` returns once the weights are copied (on a
+            GPU, once the copy is queued: a GPU optimizer step can be shorter than copying and writing the adapter). Call [`AdapterHistory.flush`] before reading the
             folders; a failed write is raised by the next `take` or `flush`. Pending writes finish before the Python
             process exits.
     """
@@ -79,22 +90,38 @@ class AdapterHistory:
 
     # Taking and reading snapshots
 
-    def take(self, model, step: int, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """Copy the adapter's current weights to CPU as the snapshot of `step` and persist it if a directory is set."""
+    def take(self, model, step: int, adapter_name: str = "default") -> None:
+        """
+        Snapshot the adapter's current weights as step `step` (on CPU, read back with `history[step]`) and persist
+        them if a directory is set. With `background_writes` and a GPU model, `take` only queues a copy on the GPU; the
+        copy to CPU happens in the background too, and `history[step]` waits for it.
+        """
         self._raise_failed_writes()
-        params = adapter_parameters(model, adapter_name)
-        copied = _copy_to_cpu(params)
+        params = {name: p.detach() for name, p in adapter_parameters(model, adapter_name).items()}
+        staged = self._writer is not None and any(p.is_cuda for p in params.values())
+        if staged:
+            buffers, copies = _stage_on_device(params)
+        else:
+            copies = {name: p.to("cpu", copy=True) for name, p in params.items()}
         # The snapshot holds adapter tensors only; "auto" would look the base model up on the Hub at every snapshot.
         snapshot = get_peft_model_state_dict(
-            model, state_dict=copied, adapter_name=adapter_name, save_embedding_layers=False
+            model, state_dict=copies, adapter_name=adapter_name, save_embedding_layers=False
         )
-        self._snapshots[step] = snapshot
-        if self.directory is not None:
-            if self._writer is None:
-                self._write(step, snapshot)
-            else:
-                self._pending.append(self._writer.submit(self._write, step, snapshot))
-        return snapshot
+        if staged:
+            ready = torch.cuda.Event()
+            ready.record()
+            self._snapshots[step] = snapshot = self._writer.submit(_unstage, buffers, snapshot, ready)
+        else:
+            self._snapshots[step] = snapshot
+        if self.directory is None:
+            return
+        if self._writer is None:
+            self._write(step, snapshot)
+        else:
+            self._pending.append(self._writer.submit(self._write_when_ready, step, snapshot))
+
+    def _write_when_ready(self, step: int, snapshot: dict[str, torch.Tensor] | Future) -> None:
+        self._write(step, snapshot.result() if isinstance(snapshot, Future) else snapshot)
 
     def flush(self) -> None:
         """Wait until every snapshot taken so far is on disk; raises the first failed background write."""
@@ -122,7 +149,10 @@ class AdapterHistory:
         return step in self._snapshots
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        return self._snapshots[step]
+        snapshot = self._snapshots[step]
+        if isinstance(snapshot, Future):  # still being copied off the GPU
+            snapshot = self._snapshots[step] = snapshot.result()
+        return snapshot
 
     def path(self, step: int) -> str:
         if self.directory is None:
@@ -142,7 +172,7 @@ class AdapterHistory:
         (from `slot_parameters`) when swapping into the same slot repeatedly: finding the slot's parameters walks the
         whole model and costs more than the copy.
         """
-        snapshot = self._snapshots[step]
+        snapshot = self[step]
         slot = self.slot_parameters(model, adapter_name) if slot is None else slot
         if set(snapshot) == set(slot) and all(slot[k].shape == t.shape for k, t in snapshot.items()):
             # In-place copies: about 10x faster than PEFT's `set_peft_model_state_dict`, which walks the whole model.

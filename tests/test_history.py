@@ -179,3 +179,19 @@ def test_background_writes_land_on_flush_and_failures_surface(tiny_llama, tmp_pa
         history.take(model, step=4)  # the next snapshot reports the failed one
     history.flush()
     assert sorted(os.listdir(tmp_path / "h")) == ["step-1"]
+
+
+def test_snapshots_follow_the_model_they_are_taken_from(tiny_llama):
+    # The parameters and keys found at the first snapshot are reused; they must follow moved weights and other models.
+    model, other = peft_model(tiny_llama), peft_model(tiny_llama, r=2)
+    history = AdapterHistory(model.peft_config["default"])
+    history.take(model, step=1)
+    before = {name: p.detach().clone() for name, p in adapter_parameters(model, "default").items()}
+    for param in adapter_parameters(model, "default").values():
+        param.data = param.data + 1.0  # as `model.to(...)` replaces `.data`
+    history.take(model, step=2)
+    history.take(other, step=3)
+    for name, param in adapter_parameters(model, "default").items():
+        key = name.replace(".default", "")
+        assert torch.equal(history[2][key], param.detach()) and torch.equal(history[1][key], before[name])
+    assert {t.shape[0] for k, t in history[3].items() if "lora_A" in k} == {2}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -87,6 +88,7 @@ class AdapterHistory:
         self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tms-snapshot-writer") if background_writes else None
         self._pending: list[Future] = []
+        self._layout = None
 
     # Taking and reading snapshots
 
@@ -97,16 +99,17 @@ class AdapterHistory:
         copy to CPU happens in the background too, and `history[step]` waits for it.
         """
         self._raise_failed_writes()
-        params = {name: p.detach() for name, p in adapter_parameters(model, adapter_name).items()}
+        params, keys = self._layout_of(model, adapter_name)
+        params = {name: p.detach() for name, p in params.items()}
         staged = self._writer is not None and any(p.is_cuda for p in params.values())
         if staged:
             buffers, copies = _stage_on_device(params)
         else:
             copies = {name: p.to("cpu", copy=True) for name, p in params.items()}
-        # The snapshot holds adapter tensors only; "auto" would look the base model up on the Hub at every snapshot.
-        snapshot = get_peft_model_state_dict(
-            model, state_dict=copies, adapter_name=adapter_name, save_embedding_layers=False
-        )
+        if keys is None:
+            snapshot = get_peft_model_state_dict(model, copies, adapter_name=adapter_name, save_embedding_layers=False)
+        else:
+            snapshot = {key: copies[name] for name, key in keys.items()}
         if staged:
             ready = torch.cuda.Event()
             ready.record()
@@ -119,6 +122,26 @@ class AdapterHistory:
             self._write(step, snapshot)
         else:
             self._pending.append(self._writer.submit(self._write_when_ready, step, snapshot))
+
+    def _layout_of(self, model, adapter_name: str) -> tuple[dict[str, torch.nn.Parameter], dict[str, str] | None]:
+        """
+        The adapter's parameters and the snapshot key of each, in PEFT's layout; found once per model and
+        adapter, because walking the model and PEFT's key mapping take longer than copying a small adapter.
+        """
+        cached = self._layout
+        if cached is not None and cached[0]() is model and cached[1] == adapter_name:
+            return cached[2], cached[3]
+        params = adapter_parameters(model, adapter_name)
+        # The snapshot holds adapter tensors only; "auto" would look the base model up on the Hub.
+        state = get_peft_model_state_dict(model, state_dict=params, adapter_name=adapter_name, save_embedding_layers=False)
+        names = {id(tensor): name for name, tensor in params.items()}
+        if not all(id(tensor) in names for tensor in state.values()):
+            # PEFT built tensors of its own (not a renaming of the parameters): ask it at every snapshot.
+            return params, None
+        keys = {names[id(tensor)]: key for key, tensor in state.items()}
+        params = {name: params[name] for name in keys}
+        self._layout = (weakref.ref(model), adapter_name, params, keys)
+        return params, keys
 
     def _write_when_ready(self, step: int, snapshot: dict[str, torch.Tensor] | Future) -> None:
         self._write(step, snapshot.result() if isinstance(snapshot, Future) else snapshot)

@@ -1,4 +1,5 @@
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,9 +19,14 @@ def peft_model(path, r=4):
     )
 
 
-@pytest.mark.parametrize("background_writes", [False, True])
-def test_take_copies_only_the_adapter_to_cpu(tiny_llama, tmp_path, background_writes):
-    model = peft_model(tiny_llama).to(DEVICE)  # scripts/gpu_check.sh runs this on CUDA: copies staged on the GPU
+@pytest.mark.parametrize("background_writes,staged", [(False, False), (True, False), (True, True)])
+def test_take_copies_only_the_adapter_to_cpu(tiny_llama, tmp_path, monkeypatch, background_writes, staged):
+    # On CUDA (scripts/gpu_check.sh runs this file with TMS_TEST_DEVICE=cuda) background snapshots are staged on the
+    # GPU and copied to CPU later; `staged` takes that path with a CPU model (all but the asynchrony).
+    if staged and DEVICE == "cpu":
+        monkeypatch.setattr("trl_tms.history._one_gpu", lambda params: torch.device("cpu"))
+        monkeypatch.setattr("trl_tms.history._recorded_event", lambda device: SimpleNamespace(synchronize=lambda: None))
+    model = peft_model(tiny_llama).to(DEVICE)
     history = AdapterHistory(model.peft_config["default"], str(tmp_path / "h"), background_writes=background_writes)
     lora_params = adapter_parameters(model, "default")
     expected = {k: v.detach().cpu().clone() for k, v in lora_params.items()}

@@ -8,6 +8,7 @@ from conftest import load_tokenizer
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from trl_tms.history import adapter_parameters
 from trl_tms.quantization import keep_4bit_layers_trainable
 from trl_tms.routing import RowRouter
 
@@ -106,3 +107,23 @@ def test_adapters_the_stacked_form_cannot_express_go_through_peft(tiny_llama):
             routed = model(**inputs, **routing).logits
             expected = logits_one_slot_per_row(model, inputs, row_slots)
         torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_copied_into_the_slots_are_routed_at_once(tiny_llama):
+    # Snapshots are hot-swapped into the slots (in-place copies) after the router stacked them: the stacks must see them.
+    model = model_with_slots(tiny_llama)
+    router = RowRouter(model, SLOTS)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for slot in SLOTS[:2]:
+            for param in adapter_parameters(model, slot).values():
+                param.copy_(torch.randn_like(param))
+        inputs = batch(tiny_llama, 4)
+        row_slots = [SLOTS[i] for i in (1, 0, 2, 1)]
+        expected = logits_one_slot_per_row(model, inputs, row_slots)
+        with router(row_slots):
+            torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+    stacked_bytes = sum(a.untyped_storage().nbytes() + b.untyped_storage().nbytes() for a, b, _ in router._stacks)
+    slot_storages = {p.untyped_storage().data_ptr() for s in SLOTS for p in adapter_parameters(model, s).values()}
+    assert slot_storages == {t.untyped_storage().data_ptr() for a, b, _ in router._stacks for t in (a, b)}
+    assert stacked_bytes == sum(p.numel() * p.element_size() for s in SLOTS for p in adapter_parameters(model, s).values())

@@ -196,8 +196,9 @@ class TMSConfig(SFTConfig):
         default=4,
         metadata={
             "help": "Number of snapshots resident at once and served in the same `generate` call, each row routed to "
-            "its own adapter with PEFT's `adapter_names`. `1` swaps one snapshot at a time. Each resident snapshot "
-            "costs one LoRA adapter of memory."
+            "its own snapshot's LoRA factors. `1` swaps one snapshot at a time. Each resident snapshot costs one LoRA "
+            "adapter of memory; more rows per call is faster (4 per call: 3x the tokens/s of 1 on an H100, 1.4x on "
+            "CPU, for SmolLM2-135M)."
         },
     )
 

@@ -31,34 +31,43 @@ def adapter_parameters(model, adapter_name: str) -> dict[str, torch.nn.Parameter
     return params
 
 
-def _stage_on_device(params: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Copy GPU parameters into one flat GPU buffer per dtype (a few kernels, no wait); returns the buffers and the
-    copies as views of them."""
-    buffers, views = [], {}
-    for dtype in {p.dtype for p in params.values()}:
-        names = [name for name, p in params.items() if p.dtype == dtype]
-        buffer = torch.cat([params[name].reshape(-1) for name in names])
-        offset = 0
-        for name in names:
-            views[name] = buffer[offset : offset + params[name].numel()].view(params[name].shape)
-            offset += params[name].numel()
-        buffers.append(buffer)
-    return buffers, {name: views[name] for name in params}
+def _one_gpu(params: dict[str, torch.Tensor]) -> torch.device | None:
+    """The GPU holding all the parameters, if there is one (a model spread over several devices is copied as it is)."""
+    devices = {p.device for p in params.values()}
+    device = devices.pop()
+    return device if not devices and device.type == "cuda" else None
 
 
-def _unstage(buffers: list[torch.Tensor], staged: dict[str, torch.Tensor], ready) -> dict[str, torch.Tensor]:
-    """The staged snapshot on CPU, in pinned memory (swaps back to the GPU then queue up without waiting)."""
+def _recorded_event(device: torch.device):
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _by_dtype(params: dict[str, torch.Tensor]) -> list[list[str]]:
+    return [[name for name, p in params.items() if p.dtype == dtype] for dtype in {p.dtype for p in params.values()}]
+
+
+def _stage_on_device(params: dict[str, torch.Tensor], groups: list[list[str]]) -> list[torch.Tensor]:
+    """Queue a copy of GPU parameters into one flat GPU buffer per group of names (same dtype); nothing waits."""
+    with torch.no_grad():
+        return [torch.cat([params[name].reshape(-1) for name in names]) for names in groups]
+
+
+def _unstage(buffers, groups, shapes, keys, ready) -> dict[str, torch.Tensor]:
+    """The staged snapshot, keyed by `keys`, on CPU in pinned memory (swaps back to the GPU then queue up without
+    waiting)."""
     ready.synchronize()
     snapshot = {}
-    for buffer in buffers:
-        host = torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=True)
+    for buffer, names in zip(buffers, groups):
+        host = torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=buffer.is_cuda)
         host.copy_(buffer)
-        start, size = buffer.data_ptr(), buffer.element_size()
-        for key, view in staged.items():
-            if start <= view.data_ptr() < start + buffer.numel() * size:
-                offset = (view.data_ptr() - start) // size
-                snapshot[key] = host[offset : offset + view.numel()].view(view.shape)
-    return {key: snapshot[key] for key in staged}
+        offset = 0
+        for name in names:
+            size = shapes[name].numel()
+            snapshot[keys[name]] = host[offset : offset + size].view(shapes[name])
+            offset += size
+    return {key: snapshot[key] for key in keys.values()}
 
 
 class AdapterHistory:
@@ -100,21 +109,22 @@ class AdapterHistory:
         """
         self._raise_failed_writes()
         params, keys = self._layout_of(model, adapter_name)
-        params = {name: p.detach() for name, p in params.items()}
-        staged = self._writer is not None and any(p.is_cuda for p in params.values())
-        if staged:
-            buffers, copies = _stage_on_device(params)
+        device = _one_gpu(params) if self._writer is not None and keys is not None else None
+        if device is not None:
+            # Training waits for kernel launches only; the copy to CPU runs in the background, after them.
+            groups = _by_dtype(params)
+            buffers = _stage_on_device(params, groups)
+            ready = _recorded_event(device)
+            shapes = {name: p.shape for name, p in params.items()}
+            self._snapshots[step] = snapshot = self._writer.submit(_unstage, buffers, groups, shapes, keys, ready)
         else:
-            copies = {name: p.to("cpu", copy=True) for name, p in params.items()}
-        if keys is None:
-            snapshot = get_peft_model_state_dict(model, copies, adapter_name=adapter_name, save_embedding_layers=False)
-        else:
-            snapshot = {key: copies[name] for name, key in keys.items()}
-        if staged:
-            ready = torch.cuda.Event()
-            ready.record()
-            self._snapshots[step] = snapshot = self._writer.submit(_unstage, buffers, snapshot, ready)
-        else:
+            copies = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+            if keys is None:
+                snapshot = get_peft_model_state_dict(
+                    model, copies, adapter_name=adapter_name, save_embedding_layers=False
+                )
+            else:
+                snapshot = {key: copies[name] for name, key in keys.items()}
             self._snapshots[step] = snapshot
         if self.directory is None:
             return

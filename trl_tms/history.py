@@ -86,15 +86,15 @@ class AdapterHistory:
             Folder that receives the snapshots. Without it the history lives in memory only.
         background_writes (`bool`, *optional*, defaults to `False`):
             Write snapshot folders from a background thread, so that `take` returns once the weights are copied (on a
-            GPU, once the copy is queued: a GPU optimizer step can be shorter than copying and writing the adapter). Call [`AdapterHistory.flush`] before reading the
-            folders; a failed write is raised by the next `take` or `flush`. Pending writes finish before the Python
-            process exits.
+            GPU, once the copy is queued: a GPU optimizer step can be shorter than copying and writing the adapter).
+            Call [`AdapterHistory.flush`] before reading the folders; a failed write is raised by the next `take` or
+            `flush`. Pending writes finish before the Python process exits.
     """
 
     def __init__(self, peft_config: PeftConfig, directory: str | None = None, background_writes: bool = False):
         self.peft_config = peft_config
         self.directory = directory
-        self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self._snapshots: dict[int, dict[str, torch.Tensor] | Future] = {}  # a Future while copied off the GPU
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tms-snapshot-writer") if background_writes else None
         self._pending: list[Future] = []
         self._layout = None

@@ -85,8 +85,8 @@ def generate_trajectories(
     Sample `sampling.samples_per_checkpoint` completions for every prompt from every snapshot in `history`.
 
     Snapshots are hot-swapped into spare adapter slots of `model` (a `PeftModel`), so one base model serves the whole
-    history; several snapshots share one `generate` call, each row routed to its own snapshot by [`RowRouter`]. The slots are removed before
-    returning, and the trained adapter is left active and trainable.
+    history; several snapshots share one `generate` call, each row routed to its own snapshot by [`RowRouter`]. The
+    slots are removed before returning, and the trained adapter is left active and trainable.
 
     Args:
         model ([`~peft.PeftModel`]):

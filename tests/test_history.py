@@ -185,6 +185,11 @@ def test_background_writes_land_on_flush_and_failures_surface(tiny_llama, tmp_pa
         history.take(model, step=4)  # the next snapshot reports the failed one
     history.flush()
     assert sorted(os.listdir(tmp_path / "h")) == ["step-1"]
+    # No writer thread idles on (the training loop may fork data-loader workers): each ends with its snapshot.
+    for thread in threading.enumerate():
+        if thread.name == "tms-snapshot-writer":
+            thread.join(timeout=5)
+            assert not thread.is_alive()
 
 
 def test_snapshots_follow_the_model_they_are_taken_from(tiny_llama):

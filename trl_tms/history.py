@@ -7,7 +7,8 @@ import os
 import re
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, wait
 
 import torch
 from peft import PeftConfig
@@ -95,8 +96,8 @@ class AdapterHistory:
         self.peft_config = peft_config
         self.directory = directory
         self._snapshots: dict[int, dict[str, torch.Tensor] | Future] = {}  # a Future while copied off the GPU
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tms-snapshot-writer") if background_writes else None
-        self._pending: list[Future] = []
+        self.background_writes = background_writes
+        self._pending: list[Future] = []  # background work, in the order it was started
         self._layout = None
 
     # Taking and reading snapshots
@@ -109,29 +110,27 @@ class AdapterHistory:
         """
         self._raise_failed_writes()
         params, keys = self._layout_of(model, adapter_name)
-        device = _one_gpu(params) if self._writer is not None and keys is not None else None
+        device = _one_gpu(params) if self.background_writes and keys is not None else None
         if device is not None:
             # Training waits for kernel launches only; the copy to CPU runs in the background, after them.
             groups = _by_dtype(params)
             buffers = _stage_on_device(params, groups)
-            ready = _recorded_event(device)
-            shapes = {name: p.shape for name, p in params.items()}
-            self._snapshots[step] = snapshot = self._writer.submit(_unstage, buffers, groups, shapes, keys, ready)
+            staged = (buffers, groups, {name: p.shape for name, p in params.items()}, keys, _recorded_event(device))
+            self._snapshots[step] = snapshot = Future()
+            self._pending.append(self._in_background(self._copy_and_write, step, snapshot, staged))
+            return
+        copies = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        if keys is None:
+            snapshot = get_peft_model_state_dict(model, copies, adapter_name=adapter_name, save_embedding_layers=False)
         else:
-            copies = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
-            if keys is None:
-                snapshot = get_peft_model_state_dict(
-                    model, copies, adapter_name=adapter_name, save_embedding_layers=False
-                )
-            else:
-                snapshot = {key: copies[name] for name, key in keys.items()}
-            self._snapshots[step] = snapshot
+            snapshot = {key: copies[name] for name, key in keys.items()}
+        self._snapshots[step] = snapshot
         if self.directory is None:
             return
-        if self._writer is None:
-            self._write(step, snapshot)
+        if self.background_writes:
+            self._pending.append(self._in_background(self._write, step, snapshot))
         else:
-            self._pending.append(self._writer.submit(self._write_when_ready, step, snapshot))
+            self._write(step, snapshot)
 
     def _layout_of(self, model, adapter_name: str) -> tuple[dict[str, torch.nn.Parameter], dict[str, str] | None]:
         """
@@ -153,8 +152,34 @@ class AdapterHistory:
         self._layout = (weakref.ref(model), adapter_name, params, keys)
         return params, keys
 
-    def _write_when_ready(self, step: int, snapshot: dict[str, torch.Tensor] | Future) -> None:
-        self._write(step, snapshot.result() if isinstance(snapshot, Future) else snapshot)
+    def _in_background(self, work, *args) -> Future:
+        """
+        Run `work(*args)` in a thread of its own once the previous background work is done, so snapshots land in the
+        order they were taken. A thread per snapshot rather than a pool: no thread idles alive while the training loop
+        forks its data-loader workers.
+        """
+        previous, done = (self._pending[-1] if self._pending else None), Future()
+
+        def run():
+            if previous is not None:
+                wait([previous])
+            try:
+                done.set_result(work(*args))
+            except BaseException as error:  # handed to whoever waits: `flush`, or the next `take`
+                done.set_exception(error)
+
+        threading.Thread(target=run, name="tms-snapshot-writer").start()
+        return done
+
+    def _copy_and_write(self, step: int, snapshot: Future, staged: tuple) -> None:
+        try:
+            copied = _unstage(*staged)
+        except BaseException as error:
+            snapshot.set_exception(error)
+            raise
+        snapshot.set_result(copied)
+        if self.directory is not None:
+            self._write(step, copied)
 
     def flush(self) -> None:
         """Wait until every snapshot taken so far is on disk; raises the first failed background write."""

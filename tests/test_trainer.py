@@ -527,3 +527,42 @@ def test_curriculum_trajectory_choice_knows_the_number_of_student_epochs(tiny_ll
         for row in drawn:
             # A prompt whose trajectory of this snapshot came out empty takes a neighbouring snapshot's.
             assert step_of[row] == step or (prompt_of[row], step) not in has
+
+
+def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tiny_llama, monkeypatch):
+    import contextlib
+
+    import trl_tms.trajectories as trajectories
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = load_tokenizer(tiny_llama)
+    prompts = [tokenizer(f"what is {a} plus {b} ?")["input_ids"] for a, b in
+               [("one", "two"), ("ten", "six"), ("five", "five"), ("nine", "one"), ("two", "two"), ("six", "ten")]]
+    input_ids, attention_mask = trajectories._left_pad(prompts, tokenizer.pad_token_id)
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    with torch.no_grad():
+        free = model.generate(input_ids=input_ids, attention_mask=attention_mask, **greedy, eos_token_id=None)
+    free = free[:, input_ids.shape[1]:].tolist()
+    # An "EOS" that some rows produce early and others never: those rows must leave the batch.
+    counts = {}
+    for row in free:
+        for token in set(row[:4]):
+            counts[token] = counts.get(token, 0) + 1
+    eos = min((t for t, c in counts.items() if 0 < c < len(free)), key=lambda t: abs(counts[t] - len(free) / 2))
+    expected = [row[: row.index(eos)] if eos in row else row for row in free]
+
+    batch_sizes = []
+
+    @contextlib.contextmanager
+    def route(row_slots):
+        batch_sizes.append(len(row_slots))
+        yield {}
+
+    monkeypatch.setattr(trajectories, "DROP_FINISHED_EVERY", 4)
+    with torch.no_grad():
+        tokens = trajectories._generate_dropping_finished(
+            model, input_ids, attention_mask, ["s"] * len(prompts), route, {**greedy, "eos_token_id": eos}, {eos}
+        )
+    assert [trajectories._until_eos(row, {eos})[0] for row in tokens] == expected
+    assert batch_sizes[0] == len(prompts) and batch_sizes[-1] < len(prompts) and batch_sizes == sorted(batch_sizes)[::-1]
+    assert len(batch_sizes) == 3  # 12 tokens, 4 at a time, some row still going until the end

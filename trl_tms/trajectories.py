@@ -168,11 +168,10 @@ def generate_trajectories(
                     for k in range(sampling.samples_per_checkpoint)
                 ]
                 input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in row_meta], tokenizer.pad_token_id)
-                with route([slot for *_, slot in row_meta]) as routing:
-                    output = gen_model.generate(
-                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs, **routing
-                    )
-                new_tokens = output[:, input_ids.shape[1] :].tolist()
+                new_tokens = _generate_dropping_finished(
+                    gen_model, input_ids.to(device), attention_mask.to(device), [slot for *_, slot in row_meta],
+                    route, kwargs, eos_ids,
+                )
                 return [(i, step, k, *_until_eos(tokens, eos_ids)) for (i, step, k, _), tokens in zip(row_meta, new_tokens)]
 
             progress = tqdm(total=len(groups) * len(mine), desc="Generating trajectories", disable=disable_tqdm)
@@ -250,6 +249,40 @@ def trajectories_dataset(tokenizer, prompts: Dataset, records: dict[str, list]) 
 
 def _batch_seed(seed: int, first_step: int, batch: int) -> int:
     return ((seed * 1_000_003 + first_step) * 10_007 + batch) % 2**63
+
+
+DROP_FINISHED_EVERY = 16  # new tokens between two checks for rows that reached EOS
+
+
+def _generate_dropping_finished(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids) -> list[list[int]]:
+    """
+    `generate` in chunks of `DROP_FINISHED_EVERY` new tokens; after each chunk, the rows that reached EOS leave the
+    batch (with their KV-cache rows), and the others continue from the cache. `generate` alone keeps computing every
+    finished row until the whole batch is done. Returns each row's new tokens.
+    """
+    tokens = [[] for _ in row_slots]
+    rows, cache, budget = list(range(len(row_slots))), None, kwargs["max_new_tokens"]
+    while True:
+        chunk = min(DROP_FINISHED_EVERY, budget)
+        with route([row_slots[r] for r in rows]) as routing:
+            output = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                **{**kwargs, "max_new_tokens": chunk}, return_dict_in_generate=True, **routing,
+            )
+        new = output.sequences[:, input_ids.shape[1] :]
+        for position, row in enumerate(rows):
+            tokens[row] += new[position].tolist()
+        budget -= new.shape[1]
+        going = [p for p, row in enumerate(rows) if not eos_ids.intersection(tokens[row][-new.shape[1] :])]
+        if not going or budget <= 0:
+            return tokens
+        keep = torch.tensor(going, device=input_ids.device)
+        cache = output.past_key_values
+        if len(going) < len(rows):
+            cache.batch_select_indices(keep)
+        input_ids = output.sequences[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(new.shape)], dim=1)[keep]
+        rows = [rows[p] for p in going]
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -197,7 +197,7 @@ class TMSConfig(SFTConfig):
         metadata={
             "help": "Number of snapshots resident at once and served in the same `generate` call, each row routed to "
             "its own snapshot's LoRA factors. `1` swaps one snapshot at a time. Each resident snapshot costs one LoRA "
-            "adapter of memory; more rows per call is faster (4 per call: 3x the tokens/s of 1 on an H100, 1.4x on "
+            "adapter of memory; more rows per call is faster (4 per call: 3x the tokens/s of 1 on an H100, 1.5x on "
             "CPU, for SmolLM2-135M)."
         },
     )

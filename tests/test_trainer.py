@@ -566,3 +566,13 @@ def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tin
     assert [trajectories._until_eos(row, {eos})[0] for row in tokens] == expected
     assert batch_sizes[0] == len(prompts) and batch_sizes[-1] < len(prompts) and batch_sizes == sorted(batch_sizes)[::-1]
     assert len(batch_sizes) == 3  # 12 tokens, 4 at a time, some row still going until the end
+
+    # A fixed-size cache can neither grow past its first call nor drop rows: one call, the same tokens.
+    model.generation_config.cache_implementation = "static"
+    batch_sizes.clear()
+    with torch.no_grad():
+        tokens = trajectories._generate_dropping_finished(
+            model, input_ids, attention_mask, ["s"] * len(prompts), route, {**greedy, "eos_token_id": eos}, {eos}
+        )
+    assert [trajectories._until_eos(row, {eos})[0] for row in tokens] == expected
+    assert batch_sizes == [len(prompts)]

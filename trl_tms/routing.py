@@ -58,7 +58,7 @@ class RowRouter:
         covered = set()
         for layer in self.layers:
             for slot in self.slots:
-                if slot in layer.lora_variant or layer.lora_bias.get(slot) or not hasattr(layer, "base_layer"):
+                if slot in layer.lora_variant or layer.lora_bias.get(slot):
                     return False
                 a, b = layer.lora_A[slot], layer.lora_B[slot]
                 if not (isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear)):

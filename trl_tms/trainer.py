@@ -480,39 +480,32 @@ class TMSTrainer(SFTTrainer):
 
     def _sample(self, steps: list[int] | None = None):
         """Trajectories of the snapshots of `steps` (default: all), each group's part kept until the phase ends."""
-        if self.args.generation_backend == "vllm":
-            return generate_trajectories_vllm(
-                self.model,
-                self._tokenizer,
-                self._prompts,
-                self.history,
-                SamplingParams.from_config(self.args),
-                work_dir=os.path.join(self.history_dir, VLLM_DIR),
-                adapter_name=self.adapter_name,
-                chat_template=self.chat_template,
-                gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
-                disable_tqdm=self.args.disable_tqdm,
-                parts_dir=os.path.join(self.history_dir, TRAJECTORY_PARTS),
-                steps=steps,
-            )
-        return generate_trajectories(
-            self.model,
-            self._tokenizer,
-            self._prompts,
-            self.history,
-            SamplingParams.from_config(self.args),
+        inputs = (self.model, self._tokenizer, self._prompts, self.history, SamplingParams.from_config(self.args))
+        shared = dict(
             adapter_name=self.adapter_name,
             chat_template=self.chat_template,
+            parts_dir=os.path.join(self.history_dir, TRAJECTORY_PARTS),
+            steps=steps,
+        )
+        if self.args.generation_backend == "vllm":
+            return generate_trajectories_vllm(
+                *inputs,
+                work_dir=os.path.join(self.history_dir, VLLM_DIR),
+                gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
+                disable_tqdm=self.args.disable_tqdm,
+                **shared,
+            )
+        return generate_trajectories(
+            *inputs,
             generation_context=lambda _: unwrap_model_for_generation(
                 self.model_wrapped,
                 self.accelerator,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ),
             disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
-            parts_dir=os.path.join(self.history_dir, TRAJECTORY_PARTS),
             process_index=self.accelerator.process_index,
             num_processes=self.accelerator.num_processes,
-            steps=steps,
+            **shared,
         )
 
     def _prepare_student(self) -> None:

@@ -260,20 +260,25 @@ def _generate_dropping_finished(model, input_ids, attention_mask, row_slots, rou
     batch (with their KV-cache rows), and the others continue from the cache. `generate` alone keeps computing every
     finished row until the whole batch is done. Returns each row's new tokens.
     """
+    # A cache of fixed size (a generation config's `cache_implementation="static"`, "hybrid", ...) can neither grow past
+    # the call that made it nor drop rows: such models generate in one call.
+    growable = getattr(model.generation_config, "cache_implementation", None) in (None, "dynamic")
+    every = DROP_FINISHED_EVERY if growable else kwargs["max_new_tokens"]
     tokens = [[] for _ in row_slots]
     rows, cache, budget = list(range(len(row_slots))), None, kwargs["max_new_tokens"]
     while True:
-        chunk = min(DROP_FINISHED_EVERY, budget)
         with route([row_slots[r] for r in rows]) as routing:
             output = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                **{**kwargs, "max_new_tokens": chunk}, return_dict_in_generate=True, **routing,
+                **{**kwargs, "max_new_tokens": min(every, budget)}, return_dict_in_generate=True, **routing,
             )
         new = output.sequences[:, input_ids.shape[1] :]
-        for position, row in enumerate(rows):
-            tokens[row] += new[position].tolist()
+        going = []
+        for position, (row, row_tokens) in enumerate(zip(rows, new.tolist())):  # one device sync per chunk
+            tokens[row] += row_tokens
+            if not eos_ids.intersection(row_tokens):
+                going.append(position)
         budget -= new.shape[1]
-        going = [p for p, row in enumerate(rows) if not eos_ids.intersection(tokens[row][-new.shape[1] :])]
         if not going or budget <= 0:
             return tokens
         keep = torch.tensor(going, device=input_ids.device)

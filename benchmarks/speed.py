@@ -266,6 +266,15 @@ def micro(model_name: str, workdir: str) -> dict:
         sync()
         rates[label] = sum(out["num_tokens"]) / (time.perf_counter() - start)
         progress(f"generation, {label}: {rates[label]:.0f} tokens/s")
+    # samples_per_checkpoint > 1: the samples of a prompt share one pass over it, against one pass per sample.
+    for label in ("4_samples_shared_prompt_pass", "4_samples_prompt_pass_per_sample"):
+        sampling = SamplingParams(samples_per_checkpoint=4, max_new_tokens=new_tokens, batch_size=32)
+        start = time.perf_counter()
+        with prompt_pass_per_sample(label.endswith("per_sample")):
+            out = generate_trajectories(model, tokenizer, prompts, history, sampling, disable_tqdm=True)
+        sync()
+        rates[label] = sum(out["num_tokens"]) / (time.perf_counter() - start)
+        progress(f"generation, {label}: {rates[label]:.0f} tokens/s")
     start, tokens = time.perf_counter(), 0
     for s in history.steps:
         fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), history.path(s)).to(DEVICE)
@@ -288,6 +297,8 @@ def micro(model_name: str, workdir: str) -> dict:
         "tokens_per_s": rates,
         "multi_over_single_per_token": rates["all_snapshots_per_call"] / rates["one_snapshot_per_call"],
         "stacked_over_peft_routing_per_token": rates["all_snapshots_per_call"] / rates["all_snapshots_per_call_peft_routing"],
+        "shared_over_per_sample_prompt_pass_per_token": (rates["4_samples_shared_prompt_pass"] /
+                                                         rates["4_samples_prompt_pass_per_sample"]),
         "snapshot_bytes": snapshot_bytes,
         "full_model_bytes": model_bytes,
     }
@@ -305,6 +316,25 @@ def peft_routing(enabled: bool):
         yield
     finally:
         RowRouter._stackable = stackable
+
+
+@contextlib.contextmanager
+def prompt_pass_per_sample(enabled: bool):
+    """Encode each prompt once per sample, as rows of their own (the reference arm for the shared prompt pass)."""
+    from trl_tms import trajectories
+
+    shared = trajectories._generate_dropping_finished
+
+    def per_sample(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids, samples=1):
+        return shared(model, input_ids.repeat_interleave(samples, dim=0), attention_mask.repeat_interleave(samples, dim=0),
+                      [slot for slot in row_slots for _ in range(samples)], route, kwargs, eos_ids)
+
+    if enabled:
+        trajectories._generate_dropping_finished = per_sample
+    try:
+        yield
+    finally:
+        trajectories._generate_dropping_finished = shared
 
 
 def _one_snapshot(history, step):
@@ -394,6 +424,7 @@ def main():
         "reload_over_swap": m["reload_over_swap"],
         "multi_snapshot_over_single_tokens_per_s": m["multi_over_single_per_token"],
         "stacked_over_peft_routing_tokens_per_s": m["stacked_over_peft_routing_per_token"],
+        "shared_over_per_sample_prompt_pass_tokens_per_s": m["shared_over_per_sample_prompt_pass_per_token"],
     }
     rates = m["tokens_per_s"]
     rows = [
@@ -404,6 +435,8 @@ def main():
          f"{rates['one_snapshot_per_call']:.0f}", f"{m['multi_over_single_per_token']:.2f}", ">= 1"),
         ("tokens/s: 4 per call, stacked / PEFT routing", f"{rates['all_snapshots_per_call']:.0f} / "
          f"{rates['all_snapshots_per_call_peft_routing']:.0f}", f"{m['stacked_over_peft_routing_per_token']:.2f}", ""),
+        ("tokens/s: 4 samples per prompt, one prompt pass / one per sample", f"{rates['4_samples_shared_prompt_pass']:.0f} / "
+         f"{rates['4_samples_prompt_pass_per_sample']:.0f}", f"{m['shared_over_per_sample_prompt_pass_per_token']:.2f}", ">= 1"),
         ("tokens/s: reload per snapshot", f"{rates['reload_per_snapshot']:.0f}", "", ""),
     ]
     if not args.micro_only:

@@ -43,14 +43,15 @@ def digest(rows) -> str:
 
 
 def count_sampled_rows() -> list[int]:
-    """Counts the rows this process hands to `generate` (every call pads its prompts first)."""
-    rows, pad = [0], trajectories_module._left_pad
+    """Counts the trajectories this process samples (every `generate` call of them goes through one function)."""
+    rows, sample = [0], trajectories_module._generate_dropping_finished
 
-    def counting(sequences, pad_id):
-        rows[0] += len(sequences)
-        return pad(sequences, pad_id)
+    def counting(*args, **kwargs):
+        tokens = sample(*args, **kwargs)
+        rows[0] += len(tokens)
+        return tokens
 
-    trajectories_module._left_pad = counting
+    trajectories_module._generate_dropping_finished = counting
     return rows
 
 

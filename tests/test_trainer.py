@@ -576,3 +576,58 @@ def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tin
         )
     assert [trajectories._until_eos(row, {eos})[0] for row in tokens] == expected
     assert batch_sizes == [len(prompts)]
+
+
+def test_samples_of_a_prompt_share_one_pass_over_it(tiny_llama):
+    import contextlib
+
+    import trl_tms.trajectories as trajectories
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = load_tokenizer(tiny_llama)
+    prompts = [tokenizer(text)["input_ids"] for text in ["what is one plus two ?", "name a color", "ten"]]
+    input_ids, attention_mask = trajectories._left_pad(prompts, tokenizer.pad_token_id)
+    width, samples = input_ids.shape[1], 4
+    shapes = []
+    hook = model.model.register_forward_pre_hook(lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+
+    @contextlib.contextmanager
+    def route(row_slots):
+        yield {}
+
+    base = dict(max_new_tokens=6, pad_token_id=tokenizer.pad_token_id, use_cache=True, eos_token_id=None)
+    sampled = dict(base, do_sample=True, temperature=1.0, top_p=1.0, top_k=None)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tokens = trajectories._generate_dropping_finished(
+            model, input_ids, attention_mask, ["s"] * 3, route, sampled, set(), samples=samples
+        )
+    # The prompts (but their last token) are encoded once for the 3 rows; the 12 samples start at the last token.
+    assert shapes[0] == (3, width - 1)
+    assert shapes[1] == (3 * samples, 1) and all(s[1] == 1 for s in shapes[1:])
+    assert len(tokens) == 3 * samples and all(len(t) == 6 for t in tokens)
+    # The samples diverge from their first token on (the prompt pass samples nothing that is kept).
+    for row in range(3):
+        assert len({tuple(t) for t in tokens[row * samples : (row + 1) * samples]}) > 1
+        assert len({t[0] for t in tokens[row * samples : (row + 1) * samples]}) > 1
+
+    # The shared pass gives the samples the same distribution as separate rows would: with a temperature near 0
+    # sampling is greedy, and every sample equals a plain `generate` of its prompt.
+    with torch.no_grad():
+        plain = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, **base)
+        near_greedy = trajectories._generate_dropping_finished(
+            model, input_ids, attention_mask, ["s"] * 3, route, dict(sampled, temperature=1e-6), set(), samples=samples
+        )
+    plain = plain[:, width:].tolist()
+    assert near_greedy == [row for row in plain for _ in range(samples)]
+
+    # Greedy samples are all the same: each prompt is generated once.
+    shapes.clear()
+    with torch.no_grad():
+        greedy = trajectories._generate_dropping_finished(
+            model, input_ids, attention_mask, ["s"] * 3, route, dict(base, do_sample=False), set(), samples=samples
+        )
+    hook.remove()
+    assert greedy == [row for row in plain for _ in range(samples)]
+    assert shapes[0] == (3, width) and all(s[0] == 3 for s in shapes)

@@ -55,7 +55,9 @@ class TMSConfig(SFTConfig):
         > Parameters that control trajectory generation
 
         samples_per_checkpoint (`int`, *optional*, defaults to `1`):
-            Number of completions each snapshot samples for every training prompt.
+            Number of completions each snapshot samples for every training prompt. The samples of a prompt share one
+            pass over it (its KV cache is repeated for them); with greedy decoding they are identical, so the prompt is
+            generated once and repeated.
         temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature for the trajectories. `0.0` means greedy decoding.
         top_p (`float`, *optional*, defaults to `1.0`):
@@ -69,7 +71,7 @@ class TMSConfig(SFTConfig):
             prompt, so it exceeds this when `snapshots_per_generate * samples_per_checkpoint` does.
         snapshots_per_generate (`int`, *optional*, defaults to `4`):
             Number of snapshots resident at once and served in the same `generate` call, each row routed to its own
-            adapter with PEFT's `adapter_names`. `1` swaps one snapshot at a time. Each resident snapshot costs one
+            snapshot's LoRA factors. `1` swaps one snapshot at a time. Each resident snapshot costs one
             LoRA adapter of memory. With vLLM: the snapshots each `generate` call (and each saved part) covers.
         generation_backend (`str`, *optional*, defaults to `"transformers"`):
             `"transformers"`: the snapshots are hot-swapped into adapter slots of the model being trained and sampled
@@ -165,7 +167,10 @@ class TMSConfig(SFTConfig):
     # Parameters that control trajectory generation
     samples_per_checkpoint: int = field(
         default=1,
-        metadata={"help": "Number of completions each snapshot samples for every training prompt."},
+        metadata={
+            "help": "Number of completions each snapshot samples for every training prompt. The samples of a prompt "
+            "share one pass over it; with greedy decoding they are identical (the prompt is generated once)."
+        },
     )
     temperature: float = field(
         default=1.0,
@@ -197,7 +202,7 @@ class TMSConfig(SFTConfig):
         metadata={
             "help": "Number of snapshots resident at once and served in the same `generate` call, each row routed to "
             "its own snapshot's LoRA factors. `1` swaps one snapshot at a time. Each resident snapshot costs one LoRA "
-            "adapter of memory; more rows per call is faster (4 per call: 3x the tokens/s of 1 on an H100, 1.5x on "
+            "adapter of memory; more rows per call is faster (4 per call: 3x the tokens/s of 1 on an H100, 1.75x on "
             "CPU, for SmolLM2-135M)."
         },
     )

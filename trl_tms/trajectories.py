@@ -161,18 +161,14 @@ def generate_trajectories(
 
             def sample(batch: list[int], group: list[int]) -> list[tuple]:
                 """One `generate` call: each prompt of `batch` x each snapshot of `group` x each sample, as PART_KEYS rows."""
-                row_meta = [
-                    (index, step, k, slot)
-                    for index in batch
-                    for slot, step in zip(slots, group)
-                    for k in range(sampling.samples_per_checkpoint)
-                ]
-                input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in row_meta], tokenizer.pad_token_id)
+                pairs = [(index, step, slot) for index in batch for slot, step in zip(slots, group)]
+                input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in pairs], tokenizer.pad_token_id)
                 new_tokens = _generate_dropping_finished(
-                    gen_model, input_ids.to(device), attention_mask.to(device), [slot for *_, slot in row_meta],
-                    route, kwargs, eos_ids,
+                    gen_model, input_ids.to(device), attention_mask.to(device), [slot for *_, slot in pairs],
+                    route, kwargs, eos_ids, samples=sampling.samples_per_checkpoint,
                 )
-                return [(i, step, k, *_until_eos(tokens, eos_ids)) for (i, step, k, _), tokens in zip(row_meta, new_tokens)]
+                row_meta = [(i, step, k) for i, step, _ in pairs for k in range(sampling.samples_per_checkpoint)]
+                return [(*meta, *_until_eos(tokens, eos_ids)) for meta, tokens in zip(row_meta, new_tokens)]
 
             progress = tqdm(total=len(groups) * len(mine), desc="Generating trajectories", disable=disable_tqdm)
             for group in groups:
@@ -254,18 +250,36 @@ def _batch_seed(seed: int, first_step: int, batch: int) -> int:
 DROP_FINISHED_EVERY = 16  # new tokens between two checks for rows that reached EOS
 
 
-def _generate_dropping_finished(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids) -> list[list[int]]:
+def _generate_dropping_finished(
+    model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids, samples: int = 1
+) -> list[list[int]]:
     """
-    `generate` in chunks of `DROP_FINISHED_EVERY` new tokens; after each chunk, the rows that reached EOS leave the
-    batch (with their KV-cache rows), and the others continue from the cache. `generate` alone keeps computing every
-    finished row until the whole batch is done. Returns each row's new tokens.
+    `generate` `samples` continuations of each row, in chunks of `DROP_FINISHED_EVERY` new tokens; after each chunk,
+    the rows that reached EOS leave the batch (with their KV-cache rows), and the others continue from the cache.
+    `generate` alone keeps computing every finished row until the whole batch is done. Returns the new tokens of each
+    row's samples, row by row (`samples` consecutive lists per row).
+
+    The samples of a row share one pass over its prompt: the prompt but its last token is encoded once per row, the
+    cache repeated for the samples, and sampling starts from the last token (so the first sampled tokens differ).
+    Greedy samples are all the same: each row is generated once and repeated.
     """
+    if samples > 1 and not kwargs.get("do_sample"):
+        once = _generate_dropping_finished(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids)
+        return [list(tokens) for tokens in once for _ in range(samples)]
     # A cache of fixed size (a generation config's `cache_implementation="static"`, "hybrid", ...) can neither grow past
     # the call that made it nor drop rows: such models generate in one call.
     growable = getattr(model.generation_config, "cache_implementation", None) in (None, "dynamic")
     every = DROP_FINISHED_EVERY if growable else kwargs["max_new_tokens"]
+    cache = None
+    if samples > 1:
+        if growable and input_ids.shape[1] > 1:
+            cache = _encode_prompts(model, input_ids[:, :-1], attention_mask[:, :-1], row_slots, route, kwargs)
+            cache.batch_repeat_interleave(samples)
+        input_ids = input_ids.repeat_interleave(samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(samples, dim=0)
+        row_slots = [slot for slot in row_slots for _ in range(samples)]
     tokens = [[] for _ in row_slots]
-    rows, cache, budget = list(range(len(row_slots))), None, kwargs["max_new_tokens"]
+    rows, budget = list(range(len(row_slots))), kwargs["max_new_tokens"]
     while True:
         with route([row_slots[r] for r in rows]) as routing:
             output = model.generate(
@@ -288,6 +302,17 @@ def _generate_dropping_finished(model, input_ids, attention_mask, row_slots, rou
         input_ids = output.sequences[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(new.shape)], dim=1)[keep]
         rows = [rows[p] for p in going]
+
+
+def _encode_prompts(model, input_ids, attention_mask, row_slots, route, kwargs):
+    """The KV cache of `input_ids`, made by `generate` itself (its position ids, masks and model-specific inputs) in a
+    one-token greedy call whose token is dropped: the cache holds the inputs only."""
+    greedy = {**kwargs, "max_new_tokens": 1, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    with route(row_slots) as routing:
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **greedy, return_dict_in_generate=True, **routing
+        )
+    return output.past_key_values
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,3 +119,26 @@ def test_online_snapshot_schedule():
     assert online_snapshot_steps(12, 3) == [0, 4, 8]
     assert online_snapshot_steps(32, 10, every=3) == list(range(0, 32, 3))  # 11: the mixture keeps the last 10
     assert online_snapshot_steps(4, 10) == [0, 1, 2, 3]  # never a step twice
+
+
+def test_a_finished_online_run_resumed_again_reuses_its_trajectories(tiny_llama, tmp_path, monkeypatch):
+    first = make(tiny_llama, tmp_path, save_strategy="steps", save_steps=4)
+    first.train()
+    history_files = {root: sorted(files) for root, _, files in os.walk(first.history_dir)}
+
+    def no_sampling(self, steps=None):
+        raise AssertionError(f"sampled snapshots {steps} again")
+
+    monkeypatch.setattr(TMSTrainer, "_sample", no_sampling)
+    again = make(tiny_llama, tmp_path, save_strategy="steps", save_steps=4)
+    again.train(resume_from_checkpoint=True)
+    assert again.history.steps == [0, 4, 8]
+    assert again.trajectories.to_list() == first.trajectories.to_list()
+    # Nothing added to the history (no dataset cache files next to the saved trajectories).
+    assert {root: sorted(files) for root, _, files in os.walk(again.history_dir)} == history_files
+
+    # Changed sampling settings: the snapshots are reused and their trajectories sampled again.
+    monkeypatch.undo()
+    changed = make(tiny_llama, tmp_path, save_strategy="steps", save_steps=4, max_new_tokens=3)
+    changed.train(resume_from_checkpoint=True)
+    assert max(changed.trajectories["num_tokens"]) <= 3 < max(first.trajectories["num_tokens"])

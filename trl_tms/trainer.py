@@ -319,6 +319,10 @@ class TMSTrainer(SFTTrainer):
         self._online_steps = online_snapshot_steps(run["planned_steps"], args.num_checkpoints, args.online_snapshot_every)
         self._use_mixture(mixture_candidates(self._prompts, None)[0])
         self._online_trajectories = []
+        # A finished run resumed again: its trajectories are on disk (the parts are removed when a run finishes).
+        saved = os.path.join(self.history_dir, "trajectories")
+        finished = run.get("trajectories_done") and os.path.isdir(saved)
+        self._finished_trajectories = load_from_disk(saved) if finished else None
         self.stats = {"trajectory_seconds": 0.0, "trajectories": 0, "empty_trajectories": 0}
         self.phase = "online"
         try:
@@ -331,7 +335,12 @@ class TMSTrainer(SFTTrainer):
         if self.is_world_process_zero():
             save_trajectories(self.trajectories, os.path.join(self.history_dir, "trajectories"))
             shutil.rmtree(os.path.join(self.history_dir, TRAJECTORY_PARTS), ignore_errors=True)
-        run.update(online_done=True, snapshot_steps=self.history.steps, trajectory_seconds=self.stats["trajectory_seconds"])
+        run.update(
+            online_done=True,
+            trajectories_done=True,
+            snapshot_steps=self.history.steps,
+            trajectory_seconds=self.stats["trajectory_seconds"],
+        )
         self._save_run(run)
         return output
 
@@ -340,7 +349,12 @@ class TMSTrainer(SFTTrainer):
         if take:
             self.history.take(self.model, step, self.adapter_name)
         started = time.perf_counter()
-        trajectories = self._sample(steps=[step])
+        if not take and self._finished_trajectories is not None:
+            trajectories = self._finished_trajectories.filter(
+                lambda s: s == step, input_columns="snapshot_step", keep_in_memory=True  # no cache file in the history
+            )
+        else:
+            trajectories = self._sample(steps=[step])
         seconds = time.perf_counter() - started
         self._online_trajectories.append(trajectories)
         candidates, empty = mixture_candidates(self._prompts, trajectories, with_labels=False)

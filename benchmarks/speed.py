@@ -257,20 +257,19 @@ def micro(model_name: str, workdir: str) -> dict:
     prompts = train.select(range(8))
     new_tokens = tms_fields(model_name)["max_new_tokens"]
     rates = {}
-    for label, per_call in (("all_snapshots_per_call", 4), ("all_snapshots_per_call_peft_routing", 4),
-                            ("one_snapshot_per_call", 1)):
-        sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=32, snapshots_per_generate=per_call)
+    arms = {  # label: (snapshots per call, samples per prompt, reference context)
+        "all_snapshots_per_call": (4, 1, contextlib.nullcontext()),
+        "all_snapshots_per_call_peft_routing": (4, 1, peft_routing()),
+        "one_snapshot_per_call": (1, 1, contextlib.nullcontext()),
+        # samples_per_checkpoint > 1: the samples of a prompt share one pass over it, against one pass per sample.
+        "4_samples_shared_prompt_pass": (4, 4, contextlib.nullcontext()),
+        "4_samples_prompt_pass_per_sample": (4, 4, prompt_pass_per_sample()),
+    }
+    for label, (per_call, samples, reference) in arms.items():
+        sampling = SamplingParams(samples_per_checkpoint=samples, max_new_tokens=new_tokens, batch_size=32,
+                                  snapshots_per_generate=per_call)
         start = time.perf_counter()
-        with peft_routing(label.endswith("peft_routing")):
-            out = generate_trajectories(model, tokenizer, prompts, history, sampling, disable_tqdm=True)
-        sync()
-        rates[label] = sum(out["num_tokens"]) / (time.perf_counter() - start)
-        progress(f"generation, {label}: {rates[label]:.0f} tokens/s")
-    # samples_per_checkpoint > 1: the samples of a prompt share one pass over it, against one pass per sample.
-    for label in ("4_samples_shared_prompt_pass", "4_samples_prompt_pass_per_sample"):
-        sampling = SamplingParams(samples_per_checkpoint=4, max_new_tokens=new_tokens, batch_size=32)
-        start = time.perf_counter()
-        with prompt_pass_per_sample(label.endswith("per_sample")):
+        with reference:
             out = generate_trajectories(model, tokenizer, prompts, history, sampling, disable_tqdm=True)
         sync()
         rates[label] = sum(out["num_tokens"]) / (time.perf_counter() - start)
@@ -305,13 +304,12 @@ def micro(model_name: str, workdir: str) -> dict:
 
 
 @contextlib.contextmanager
-def peft_routing(enabled: bool):
+def peft_routing():
     """Route rows through PEFT's `adapter_names` instead of RowRouter's stacked LoRA factors (the reference arm)."""
     from trl_tms.routing import RowRouter
 
     stackable = RowRouter._stackable
-    if enabled:
-        RowRouter._stackable = lambda self: False
+    RowRouter._stackable = lambda self: False
     try:
         yield
     finally:
@@ -319,7 +317,7 @@ def peft_routing(enabled: bool):
 
 
 @contextlib.contextmanager
-def prompt_pass_per_sample(enabled: bool):
+def prompt_pass_per_sample():
     """Encode each prompt once per sample, as rows of their own (the reference arm for the shared prompt pass)."""
     from trl_tms import trajectories
 
@@ -329,8 +327,7 @@ def prompt_pass_per_sample(enabled: bool):
         return shared(model, input_ids.repeat_interleave(samples, dim=0), attention_mask.repeat_interleave(samples, dim=0),
                       [slot for slot in row_slots for _ in range(samples)], route, kwargs, eos_ids)
 
-    if enabled:
-        trajectories._generate_dropping_finished = per_sample
+    trajectories._generate_dropping_finished = per_sample
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ The base is a randomly initialised Llama built locally (no Hub), so the numbers 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -78,10 +79,11 @@ def main():
 
     data = Dataset.from_dict({"prompt": [" ".join(words[i : i + 24]) for i in range(prompts)], "completion": ["w1"] * prompts})
     rates = {}
-    for label, per_call in (("1", 1), ("4", 4), ("4_peft_routing", 4)):
+    for label, per_call, routing in (("1", 1, contextlib.nullcontext()), ("4", 4, contextlib.nullcontext()),
+                                     ("4_peft_routing", 4, peft_routing())):
         sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=64, snapshots_per_generate=per_call)
         start = time.perf_counter()
-        with peft_routing(label.endswith("peft_routing")):
+        with routing:
             out = generate_trajectories(model, tokenizer, data, history, sampling, disable_tqdm=True)
         if gpu:
             torch.cuda.synchronize()

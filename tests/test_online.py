@@ -95,6 +95,8 @@ def test_online_resume_continues_with_the_snapshots_and_trajectories_on_disk(tin
     resumed.train(resume_from_checkpoint=True)
     assert resumed.history.steps == [0, 4, 8]
     assert watch.pools[6] == [0, 4]  # step 0 and 4 snapshots reloaded from disk, not taken from resumed weights
+    # Each snapshot is logged once: the resumed log history holds the events of the snapshots taken before the stop.
+    assert [e["tms_snapshot_step"] for e in resumed.state.log_history if "tms_snapshot_step" in e] == [0, 4, 8]
     assert resumed.trajectories["completion"] == full.trajectories["completion"]
     final, expected = adapter(resumed), adapter(full)
     assert all(torch.allclose(final[n], expected[n], rtol=1e-5, atol=1e-7) for n in expected)
@@ -133,6 +135,7 @@ def test_a_finished_online_run_resumed_again_reuses_its_trajectories(tiny_llama,
     again = make(tiny_llama, tmp_path, save_strategy="steps", save_steps=4)
     again.train(resume_from_checkpoint=True)
     assert again.history.steps == [0, 4, 8]
+    assert [e["tms_snapshot_step"] for e in again.state.log_history if "tms_snapshot_step" in e] == [0, 4, 8]
     assert again.trajectories.to_list() == first.trajectories.to_list()
     # Nothing added to the history (no dataset cache files next to the saved trajectories).
     assert {root: sorted(files) for root, _, files in os.walk(again.history_dir)} == history_files

@@ -345,7 +345,10 @@ class TMSTrainer(SFTTrainer):
         return output
 
     def _refresh_online(self, step: int, take: bool = True) -> None:
-        """Online TMS: snapshot the adapter at `step` (unless resuming) and add its trajectories to the mixture."""
+        """
+        Online TMS: snapshot the adapter at `step` and add its trajectories to the mixture. A resumed run passes
+        `take=False` for the snapshots taken before it stopped (on disk, and logged in the checkpoint's log history).
+        """
         if take:
             self.history.take(self.model, step, self.adapter_name)
         started = time.perf_counter()
@@ -365,7 +368,8 @@ class TMSTrainer(SFTTrainer):
         self.stats["trajectory_seconds"] += seconds
         self.stats["trajectories"] += len(trajectories)
         self.stats["empty_trajectories"] += empty
-        self.log_event({"tms_snapshot_step": step, "tms_trajectory_seconds": seconds, "tms_empty_trajectories": empty})
+        if take:
+            self.log_event({"tms_snapshot_step": step, "tms_trajectory_seconds": seconds, "tms_empty_trajectories": empty})
 
     # Run record and resuming
 

@@ -54,7 +54,7 @@ step gpu_tests timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_h
   tests/test_quantization.py
 step gpu_throughput timeout 150 python3 scripts/gpu_throughput.py --device "$TMS_TEST_DEVICE" --json "$out/gpu_throughput.json"
 if [ -d "$BUNDLE" ]; then
-  step speed_smollm2_random_micro timeout 200 python3 benchmarks/speed.py --model "$BUNDLE" --micro_only \
+  step speed_smollm2_random_micro timeout 300 python3 benchmarks/speed.py --model "$BUNDLE" --micro_only \
     --output "$out/speed_smollm2_random_micro_cuda.json"
 fi
 step speed_tiny timeout 150 python3 benchmarks/speed.py --model tiny --output "$out/speed_tiny_cuda.json"

@@ -258,13 +258,22 @@ def test_save_model_writes_only_the_student_adapter(trained, tmp_path):
     assert list(trainer.model.peft_config) == [trainer.adapter_name]
 
 
-def test_hot_swapped_generation_equals_a_fresh_load(trained, tiny_llama):
+@pytest.mark.parametrize(
+    "temperature, samples, peft_routing",
+    # 1e-6: the sampling path (several samples share one prompt pass), as good as greedy.
+    [(0.0, 1, False), (1e-6, 2, False), (1e-6, 2, True)],
+)
+def test_hot_swapped_generation_equals_a_fresh_load(trained, tiny_llama, monkeypatch, temperature, samples, peft_routing):
     from trl_tms import SamplingParams, generate_trajectories
+    from trl_tms.routing import RowRouter
 
+    if peft_routing:
+        monkeypatch.setattr(RowRouter, "_stackable", lambda self: False)
     trainer, _, _ = trained
     prompts = make_examples(5, seed=7)
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=6, batch_size=4, snapshots_per_generate=2)
-    swapped = generate_trajectories(trainer.model, trainer.processing_class, prompts, trainer.history, greedy)
+    sampling = SamplingParams(temperature=temperature, samples_per_checkpoint=samples, max_new_tokens=6, batch_size=4,
+                              snapshots_per_generate=2)
+    swapped = generate_trajectories(trainer.model, trainer.processing_class, prompts, trainer.history, sampling)
     tokenizer = load_tokenizer(tiny_llama)
     for step in trainer.history.steps:
         fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), trainer.history.path(step))
@@ -277,9 +286,9 @@ def test_hot_swapped_generation_equals_a_fresh_load(trained, tiny_llama):
             if tokenizer.eos_token_id in new:
                 new = new[: new.index(tokenizer.eos_token_id)]
             expected = tokenizer.decode(new, skip_special_tokens=True)
-            row = [r for r in swapped if r["prompt_index"] == index and r["snapshot_step"] == step]
-            assert len(row) == 1
-            assert row[0]["completion"][0]["content"] == expected, f"step {step}, prompt {index}"
+            rows = [r for r in swapped if r["prompt_index"] == index and r["snapshot_step"] == step]
+            assert [r["sample_index"] for r in rows] == list(range(samples))
+            assert all(r["completion"][0]["content"] == expected for r in rows), f"step {step}, prompt {index}"
     # The trained adapter is active and trainable again, and no slot is left behind.
     assert list(trainer.model.peft_config) == [trainer.adapter_name]
     assert all(p.requires_grad for p in adapter_parameters(trainer.model, trainer.adapter_name).values())

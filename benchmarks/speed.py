@@ -321,17 +321,17 @@ def prompt_pass_per_sample():
     """Encode each prompt once per sample, as rows of their own (the reference arm for the shared prompt pass)."""
     from trl_tms import trajectories
 
-    shared = trajectories._generate_dropping_finished
+    shared = trajectories._generate_samples
 
     def per_sample(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids, samples=1):
         return shared(model, input_ids.repeat_interleave(samples, dim=0), attention_mask.repeat_interleave(samples, dim=0),
                       [slot for slot in row_slots for _ in range(samples)], route, kwargs, eos_ids)
 
-    trajectories._generate_dropping_finished = per_sample
+    trajectories._generate_samples = per_sample
     try:
         yield
     finally:
-        trajectories._generate_dropping_finished = shared
+        trajectories._generate_samples = shared
 
 
 def _one_snapshot(history, step):

@@ -44,14 +44,14 @@ def digest(rows) -> str:
 
 def count_sampled_rows() -> list[int]:
     """Counts the trajectories this process samples (every `generate` call of them goes through one function)."""
-    rows, sample = [0], trajectories_module._generate_dropping_finished
+    rows, sample = [0], trajectories_module._generate_samples
 
     def counting(*args, **kwargs):
         tokens = sample(*args, **kwargs)
         rows[0] += len(tokens)
         return tokens
 
-    trajectories_module._generate_dropping_finished = counting
+    trajectories_module._generate_samples = counting
     return rows
 
 

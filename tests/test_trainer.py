@@ -569,7 +569,7 @@ def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tin
 
     monkeypatch.setattr(trajectories, "DROP_FINISHED_EVERY", 4)
     with torch.no_grad():
-        tokens = trajectories._generate_dropping_finished(
+        tokens = trajectories._generate_samples(
             model, input_ids, attention_mask, ["s"] * len(prompts), route, {**greedy, "eos_token_id": eos}, {eos}
         )
     assert [trajectories._until_eos(row, {eos})[0] for row in tokens] == expected
@@ -580,7 +580,7 @@ def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tin
     model.generation_config.cache_implementation = "static"
     batch_sizes.clear()
     with torch.no_grad():
-        tokens = trajectories._generate_dropping_finished(
+        tokens = trajectories._generate_samples(
             model, input_ids, attention_mask, ["s"] * len(prompts), route, {**greedy, "eos_token_id": eos}, {eos}
         )
     assert [trajectories._until_eos(row, {eos})[0] for row in tokens] == expected
@@ -609,7 +609,7 @@ def test_samples_of_a_prompt_share_one_pass_over_it(tiny_llama):
     sampled = dict(base, do_sample=True, temperature=1.0, top_p=1.0, top_k=None)
     torch.manual_seed(0)
     with torch.no_grad():
-        tokens = trajectories._generate_dropping_finished(
+        tokens = trajectories._generate_samples(
             model, input_ids, attention_mask, ["s"] * 3, route, sampled, set(), samples=samples
         )
     # The prompts (but their last token) are encoded once for the 3 rows; the 12 samples start at the last token.
@@ -625,7 +625,7 @@ def test_samples_of_a_prompt_share_one_pass_over_it(tiny_llama):
     # sampling is greedy, and every sample equals a plain `generate` of its prompt.
     with torch.no_grad():
         plain = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, **base)
-        near_greedy = trajectories._generate_dropping_finished(
+        near_greedy = trajectories._generate_samples(
             model, input_ids, attention_mask, ["s"] * 3, route, dict(sampled, temperature=1e-6), set(), samples=samples
         )
     plain = plain[:, width:].tolist()
@@ -634,7 +634,7 @@ def test_samples_of_a_prompt_share_one_pass_over_it(tiny_llama):
     # Greedy samples are all the same: each prompt is generated once.
     shapes.clear()
     with torch.no_grad():
-        greedy = trajectories._generate_dropping_finished(
+        greedy = trajectories._generate_samples(
             model, input_ids, attention_mask, ["s"] * 3, route, dict(base, do_sample=False), set(), samples=samples
         )
     hook.remove()

@@ -163,7 +163,7 @@ def generate_trajectories(
                 """One `generate` call: each prompt of `batch` x each snapshot of `group` x each sample, as PART_KEYS rows."""
                 pairs = [(index, step, slot) for index in batch for slot, step in zip(slots, group)]
                 input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in pairs], tokenizer.pad_token_id)
-                new_tokens = _generate_dropping_finished(
+                new_tokens = _generate_samples(
                     gen_model, input_ids.to(device), attention_mask.to(device), [slot for *_, slot in pairs],
                     route, kwargs, eos_ids, samples=sampling.samples_per_checkpoint,
                 )
@@ -250,7 +250,7 @@ def _batch_seed(seed: int, first_step: int, batch: int) -> int:
 DROP_FINISHED_EVERY = 16  # new tokens between two checks for rows that reached EOS
 
 
-def _generate_dropping_finished(
+def _generate_samples(
     model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids, samples: int = 1
 ) -> list[list[int]]:
     """
@@ -264,7 +264,7 @@ def _generate_dropping_finished(
     Greedy samples are all the same: each row is generated once and repeated.
     """
     if samples > 1 and not kwargs.get("do_sample"):
-        once = _generate_dropping_finished(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids)
+        once = _generate_samples(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids)
         return [list(tokens) for tokens in once for _ in range(samples)]
     # A cache of fixed size (a generation config's `cache_implementation="static"`, "hybrid", ...) can neither grow past
     # the call that made it nor drop rows: such models generate in one call.

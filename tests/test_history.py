@@ -206,3 +206,63 @@ def test_snapshots_follow_the_model_they_are_taken_from(tiny_llama):
         key = name.replace(".default", "")
         assert torch.equal(history[2][key], param.detach()) and torch.equal(history[1][key], before[name])
     assert {t.shape[0] for k, t in history[3].items() if "lora_A" in k} == {2}
+
+
+@pytest.mark.parametrize("background_writes", [False, True])
+def test_written_snapshots_are_served_from_their_files(tiny_llama, tmp_path, background_writes):
+    from safetensors.torch import load_file, save_file
+
+    from trl_tms.history import SNAPSHOT_WEIGHTS
+
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], str(tmp_path / "h"), background_writes=background_writes)
+    kept = AdapterHistory(model.peft_config["default"], str(tmp_path / "k"), keep_in_memory=True)
+    for step in (1, 2):
+        history.take(model, step=step)
+        kept.take(model, step=step)
+        with torch.no_grad():
+            for param in adapter_parameters(model, "default").values():
+                param.add_(1.0)
+    history.flush()
+    # Once written, the history holds no tensors: a snapshot is what its file holds when it is read.
+    assert not any(isinstance(snapshot, dict) for snapshot in history._snapshots.values())
+    weights = os.path.join(history.path(1), SNAPSHOT_WEIGHTS)
+    changed = {key: tensor + 5.0 for key, tensor in load_file(weights).items()}
+    save_file(changed, weights)
+    assert all(torch.equal(history[1][k], changed[k]) for k in changed)
+    assert not any(torch.equal(kept[1][k], changed[k]) for k in changed)  # `keep_in_memory` keeps its copy
+    # A swap from the file puts those weights in the slot.
+    model.add_adapter("slot", model.peft_config["default"])
+    history.load_into(model, 1, "slot")
+    slot = history.slot_parameters(model, "slot")
+    assert all(torch.equal(slot[k].detach(), changed[k]) for k in changed)
+
+
+def test_prefetch_reads_ahead_and_never_serves_a_stale_snapshot(tiny_llama, tmp_path, monkeypatch):
+    import trl_tms.history as module
+
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], str(tmp_path / "h"))
+    for step in (1, 2, 3):
+        history.take(model, step=step)
+    reads = []
+    read = module._read_weights
+    monkeypatch.setattr(module, "_read_weights", lambda folder, step: reads.append(step) or read(folder, step))
+    history.prefetch([1, 2])
+    history._prefetched[1].result(), history._prefetched[2].result()
+    assert sorted(reads) == [1, 2]
+    expected = {k: t.clone() for k, t in read(history.path(1), 1).items()}
+    snapshot = history[1]
+    assert sorted(reads) == [1, 2]  # served from the prefetch, not read again
+    assert all(torch.equal(snapshot[k], expected[k]) for k in expected)
+    history.prefetch([3])  # replaces the earlier prefetch: step 2 is let go, and so is the step 1 served
+    assert list(history._prefetched) == [3] and history._served == []
+    # A step taken again after its prefetch is served as taken now.
+    with torch.no_grad():
+        for param in adapter_parameters(model, "default").values():
+            param.add_(1.0)
+    history.take(model, step=3)
+    now = {name.replace(".default", ""): p.detach() for name, p in adapter_parameters(model, "default").items()}
+    assert all(torch.equal(history[3][k], now[k]) for k in now)
+    history.prefetch([])
+    assert history._prefetched == {}

@@ -460,7 +460,7 @@ class TMSTrainer(SFTTrainer):
                 "`resume_from_checkpoint`."
             )
         for step in expected:
-            self.history._snapshots[step] = reopened[step]
+            self.history._snapshots[step] = reopened._snapshots[step]
 
     def _checkpoint_for(self, resume_from_checkpoint, folder: str) -> str | None:
         """The Trainer checkpoint a phase writing to `folder` resumes from: the one named if it lies there, else the last."""

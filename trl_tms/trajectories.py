@@ -171,13 +171,15 @@ def generate_trajectories(
                 return [(*meta, *_until_eos(tokens, eos_ids)) for meta, tokens in zip(row_meta, new_tokens)]
 
             progress = tqdm(total=len(groups) * len(mine), desc="Generating trajectories", disable=disable_tqdm)
-            for group in groups:
+            for g, group in enumerate(groups):
                 part = _read_part(parts_dir, group) if process_index == 0 else None
                 if num_processes > 1:
                     part = broadcast_object_list([part])[0]
                 if part is None:
                     for slot, step in zip(slots, group):
                         history.load_into(model, step, slot, slot_parameters[slot])
+                    # The next group's snapshots are read while this one samples.
+                    history.prefetch(groups[g + 1] if g + 1 < len(groups) else [], pin_memory=device.type == "cuda")
                     rows = []
                     for b in mine:
                         torch.manual_seed(_batch_seed(sampling.seed, group[0], b))
@@ -194,6 +196,7 @@ def generate_trajectories(
                     records[key].extend(values)
             progress.close()
     finally:
+        history.prefetch([])
         for slot in slots:
             model.delete_adapter(slot)
         model.set_adapter(adapter_name)

@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from trl.data_utils import is_conversational
 
 from .atomic import atomic_folder, write_json_atomically
@@ -19,6 +20,8 @@ from .history import AdapterHistory
 from .routing import RowRouter
 
 SLOT_PREFIX = "tms_slot_"
+# transformers 5.24 renamed `generate`'s `past_key_values` (argument and output) to `cache`; the old name warns.
+CACHE = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 PART_KEYS = ("prompt_index", "snapshot_step", "sample_index", "completion_ids", "finished")
 
 
@@ -286,7 +289,7 @@ def _generate_samples(
     while True:
         with route([row_slots[r] for r in rows]) as routing:
             output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                input_ids=input_ids, attention_mask=attention_mask, **{CACHE: cache},
                 **{**kwargs, "max_new_tokens": min(every, budget)}, return_dict_in_generate=True, **routing,
             )
         new = output.sequences[:, input_ids.shape[1] :]
@@ -299,7 +302,7 @@ def _generate_samples(
         if not going or budget <= 0:
             return tokens
         keep = torch.tensor(going, device=input_ids.device)
-        cache = output.past_key_values
+        cache = getattr(output, CACHE)
         if len(going) < len(rows):
             cache.batch_select_indices(keep)
         input_ids = output.sequences[keep]
@@ -315,7 +318,7 @@ def _encode_prompts(model, input_ids, attention_mask, row_slots, route, kwargs):
         output = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, **greedy, return_dict_in_generate=True, **routing
         )
-    return output.past_key_values
+    return getattr(output, CACHE)
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

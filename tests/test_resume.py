@@ -230,3 +230,22 @@ def test_checkpoints_never_get_ahead_of_the_snapshots_written_in_the_background(
     trainer.train()
     assert trainer.history.steps == [2, 4, 6]
     assert recorder.seen == {2: [2], 4: [2, 4], 6: [2, 4, 6]}
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_reopened_snapshots_are_served_on_every_process(tiny_llama, tmp_path, main_process):
+    # Processes other than the main one have a history without a folder: reopened snapshots must still be readable.
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trl_tms import AdapterHistory
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules="all-linear"))
+    written = AdapterHistory(model.peft_config["default"], str(tmp_path / "h"))
+    written.take(model, step=3)
+    expected = {k: t.clone() for k, t in written[3].items()}
+    history = AdapterHistory(model.peft_config["default"], str(tmp_path / "h") if main_process else None)
+    TMSTrainer._reopen_history(SimpleNamespace(history=history, history_dir=str(tmp_path / "h")), [3])
+    assert all(torch.equal(history[3][k], expected[k]) for k in expected)

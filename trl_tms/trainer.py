@@ -460,7 +460,8 @@ class TMSTrainer(SFTTrainer):
                 "`resume_from_checkpoint`."
             )
         for step in expected:
-            self.history._snapshots[step] = reopened._snapshots[step]
+            # Served from its file, unless this process's history has no folder (not the main process): then in memory.
+            self.history._snapshots[step] = reopened[step] if self.history.keep_in_memory else reopened._snapshots[step]
 
     def _checkpoint_for(self, resume_from_checkpoint, folder: str) -> str | None:
         """The Trainer checkpoint a phase writing to `folder` resumes from: the one named if it lies there, else the last."""

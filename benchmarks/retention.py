@@ -74,6 +74,25 @@ MODES = {
         },
         seeds=[0],
     ),
+    # Issue 17: which trajectory settings close TMS's target-accuracy gap. Every TMS arm of a seed shares one harvest
+    # and one set of trajectories (the settings compared act on the mixture only); SFT is read off that harvest.
+    "trajectories": dict(
+        num_train=64, num_test=100, num_pld=48, mc_items=400, wiki_items=1000, chat_prompts=48, chat_tokens=96,
+        regimes={"aggressive": dict(lora_r=64, learning_rate=1e-3, epochs=4)},
+        arms={
+            "sft": None,
+            # The paper's recipe: every trajectory, cut ones with their end token, uniform over the 10 snapshots.
+            "tms": dict(label_weight=0.25, num_checkpoints=10, unfinished_trajectories="keep"),
+            # Only trajectories with the label's final answer (a prompt left without any trains on its label).
+            "tms_verified": dict(label_weight=0.25, num_checkpoints=10, trajectory_filter="verifier"),
+            # Reward-free: only trajectories whose final answer most of the prompt's snapshots agree on.
+            "tms_consistent": dict(label_weight=0.25, num_checkpoints=10, trajectory_filter="self_consistency"),
+            # The later half of the snapshots only.
+            "tms_late": dict(label_weight=0.25, num_checkpoints=10, snapshot_weights=[0.0] * 5 + [1.0] * 5),
+        },
+        seeds=[0],
+        sft_from_harvest=True,
+    ),
 }
 HEADLINE = "aggressive"
 BATCH_SIZE = 8
@@ -220,8 +239,14 @@ def train_arm(arm: str, tms: dict | None, regime: dict, seed: int, model, tokeni
         pld = [(e["step"], e["pld"], e["pld_drift"]) for e in log if "pld" in e and e.get("tms_phase") in (2, 3)]
         stats = {k: v for k, v in trainer.stats.items()}
         stats["harvest_pld"] = [(e["step"], e["pld"], e["pld_drift"]) for e in log if "pld" in e and e.get("tms_phase") == 1]
+        fractions = [e["tms_label_fraction"] for e in log if "tms_label_fraction" in e and e.get("tms_phase") in (2, 3)]
+        if fractions:
+            stats["label_fraction"] = sum(fractions) / len(fractions)  # labels actually trained on
         if "answer" in train.column_names:
-            stats["trajectory_quality"] = trajectory_quality(trainer.trajectories, train["answer"])
+            quality = trajectory_quality(trainer.trajectories, train["answer"])
+            for step, q in quality["by_step"].items():
+                q["kept"] = trainer.stats.get(f"kept_fraction_step_{step}")
+            stats["trajectory_quality"] = quality
     phases["total"] = time.perf_counter() - started
     return trainer, {"steps": trainer.state.global_step, "wall_seconds": phases, "pld": pld, "tms_stats": stats}
 
@@ -389,7 +414,8 @@ def plots(results: dict, runs: list[dict], output_dir: str) -> list[str]:
     return written
 
 
-def train_arms(args, mode: dict, bench, train, pld_set, arms_dir: str, task_tokens: int, scratch: str) -> list:
+def train_arms(args, mode: dict, bench, train, pld_set, arms_dir: str, task_tokens: int, scratch: str,
+               histories: str) -> list:
     """Train and evaluate every arm of the mode not saved in `arms_dir` yet; load the ones that are."""
     runs = []
     # With `sft_from_harvest` the SFT arm comes after the TMS arm whose harvest it reads.
@@ -414,7 +440,7 @@ def train_arms(args, mode: dict, bench, train, pld_set, arms_dir: str, task_toke
                 model, tokenizer = load_model(args.model, args.device)
                 workdir = tempfile.mkdtemp(prefix=f"{key}-", dir=scratch)
                 online = (tms or {}).get("tms_mode") == "online"
-                history = os.path.join(scratch, f"history-{regime_name}-s{seed}")
+                history = os.path.join(histories, f"history-{regime_name}-s{seed}")
                 harvested = [r for r in runs if r["arm"] == "tms" and r["regime"] == regime_name and r["seed"] == seed]
                 if tms is None and mode.get("sft_from_harvest") and harvested and os.path.isdir(history):
                     print(f"[{key}] the final adapter of the TMS harvest (plain SFT, same settings and seed)", flush=True)
@@ -445,6 +471,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="One regime, one seed, fewer items, SFT read off the TMS "
                         "harvest: ~15 minutes on 2 CPU cores.")
+    parser.add_argument("--mode", default=None, choices=sorted(MODES), help="A mode by name (`--quick` is "
+                        "`--mode quick`); `trajectories` compares trajectory settings on one shared harvest.")
     parser.add_argument("--model", default=None, help="Hub id or local folder; default: embedded SmolLM2-135M-Instruct.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--task", default="leg_counting", choices=["leg_counting", "gsm_symbolic"])
@@ -455,9 +483,12 @@ def main(argv=None):
                         "result saved in the output folder (any seed), e.g. after runs of separate seeds or regimes.")
     parser.add_argument("--work_dir", default=None, help="Scratch space for checkpoints and histories (default: a "
                         "temporary folder, removed after each arm).")
+    parser.add_argument("--keep_histories", default=None, help="Keep each (regime, seed)'s TMS history in this folder "
+                        "after the run, so that arms added later train only their student on the same harvest and "
+                        "trajectories.")
     args = parser.parse_args(argv)
 
-    mode_name = "quick" if args.quick else "full"
+    mode_name = args.mode or ("quick" if args.quick else "full")
     mode = dict(MODES[mode_name])
     if args.seeds:
         mode["seeds"] = [int(s) for s in args.seeds.split(",")]
@@ -466,7 +497,8 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown regime(s) {sorted(unknown)}; this mode has {sorted(mode['regimes'])}")
         mode["regimes"] = {r: mode["regimes"][r] for r in args.regimes.split(",")}
-    output_dir = args.output_dir or os.path.join(HERE, "results", "retention" + ("_quick" if args.quick else ""))
+    suffix = {"full": "", "quick": "_quick"}.get(mode_name, f"_{mode_name}")
+    output_dir = args.output_dir or os.path.join(HERE, "results", "retention" + suffix)
     arms_dir = os.path.join(output_dir, "arms")
     os.makedirs(arms_dir, exist_ok=True)
     task_tokens = 128 if args.task == "leg_counting" else 256
@@ -491,10 +523,11 @@ def main(argv=None):
     del model
 
     scratch = tempfile.mkdtemp(prefix="retention-histories-", dir=args.work_dir)
+    histories = args.keep_histories or scratch
     # On a kill (SIGTERM) the `finally` runs too, so scratch histories and checkpoints do not pile up in /tmp.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        runs = train_arms(args, mode, bench, train, pld_set, arms_dir, task_tokens, scratch)
+        runs = train_arms(args, mode, bench, train, pld_set, arms_dir, task_tokens, scratch, histories)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     results = {"base": {k: base[k] for k in ("target_accuracy", "retention", "items", "eval_seconds")}}

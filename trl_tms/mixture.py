@@ -17,10 +17,14 @@ _CARRIED = ("tools", "chat_template_kwargs")
 TRAJECTORY_CHOICES = ("uniform", "curriculum", "pld")
 
 
-def mixture_candidates(dataset: Dataset, trajectories: Dataset | None, with_labels: bool = True) -> tuple[Dataset, int]:
+def mixture_candidates(
+    dataset: Dataset, trajectories: Dataset | None, with_labels: bool = True, keep: list[bool] | None = None
+) -> tuple[Dataset, int]:
     """
     Every completion a prompt can be trained on, in prompt-completion form: its reference label
-    (`snapshot_step == -1`, unless `with_labels=False`) and its non-empty trajectories (if any).
+    (`snapshot_step == -1`, unless `with_labels=False`) and its non-empty trajectories (if any) that `keep` lets
+    through (one flag per trajectory, see [`keep_flags`]; default: all). A `finished` column says whether each one
+    ended by itself (labels do).
 
     Returns:
         `tuple[Dataset, int]`: The candidates and the number of empty trajectories left out.
@@ -29,10 +33,11 @@ def mixture_candidates(dataset: Dataset, trajectories: Dataset | None, with_labe
     carried = [c for c in _CARRIED if c in dataset.column_names]
     rows: dict[str, list[Any]] = defaultdict(list)
 
-    def add(index: int, completion, step: int) -> None:
+    def add(index: int, completion, step: int, finished: bool = True) -> None:
         example = dataset[index]
         rows["prompt_index"].append(index)
         rows["snapshot_step"].append(step)
+        rows["finished"].append(finished)
         rows["prompt"].append(example["prompt"])
         rows["completion"].append(completion)
         for column in carried:
@@ -44,14 +49,55 @@ def mixture_candidates(dataset: Dataset, trajectories: Dataset | None, with_labe
     empty = 0
     if trajectories is None:
         return Dataset.from_dict(dict(rows)), empty
-    for index, step, text in zip(
-        trajectories["prompt_index"], trajectories["snapshot_step"], _texts(trajectories["completion"])
+    keep = [True] * len(trajectories) if keep is None else keep
+    if len(keep) != len(trajectories):
+        raise ValueError(f"`keep` has {len(keep)} flags for {len(trajectories)} trajectories.")
+    finished = trajectories["finished"] if "finished" in trajectories.column_names else [True] * len(trajectories)
+    for index, step, text, ended, kept in zip(
+        trajectories["prompt_index"], trajectories["snapshot_step"], _texts(trajectories["completion"]), finished, keep
     ):
-        if text.strip():
-            add(index, as_completion(text, conversational), step)
-        else:
+        if not text.strip():
             empty += 1
+        elif kept:
+            add(index, as_completion(text, conversational), step, bool(ended))
     return Dataset.from_dict(dict(rows)), empty
+
+
+def end_of_turn_ids(tokenize, prompt) -> list[int]:
+    """
+    The tokens the SFT preprocessing appends after a completion's text (end of turn, EOS): the common tail of two
+    one-word completions of `prompt`, tokenized by `tokenize` (a dataset of prompt-completion rows -> the same rows
+    with `input_ids`).
+    """
+    conversational = not isinstance(prompt, str)
+    probes = Dataset.from_dict(
+        {"prompt": [prompt, prompt], "completion": [as_completion(" yes", conversational), as_completion(" no", conversational)]}
+    )
+    first, second = tokenize(probes)["input_ids"]
+    if first == second:  # the probe's end was cut away
+        return []
+    tail = 0
+    while tail < min(len(first), len(second)) and first[-1 - tail] == second[-1 - tail]:
+        tail += 1
+    return list(first[len(first) - tail :]) if tail else []
+
+
+def truncate_unfinished(candidates: Dataset, end_ids: list[int]) -> Dataset:
+    """
+    Tokenized candidates in which every trajectory that did not end by itself (`finished` False) loses its trailing
+    `end_ids`, so the student is not trained to stop where the length limit cut it. A row already cut by `max_length`
+    (it does not end with them) is left as it is.
+    """
+    if not end_ids or all(candidates["finished"]):
+        return candidates
+    n = len(end_ids)
+
+    def strip(example):
+        if example["finished"] or list(example["input_ids"][-n:]) != end_ids:
+            return {}
+        return {"input_ids": example["input_ids"][:-n], "labels": example["labels"][:-n]}
+
+    return candidates.map(strip, desc="Removing end tokens from unfinished trajectories")
 
 
 def _slice(steps: list[int], epoch: int, num_epochs: int) -> list[int]:
@@ -94,13 +140,30 @@ class MixtureDataset(torch.utils.data.Dataset):
             `"uniform"`, `"curriculum"` or `"pld"`, as above.
         num_epochs (`int`, *optional*, defaults to `1`):
             Number of epochs the student trains for; sets the slices of `"curriculum"`.
+        snapshot_weights (`dict[int, float]`, *optional*):
+            With `"uniform"`: a weight per snapshot step, so that a prompt draws among the snapshots that produced one
+            of its trajectories with probabilities proportional to their weights (a zero leaves a snapshot out; a
+            prompt left with none draws its label). `None`: uniform.
     """
 
     def __init__(
-        self, candidates: Dataset, label_weight: float, seed: int, trajectory_choice: str = "uniform", num_epochs: int = 1
+        self,
+        candidates: Dataset,
+        label_weight: float,
+        seed: int,
+        trajectory_choice: str = "uniform",
+        num_epochs: int = 1,
+        snapshot_weights: dict[int, float] | None = None,
     ):
         if trajectory_choice not in TRAJECTORY_CHOICES:
             raise ValueError(f"`trajectory_choice` must be one of {TRAJECTORY_CHOICES}, got {trajectory_choice!r}.")
+        if snapshot_weights is not None:
+            if trajectory_choice != "uniform":
+                raise ValueError("`snapshot_weights` sets the draw of `trajectory_choice='uniform'` only.")
+            unknown = set(candidates["snapshot_step"]) - {LABEL} - set(snapshot_weights)
+            if unknown:
+                raise ValueError(f"`snapshot_weights` has no weight for the snapshots of steps {sorted(unknown)}.")
+        self.snapshot_weights = snapshot_weights
         self.label_weight = label_weight
         self.seed = seed
         self.trajectory_choice = trajectory_choice
@@ -118,7 +181,9 @@ class MixtureDataset(torch.utils.data.Dataset):
         for row, (index, step) in enumerate(zip(self._prompt_of, self._step_of)):
             if step == LABEL:
                 self._label[index] = row
-            elif keep_steps is None or step in keep_steps:
+            elif (keep_steps is None or step in keep_steps) and (
+                self.snapshot_weights is None or self.snapshot_weights[step] > 0
+            ):
                 self._trajectories[index][step].append(row)
         self.prompt_indices = sorted(set(self._label) | set(self._trajectories))
         self.snapshot_steps = sorted({step for by_step in self._trajectories.values() for step in by_step})
@@ -138,6 +203,10 @@ class MixtureDataset(torch.utils.data.Dataset):
         self._prompt_of += list(candidates["prompt_index"])
         self._step_of += list(candidates["snapshot_step"])
         self._index(keep_steps)
+
+    def candidate(self, row: int) -> dict[str, Any]:
+        """Candidate `row` (as `draw` returns it): its `input_ids`, `labels`, `prompt_index` and `snapshot_step`."""
+        return {**self._examples[row], "prompt_index": self._prompt_of[row], "snapshot_step": self._step_of[row]}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -192,6 +261,10 @@ class MixtureDataset(torch.utils.data.Dataset):
             return self._best_row(by_step), False
         if self.trajectory_choice == "curriculum":
             steps = self._curriculum_steps(steps, min(epoch, self.num_epochs - 1))
+        if self.snapshot_weights is not None:
+            weights = np.array([self.snapshot_weights[step] for step in steps])
+            rows = by_step[steps[rng.choice(len(steps), p=weights / weights.sum())]]
+            return rows[rng.integers(len(rows))], False
         rows = by_step[steps[rng.integers(len(steps))]]
         return rows[rng.integers(len(rows))], False
 

@@ -6,7 +6,7 @@ import torch
 
 from .data import prompt_token_ids
 
-PHASE_NAMES = {1: "harvest", 2: "student"}
+PHASE_NAMES = {1: "harvest", 2: "student", 3: "online"}
 
 
 def pld_by_phase(log_history: list[dict]) -> dict[str, dict[str, float]]:
@@ -56,9 +56,16 @@ def format_summary(trainer, output_dir: str) -> str:
     ]
     stats = trainer.stats
     if stats:
+        args = trainer.args
         lines.append(
             f"Trajectories:      {stats['trajectories']} generated in {stats['trajectory_seconds']:.0f} s; "
-            f"{stats['empty_trajectories']} empty (left out), {stats['unfinished_trajectories']} cut at max_new_tokens"
+            f"{stats['empty_trajectories']} empty (left out), {stats['unfinished_trajectories']} cut at "
+            f"max_new_tokens={trainer.max_new_tokens} ({args.unfinished_trajectories})"
+        )
+        by_step = {k.rsplit("_", 1)[1]: v for k, v in stats.items() if k.startswith("kept_fraction_step_")}
+        lines.append(
+            f"Student draws from {stats['kept_trajectories']} of them (trajectory_filter={args.trajectory_filter}); "
+            "kept by snapshot: " + ", ".join(f"step {step} {fraction:.0%}" for step, fraction in by_step.items())
         )
     pld = pld_by_phase(trainer.state.log_history)
     if pld:

@@ -25,7 +25,15 @@ from .config import TMSConfig
 from .data import to_prompt_completion
 from .history import AdapterHistory, adapter_parameters
 from .hub import complete_model_card, push_history, resolve_base_model
-from .mixture import IS_LABEL, MixtureCollator, MixtureDataset, mixture_candidates
+from .filters import keep_flags, kept_by_snapshot
+from .mixture import (
+    IS_LABEL,
+    MixtureCollator,
+    MixtureDataset,
+    end_of_turn_ids,
+    mixture_candidates,
+    truncate_unfinished,
+)
 from .pld import PLDCallback, label_nll
 from .quantization import keep_4bit_layers_trainable
 from .resume import (
@@ -39,7 +47,7 @@ from .resume import (
     read_run,
     write_run,
 )
-from .trajectories import SamplingParams, generate_trajectories, save_trajectories
+from .trajectories import SamplingParams, fitted_max_new_tokens, generate_trajectories, save_trajectories
 from .vllm_generation import check_vllm_available, check_vllm_servable, generate_trajectories_vllm
 
 logger = logging.get_logger(__name__)
@@ -91,6 +99,13 @@ class TMSTrainer(SFTTrainer):
             Held-out labelled examples in the same formats; used for evaluation and PLD.
         peft_config ([`~peft.LoraConfig`], *optional*):
             LoRA configuration used to wrap the model.
+        verifier (`Callable`, *optional*):
+            With `trajectory_filter="verifier"`: `verifier(prompt, completion, label) -> bool | float`, given a
+            training prompt (as in the dataset) and the texts of a trajectory and of the prompt's label; trajectories
+            scoring below `min_verifier_score` are left out. Default: same final number as the label.
+        answer_extractor (`Callable`, *optional*):
+            With `trajectory_filter="self_consistency"`: `answer_extractor(text) -> str | None`, the final answer of a
+            trajectory. Default: its final number (after the last `####` if any).
 
     The other arguments (`data_collator`, `processing_class`, `compute_metrics`, `callbacks`,
     `optimizer_cls_and_kwargs`, `preprocess_logits_for_metrics`, `quantization_config`, ...) are those of
@@ -130,8 +145,14 @@ class TMSTrainer(SFTTrainer):
         quantization_config=None,
         peft_config=None,
         formatting_func=None,
+        verifier=None,
+        answer_extractor=None,
     ):
         args = _as_tms_config(args, model)
+        for name, function in (("verifier", verifier), ("answer_extractor", answer_extractor)):
+            if function is not None and not callable(function):
+                raise TypeError(f"`{name}` must be a callable, got {type(function).__name__}.")
+        self.verifier, self.answer_extractor = verifier, answer_extractor
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
         if formatting_func is not None:
@@ -208,6 +229,12 @@ class TMSTrainer(SFTTrainer):
         )
         self.trajectories = None
         self.stats: dict[str, float] = {}
+        self._end_of_turn: list[int] | None = None  # what the SFT preprocessing appends to a completion
+        self.max_new_tokens = args.max_new_tokens
+        if args.max_new_tokens_from_labels is not None:
+            self.max_new_tokens = fitted_max_new_tokens(
+                self._tokenizer, self._prompts, args.max_new_tokens_from_labels, args.max_new_tokens
+            )
 
         planned = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
         self._planned_steps = planned
@@ -323,7 +350,13 @@ class TMSTrainer(SFTTrainer):
         saved = os.path.join(self.history_dir, "trajectories")
         finished = run.get("trajectories_done") and os.path.isdir(saved)
         self._finished_trajectories = load_from_disk(saved) if finished else None
-        self.stats = {"trajectory_seconds": 0.0, "trajectories": 0, "empty_trajectories": 0}
+        self.stats = {
+            "trajectory_seconds": 0.0,
+            "trajectories": 0,
+            "empty_trajectories": 0,
+            "unfinished_trajectories": 0,
+            "kept_trajectories": 0,
+        }
         self.phase = "online"
         try:
             output = super().train(
@@ -360,16 +393,28 @@ class TMSTrainer(SFTTrainer):
             trajectories = self._sample(steps=[step])
         seconds = time.perf_counter() - started
         self._online_trajectories.append(trajectories)
-        candidates, empty = mixture_candidates(self._prompts, trajectories, with_labels=False)
+        keep = self._keep_flags(trajectories)
+        candidates, empty = mixture_candidates(self._prompts, trajectories, with_labels=False, keep=keep)
         window = set(self.history.steps[-self.args.num_checkpoints :])
         if len(candidates):
-            candidates = self._prepare_dataset(candidates, self.processing_class, self.args, False, None, "trajectories")
-            self.train_dataset.extend(candidates, keep_steps=window)
+            self.train_dataset.extend(self._tokenize_candidates(candidates, "trajectories"), keep_steps=window)
+        unfinished = len(trajectories) - sum(trajectories["finished"])
         self.stats["trajectory_seconds"] += seconds
         self.stats["trajectories"] += len(trajectories)
         self.stats["empty_trajectories"] += empty
+        self.stats["unfinished_trajectories"] += unfinished
+        self.stats["kept_trajectories"] += sum(keep)
+        self.stats[f"kept_fraction_step_{step}"] = sum(keep) / max(1, len(trajectories))
         if take:
-            self.log_event({"tms_snapshot_step": step, "tms_trajectory_seconds": seconds, "tms_empty_trajectories": empty})
+            self.log_event(
+                {
+                    "tms_snapshot_step": step,
+                    "tms_trajectory_seconds": seconds,
+                    "tms_empty_trajectories": empty,
+                    "tms_unfinished_trajectories": unfinished,
+                    "tms_kept_fraction": sum(keep) / max(1, len(trajectories)),
+                }
+            )
 
     # Run record and resuming
 
@@ -390,7 +435,7 @@ class TMSTrainer(SFTTrainer):
             "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
             "max_length": args.max_length,
         }
-        trajectories = dataclasses.asdict(SamplingParams.from_config(args))
+        trajectories = dataclasses.asdict(SamplingParams.from_config(args, self.max_new_tokens))
         trajectories.pop("batch_size")  # batching changes speed, not the distribution sampled
         trajectories["generation_backend"] = args.generation_backend  # each backend seeds its samples its own way
         return {"harvest": harvest, "trajectories": trajectories}
@@ -499,7 +544,8 @@ class TMSTrainer(SFTTrainer):
 
     def _sample(self, steps: list[int] | None = None):
         """Trajectories of the snapshots of `steps` (default: all), each group's part kept until the phase ends."""
-        inputs = (self.model, self._tokenizer, self._prompts, self.history, SamplingParams.from_config(self.args))
+        sampling = SamplingParams.from_config(self.args, self.max_new_tokens)
+        inputs = (self.model, self._tokenizer, self._prompts, self.history, sampling)
         shared = dict(
             adapter_name=self.adapter_name,
             chat_template=self.chat_template,
@@ -527,13 +573,30 @@ class TMSTrainer(SFTTrainer):
             **shared,
         )
 
+    def _keep_flags(self, trajectories) -> list[bool]:
+        args = self.args
+        return keep_flags(
+            trajectories,
+            self._prompts,
+            unfinished=args.unfinished_trajectories,
+            trajectory_filter=args.trajectory_filter,
+            verifier=self.verifier,
+            min_verifier_score=args.min_verifier_score,
+            answer_extractor=self.answer_extractor,
+        )
+
     def _prepare_student(self) -> None:
-        candidates, empty = mixture_candidates(self._prompts, self.trajectories)
+        keep = self._keep_flags(self.trajectories)
+        candidates, empty = mixture_candidates(self._prompts, self.trajectories, keep=keep)
         self._use_mixture(candidates)
         self.stats.update(
             trajectories=len(self.trajectories),
             empty_trajectories=empty,
             unfinished_trajectories=len(self.trajectories) - sum(self.trajectories["finished"]),
+            kept_trajectories=sum(keep),
+        )
+        self.stats.update(
+            {f"kept_fraction_step_{step}": f for step, f in kept_by_snapshot(self.trajectories, keep).items()}
         )
         with torch.no_grad():
             for name, param in adapter_parameters(self.model, self.adapter_name).items():
@@ -541,11 +604,29 @@ class TMSTrainer(SFTTrainer):
         self.optimizer, self.lr_scheduler = None, None
         self._total_train_tokens = 0
 
+    def _tokenize_candidates(self, candidates, name: str):
+        """The SFT preprocessing of `candidates`; unfinished trajectories lose their end tokens under "truncate"."""
+        tokenized = self._prepare_dataset(candidates, self.processing_class, self.args, False, None, name)
+        if self.args.unfinished_trajectories == "truncate":
+            if self._end_of_turn is None:
+                tokenize = partial(self._prepare_dataset, processing_class=self.processing_class, args=self.args,
+                                   packing=False, formatting_func=None, dataset_name="end-of-turn probe")
+                # The shortest prompt, so that `max_length` cannot cut the probe's end.
+                shortest = min(self._prompts["prompt"], key=lambda p: len(str(p)))
+                self._end_of_turn = end_of_turn_ids(tokenize, shortest)
+            tokenized = truncate_unfinished(tokenized, self._end_of_turn)
+        return tokenized
+
     def _use_mixture(self, candidates) -> None:
         """Train on a `MixtureDataset` of `candidates` (tokenized here) from now on."""
-        self._candidates = self._prepare_dataset(candidates, self.processing_class, self.args, False, None, "mixture")
+        self._candidates = self._tokenize_candidates(candidates, "mixture")
+        weights = self.args.snapshot_weights
         self.train_dataset = MixtureDataset(
-            self._candidates, self.args.label_weight, self.args.seed, trajectory_choice=self.args.trajectory_choice
+            self._candidates,
+            self.args.label_weight,
+            self.args.seed,
+            trajectory_choice=self.args.trajectory_choice,
+            snapshot_weights=None if weights is None else dict(zip(self.history.steps, weights)),
         )
         if not isinstance(self.data_collator, MixtureCollator):
             self.data_collator = MixtureCollator(self.data_collator)
@@ -617,7 +698,7 @@ class TMSTrainer(SFTTrainer):
             "temperature": args.temperature,
             "top_p": args.top_p,
             "top_k": args.top_k,
-            "max_new_tokens": args.max_new_tokens,
+            "max_new_tokens": self.max_new_tokens,
         }
         final_pld = {}
         for phase, label in ((1, "harvest (SFT on the labels)"), (2, "student (TMS)")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -39,13 +40,14 @@ class SamplingParams:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, args) -> SamplingParams:
+    def from_config(cls, args, max_new_tokens: int | None = None) -> SamplingParams:
+        """The config's sampling settings; `max_new_tokens` overrides the config's (e.g. fitted to the labels)."""
         return cls(
             samples_per_checkpoint=args.samples_per_checkpoint,
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=max_new_tokens or args.max_new_tokens,
             batch_size=args.generation_batch_size,
             snapshots_per_generate=args.snapshots_per_generate,
             seed=args.seed,
@@ -208,6 +210,16 @@ def generate_trajectories(
         model.train(was_training)
 
     return trajectories_dataset(tokenizer, prompts, records)
+
+
+LENGTH_GRAIN = 16  # a fitted length budget is rounded up to this many tokens
+
+
+def fitted_max_new_tokens(tokenizer, dataset: Dataset, factor: float, cap: int) -> int:
+    """`factor` times the longest completion of `dataset` in tokens, rounded up to `LENGTH_GRAIN`, at most `cap`."""
+    texts = [c if isinstance(c, str) else "".join(str(m.get("content") or "") for m in c) for c in dataset["completion"]]
+    longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return min(cap, LENGTH_GRAIN * math.ceil(factor * longest / LENGTH_GRAIN))
 
 
 def steps_to_sample(history: AdapterHistory, steps: list[int] | None) -> list[int]:

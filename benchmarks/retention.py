@@ -317,6 +317,10 @@ def summarise(runs: list[dict], base: dict) -> dict:
     if qualities:
         summary["trajectories_correct"] = statistics.mean(q["correct"] for q in qualities)
         summary["trajectories_unfinished"] = statistics.mean(q["unfinished"] for q in qualities)
+        kept = [r["tms_stats"]["kept_trajectories"] / r["tms_stats"]["trajectories"] for r in runs
+                if "kept_trajectories" in r["tms_stats"]]
+        if kept:
+            summary["trajectories_kept"] = statistics.mean(kept)
     if runs[0]["tms_stats"]:
         summary["tms_stats"] = {k: statistics.mean(r["tms_stats"][k] for r in runs)
                                 for k, v in runs[0]["tms_stats"].items() if isinstance(v, (int, float))}
@@ -354,6 +358,15 @@ def table(results: dict, mode: dict) -> str:
                  f"{n[0]}, SIQA {n[1]}, WikiText sentences {n[2]}, chat prompts {len(base['items']['chat_kl'])}). "
                  "Higher is better for accuracies; lower is better for NLL and KL. PLD: mean NLL per token of held-out "
                  "worked answers at the end of training (drift = rise above its minimum).")
+    tms = [(k, v) for k, v in results.items() if isinstance(v, dict) and "trajectories_correct" in v]
+    if tms:
+        lines += ["", "| arm | trajectories correct | cut at max_new_tokens | kept for the student | labels trained on |",
+                  "|---|---|---|---|---|"]
+        for key, summary in tms:
+            kept = summary.get("trajectories_kept")
+            label = summary.get("tms_stats", {}).get("label_fraction")
+            lines.append(f"| {key} | {summary['trajectories_correct']:.3f} | {summary['trajectories_unfinished']:.3f} | "
+                         f"{'-' if kept is None else f'{kept:.3f}'} | {'-' if label is None else f'{label:.3f}'} |")
     for key, summary in results.items():
         if isinstance(summary, dict) and "from_harvest_of" in summary:
             lines.append(f"`{key}` is the harvest of `{summary['from_harvest_of']}`: that plain SFT run's final adapter, "

@@ -89,6 +89,10 @@ MODES = {
             "tms_consistent": dict(label_weight=0.25, num_checkpoints=10, trajectory_filter="self_consistency"),
             # The later half of the snapshots only.
             "tms_late": dict(label_weight=0.25, num_checkpoints=10, snapshot_weights=[0.0] * 5 + [1.0] * 5),
+            # Online TMS (one run, its own snapshots from step 0): as before, and with the verifier filter.
+            "tms_online": dict(label_weight=0.25, num_checkpoints=10, tms_mode="online", unfinished_trajectories="keep"),
+            "tms_online_verified": dict(label_weight=0.25, num_checkpoints=10, tms_mode="online",
+                                        trajectory_filter="verifier"),
         },
         seeds=[0],
         sft_from_harvest=True,

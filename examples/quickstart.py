@@ -231,7 +231,8 @@ def main():
     )
     print(
         f"Trajectories: {len(trajectories)} ({len(trainer.history)} snapshots x {len(train_dataset)} prompts), "
-        f"{finished} ended at EOS, {len(trajectories) - finished} hit max_new_tokens={args.max_new_tokens}; "
+        f"{finished} ended at EOS, {len(trajectories) - finished} hit max_new_tokens={trainer.max_new_tokens} "
+        f"(trained on without an end token: unfinished_trajectories={trainer.args.unfinished_trajectories!r}); "
         f"mean {sum(trajectories['num_tokens']) / len(trajectories):.0f} tokens; {right} with the right final number"
     )
 

@@ -130,7 +130,7 @@ def test_online_tms_on_two_processes_samples_each_snapshot_once_and_shares_it(ti
 def test_parameter_sharding_backends_are_refused_with_what_to_use_instead(deepspeed_stage, fsdp_version, refused):
     from types import SimpleNamespace
 
-    from trl_tms.trainer import _check_parallelism
+    from trl_tms.config import check_parallelism
 
     state = SimpleNamespace(
         deepspeed_plugin=SimpleNamespace(zero_stage=deepspeed_stage) if deepspeed_stage else None,
@@ -138,7 +138,7 @@ def test_parameter_sharding_backends_are_refused_with_what_to_use_instead(deepsp
     )
     accelerator = SimpleNamespace(state=state)
     if refused is None:
-        _check_parallelism(accelerator)  # ZeRO-2 keeps every parameter whole on every process
+        check_parallelism(accelerator)  # ZeRO-2 keeps every parameter whole on every process
         return
     with pytest.raises(NotImplementedError, match=rf"does not support {re.escape(refused)}.*ddp.yaml"):
-        _check_parallelism(accelerator)
+        check_parallelism(accelerator)

@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 from trl_tms import TMSConfig, TMSTrainer
 from trl_tms.history import adapter_parameters
 from trl_tms.mixture import LABEL
-from trl_tms.trainer import online_snapshot_steps
+from trl_tms.online import online_snapshot_steps
+from trl_tms.trajectories import HotSwapGenerator
 
 
 class Interrupt(Exception):
@@ -131,7 +132,7 @@ def test_a_finished_online_run_resumed_again_reuses_its_trajectories(tiny_llama,
     def no_sampling(self, steps=None):
         raise AssertionError(f"sampled snapshots {steps} again")
 
-    monkeypatch.setattr(TMSTrainer, "_sample", no_sampling)
+    monkeypatch.setattr(HotSwapGenerator, "generate", no_sampling)
     again = make(tiny_llama, tmp_path, save_strategy="steps", save_steps=4)
     again.train(resume_from_checkpoint=True)
     assert again.history.steps == [0, 4, 8]

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 import trl_tms.trajectories as trajectories_module
 from trl_tms import TMSConfig, TMSTrainer
 from trl_tms.history import adapter_parameters
-from trl_tms.resume import RUN_FILE
+from trl_tms.resume import RUN_FILE, TMSRun
 
 TOTAL_STEPS = 12  # 24 prompts, batch 4, 2 epochs
 
@@ -127,9 +127,9 @@ def test_resume_mid_student(tiny_llama, tmp_path, reference):
     assert run["harvest_done"] and run["trajectories_done"]
     resumed = make(tiny_llama, tmp_path)
     generated = []
-    resumed._generate_trajectories = lambda reuse=False, _g=resumed._generate_trajectories: generated.append(reuse) or _g(reuse)
+    resumed.generator.generate = lambda steps=None, _g=resumed.generator.generate: generated.append(steps) or _g(steps)
     resumed.train(resume_from_checkpoint=True)
-    assert generated == [True]
+    assert generated == []  # the trajectories are read from the history
     assert resumed.harvest_output is None  # the harvest was not run again
     assert_same_run(resumed, reference)
     student_pld = [e["step"] for e in resumed.state.log_history if e.get("tms_phase") == 2 and "pld" in e]
@@ -235,8 +235,6 @@ def test_checkpoints_never_get_ahead_of_the_snapshots_written_in_the_background(
 @pytest.mark.parametrize("main_process", [True, False])
 def test_reopened_snapshots_are_served_on_every_process(tiny_llama, tmp_path, main_process):
     # Processes other than the main one have a history without a folder: reopened snapshots must still be readable.
-    from types import SimpleNamespace
-
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -247,5 +245,5 @@ def test_reopened_snapshots_are_served_on_every_process(tiny_llama, tmp_path, ma
     written.take(model, step=3)
     expected = {k: t.clone() for k, t in written[3].items()}
     history = AdapterHistory(model.peft_config["default"], str(tmp_path / "h") if main_process else None)
-    TMSTrainer._reopen_history(SimpleNamespace(history=history, history_dir=str(tmp_path / "h")), [3])
+    TMSRun(str(tmp_path / "h"), is_main=main_process).reopen_snapshots(history, [3])
     assert all(torch.equal(history[3][k], expected[k]) for k in expected)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from trl_tms import AdapterHistory, TMSConfig, TMSTrainer
 from trl_tms.history import adapter_parameters
+from trl_tms.pld import score_trajectories
 from trl_tms.trainer import snapshot_steps
 
 
@@ -333,6 +334,15 @@ def test_empty_trajectories_are_left_out_and_counted(tiny_llama, tmp_path):
     assert fractions and all(f == 1.0 for f in fractions)  # labels only: nothing else to train on
 
 
+def test_label_weight_one_generates_no_trajectory(tiny_llama, tmp_path):
+    trainer = make_trainer(tiny_llama, tmp_path, args=tms_config(tmp_path, label_weight=1.0, num_train_epochs=1))
+    trainer.generator.generate = lambda steps=None: pytest.fail("generated trajectories nobody can draw")
+    trainer.train()
+    assert len(trainer.history) == 3 and len(trainer.trajectories) == 0
+    fractions = [e["tms_label_fraction"] for e in trainer.state.log_history if "tms_label_fraction" in e]
+    assert fractions and all(f == 1.0 for f in fractions)
+
+
 # Bad input: a clear error before any training starts
 
 
@@ -493,8 +503,8 @@ def test_pld_trajectory_choice_scores_every_trajectory_under_the_student(tiny_ll
     assert len(scored) == 2  # once per student epoch
     assert all(e["tms_chosen_nll"] <= e["tms_trajectory_nll"] for e in scored)
 
-    rescored = trainer._score_trajectories()  # again, under the final student, to check each score by hand
-    mixture, candidates = trainer.train_dataset, trainer._candidates
+    mixture, candidates = trainer.train_dataset, trainer.candidates
+    rescored = score_trajectories(trainer, mixture, candidates)  # again, under the final student, to check by hand
     model = trainer.model.eval()
     assert len(mixture.trajectory_rows) == 16 * 3 * 2 - trainer.stats["empty_trajectories"]
     rows = mixture.rows_to_score()  # those of the prompts that draw a trajectory in the last epoch
@@ -528,7 +538,7 @@ def test_curriculum_trajectory_choice_knows_the_number_of_student_epochs(tiny_ll
     mixture = trainer.train_dataset
     assert mixture.num_epochs == 3
     steps = trainer.history.steps  # 3 snapshots, 3 epochs: one snapshot an epoch, earliest first
-    step_of, prompt_of = list(trainer._candidates["snapshot_step"]), list(trainer._candidates["prompt_index"])
+    step_of, prompt_of = list(trainer.candidates["snapshot_step"]), list(trainer.candidates["prompt_index"])
     has = {(prompt_of[row], step_of[row]) for row in mixture.trajectory_rows}
     for epoch, step in enumerate(steps):
         drawn = [mixture.draw(p, epoch)[0] for p in range(len(mixture)) if not mixture.draw(p, epoch)[1]]
@@ -572,7 +582,7 @@ def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tin
         tokens = trajectories._generate_samples(
             model, input_ids, attention_mask, ["s"] * len(prompts), route, {**greedy, "eos_token_id": eos}, {eos}
         )
-    assert [trajectories._until_eos(row, {eos})[0] for row in tokens] == expected
+    assert [trajectories.until_eos(row, {eos})[0] for row in tokens] == expected
     assert batch_sizes[0] == len(prompts) and batch_sizes[-1] < len(prompts) and batch_sizes == sorted(batch_sizes)[::-1]
     assert len(batch_sizes) == 3  # 12 tokens, 4 at a time, some row still going until the end
 
@@ -583,7 +593,7 @@ def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tin
         tokens = trajectories._generate_samples(
             model, input_ids, attention_mask, ["s"] * len(prompts), route, {**greedy, "eos_token_id": eos}, {eos}
         )
-    assert [trajectories._until_eos(row, {eos})[0] for row in tokens] == expected
+    assert [trajectories.until_eos(row, {eos})[0] for row in tokens] == expected
     assert batch_sizes == [len(prompts)]
 
 

@@ -1,10 +1,21 @@
+import dataclasses
+import importlib.util
+import os
+import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 
-from transformers.utils import is_torch_bf16_gpu_available, is_torch_npu_available, is_torch_xpu_available
+from peft import LoraConfig, PeftModel
+from transformers import TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_npu_available, is_torch_xpu_available, logging
 from trl import SFTConfig
+from trl.distributed import DistributedBackend
 
 from .filters import FILTER_CHOICES, UNFINISHED_CHOICES
 from .mixture import TRAJECTORY_CHOICES
+
+
+logger = logging.get_logger(__name__)
 
 
 def _bf16_accelerator_available() -> bool:
@@ -469,3 +480,115 @@ class TMSConfig(SFTConfig):
                 "`snapshot_weights` or use the uniform two-pass draw."
             )
         self.snapshot_weights = weights
+
+
+# Checks of what `TMSTrainer` is given, made before anything is loaded or trained.
+
+
+def as_tms_config(args, model) -> TMSConfig:
+    """`args` as a `TMSConfig`: an `SFTConfig` or `TrainingArguments` is converted, `None` gets the defaults."""
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+        return TMSConfig(f"{str(name).rstrip('/').split('/')[-1]}-TMS")
+    if isinstance(args, TMSConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        # Not `to_dict()`: it masks every `*_token` field (hub_token, eos_token, pad_token).
+        return TMSConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+    raise TypeError(f"`args` must be a TMSConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+
+
+def check_trainer_arguments(
+    args: TMSConfig, model, train_dataset, peft_config, quantization_config, formatting_func, optimizers, functions
+) -> None:
+    """The `TMSTrainer` arguments TMS cannot work with, refused with what to pass instead."""
+    if train_dataset is None:
+        raise ValueError("`train_dataset` is required.")
+    if formatting_func is not None:
+        raise ValueError(
+            "`formatting_func` is not supported by TMSTrainer: it turns examples into plain text, and TMS needs the "
+            "prompt apart from the label to generate trajectories. Format the dataset into prompt-completion "
+            "columns beforehand."
+        )
+    if optimizers != (None, None):
+        raise ValueError(
+            "TMSTrainer trains twice (harvest, then student) and the student needs a fresh optimizer and "
+            "schedule, so ready-made `optimizers` instances cannot be reused. Pass `optimizer_cls_and_kwargs` or "
+            "set `optim` / `lr_scheduler_type` in the config."
+        )
+    if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        raise ValueError(
+            "`dataset_kwargs={'skip_prepare_dataset': True}` is not supported: TMS reads the prompts and labels "
+            "from an untokenized dataset."
+        )
+    for name, function in functions.items():
+        if function is not None and not callable(function):
+            raise TypeError(f"`{name}` must be a callable, got {type(function).__name__}.")
+    _check_lora(model, peft_config)
+    if args.process_index == 0:  # fail now, not hours later at the first snapshot or checkpoint
+        check_writable(args.output_dir, "output_dir")
+        check_writable(args.history_dir or os.path.join(args.output_dir, "_tms_history"), "history_dir")
+    if isinstance(model, str):  # TRL ignores `quantization_config` for a model that is already loaded
+        _check_quantization(quantization_config or (args.model_init_kwargs or {}).get("quantization_config"))
+
+
+def check_label_tokens_left(kept: int, total: int, max_length: int | None) -> None:
+    """TRL silently drops examples whose label was truncated away; say so, and refuse when none is left."""
+    if kept == total:
+        return
+    message = (
+        f"{total - kept} of {total} training examples have no label tokens left after truncation to "
+        f"`max_length={max_length}` (their prompts are that long or longer)"
+    )
+    if kept == 0:
+        raise ValueError(f"{message}, so there is nothing to train on. Raise `max_length` or shorten the prompts.")
+    logger.warning(f"{message}: they are left out of both phases. Raise `max_length` to keep them.")
+
+
+def check_parallelism(accelerator) -> None:
+    """Refuse the backends that shard parameters: snapshots and hot-swapped slots read the adapter weights whole."""
+    backend = DistributedBackend(accelerator)
+    if backend.is_zero3 or backend.is_fsdp:
+        name = "DeepSpeed ZeRO-3" if backend.is_zero3 else f"FSDP (version {backend.fsdp_version})"
+        raise NotImplementedError(
+            f"TMSTrainer does not support {name} yet: it shards the LoRA weights, which the adapter snapshots and the "
+            "trajectory slots read whole. Use data parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed "
+            "ZeRO-1/2; a LoRA adapter and its optimizer state are small, and a 4-bit base fits where ZeRO-3 was needed."
+        )
+
+
+def check_writable(folder: str, field: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"Cannot write to `{field}` {folder!r} ({error.strerror or error}). TMS writes its snapshots, trajectories "
+            f"and checkpoints there: pass a writable `{field}`."
+        ) from error
+
+
+def _check_quantization(quantization_config) -> None:
+    if quantization_config is None:
+        return
+    get = quantization_config.get if isinstance(quantization_config, dict) else partial(getattr, quantization_config)
+    if (get("load_in_4bit", False) or get("load_in_8bit", False)) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "4-bit and 8-bit (QLoRA) loading needs bitsandbytes, which is not installed. Install it with "
+            "`pip install 'bitsandbytes>=0.50.2'`, or drop `quantization_config` to train in full precision."
+        )
+
+
+def _check_lora(model, peft_config) -> None:
+    if peft_config is None and not isinstance(model, PeftModel):
+        raise ValueError(
+            "TMSTrainer trains and snapshots a LoRA adapter, but no adapter was given. Pass "
+            "`peft_config=LoraConfig(...)` (e.g. `LoraConfig(r=16, target_modules='all-linear')`) or a `PeftModel`."
+        )
+    config = peft_config if peft_config is not None else model.peft_config[model.active_adapter]
+    if not isinstance(config, LoraConfig):
+        raise ValueError(
+            f"TMSTrainer snapshots and hot-swaps LoRA adapters; got a {type(config).__name__}. Use a `LoraConfig` "
+            "(it also works on 4-bit and 8-bit bases)."
+        )

@@ -147,9 +147,9 @@ class AdapterHistory:
         if self.directory is None:
             return
         if self.background_writes:
-            self._pending.append(self._in_background(self._write, step, snapshot))
+            self._pending.append(self._in_background(self.write, step, snapshot))
         else:
-            self._write(step, snapshot)
+            self.write(step, snapshot)
 
     def _layout_of(self, model, adapter_name: str) -> tuple[dict[str, torch.nn.Parameter], dict[str, str] | None]:
         """
@@ -187,7 +187,7 @@ class AdapterHistory:
             raise
         snapshot.set_result(copied)
         if self.directory is not None:
-            self._write(step, copied)
+            self.write(step, copied)
 
     def flush(self) -> None:
         """Wait until every snapshot taken so far is on disk; raises the first failed background write."""
@@ -287,7 +287,11 @@ class AdapterHistory:
 
     # Disk
 
-    def _write(self, step: int, snapshot: dict[str, torch.Tensor]) -> None:
+    def write(self, step: int, snapshot: dict[str, torch.Tensor]) -> None:
+        """
+        Write `snapshot` (a `history[step]`-style dict) as the PEFT adapter folder `step-<step>`, atomically; unless the
+        history keeps snapshots in memory, it is served from that file from now on.
+        """
         try:
             with atomic_folder(self.path(step)) as staging:
                 save_file({k: v.contiguous() for k, v in snapshot.items()}, os.path.join(staging, SNAPSHOT_WEIGHTS))
@@ -304,6 +308,15 @@ class AdapterHistory:
             ) from error
         if not self.keep_in_memory:
             self._snapshots[step] = ON_DISK
+
+    def adopt(self, source: AdapterHistory, steps: list[int]) -> None:
+        """
+        Take the snapshots of `steps` from `source` (e.g. a history reopened with `open`): served from their files when
+        this history serves from files, else read into memory (a history without a directory, as on the processes
+        other than the main one).
+        """
+        for step in steps:
+            self._snapshots[step] = source[step] if self.keep_in_memory else source._snapshots[step]
 
     @classmethod
     def open(cls, directory: str) -> AdapterHistory:

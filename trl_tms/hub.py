@@ -89,3 +89,29 @@ def push_history(history_dir: str, repo_id: str, folder: str, **kwargs):
         commit_message="Upload TMS adapter history",
         **kwargs,
     )
+
+
+def card_settings(args, snapshot_steps: list[int], max_new_tokens: int) -> dict[str, object]:
+    """The TMS settings a model card lists."""
+    return {
+        "num_checkpoints (T)": args.num_checkpoints,
+        "label_weight (alpha)": args.label_weight,
+        "snapshot steps": ", ".join(map(str, snapshot_steps)) or "none yet",
+        "samples_per_checkpoint": args.samples_per_checkpoint,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "max_new_tokens": max_new_tokens,
+        "unfinished_trajectories": args.unfinished_trajectories,
+        "trajectory_filter": args.trajectory_filter,
+    }
+
+
+def final_pld(log_history: list[dict]) -> dict[str, dict]:
+    """The last PLD log entry of each phase of a two-pass run, keyed by the phase's name in the card."""
+    final = {}
+    for phase, label in ((1, "harvest (SFT on the labels)"), (2, "student (TMS)"), (3, "online TMS")):
+        entries = [e for e in log_history if e.get("tms_phase") == phase and "pld" in e]
+        if entries:
+            final[label] = entries[-1]
+    return final

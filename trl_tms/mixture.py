@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 
 from .data import as_completion
+from .filters import keep_flags, kept_by_snapshot
 
 LABEL = -1  # `snapshot_step` of a reference label among the candidates
 IS_LABEL = "tms_is_label"  # per-example flag carried to the loss, so the label fraction actually trained on is logged
@@ -98,6 +99,59 @@ def truncate_unfinished(candidates: Dataset, end_ids: list[int]) -> Dataset:
         return {"input_ids": example["input_ids"][:-n], "labels": example["labels"][:-n]}
 
     return candidates.map(strip, desc="Removing end tokens from unfinished trajectories")
+
+
+class CandidateBuilder:
+    """
+    Turns trajectories into the tokenized candidates the student may draw: the flags of [`keep_flags`] (unfinished
+    trajectories dropped, the optional filter), [`mixture_candidates`], the SFT preprocessing (`tokenize`), and, with
+    `unfinished="truncate"`, [`truncate_unfinished`].
+
+    Args:
+        prompts ([`~datasets.Dataset`]):
+            The prompt-completion training set.
+        tokenize (`Callable`):
+            `tokenize(candidates, name) -> tokenized candidates`: the trainer's SFT preprocessing.
+        unfinished, trajectory_filter, verifier, min_verifier_score, answer_extractor:
+            As for [`keep_flags`].
+    """
+
+    def __init__(self, prompts: Dataset, tokenize, *, unfinished: str = "truncate", **filter_options):
+        self.prompts = prompts
+        self.tokenize = tokenize
+        self.unfinished = unfinished
+        self.filter_options = filter_options
+        self._end_of_turn: list[int] | None = None
+
+    def build(self, trajectories: Dataset | None, with_labels: bool = True) -> tuple[Dataset, dict[str, float]]:
+        """
+        The tokenized candidates (the labels too, unless `with_labels=False`) and the counts: trajectories, empty,
+        unfinished and kept ones, and the kept fraction of each snapshot (`kept_fraction_step_<N>`).
+        """
+        if trajectories is None:
+            return self._tokenized(mixture_candidates(self.prompts, None)[0], "mixture"), {}
+        keep = keep_flags(trajectories, self.prompts, unfinished=self.unfinished, **self.filter_options)
+        candidates, empty = mixture_candidates(self.prompts, trajectories, with_labels=with_labels, keep=keep)
+        counts = {
+            "trajectories": len(trajectories),
+            "empty_trajectories": empty,
+            "unfinished_trajectories": len(trajectories) - sum(trajectories["finished"]),
+            "kept_trajectories": sum(keep),
+            **{f"kept_fraction_step_{step}": f for step, f in kept_by_snapshot(trajectories, keep).items()},
+        }
+        if len(candidates):
+            candidates = self._tokenized(candidates, "mixture" if with_labels else "trajectories")
+        return candidates, counts
+
+    def _tokenized(self, candidates: Dataset, name: str) -> Dataset:
+        tokenized = self.tokenize(candidates, name)
+        if self.unfinished != "truncate":
+            return tokenized
+        if self._end_of_turn is None:
+            # The shortest prompt, so that `max_length` cannot cut the probe's end.
+            shortest = min(self.prompts["prompt"], key=lambda p: len(str(p)))
+            self._end_of_turn = end_of_turn_ids(lambda probes: self.tokenize(probes, "end-of-turn probe"), shortest)
+        return truncate_unfinished(tokenized, self._end_of_turn)
 
 
 def _slice(steps: list[int], epoch: int, num_epochs: int) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
@@ -209,3 +211,41 @@ class PLDCallback(TrainerCallback):
                         params[name].copy_(value)
                 extra["pld_restored_step"] = float(self.best_step)
         return extra
+
+
+def score_trajectories(trainer, mixture, candidates) -> dict[str, float]:
+    """
+    For `trajectory_choice="pld"`: score, under the trainer's current model, the trajectories that `mixture` may draw
+    this epoch (mean NLL per token; prompts drawing their label need none), hand the scores to it, and return what to
+    log: the time taken, the mean score of the chosen and of all scored trajectories, and the chosen ones' mean
+    snapshot step.
+
+    Args:
+        trainer ([`~trl.SFTTrainer`]):
+            The trainer whose model scores.
+        mixture ([`MixtureDataset`]):
+            The student's mixture.
+        candidates ([`~datasets.Dataset`]):
+            The tokenized candidates the mixture's rows index.
+    """
+    started = time.perf_counter()
+    rows = mixture.rows_to_score()
+    if not rows:
+        mixture.set_scores({})
+        return {"tms_scoring_seconds": time.perf_counter() - started}
+    lengths = [len(ids) for ids in candidates.select(rows)["input_ids"]]
+    # Longest first, so each batch pads little.
+    order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+    nll, tokens = label_nll(trainer, candidates.select([rows[i] for i in order]), "Scoring trajectories")
+    mean = (nll / tokens.clamp(min=1)).tolist()
+    mixture.set_scores({rows[i]: mean[k] for k, i in enumerate(order)})
+    best = mixture.best_rows()
+    chosen = [mixture.scores[row] for row in best]
+    # Which snapshots the student is drawn to: late ones mean it is converging on the harvest's end.
+    steps = candidates.select(best)["snapshot_step"]
+    return {
+        "tms_scoring_seconds": time.perf_counter() - started,
+        "tms_chosen_nll": sum(chosen) / len(chosen),
+        "tms_trajectory_nll": sum(mean) / len(mean),
+        "tms_chosen_snapshot_step": sum(steps) / len(steps),
+    }

@@ -1,72 +1,49 @@
+"""`TMSTrainer`: the TMS algorithm as phases of one `train()` call, on top of `trl.SFTTrainer`."""
+
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import json
+import contextlib
 import math
 import os
-import shutil
-import tempfile
 import textwrap
 import time
 from functools import partial
 
 import torch
-from datasets import concatenate_datasets, load_from_disk
-from peft import LoraConfig, PeftModel
+from datasets import load_from_disk
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
-from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import get_config_model_id
 
-from .config import TMSConfig
+from .config import TMSConfig, as_tms_config, check_label_tokens_left, check_parallelism, check_trainer_arguments
 from .data import to_prompt_completion
 from .history import AdapterHistory, adapter_parameters
-from .hub import complete_model_card, push_history, resolve_base_model
-from .filters import keep_flags, kept_by_snapshot
-from .mixture import (
-    IS_LABEL,
-    MixtureCollator,
-    MixtureDataset,
-    end_of_turn_ids,
-    mixture_candidates,
-    truncate_unfinished,
-)
-from .pld import PLDCallback, label_nll
+from .hub import card_settings, complete_model_card, final_pld, push_history, resolve_base_model
+from .mixture import IS_LABEL, CandidateBuilder, MixtureCollator, MixtureDataset
+from .online import OnlineTMS
+from .pld import PLDCallback, score_trajectories
 from .quantization import keep_4bit_layers_trainable
-from .resume import (
-    RUN_FILE,
-    dataset_digest,
-    differences,
-    is_inside,
-    latest_checkpoint,
-    lora_summary,
-    model_summary,
-    read_run,
-    write_run,
+from .resume import TMSRun, checkpoint_step, run_settings
+from .trajectories import (
+    PART_KEYS,
+    HotSwapGenerator,
+    SamplingParams,
+    fitted_max_new_tokens,
+    save_trajectories,
+    trajectories_dataset,
 )
-from .trajectories import SamplingParams, fitted_max_new_tokens, generate_trajectories, save_trajectories
-from .vllm_generation import check_vllm_available, check_vllm_servable, generate_trajectories_vllm
+from .vllm_generation import VLLMGenerator, check_vllm_available
 
 logger = logging.get_logger(__name__)
 
 PHASE_IDS = {"harvest": 1, "student": 2, "online": 3}
-TRAJECTORY_PARTS = "trajectory-parts"
-VLLM_DIR = "vllm"
 
 
 def snapshot_steps(total_steps: int, num_checkpoints: int) -> list[int]:
     """`num_checkpoints` optimizer steps spread evenly over `total_steps`, the last one being the final step."""
     return [k * total_steps // num_checkpoints for k in range(1, num_checkpoints + 1)]
-
-
-def online_snapshot_steps(total_steps: int, num_checkpoints: int, every: int | None = None) -> list[int]:
-    """Online TMS: steps 0, `every`, 2 `every`, ... or, by default, `num_checkpoints` steps spread evenly from step 0."""
-    if every:
-        return list(range(0, total_steps, every))
-    return sorted({k * total_steps // num_checkpoints for k in range(num_checkpoints)})
 
 
 class TMSTrainer(SFTTrainer):
@@ -148,45 +125,19 @@ class TMSTrainer(SFTTrainer):
         verifier=None,
         answer_extractor=None,
     ):
-        args = _as_tms_config(args, model)
-        for name, function in (("verifier", verifier), ("answer_extractor", answer_extractor)):
-            if function is not None and not callable(function):
-                raise TypeError(f"`{name}` must be a callable, got {type(function).__name__}.")
-        self.verifier, self.answer_extractor = verifier, answer_extractor
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required.")
-        if formatting_func is not None:
-            raise ValueError(
-                "`formatting_func` is not supported by TMSTrainer: it turns examples into plain text, and TMS needs the "
-                "prompt apart from the label to generate trajectories. Format the dataset into prompt-completion "
-                "columns beforehand."
-            )
-        if optimizers != (None, None):
-            raise ValueError(
-                "TMSTrainer trains twice (harvest, then student) and the student needs a fresh optimizer and "
-                "schedule, so ready-made `optimizers` instances cannot be reused. Pass `optimizer_cls_and_kwargs` or "
-                "set `optim` / `lr_scheduler_type` in the config."
-            )
-        if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
-            raise ValueError(
-                "`dataset_kwargs={'skip_prepare_dataset': True}` is not supported: TMS reads the prompts and labels "
-                "from an untokenized dataset."
-            )
-        _check_lora(model, peft_config)
+        args = as_tms_config(args, model)
+        functions = {"verifier": verifier, "answer_extractor": answer_extractor}
+        check_trainer_arguments(
+            args, model, train_dataset, peft_config, quantization_config, formatting_func, optimizers, functions
+        )
         if args.generation_backend == "vllm":
             check_vllm_available()
-        if args.process_index == 0:  # fail now, not hours later at the first snapshot or checkpoint
-            _check_writable(args.output_dir, "output_dir")
-            _check_writable(args.history_dir or os.path.join(args.output_dir, "_tms_history"), "history_dir")
-        if isinstance(model, str):  # TRL ignores `quantization_config` for a model that is already loaded
-            _check_quantization(quantization_config or (args.model_init_kwargs or {}).get("quantization_config"))
-
         train_dataset = to_prompt_completion(train_dataset, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {key: to_prompt_completion(ds, f"eval ({key})") for key, ds in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = to_prompt_completion(eval_dataset, "eval")
-        self._prompts = train_dataset
+        self.prompts = train_dataset
         self.phase: str | None = None
 
         super().__init__(
@@ -207,41 +158,49 @@ class TMSTrainer(SFTTrainer):
             formatting_func=None,
         )
 
-        _check_parallelism(self.accelerator)
-        if args.generation_backend == "vllm":
-            if self.accelerator.num_processes > 1:
-                raise NotImplementedError(
-                    "`generation_backend='vllm'` runs one engine in one process; with several processes use "
-                    "`generation_backend='transformers'` (the prompts are then shared out across processes)."
-                )
-            check_vllm_servable(self.model, self.model.active_adapter)
-        self._check_label_tokens_left(train_dataset)
+        check_parallelism(self.accelerator)
+        if args.generation_backend == "vllm" and self.accelerator.num_processes > 1:
+            raise NotImplementedError(
+                "`generation_backend='vllm'` runs one engine in one process; with several processes use "
+                "`generation_backend='transformers'` (the prompts are then shared out across processes)."
+            )
+        check_label_tokens_left(len(self.train_dataset), len(train_dataset), args.max_length)
         keep_4bit_layers_trainable(self.model)  # TMS generates, then trains, on the same (maybe 4-bit) base
         self.adapter_name = self.model.active_adapter
         self._initial_adapter = {
             name: param.detach().clone() for name, param in adapter_parameters(self.model, self.adapter_name).items()
         }
         self.history_dir = args.history_dir or os.path.join(args.output_dir, "_tms_history")
+        self.run = TMSRun(self.history_dir, is_main=self.is_world_process_zero())
         self.history = AdapterHistory(
             self.model.peft_config[self.adapter_name],
             directory=self.history_dir if self.is_world_process_zero() else None,
             background_writes=True,
         )
-        self.trajectories = None
-        self.stats: dict[str, float] = {}
-        self._end_of_turn: list[int] | None = None  # what the SFT preprocessing appends to a completion
         self.max_new_tokens = args.max_new_tokens
         if args.max_new_tokens_from_labels is not None:
             self.max_new_tokens = fitted_max_new_tokens(
-                self._tokenizer, self._prompts, args.max_new_tokens_from_labels, args.max_new_tokens
+                self._tokenizer, self.prompts, args.max_new_tokens_from_labels, args.max_new_tokens
             )
+        self.generator = self._make_generator(SamplingParams.from_config(args, self.max_new_tokens))
+        self.candidate_builder = CandidateBuilder(
+            self.prompts,
+            lambda candidates, name: self._prepare_dataset(candidates, self.processing_class, args, False, None, name),
+            unfinished=args.unfinished_trajectories,
+            trajectory_filter=args.trajectory_filter,
+            verifier=verifier,
+            min_verifier_score=args.min_verifier_score,
+            answer_extractor=answer_extractor,
+        )
+        self.trajectories = None
+        self.stats: dict[str, float] = {}
 
-        planned = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
-        self._planned_steps = planned
-        if args.num_checkpoints > planned:
+        self.planned_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        if args.num_checkpoints > self.planned_steps:
             raise ValueError(
                 f"`num_checkpoints` ({args.num_checkpoints}) exceeds the number of optimizer steps of the harvest run "
-                f"({planned}). Lower `num_checkpoints`, or train longer (more epochs or data, or a smaller batch)."
+                f"({self.planned_steps}). Lower `num_checkpoints`, or train longer (more epochs or data, or a smaller "
+                "batch)."
             )
         self.add_callback(_PhaseCallback(self))
         self.pld_callback = None
@@ -254,20 +213,30 @@ class TMSTrainer(SFTTrainer):
             )
             self.add_callback(self.pld_callback)
 
-    def _check_label_tokens_left(self, raw_dataset) -> None:
-        """TRL silently drops examples whose label was truncated away; say so, and refuse when none is left."""
-        kept, total = len(self.train_dataset), len(raw_dataset)
-        if kept == total:
-            return
-        message = (
-            f"{total - kept} of {total} training examples have no label tokens left after truncation to "
-            f"`max_length={self.args.max_length}` (their prompts are that long or longer)"
+    def _make_generator(self, sampling: SamplingParams):
+        common = dict(adapter_name=self.adapter_name, chat_template=self.chat_template, parts_dir=self.run.parts_dir)
+        inputs = (self.model, self._tokenizer, self.prompts, self.history, sampling)
+        if self.args.generation_backend == "vllm":
+            return VLLMGenerator(
+                *inputs,
+                work_dir=self.run.vllm_dir,
+                gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
+                disable_tqdm=self.args.disable_tqdm,
+                **common,
+            )
+        return HotSwapGenerator(
+            *inputs,
+            # The wrapped model exists once training has started: look it up at each generation.
+            generation_context=lambda _: unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+            ),
+            disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
+            **common,
         )
-        if kept == 0:
-            raise ValueError(f"{message}, so there is nothing to train on. Raise `max_length` or shorten the prompts.")
-        logger.warning(f"{message}: they are left out of both phases. Raise `max_length` to keep them.")
 
-    # The three phases
+    # The algorithm
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """
@@ -282,347 +251,102 @@ class TMSTrainer(SFTTrainer):
                 according to `save_strategy`). `True` finds all of this on disk; a checkpoint path resumes that phase
                 from that checkpoint.
         """
+        run, resume = self.run, resume_from_checkpoint
+        sampling = SamplingParams.from_config(self.args, self.max_new_tokens)
+        settings = run_settings(self.model, self.model.peft_config[self.adapter_name], self.prompts, self.args,
+                                self.planned_steps, sampling)
+        run.start(settings, self.planned_steps, resume)
+        train = partial(super().train, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         if self.args.tms_mode == "online":
-            return self._train_online(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-        args = self.args
-        user_output_dir, user_max_steps, user_push = args.output_dir, args.max_steps, args.push_to_hub
-        harvest_dir = os.path.join(self.history_dir, "harvest")
-        run = self._start_run(resume_from_checkpoint)
-        try:
-            # Harvest checkpoints are not the result: keep them beside the history, out of `output_dir`'s top level,
-            # and off the Hub.
-            if run.get("harvest_done"):
-                self._reopen_history(run["snapshot_steps"])
-                self.harvest_output = None
-            else:
-                checkpoint = self._checkpoint_for(resume_from_checkpoint, harvest_dir)
-                if checkpoint is not None:
-                    planned = snapshot_steps(run["planned_steps"], args.num_checkpoints)
-                    self._reopen_history([step for step in planned if step <= _checkpoint_step(checkpoint)])
-                args.output_dir, args.push_to_hub = harvest_dir, False
-                self.phase = "harvest"
-                self.harvest_output = super().train(
-                    resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-                )
-                args.output_dir, args.push_to_hub = user_output_dir, user_push
-                run.update(
-                    harvest_done=True,
-                    harvest_steps=self.state.global_step,
-                    harvest_log=self.state.log_history,
-                    snapshot_steps=self.history.steps,
-                )
-                self._save_run(run)
-            harvest_log, harvest_steps = run["harvest_log"], run["harvest_steps"]
+            return self._train_online(train, resume)
 
-            self.phase = "trajectories"
-            started = time.perf_counter()
-            self.trajectories = self._generate_trajectories(reuse=run.get("trajectories_done", False))
-            self.stats["trajectory_seconds"] = run.get("trajectory_seconds", time.perf_counter() - started)
-            if not run.get("trajectories_done"):
-                run.update(trajectories_done=True, trajectory_seconds=self.stats["trajectory_seconds"])
-                self._save_run(run)
-
-            self.phase = "student"
-            checkpoint = self._checkpoint_for(resume_from_checkpoint, user_output_dir)
-            self._prepare_student()
-            args.max_steps = harvest_steps
-            output = super().train(
-                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-            )
-        finally:
-            args.output_dir, args.max_steps, args.push_to_hub = user_output_dir, user_max_steps, user_push
-            self.phase = None
-        self.state.log_history = harvest_log + self.state.log_history
-        return output
-
-    def _train_online(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
-        """
-        Online TMS: one run. Every `online_snapshot_every` steps, from step 0, the adapter is snapshotted and samples a
-        trajectory for every prompt; the mixture draws from the last `num_checkpoints` snapshots taken so far.
-        """
-        args = self.args
-        run = self._start_run(resume_from_checkpoint)
-        checkpoint = self._checkpoint_for(resume_from_checkpoint, args.output_dir)
-        self._online_steps = online_snapshot_steps(run["planned_steps"], args.num_checkpoints, args.online_snapshot_every)
-        self._use_mixture(mixture_candidates(self._prompts, None)[0])
-        self._online_trajectories = []
-        # A finished run resumed again: its trajectories are on disk (the parts are removed when a run finishes).
-        saved = os.path.join(self.history_dir, "trajectories")
-        finished = run.get("trajectories_done") and os.path.isdir(saved)
-        self._finished_trajectories = load_from_disk(saved) if finished else None
-        self.stats = {
-            "trajectory_seconds": 0.0,
-            "trajectories": 0,
-            "empty_trajectories": 0,
-            "unfinished_trajectories": 0,
-            "kept_trajectories": 0,
-        }
-        self.phase = "online"
-        try:
-            output = super().train(
-                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-            )
-        finally:
-            self.phase = None
-        self.trajectories = concatenate_datasets(self._online_trajectories)
-        if self.is_world_process_zero():
-            save_trajectories(self.trajectories, os.path.join(self.history_dir, "trajectories"))
-            shutil.rmtree(os.path.join(self.history_dir, TRAJECTORY_PARTS), ignore_errors=True)
-        run.update(
-            online_done=True,
-            trajectories_done=True,
-            snapshot_steps=self.history.steps,
-            trajectory_seconds=self.stats["trajectory_seconds"],
-        )
-        self._save_run(run)
-        return output
-
-    def _refresh_online(self, step: int, take: bool = True) -> None:
-        """
-        Online TMS: snapshot the adapter at `step` and add its trajectories to the mixture. A resumed run passes
-        `take=False` for the snapshots taken before it stopped (on disk, and logged in the checkpoint's log history).
-        """
-        if take:
-            self.history.take(self.model, step, self.adapter_name)
-        started = time.perf_counter()
-        if not take and self._finished_trajectories is not None:
-            trajectories = self._finished_trajectories.filter(
-                lambda s: s == step, input_columns="snapshot_step", keep_in_memory=True  # no cache file in the history
-            )
+        # 1. Harvest: plain SFT on the labels, taking the snapshots.
+        if run.done("harvest"):
+            run.reopen_snapshots(self.history, run.record["snapshot_steps"])
+            self.harvest_output = None
         else:
-            trajectories = self._sample(steps=[step])
-        seconds = time.perf_counter() - started
-        self._online_trajectories.append(trajectories)
-        keep = self._keep_flags(trajectories)
-        candidates, empty = mixture_candidates(self._prompts, trajectories, with_labels=False, keep=keep)
-        window = set(self.history.steps[-self.args.num_checkpoints :])
-        if len(candidates):
-            self.train_dataset.extend(self._tokenize_candidates(candidates, "trajectories"), keep_steps=window)
-        unfinished = len(trajectories) - sum(trajectories["finished"])
-        self.stats["trajectory_seconds"] += seconds
-        self.stats["trajectories"] += len(trajectories)
-        self.stats["empty_trajectories"] += empty
-        self.stats["unfinished_trajectories"] += unfinished
-        self.stats["kept_trajectories"] += sum(keep)
-        self.stats[f"kept_fraction_step_{step}"] = sum(keep) / max(1, len(trajectories))
-        if take:
-            self.log_event(
-                {
-                    "tms_snapshot_step": step,
-                    "tms_trajectory_seconds": seconds,
-                    "tms_empty_trajectories": empty,
-                    "tms_unfinished_trajectories": unfinished,
-                    "tms_kept_fraction": sum(keep) / max(1, len(trajectories)),
-                }
-            )
+            checkpoint = run.checkpoint_for(resume, run.harvest_dir)
+            if checkpoint is not None:
+                planned = snapshot_steps(run.record["planned_steps"], self.args.num_checkpoints)
+                run.reopen_snapshots(self.history, [s for s in planned if s <= checkpoint_step(checkpoint)])
+            with self._phase("harvest", output_dir=run.harvest_dir, push_to_hub=False):
+                self.harvest_output = train(resume_from_checkpoint=checkpoint)
+            run.finish("harvest", harvest_steps=self.state.global_step, harvest_log=self.state.log_history,
+                       snapshot_steps=self.history.steps)
 
-    # Run record and resuming
+        # 2. Trajectories: every snapshot samples its completions of every prompt.
+        with self._phase("trajectories"):
+            started = time.perf_counter()
+            self.trajectories = self._trajectories(reuse=run.done("trajectories"))
+            self.stats["trajectory_seconds"] = run.record.get("trajectory_seconds", time.perf_counter() - started)
+            if not run.done("trajectories"):
+                run.finish("trajectories", trajectory_seconds=self.stats["trajectory_seconds"])
 
-    def _run_settings(self) -> dict:
-        """What the snapshots (`harvest`) and the trajectories depend on."""
-        args = self.args
-        harvest = {
-            "model": model_summary(self.model),
-            "lora": lora_summary(self.model.peft_config[self.adapter_name]),
-            "train_data": dataset_digest(self._prompts),
-            "num_train_examples": len(self._prompts),
-            "num_checkpoints": args.num_checkpoints,
-            "tms_mode": args.tms_mode,
-            "online_snapshot_every": args.online_snapshot_every,
-            "planned_steps": self._planned_steps,
-            "seed": args.seed,
-            "learning_rate": args.learning_rate,
-            "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
-            "max_length": args.max_length,
-        }
-        trajectories = dataclasses.asdict(SamplingParams.from_config(args, self.max_new_tokens))
-        trajectories.pop("batch_size")  # batching changes speed, not the distribution sampled
-        trajectories["generation_backend"] = args.generation_backend  # each backend seeds its samples its own way
-        return {"harvest": harvest, "trajectories": trajectories}
+        # 3. Student: from the initial adapter, as many steps as the harvest, on the mixture.
+        checkpoint = run.checkpoint_for(resume, self.args.output_dir)
+        self._prepare_student()
+        with self._phase("student", max_steps=run.record["harvest_steps"]):
+            output = train(resume_from_checkpoint=checkpoint)
+        self.state.log_history = run.record["harvest_log"] + self.state.log_history
+        return output
 
-    def _start_run(self, resume_from_checkpoint) -> dict:
-        settings = self._run_settings()
-        fresh = {"settings": settings, "planned_steps": self._planned_steps}
-        if not resume_from_checkpoint:
-            self._clear_previous_history()
-            self._save_run(fresh)
-            return fresh
-        run = read_run(self.history_dir)
-        if run is None:
-            if isinstance(resume_from_checkpoint, str):
-                raise ValueError(
-                    f"Cannot resume from {resume_from_checkpoint!r}: {self.history_dir} holds no record of a TMS run "
-                    f"({RUN_FILE}). Pass the same `history_dir` (or `output_dir`) as the interrupted run, or start again "
-                    "without `resume_from_checkpoint`."
-                )
-            logger.warning(f"No interrupted TMS run in {self.history_dir}: starting from the beginning.")
-            self._clear_previous_history()
-            self._save_run(fresh)
-            return fresh
-        changed = differences(run["settings"]["harvest"], settings["harvest"])
-        if changed:
-            raise ValueError(
-                f"The history in {self.history_dir} comes from a run with other settings, so its snapshots cannot be "
-                f"reused: {'; '.join(changed)}. Resume with the settings of that run, pass another `history_dir`, or "
-                "start again without `resume_from_checkpoint` (the history is then replaced)."
-            )
-        if run.get("trajectories_done") and run["settings"]["trajectories"] != settings["trajectories"]:
-            logger.warning(
-                "Sampling settings changed since the trajectories were generated "
-                f"({'; '.join(differences(run['settings']['trajectories'], settings['trajectories']))}): the snapshots "
-                "are reused and the trajectories sampled again."
-            )
-            run["trajectories_done"] = False
-            run.pop("trajectory_seconds", None)
-            if self.is_world_process_zero():
-                for name in ("trajectories", TRAJECTORY_PARTS):
-                    shutil.rmtree(os.path.join(self.history_dir, name), ignore_errors=True)
-        run["settings"] = settings
-        self._save_run(run)
-        return run
+    def _train_online(self, train, resume):
+        """Online TMS: one run on its own snapshots (see [`OnlineTMS`])."""
+        self.online = OnlineTMS(self, self.run)
+        self._use_mixture(self.candidate_builder.build(None)[0])
+        self.stats = self.online.stats
+        with self._phase("online"):
+            output = train(resume_from_checkpoint=self.run.checkpoint_for(resume, self.args.output_dir))
+        self.trajectories = self.online.finish()
+        return output
 
-    def _save_run(self, run: dict) -> None:
-        if self.is_world_process_zero():
-            write_run(self.history_dir, run)
-
-    def _reopen_history(self, expected: list[int]) -> None:
-        """Load the snapshots of `expected` steps from disk (a resumed harvest takes the later ones again)."""
-        if not expected:
-            return
-        self.history.flush()
+    @contextlib.contextmanager
+    def _phase(self, name: str, **overrides):
+        """Run a phase: `self.phase` names it, and the config fields in `overrides` hold only while it runs."""
+        saved = {key: getattr(self.args, key) for key in overrides}
+        self.phase = name
         try:
-            reopened = AdapterHistory.open(self.history_dir)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"The snapshots of the interrupted run in {self.history_dir} cannot be read ({error}). Start again "
-                "without `resume_from_checkpoint`."
-            ) from error
-        missing = [s for s in expected if s not in reopened]
-        if missing:
-            raise ValueError(
-                f"The history in {self.history_dir} lacks the snapshots of steps {missing}, which the run should have "
-                "taken before it stopped. Resume from an earlier checkpoint, or start again without "
-                "`resume_from_checkpoint`."
-            )
-        for step in expected:
-            # Served from its file, unless this process's history has no folder (not the main process): then in memory.
-            self.history._snapshots[step] = reopened[step] if self.history.keep_in_memory else reopened._snapshots[step]
+            for key, value in overrides.items():
+                setattr(self.args, key, value)
+            yield
+        finally:
+            for key, value in saved.items():
+                setattr(self.args, key, value)
+            self.phase = None
 
-    def _checkpoint_for(self, resume_from_checkpoint, folder: str) -> str | None:
-        """The Trainer checkpoint a phase writing to `folder` resumes from: the one named if it lies there, else the last."""
-        if not resume_from_checkpoint:
-            return None
-        if isinstance(resume_from_checkpoint, str):
-            if not os.path.isdir(resume_from_checkpoint):
-                raise ValueError(f"`resume_from_checkpoint` {resume_from_checkpoint!r} is not a folder.")
-            return resume_from_checkpoint if is_inside(resume_from_checkpoint, folder) else None
-        return latest_checkpoint(folder)
-
-    def _clear_previous_history(self) -> None:
-        """A new run replaces the snapshots and trajectories a previous run left in the same history folder."""
-        if not self.is_world_process_zero() or not os.path.isdir(self.history_dir):
-            return
-        names = ("trajectories", TRAJECTORY_PARTS, VLLM_DIR, "harvest", RUN_FILE)
-        stale = [n for n in os.listdir(self.history_dir) if n.startswith("step-") or n in names]
-        if stale:
-            logger.warning(f"Replacing the adapter history of a previous run in {self.history_dir} ({len(stale)} entries).")
-        for name in stale:
-            path = os.path.join(self.history_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-    def _generate_trajectories(self, reuse: bool = False):
-        saved = os.path.join(self.history_dir, "trajectories")
-        if reuse and os.path.isdir(saved):
-            return load_from_disk(saved)
-        trajectories = self._sample()
+    def _trajectories(self, reuse: bool = False):
+        if reuse and os.path.isdir(self.run.trajectories_dir):
+            return load_from_disk(self.run.trajectories_dir)
+        if self.args.label_weight == 1.0:
+            logger.warning("`label_weight=1.0`: the student trains on labels only, so no trajectory is generated.")
+            trajectories = trajectories_dataset(self._tokenizer, self.prompts, {key: [] for key in PART_KEYS})
+        else:
+            trajectories = self.generator.generate()
         if self.is_world_process_zero():
-            save_trajectories(trajectories, saved)
-            # The parts, and vLLM's copy of the base weights: the history keeps adapters and trajectories only.
-            for name in (TRAJECTORY_PARTS, VLLM_DIR):
-                shutil.rmtree(os.path.join(self.history_dir, name), ignore_errors=True)
+            save_trajectories(trajectories, self.run.trajectories_dir)
+        self.run.remove_generation_scratch()
         return trajectories
 
-    def _sample(self, steps: list[int] | None = None):
-        """Trajectories of the snapshots of `steps` (default: all), each group's part kept until the phase ends."""
-        sampling = SamplingParams.from_config(self.args, self.max_new_tokens)
-        inputs = (self.model, self._tokenizer, self._prompts, self.history, sampling)
-        shared = dict(
-            adapter_name=self.adapter_name,
-            chat_template=self.chat_template,
-            parts_dir=os.path.join(self.history_dir, TRAJECTORY_PARTS),
-            steps=steps,
-        )
-        if self.args.generation_backend == "vllm":
-            return generate_trajectories_vllm(
-                *inputs,
-                work_dir=os.path.join(self.history_dir, VLLM_DIR),
-                gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
-                disable_tqdm=self.args.disable_tqdm,
-                **shared,
-            )
-        return generate_trajectories(
-            *inputs,
-            generation_context=lambda _: unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ),
-            disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
-            process_index=self.accelerator.process_index,
-            num_processes=self.accelerator.num_processes,
-            **shared,
-        )
-
-    def _keep_flags(self, trajectories) -> list[bool]:
-        args = self.args
-        return keep_flags(
-            trajectories,
-            self._prompts,
-            unfinished=args.unfinished_trajectories,
-            trajectory_filter=args.trajectory_filter,
-            verifier=self.verifier,
-            min_verifier_score=args.min_verifier_score,
-            answer_extractor=self.answer_extractor,
-        )
+    def sample_trajectories(self, steps: list[int] | None = None):
+        """Trajectories of the snapshots of `steps` (default: all), from the trainer's generation backend."""
+        return self.generator.generate(steps=steps)
 
     def _prepare_student(self) -> None:
-        keep = self._keep_flags(self.trajectories)
-        candidates, empty = mixture_candidates(self._prompts, self.trajectories, keep=keep)
+        candidates, counts = self.candidate_builder.build(self.trajectories)
         self._use_mixture(candidates)
-        self.stats.update(
-            trajectories=len(self.trajectories),
-            empty_trajectories=empty,
-            unfinished_trajectories=len(self.trajectories) - sum(self.trajectories["finished"]),
-            kept_trajectories=sum(keep),
-        )
-        self.stats.update(
-            {f"kept_fraction_step_{step}": f for step, f in kept_by_snapshot(self.trajectories, keep).items()}
-        )
+        self.stats.update(counts)
         with torch.no_grad():
             for name, param in adapter_parameters(self.model, self.adapter_name).items():
                 param.copy_(self._initial_adapter[name])
         self.optimizer, self.lr_scheduler = None, None
         self._total_train_tokens = 0
 
-    def _tokenize_candidates(self, candidates, name: str):
-        """The SFT preprocessing of `candidates`; unfinished trajectories lose their end tokens under "truncate"."""
-        tokenized = self._prepare_dataset(candidates, self.processing_class, self.args, False, None, name)
-        if self.args.unfinished_trajectories == "truncate":
-            if self._end_of_turn is None:
-                tokenize = partial(self._prepare_dataset, processing_class=self.processing_class, args=self.args,
-                                   packing=False, formatting_func=None, dataset_name="end-of-turn probe")
-                # The shortest prompt, so that `max_length` cannot cut the probe's end.
-                shortest = min(self._prompts["prompt"], key=lambda p: len(str(p)))
-                self._end_of_turn = end_of_turn_ids(tokenize, shortest)
-            tokenized = truncate_unfinished(tokenized, self._end_of_turn)
-        return tokenized
-
     def _use_mixture(self, candidates) -> None:
-        """Train on a `MixtureDataset` of `candidates` (tokenized here) from now on."""
-        self._candidates = self._tokenize_candidates(candidates, "mixture")
+        """Train on a `MixtureDataset` of the tokenized `candidates` from now on."""
+        self.candidates = candidates
         weights = self.args.snapshot_weights
         self.train_dataset = MixtureDataset(
-            self._candidates,
+            self.candidates,
             self.args.label_weight,
             self.args.seed,
             trajectory_choice=self.args.trajectory_choice,
@@ -630,30 +354,6 @@ class TMSTrainer(SFTTrainer):
         )
         if not isinstance(self.data_collator, MixtureCollator):
             self.data_collator = MixtureCollator(self.data_collator)
-
-    def _score_trajectories(self) -> dict[str, float]:
-        """For `trajectory_choice="pld"`: the mean NLL per token of the trajectories the epoch may draw, under the student."""
-        started = time.perf_counter()
-        rows = self.train_dataset.rows_to_score()  # prompts drawing their label this epoch need no score
-        if not rows:
-            self.train_dataset.set_scores({})
-            return {"tms_scoring_seconds": time.perf_counter() - started}
-        lengths = [len(ids) for ids in self._candidates.select(rows)["input_ids"]]
-        # Longest first, so each batch pads little.
-        order = sorted(range(len(rows)), key=lambda i: -lengths[i])
-        nll, tokens = label_nll(self, self._candidates.select([rows[i] for i in order]), "Scoring trajectories")
-        mean = (nll / tokens.clamp(min=1)).tolist()
-        self.train_dataset.set_scores({rows[i]: mean[k] for k, i in enumerate(order)})
-        best = self.train_dataset.best_rows()
-        chosen = [self.train_dataset.scores[row] for row in best]
-        # Which snapshots the student is drawn to: late ones mean it is converging on the harvest's end.
-        steps = self._candidates.select(best)["snapshot_step"]
-        return {
-            "tms_scoring_seconds": time.perf_counter() - started,
-            "tms_chosen_nll": sum(chosen) / len(chosen),
-            "tms_trajectory_nll": sum(mean) / len(mean),
-            "tms_chosen_snapshot_step": sum(steps) / len(steps),
-        }
 
     # Hooks into SFTTrainer
 
@@ -689,28 +389,12 @@ class TMSTrainer(SFTTrainer):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return
-        args = self.args
-        settings = {
-            "num_checkpoints (T)": args.num_checkpoints,
-            "label_weight (alpha)": args.label_weight,
-            "snapshot steps": ", ".join(map(str, self.history.steps)) or "none yet",
-            "samples_per_checkpoint": args.samples_per_checkpoint,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "top_k": args.top_k,
-            "max_new_tokens": self.max_new_tokens,
-        }
-        final_pld = {}
-        for phase, label in ((1, "harvest (SFT on the labels)"), (2, "student (TMS)")):
-            entries = [e for e in self.state.log_history if e.get("tms_phase") == phase and "pld" in e]
-            if entries:
-                final_pld[label] = entries[-1]
         complete_model_card(
-            os.path.join(args.output_dir, "README.md"),
-            base_model=resolve_base_model(get_config_model_id(self.model.config), args.hub_base_model),
-            settings=settings,
-            pld=final_pld,
-            history_repo_folder="history" if args.push_history else None,
+            os.path.join(self.args.output_dir, "README.md"),
+            base_model=resolve_base_model(get_config_model_id(self.model.config), self.args.hub_base_model),
+            settings=card_settings(self.args, self.history.steps, self.max_new_tokens),
+            pld=final_pld(self.state.log_history),
+            history_repo_folder="history" if self.args.push_history else None,
         )
 
     def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **kwargs):
@@ -730,114 +414,42 @@ class TMSTrainer(SFTTrainer):
 
 
 class _PhaseCallback(TrainerCallback):
-    """Takes the harvest snapshots, and opens the student run's log with the trajectory counts."""
+    """Hands the Trainer's events to what each phase does at them: snapshots, the mixture's epochs, online refreshes."""
 
     def __init__(self, trainer: TMSTrainer):
         self.trainer = trainer
-        self.steps: set[int] = set()
+        self.snapshot_at: set[int] = set()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.steps = set()
-        if self.trainer.phase == "harvest":
-            self.steps = set(snapshot_steps(state.max_steps, args.num_checkpoints))
-        elif self.trainer.phase == "student":
-            self.trainer.train_dataset.num_epochs = state.num_train_epochs
-            self.trainer.log_event({f"tms_{key}": float(value) for key, value in self.trainer.stats.items()})
-        elif self.trainer.phase == "online":
-            self.steps = set(self.trainer._online_steps)
-            if state.global_step == 0:
-                self.trainer._refresh_online(0)
-                return
-            # A resumed run takes up the snapshots it had taken (and their trajectories, from the parts on disk).
-            taken = [step for step in self.trainer._online_steps if step <= state.global_step]
-            self.trainer._reopen_history(taken)
-            for step in taken:
-                self.trainer._refresh_online(step, take=False)
+        trainer = self.trainer
+        self.snapshot_at = set()
+        if trainer.phase == "harvest":
+            self.snapshot_at = set(snapshot_steps(state.max_steps, args.num_checkpoints))
+        elif trainer.phase == "student":
+            trainer.train_dataset.num_epochs = state.num_train_epochs
+            trainer.log_event({f"tms_{key}": float(value) for key, value in trainer.stats.items()})
+        elif trainer.phase == "online":
+            trainer.online.begin(state.global_step)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
         # Not left to accelerate: its `set_epoch` does not reach the dataset behind a multi-process sampler.
-        if self.trainer.phase in ("student", "online"):
+        if isinstance(trainer.train_dataset, MixtureDataset):
             # Floor with a margin: `state.epoch` is a float sum (0.9999...) at an epoch's start, and 1.5 when a run
             # resumes in the middle of its second epoch.
-            self.trainer.train_dataset.set_epoch(math.floor(state.epoch + 1e-6))
+            trainer.train_dataset.set_epoch(math.floor(state.epoch + 1e-6))
             if args.trajectory_choice == "pld":
-                self.trainer.log_event(self.trainer._score_trajectories())
+                trainer.log_event(score_trajectories(trainer, trainer.train_dataset, trainer.candidates))
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.steps:
-            if self.trainer.phase == "online":
-                self.trainer._refresh_online(state.global_step)
-            else:
-                self.trainer.history.take(self.trainer.model, state.global_step, self.trainer.adapter_name)
+        trainer = self.trainer
+        if state.global_step in self.snapshot_at:
+            trainer.history.take(trainer.model, state.global_step, trainer.adapter_name)
+        if trainer.phase == "online":
+            trainer.online.step_end(state.global_step)
         if control.should_save:
             # The checkpoint written after this step must not get ahead of the snapshots it resumes with.
-            self.trainer.history.flush()
+            trainer.history.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.history.flush()
-
-
-def _check_parallelism(accelerator) -> None:
-    """Refuse the backends that shard parameters: snapshots and hot-swapped slots read the adapter weights whole."""
-    backend = DistributedBackend(accelerator)
-    if backend.is_zero3 or backend.is_fsdp:
-        name = "DeepSpeed ZeRO-3" if backend.is_zero3 else f"FSDP (version {backend.fsdp_version})"
-        raise NotImplementedError(
-            f"TMSTrainer does not support {name} yet: it shards the LoRA weights, which the adapter snapshots and the "
-            "trajectory slots read whole. Use data parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed "
-            "ZeRO-1/2; a LoRA adapter and its optimizer state are small, and a 4-bit base fits where ZeRO-3 was needed."
-        )
-
-
-def _check_writable(folder: str, field: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise PermissionError(
-            f"Cannot write to `{field}` {folder!r} ({error.strerror or error}). TMS writes its snapshots, trajectories "
-            f"and checkpoints there: pass a writable `{field}`."
-        ) from error
-
-
-def _checkpoint_step(checkpoint: str) -> int:
-    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-        return json.load(f)["global_step"]
-
-
-def _as_tms_config(args, model) -> TMSConfig:
-    if args is None:
-        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-        return TMSConfig(f"{str(name).rstrip('/').split('/')[-1]}-TMS")
-    if isinstance(args, TMSConfig):
-        return args
-    if isinstance(args, TrainingArguments):
-        # Not `to_dict()`: it masks every `*_token` field (hub_token, eos_token, pad_token).
-        return TMSConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
-    raise TypeError(f"`args` must be a TMSConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
-
-
-def _check_quantization(quantization_config) -> None:
-    if quantization_config is None:
-        return
-    get = quantization_config.get if isinstance(quantization_config, dict) else partial(getattr, quantization_config)
-    if (get("load_in_4bit", False) or get("load_in_8bit", False)) and importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(
-            "4-bit and 8-bit (QLoRA) loading needs bitsandbytes, which is not installed. Install it with "
-            "`pip install 'bitsandbytes>=0.50.2'`, or drop `quantization_config` to train in full precision."
-        )
-
-
-def _check_lora(model, peft_config) -> None:
-    if peft_config is None and not isinstance(model, PeftModel):
-        raise ValueError(
-            "TMSTrainer trains and snapshots a LoRA adapter, but no adapter was given. Pass "
-            "`peft_config=LoraConfig(...)` (e.g. `LoraConfig(r=16, target_modules='all-linear')`) or a `PeftModel`."
-        )
-    config = peft_config if peft_config is not None else model.peft_config[model.active_adapter]
-    if not isinstance(config, LoraConfig):
-        raise ValueError(
-            f"TMSTrainer snapshots and hot-swaps LoRA adapters; got a {type(config).__name__}. Use a `LoraConfig` "
-            "(it also works on 4-bit and 8-bit bases)."
-        )

@@ -70,6 +70,31 @@ class SamplingParams:
         return kwargs
 
 
+class HotSwapGenerator:
+    """
+    The default generation backend, built once by the trainer (as TRL's GRPO trainer builds its generation object):
+    the snapshots of `history` are hot-swapped into spare adapter slots of `model` and sampled with its `generate`.
+    Every backend has this interface: `generate(steps)` returns the trajectories of those snapshots.
+
+    Args:
+        model, tokenizer, prompts, history, sampling:
+            As for [`generate_trajectories`].
+        **options:
+            The other arguments of [`generate_trajectories`] (`adapter_name`, `chat_template`, `generation_context`,
+            `disable_tqdm`, `parts_dir`, `process_index`, `num_processes`).
+    """
+
+    def __init__(self, model, tokenizer, prompts: Dataset, history: AdapterHistory, sampling: SamplingParams, **options):
+        self.model, self.tokenizer, self.prompts, self.history, self.sampling = model, tokenizer, prompts, history, sampling
+        self.options = options
+
+    def generate(self, steps: list[int] | None = None) -> Dataset:
+        """The trajectories of the snapshots of `steps` (default: all of the history)."""
+        return generate_trajectories(
+            self.model, self.tokenizer, self.prompts, self.history, self.sampling, steps=steps, **self.options
+        )
+
+
 def generate_trajectories(
     model,
     tokenizer,
@@ -148,6 +173,7 @@ def generate_trajectories(
     mine = range(process_index, len(batches), num_processes)
 
     records = {key: [] for key in PART_KEYS}
+    store = PartStore(parts_dir)
     generation_context = generation_context or contextlib.nullcontext
     was_training = model.training
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -173,11 +199,11 @@ def generate_trajectories(
                     route, kwargs, eos_ids, samples=sampling.samples_per_checkpoint,
                 )
                 row_meta = [(i, step, k) for i, step, _ in pairs for k in range(sampling.samples_per_checkpoint)]
-                return [(*meta, *_until_eos(tokens, eos_ids)) for meta, tokens in zip(row_meta, new_tokens)]
+                return [(*meta, *until_eos(tokens, eos_ids)) for meta, tokens in zip(row_meta, new_tokens)]
 
             progress = tqdm(total=len(groups) * len(mine), desc="Generating trajectories", disable=disable_tqdm)
             for g, group in enumerate(groups):
-                part = _read_part(parts_dir, group) if process_index == 0 else None
+                part = store.read(group) if process_index == 0 else None
                 if num_processes > 1:
                     part = broadcast_object_list([part])[0]
                 if part is None:
@@ -187,14 +213,12 @@ def generate_trajectories(
                     history.prefetch(groups[g + 1] if g + 1 < len(groups) else [], pin_memory=device.type == "cuda")
                     rows = []
                     for b in mine:
-                        torch.manual_seed(_batch_seed(sampling.seed, group[0], b))
+                        torch.manual_seed(batch_seed(sampling.seed, group[0], b))
                         rows += sample(batches[b], group)
                         progress.update(1)
                     if num_processes > 1:
                         rows = gather_object(rows)
-                    part = {key: [row[k] for row in rows] for k, key in enumerate(PART_KEYS)}
-                    if process_index == 0:
-                        _write_part(parts_dir, group, part)
+                    part = PartStore(parts_dir if process_index == 0 else None).write(group, rows)
                 else:
                     progress.update(len(mine))
                 for key, values in part.items():
@@ -261,7 +285,8 @@ def trajectories_dataset(tokenizer, prompts: Dataset, records: dict[str, list]) 
     )
 
 
-def _batch_seed(seed: int, first_step: int, batch: int) -> int:
+def batch_seed(seed: int, first_step: int, batch: int) -> int:
+    """The seed of one batch of prompts for the group of snapshots starting at `first_step`: independent of processes."""
     return ((seed * 1_000_003 + first_step) * 10_007 + batch) % 2**63
 
 
@@ -344,7 +369,8 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, attention_mask
 
 
-def _until_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+def until_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """The tokens before the first EOS, and whether there was one (else the row ran out of `max_new_tokens`)."""
     for position, token in enumerate(tokens):
         if token in eos_ids:
             return tokens[:position], True
@@ -352,27 +378,38 @@ def _until_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
     return tokens, False
 
 
-def _part_path(parts_dir: str, group: list[int]) -> str:
-    return os.path.join(parts_dir, f"steps-{'-'.join(map(str, group))}.json")
+class PartStore:
+    """
+    The trajectories of each group of snapshots, written atomically as one JSON part (`PART_KEYS` columns) as soon as
+    they are sampled, and read back instead of sampled again: an interrupted generation continues where it stopped.
+    With `folder=None` nothing is stored. Shared by every generation backend.
+    """
 
+    def __init__(self, folder: str | None):
+        self.folder = folder
 
-def _read_part(parts_dir: str | None, group: list[int]) -> dict | None:
-    if parts_dir is None or not os.path.isfile(_part_path(parts_dir, group)):
-        return None
-    try:
-        with open(_part_path(parts_dir, group)) as f:
-            part = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None  # damaged: sample this group again
-    if set(part) != set(PART_KEYS) or len({len(part[k]) for k in PART_KEYS}) != 1:
-        return None
-    return part
+    def path(self, group: list[int]) -> str:
+        return os.path.join(self.folder, f"steps-{'-'.join(map(str, group))}.json")
 
+    def read(self, group: list[int]) -> dict | None:
+        """The stored part of `group`, or None (none stored, or damaged: then it is sampled again)."""
+        if self.folder is None or not os.path.isfile(self.path(group)):
+            return None
+        try:
+            with open(self.path(group)) as f:
+                part = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None
+        if set(part) != set(PART_KEYS) or len({len(part[k]) for k in PART_KEYS}) != 1:
+            return None
+        return part
 
-def _write_part(parts_dir: str | None, group: list[int], part: dict) -> None:
-    if parts_dir is None:
-        return
-    write_json_atomically(_part_path(parts_dir, group), part)
+    def write(self, group: list[int], rows: list[tuple]) -> dict:
+        """Store `rows` (tuples in `PART_KEYS` order) as the part of `group`, and return the part."""
+        part = {key: [row[k] for row in rows] for k, key in enumerate(PART_KEYS)}
+        if self.folder is not None:
+            write_json_atomically(self.path(group), part)
+        return part
 
 
 def save_trajectories(trajectories: Dataset, path: str) -> None:

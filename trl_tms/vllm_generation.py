@@ -14,15 +14,13 @@ from .atomic import atomic_folder
 from .data import prompt_token_ids
 from .history import AdapterHistory
 from .trajectories import (
-    PART_KEYS,
+    PartStore,
     SamplingParams,
-    _batch_seed,
-    _read_part,
-    _until_eos,
-    _write_part,
+    batch_seed,
     eos_token_ids,
     steps_to_sample,
     trajectories_dataset,
+    until_eos,
 )
 
 # vLLM serves LoRA ranks from this list (`max_lora_rank`); an adapter's rank is rounded up to the next one.
@@ -95,7 +93,7 @@ def _adapter_folders(history: AdapterHistory, steps: list[int], folder: str) -> 
     if history.directory is None:
         on_disk = AdapterHistory(history.peft_config, folder)
         for step in steps:
-            on_disk._write(step, history[step])
+            on_disk.write(step, history[step])
         history = on_disk
     return {step: history.path(step) for step in steps}
 
@@ -106,6 +104,32 @@ def _lora_rank(peft_config) -> int:
         if rank <= allowed:
             return allowed
     raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; this adapter has rank {rank}.")
+
+
+class VLLMGenerator:
+    """
+    The vLLM generation backend (`generation_backend="vllm"`), with the interface of [`HotSwapGenerator`]: each
+    `generate(steps)` starts one engine that serves those snapshots as LoRA adapters, samples, and shuts it down (the
+    student then has the accelerator's memory back).
+
+    Args:
+        model, tokenizer, prompts, history, sampling:
+            As for [`generate_trajectories_vllm`].
+        **options:
+            Its other arguments (`work_dir`, `gpu_memory_utilization`, `adapter_name`, `chat_template`,
+            `disable_tqdm`, `parts_dir`).
+    """
+
+    def __init__(self, model, tokenizer, prompts: Dataset, history: AdapterHistory, sampling: SamplingParams, **options):
+        check_vllm_available()
+        check_vllm_servable(model, options.get("adapter_name", "default"))
+        self.model, self.tokenizer, self.prompts, self.history, self.sampling = model, tokenizer, prompts, history, sampling
+        self.options = options
+
+    def generate(self, steps: list[int] | None = None) -> Dataset:
+        return generate_trajectories_vllm(
+            self.model, self.tokenizer, self.prompts, self.history, self.sampling, steps=steps, **self.options
+        )
 
 
 def generate_trajectories_vllm(
@@ -174,7 +198,8 @@ def generate_trajectories_vllm(
 
     prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
     groups = [steps[i : i + sampling.snapshots_per_generate] for i in range(0, len(steps), sampling.snapshots_per_generate)]
-    parts = {tuple(group): _read_part(parts_dir, group) for group in groups}
+    store = PartStore(parts_dir)
+    parts = {tuple(group): store.read(group) for group in groups}
     if any(part is None for part in parts.values()):
         folders = _adapter_folders(history, steps, os.path.join(work_dir, "adapters"))
         adapters = {step: LoRARequest(f"step-{step}", index + 1, folders[step]) for index, step in enumerate(steps)}
@@ -202,7 +227,7 @@ def generate_trajectories_vllm(
                 if parts[tuple(group)] is not None:
                     continue
                 requests = [(index, step) for step in group for index in range(len(prompt_ids))]
-                params = [_vllm_sampling(VLLMSamplingParams, sampling, eos_ids, seed=_batch_seed(sampling.seed, step, index))
+                params = [_vllm_sampling(VLLMSamplingParams, sampling, eos_ids, seed=batch_seed(sampling.seed, step, index))
                           for index, step in requests]
                 outputs = llm.generate(
                     [{"prompt_token_ids": prompt_ids[index]} for index, _ in requests],
@@ -214,10 +239,9 @@ def generate_trajectories_vllm(
                 for (index, step), output in zip(requests, outputs):
                     for k in range(sampling.samples_per_checkpoint):
                         completion = output.outputs[min(k, len(output.outputs) - 1)]  # greedy asks for one
-                        tokens, found_eos = _until_eos(list(completion.token_ids), eos_ids)
+                        tokens, found_eos = until_eos(list(completion.token_ids), eos_ids)
                         rows.append((index, step, k, tokens, found_eos or completion.finish_reason == "stop"))
-                part = {key: [row[k] for row in rows] for k, key in enumerate(PART_KEYS)}
-                _write_part(parts_dir, group, part)
+                part = store.write(group, rows)
                 parts[tuple(group)] = part
         finally:
             del llm

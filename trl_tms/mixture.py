@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 
 from .data import as_completion
-from .filters import keep_flags, kept_by_snapshot
+from .filters import completion_text, keep_flags, kept_by_snapshot
 
 LABEL = -1  # `snapshot_step` of a reference label among the candidates
 IS_LABEL = "tms_is_label"  # per-example flag carried to the loss, so the label fraction actually trained on is logged
@@ -55,7 +55,7 @@ def mixture_candidates(
         raise ValueError(f"`keep` has {len(keep)} flags for {len(trajectories)} trajectories.")
     finished = trajectories["finished"] if "finished" in trajectories.column_names else [True] * len(trajectories)
     for index, step, text, ended, kept in zip(
-        trajectories["prompt_index"], trajectories["snapshot_step"], _texts(trajectories["completion"]), finished, keep
+        trajectories["prompt_index"], trajectories["snapshot_step"], map(completion_text, trajectories["completion"]), finished, keep
     ):
         if not text.strip():
             empty += 1
@@ -159,10 +159,6 @@ def _slice(steps: list[int], epoch: int, num_epochs: int) -> list[int]:
     start = epoch * len(steps) // num_epochs
     stop = max(start + 1, (epoch + 1) * len(steps) // num_epochs)
     return steps[start:stop]
-
-
-def _texts(completions: list) -> list[str]:
-    return [c if isinstance(c, str) else "".join(m["content"] for m in c) for c in completions]
 
 
 class MixtureDataset(torch.utils.data.Dataset):

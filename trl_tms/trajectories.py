@@ -17,6 +17,7 @@ from trl.data_utils import is_conversational
 
 from .atomic import atomic_folder, write_json_atomically
 from .data import as_completion, prompt_token_ids
+from .filters import completion_text
 from .history import AdapterHistory
 from .routing import RowRouter
 
@@ -241,7 +242,7 @@ LENGTH_GRAIN = 16  # a fitted length budget is rounded up to this many tokens
 
 def fitted_max_new_tokens(tokenizer, dataset: Dataset, factor: float, cap: int) -> int:
     """`factor` times the longest completion of `dataset` in tokens, rounded up to `LENGTH_GRAIN`, at most `cap`."""
-    texts = [c if isinstance(c, str) else "".join(str(m.get("content") or "") for m in c) for c in dataset["completion"]]
+    texts = [completion_text(c) for c in dataset["completion"]]
     longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     return min(cap, LENGTH_GRAIN * math.ceil(factor * longest / LENGTH_GRAIN))
 

@@ -230,18 +230,18 @@ def train_arm(arm: str, tms: dict | None, regime: dict, seed: int, model, tokeni
         trainer.train(resume_from_checkpoint=reuse or None)
         log = trainer.state.log_history
         if online:
-            phases = {"online": log[-1]["train_runtime"], "trajectories": trainer.stats["trajectory_seconds"]}
+            phases = {"online": log[-1]["train_runtime"], "trajectories": trainer.stats.seconds}
         else:
             phases = {
                 "harvest": None if reuse else trainer.harvest_output.metrics["train_runtime"],
-                "trajectories": None if reuse else trainer.stats["trajectory_seconds"],
+                "trajectories": None if reuse else trainer.stats.seconds,
                 "student": log[-1]["train_runtime"],
             }
             scoring = [e["tms_scoring_seconds"] for e in log if "tms_scoring_seconds" in e]
             if scoring:
                 phases["pld_scoring"] = sum(scoring)
         pld = [(e["step"], e["pld"], e["pld_drift"]) for e in log if "pld" in e and e.get("tms_phase") in (2, 3)]
-        stats = {k: v for k, v in trainer.stats.items()}
+        stats = trainer.stats.as_dict()
         stats["harvest_pld"] = [(e["step"], e["pld"], e["pld_drift"]) for e in log if "pld" in e and e.get("tms_phase") == 1]
         fractions = [e["tms_label_fraction"] for e in log if "tms_label_fraction" in e and e.get("tms_phase") in (2, 3)]
         if fractions:
@@ -249,7 +249,7 @@ def train_arm(arm: str, tms: dict | None, regime: dict, seed: int, model, tokeni
         if "answer" in train.column_names:
             quality = trajectory_quality(trainer.trajectories, train["answer"])
             for step, q in quality["by_step"].items():
-                q["kept"] = trainer.stats.get(f"kept_fraction_step_{step}")
+                q["kept"] = trainer.stats.kept_fraction.get(step)
             stats["trajectory_quality"] = quality
     phases["total"] = time.perf_counter() - started
     return trainer, {"steps": trainer.state.global_step, "wall_seconds": phases, "pld": pld, "tms_stats": stats}

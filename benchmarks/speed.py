@@ -165,11 +165,11 @@ def run_arm(arm: str, model_name: str, workdir: str) -> dict:
             trainer.train()
         log = trainer.state.log_history
         if config.tms_mode == "online":
-            phases = {"online": log[-1]["train_runtime"], "trajectories": trainer.stats["trajectory_seconds"]}
+            phases = {"online": log[-1]["train_runtime"], "trajectories": trainer.stats.seconds}
         else:
             phases = {
                 "harvest": trainer.harvest_output.metrics["train_runtime"],
-                "trajectories": trainer.stats["trajectory_seconds"],
+                "trajectories": trainer.stats.seconds,
                 "student": log[-1]["train_runtime"],
                 "pld_scoring": sum(e["tms_scoring_seconds"] for e in log if "tms_scoring_seconds" in e),
             }

@@ -203,7 +203,7 @@ def main():
     total_seconds = time.perf_counter() - started
 
     harvest_seconds = trainer.harvest_output.metrics.get("train_runtime", float("nan"))
-    trajectory_seconds = trainer.stats.get("trajectory_seconds", float("nan"))
+    trajectory_seconds = trainer.stats.seconds
     student_seconds = output.metrics.get("train_runtime", float("nan"))
     plds = pld_by_phase(trainer.state.log_history)
     history_path = os.path.join(args.output_dir, "tms_log_history.json")

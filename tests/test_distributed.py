@@ -13,7 +13,7 @@ from peft import LoraConfig
 
 from trl_tms import TMSTrainer
 from trl_tms.pld import policy_label_divergence
-from trl_tms.trainer import snapshot_steps
+from trl_tms.history import snapshot_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DDP_CONFIG = os.path.join(HERE, "..", "examples", "accelerate_configs", "ddp.yaml")

@@ -287,4 +287,4 @@ def test_paper_settings_give_the_same_mixture_as_before(tiny_llama, tmp_path):
     non_empty = sum(1 for c in trainer.trajectories["completion"] if c[0]["content"].strip())
     assert len(trainer.train_dataset.trajectory_rows) == non_empty
     assert trainer.train_dataset.snapshot_weights is None
-    torch.testing.assert_close(torch.tensor(trainer.stats["kept_trajectories"]), torch.tensor(non_empty))
+    torch.testing.assert_close(torch.tensor(trainer.stats.kept), torch.tensor(non_empty))

@@ -69,7 +69,7 @@ def test_one_run_snapshots_itself_from_step_0_and_trains_on_what_it_has_sampled(
     assert watch.pools == {s: [t for t in (0, 4, 8) if t <= s] for s in range(12)}
     assert len(trainer.trajectories) == 24 * 3
     assert sorted(set(trainer.trajectories["snapshot_step"])) == [0, 4, 8]
-    assert trainer.stats["trajectories"] == 72
+    assert trainer.stats.trajectories == 72
     # Trajectories really are mixed in.
     fractions = [e["tms_label_fraction"] for e in trainer.state.log_history if "tms_label_fraction" in e]
     assert 0 < sum(fractions) / len(fractions) < 0.75

@@ -1,5 +1,8 @@
 """PLD on plain TRL trainers: the value is the labels' NLL, and it reaches log_history."""
 
+import os
+from functools import partial
+
 import pytest
 import torch
 from conftest import QUIET_CPU, load_tokenizer, make_examples
@@ -9,7 +12,8 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
-from trl_tms import PLDCallback, TMSConfig, policy_label_divergence
+from trl_tms import AdapterHistory, PLDCallback, SnapshotCallback, TMSConfig, policy_label_divergence
+from trl_tms.history import adapter_parameters, snapshot_steps
 
 
 def sft_trainer(path, tmp_path, eval_dataset=None, **overrides):
@@ -145,3 +149,18 @@ def test_forgetting_alarm_settings_are_checked(tiny_llama, tmp_path):
         PLDCallback(trainer, stop_on_drift=True)
     with pytest.raises(ValueError, match="pld_stop_on_drift=True` needs `pld_drift_threshold`"):
         TMSConfig(output_dir=str(tmp_path), pld_stop_on_drift=True, **QUIET_CPU)
+
+
+def test_snapshot_callback_on_plain_sft_trainer(tiny_llama, tmp_path):
+    # 16 examples, batch 4: 4 optimizer steps; two snapshots at steps 2 and 4, the last equal to the trained adapter.
+    trainer = sft_trainer(tiny_llama, tmp_path)
+    history = AdapterHistory(trainer.model.peft_config["default"], str(tmp_path / "history"), background_writes=True)
+    trainer.add_callback(SnapshotCallback(history, trainer.model, "default", partial(snapshot_steps, num_checkpoints=2)))
+    trainer.train()
+    assert history.steps == [2, 4]
+    assert sorted(os.listdir(tmp_path / "history")) == ["step-2", "step-4"]
+    live = adapter_parameters(trainer.model, "default")
+    final = history[4]
+    assert len(final) == len(live)
+    assert all(torch.equal(final[name.replace(".default", "")], value.detach().cpu()) for name, value in live.items())
+    assert not all(torch.equal(history[2][name], final[name]) for name in final)  # step 2 is an earlier adapter

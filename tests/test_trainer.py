@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl_tms import AdapterHistory, TMSConfig, TMSTrainer
 from trl_tms.history import adapter_parameters
 from trl_tms.pld import score_trajectories
-from trl_tms.trainer import snapshot_steps
+from trl_tms.history import snapshot_steps
 
 
 def tms_config(tmp_path, **overrides) -> TMSConfig:
@@ -506,7 +506,7 @@ def test_pld_trajectory_choice_scores_every_trajectory_under_the_student(tiny_ll
     mixture, candidates = trainer.train_dataset, trainer.candidates
     rescored = score_trajectories(trainer, mixture, candidates)  # again, under the final student, to check by hand
     model = trainer.model.eval()
-    assert len(mixture.trajectory_rows) == 16 * 3 * 2 - trainer.stats["empty_trajectories"]
+    assert len(mixture.trajectory_rows) == 16 * 3 * 2 - trainer.stats.empty
     rows = mixture.rows_to_score()  # those of the prompts that draw a trajectory in the last epoch
     assert 0 < len(rows) < len(mixture.trajectory_rows)
     for row in rows[::5]:

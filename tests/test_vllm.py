@@ -178,6 +178,6 @@ def test_tms_trainer_generates_with_vllm(vllm_tiny, tmp_path):
     trainer.train()
     assert trainer.history.steps == [1, 2]
     assert len(trainer.trajectories) == 8 * 2 * 2
-    assert trainer.stats["trajectories"] == len(trainer.trajectories)
+    assert trainer.stats.trajectories == len(trainer.trajectories)
     # vLLM read the base from the model's own folder; nothing but adapters and trajectories stays in the history.
     assert sorted(os.listdir(trainer.history_dir)) == ["step-1", "step-2", "tms_run.json", "trajectories"]

@@ -2,8 +2,8 @@
 
 from .config import TMSConfig
 from .data import to_prompt_completion
-from .history import AdapterHistory
-from .mixture import MixtureDataset
+from .history import AdapterHistory, SnapshotCallback
+from .mixture import MixtureDataset, TrajectoryStats
 from .pld import PLDCallback, policy_label_divergence
 from .trainer import TMSTrainer
 from .trajectories import SamplingParams, generate_trajectories
@@ -16,8 +16,10 @@ __all__ = [
     "MixtureDataset",
     "PLDCallback",
     "SamplingParams",
+    "SnapshotCallback",
     "TMSConfig",
     "TMSTrainer",
+    "TrajectoryStats",
     "generate_trajectories",
     "generate_trajectories_vllm",
     "is_vllm_available",

@@ -545,8 +545,24 @@ def check_label_tokens_left(kept: int, total: int, max_length: int | None) -> No
     logger.warning(f"{message}: they are left out of both phases. Raise `max_length` to keep them.")
 
 
-def check_parallelism(accelerator) -> None:
-    """Refuse the backends that shard parameters: snapshots and hot-swapped slots read the adapter weights whole."""
+def check_num_checkpoints(num_checkpoints: int, planned_steps: int) -> None:
+    if num_checkpoints > planned_steps:
+        raise ValueError(
+            f"`num_checkpoints` ({num_checkpoints}) exceeds the number of optimizer steps of the harvest run "
+            f"({planned_steps}). Lower `num_checkpoints`, or train longer (more epochs or data, or a smaller batch)."
+        )
+
+
+def check_parallelism(accelerator, generation_backend: str = "transformers") -> None:
+    """
+    Refuse the backends that shard parameters (snapshots and hot-swapped slots read the adapter weights whole), and
+    vLLM in several processes.
+    """
+    if generation_backend == "vllm" and accelerator.num_processes > 1:
+        raise NotImplementedError(
+            "`generation_backend='vllm'` runs one engine in one process; with several processes use "
+            "`generation_backend='transformers'` (the prompts are then shared out across processes)."
+        )
     backend = DistributedBackend(accelerator)
     if backend.is_zero3 or backend.is_fsdp:
         name = "DeepSpeed ZeRO-3" if backend.is_zero3 else f"FSDP (version {backend.fsdp_version})"

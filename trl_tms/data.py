@@ -19,7 +19,7 @@ _NO_PROMPT_HELP = (
 )
 
 
-def to_prompt_completion(dataset: Dataset, name: str = "train") -> Dataset:
+def to_prompt_completion(dataset: Dataset | dict[str, Dataset] | None, name: str = "train"):
     """
     Bring a dataset to TRL's prompt-completion form, raising a clear error when it carries no prompts or labels.
 
@@ -31,8 +31,13 @@ def to_prompt_completion(dataset: Dataset, name: str = "train") -> Dataset:
             Name of the dataset, used in error messages.
 
     Returns:
-        [`~datasets.Dataset`]: The dataset with `"prompt"` and `"completion"` columns.
+        [`~datasets.Dataset`]: The dataset with `"prompt"` and `"completion"` columns (a dict of datasets, such as an
+        `eval_dataset`, gives a dict of them; `None` gives `None`).
     """
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        return {key: to_prompt_completion(value, f"{name} ({key})") for key, value in dataset.items()}
     if isinstance(dataset, IterableDataset):
         raise TypeError(
             f"The {name} dataset is an `IterableDataset`. TMS generates trajectories for every training prompt before "

@@ -14,6 +14,7 @@ import torch
 from peft import PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
 from .atomic import atomic_folder
 
@@ -373,3 +374,46 @@ def _in_thread(work, *args, after: Future | None = None, name: str) -> Future:
 
     threading.Thread(target=run, name=name).start()
     return done
+
+
+def snapshot_steps(total_steps: int, num_checkpoints: int) -> list[int]:
+    """`num_checkpoints` optimizer steps spread evenly over `total_steps`, the last one being the final step."""
+    return [k * total_steps // num_checkpoints for k in range(1, num_checkpoints + 1)]
+
+
+class SnapshotCallback(TrainerCallback):
+    """
+    Takes a training run's snapshots into an [`AdapterHistory`] at the optimizer steps `schedule(max_steps)` names, and
+    flushes the history's background writes before each checkpoint (a checkpoint must not get ahead of the snapshots
+    it resumes with) and when training ends.
+
+    Args:
+        history ([`AdapterHistory`]):
+            The history that receives the snapshots.
+        model ([`~peft.PeftModel`]):
+            The model whose adapter is snapshotted.
+        adapter_name (`str`):
+            The adapter being trained.
+        schedule (`Callable`, *optional*):
+            `schedule(max_steps) -> steps`. Without it no snapshot is taken here (online TMS takes its own), but writes
+            are still flushed.
+    """
+
+    def __init__(self, history: AdapterHistory, model, adapter_name: str, schedule=None):
+        self.history = history
+        self.model = model
+        self.adapter_name = adapter_name
+        self.schedule = schedule
+        self.steps: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = set(self.schedule(state.max_steps)) if self.schedule else set()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            self.history.take(self.model, state.global_step, self.adapter_name)
+        if control.should_save:
+            self.history.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.history.flush()

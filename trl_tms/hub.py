@@ -6,6 +6,7 @@ import os
 import re
 
 from huggingface_hub import ModelCard, upload_folder
+from trl.trainer.utils import get_config_model_id
 
 _HUB_CACHE_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")
 _TRL_BASE_SENTENCE = re.compile(r"This model is a fine-tuned version of \[[^\]]*\]\(https://huggingface\.co/[^)]*\)")
@@ -115,3 +116,38 @@ def final_pld(log_history: list[dict]) -> dict[str, dict]:
         if entries:
             final[label] = entries[-1]
     return final
+
+
+class TMSHubMixin:
+    """
+    The Hub side of [`TMSTrainer`]: the card TRL writes gains the TMS settings and the final PLD, and `push_to_hub`
+    uploads the snapshots too with `push_history=True`. Mixed in before [`~trl.SFTTrainer`]; reads the trainer's
+    public `args`, `history`, `history_dir` and `max_new_tokens`.
+    """
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        complete_model_card(
+            os.path.join(self.args.output_dir, "README.md"),
+            base_model=resolve_base_model(get_config_model_id(self.model.config), self.args.hub_base_model),
+            settings=card_settings(self.args, self.history.steps, self.max_new_tokens),
+            pld=final_pld(self.state.log_history),
+            history_repo_folder="history" if self.args.push_history else None,
+        )
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **kwargs):
+        """Push the student's adapter and its model card; with `push_history=True`, the snapshots too."""
+        result = super().push_to_hub(
+            commit_message=commit_message, blocking=blocking, token=token, revision=revision, **kwargs
+        )
+        if self.args.push_history and self.is_world_process_zero():
+            push_history(
+                self.history_dir,
+                self.hub_model_id,
+                "history",
+                token=token if token is not None else self.args.hub_token,
+                revision=revision if revision is not None else self.args.hub_revision,
+            )
+        return result

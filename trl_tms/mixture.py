@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
+from transformers import TrainerCallback
 
 from .data import as_completion
 from .filters import completion_text, keep_flags, kept_by_snapshot
@@ -101,6 +104,41 @@ def truncate_unfinished(candidates: Dataset, end_ids: list[int]) -> Dataset:
     return candidates.map(strip, desc="Removing end tokens from unfinished trajectories")
 
 
+@dataclass
+class TrajectoryStats:
+    """
+    What the student's trajectories are made of: how many were generated (and in how many seconds), left out empty,
+    cut at `max_new_tokens`, and kept by the filters, overall and per snapshot.
+    """
+
+    trajectories: int = 0
+    empty: int = 0
+    unfinished: int = 0
+    kept: int = 0
+    seconds: float = 0.0
+    kept_fraction: dict[int, float] = field(default_factory=dict)  # snapshot step -> kept fraction
+
+    def add(self, other: TrajectoryStats) -> None:
+        """Count `other`'s trajectories too (online TMS: one snapshot at a time)."""
+        self.trajectories += other.trajectories
+        self.empty += other.empty
+        self.unfinished += other.unfinished
+        self.kept += other.kept
+        self.seconds += other.seconds
+        self.kept_fraction.update(other.kept_fraction)
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat, as logged (with a `tms_` prefix) and written by the benchmarks."""
+        return {
+            "trajectories": self.trajectories,
+            "empty_trajectories": self.empty,
+            "unfinished_trajectories": self.unfinished,
+            "kept_trajectories": self.kept,
+            "trajectory_seconds": self.seconds,
+            **{f"kept_fraction_step_{step}": fraction for step, fraction in self.kept_fraction.items()},
+        }
+
+
 class CandidateBuilder:
     """
     Turns trajectories into the tokenized candidates the student may draw: the flags of [`keep_flags`] (unfinished
@@ -123,22 +161,19 @@ class CandidateBuilder:
         self.filter_options = filter_options
         self._end_of_turn: list[int] | None = None
 
-    def build(self, trajectories: Dataset | None, with_labels: bool = True) -> tuple[Dataset, dict[str, float]]:
-        """
-        The tokenized candidates (the labels too, unless `with_labels=False`) and the counts: trajectories, empty,
-        unfinished and kept ones, and the kept fraction of each snapshot (`kept_fraction_step_<N>`).
-        """
+    def build(self, trajectories: Dataset | None, with_labels: bool = True) -> tuple[Dataset, TrajectoryStats]:
+        """The tokenized candidates (the labels too, unless `with_labels=False`) and what the trajectories held."""
         if trajectories is None:
-            return self._tokenized(mixture_candidates(self.prompts, None)[0], "mixture"), {}
+            return self._tokenized(mixture_candidates(self.prompts, None)[0], "mixture"), TrajectoryStats()
         keep = keep_flags(trajectories, self.prompts, unfinished=self.unfinished, **self.filter_options)
         candidates, empty = mixture_candidates(self.prompts, trajectories, with_labels=with_labels, keep=keep)
-        counts = {
-            "trajectories": len(trajectories),
-            "empty_trajectories": empty,
-            "unfinished_trajectories": len(trajectories) - sum(trajectories["finished"]),
-            "kept_trajectories": sum(keep),
-            **{f"kept_fraction_step_{step}": f for step, f in kept_by_snapshot(trajectories, keep).items()},
-        }
+        counts = TrajectoryStats(
+            trajectories=len(trajectories),
+            empty=empty,
+            unfinished=len(trajectories) - sum(trajectories["finished"]),
+            kept=sum(keep),
+            kept_fraction=kept_by_snapshot(trajectories, keep),
+        )
         if len(candidates):
             candidates = self._tokenized(candidates, "mixture" if with_labels else "trajectories")
         return candidates, counts
@@ -361,3 +396,39 @@ class MixtureCollator:
         batch = self.collator(examples)
         batch[IS_LABEL] = torch.tensor(flags, dtype=torch.float32)
         return batch
+
+
+class MixtureCallback(TrainerCallback):
+    """
+    Keeps a [`MixtureDataset`] in step with the Trainer that trains on it: its number of epochs when training begins,
+    and its epoch at each epoch's start (not left to accelerate, whose `set_epoch` does not reach the dataset behind a
+    multi-process sampler), optionally scoring the trajectories before each epoch's draw.
+
+    Args:
+        mixture ([`MixtureDataset`]):
+            The training dataset.
+        log (`Callable`):
+            `log(logs)`: how to log (the trainer's `log_event`).
+        begin_logs (`dict[str, float]`, *optional*):
+            Logged when training begins: what the mixture is made of.
+        score (`Callable`, *optional*):
+            `score() -> logs`: run at each epoch's start, once the epoch is set (`trajectory_choice="pld"`).
+    """
+
+    def __init__(self, mixture: MixtureDataset, log, begin_logs: dict[str, float] | None = None, score=None):
+        self.mixture = mixture
+        self.log = log
+        self.begin_logs = begin_logs
+        self.score = score
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.mixture.num_epochs = state.num_train_epochs
+        if self.begin_logs:
+            self.log(dict(self.begin_logs))
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # Floor with a margin: `state.epoch` is a float sum (0.9999...) at an epoch's start, and 1.5 when a run resumes
+        # in the middle of its second epoch.
+        self.mixture.set_epoch(math.floor(state.epoch + 1e-6))
+        if self.score is not None:
+            self.log(self.score())

@@ -6,7 +6,9 @@ import os
 import time
 
 from datasets import concatenate_datasets, load_from_disk
+from transformers import TrainerCallback
 
+from .mixture import TrajectoryStats
 from .resume import TMSRun
 from .trajectories import save_trajectories
 
@@ -18,12 +20,12 @@ def online_snapshot_steps(total_steps: int, num_checkpoints: int, every: int | N
     return sorted({k * total_steps // num_checkpoints for k in range(num_checkpoints)})
 
 
-class OnlineTMS:
+class OnlineTMS(TrainerCallback):
     """
     The online phase of a [`TMSTrainer`]: at each step of its schedule the adapter being trained is snapshotted and
     samples a trajectory for every prompt, and the mixture draws from the last `num_checkpoints` snapshots taken so far
-    (labels only before step 0's trajectories exist). It drives the run through the trainer's public methods; the
-    trainer calls its hooks from its phase callback.
+    (labels only before step 0's trajectories exist). A callback of the online phase, it drives the run through the
+    trainer's public methods.
 
     Args:
         trainer ([`TMSTrainer`]):
@@ -41,17 +43,12 @@ class OnlineTMS:
         # A finished run resumed again: its trajectories are on disk (the parts are removed when a run finishes).
         finished = run.done("trajectories") and os.path.isdir(run.trajectories_dir)
         self.finished = load_from_disk(run.trajectories_dir) if finished else None
-        self.stats = {
-            "trajectory_seconds": 0.0,
-            "trajectories": 0,
-            "empty_trajectories": 0,
-            "unfinished_trajectories": 0,
-            "kept_trajectories": 0,
-        }
+        self.stats = TrajectoryStats()
 
-    # Hooks, called by the trainer's phase callback
+    # Trainer events
 
-    def begin(self, global_step: int) -> None:
+    def on_train_begin(self, args, state, control, **kwargs):
+        global_step = state.global_step
         if global_step == 0:
             self.refresh(0)
             return
@@ -61,9 +58,9 @@ class OnlineTMS:
         for step in taken:
             self.refresh(step, take=False)
 
-    def step_end(self, global_step: int) -> None:
-        if global_step in self.steps:
-            self.refresh(global_step)
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            self.refresh(state.global_step)
 
     # The algorithm
 
@@ -88,19 +85,16 @@ class OnlineTMS:
         if len(candidates):
             window = set(trainer.history.steps[-trainer.args.num_checkpoints :])
             trainer.train_dataset.extend(candidates, keep_steps=window)
-        self.stats["trajectory_seconds"] += seconds
-        for key in ("trajectories", "empty_trajectories", "unfinished_trajectories", "kept_trajectories"):
-            self.stats[key] += counts[key]
-        kept = counts["kept_trajectories"] / max(1, counts["trajectories"])
-        self.stats[f"kept_fraction_step_{step}"] = kept
+        counts.seconds = seconds
+        self.stats.add(counts)
         if take:
             trainer.log_event(
                 {
                     "tms_snapshot_step": step,
                     "tms_trajectory_seconds": seconds,
-                    "tms_empty_trajectories": counts["empty_trajectories"],
-                    "tms_unfinished_trajectories": counts["unfinished_trajectories"],
-                    "tms_kept_fraction": kept,
+                    "tms_empty_trajectories": counts.empty,
+                    "tms_unfinished_trajectories": counts.unfinished,
+                    "tms_kept_fraction": counts.kept_fraction.get(step, 0.0),
                 }
             )
 
@@ -114,6 +108,6 @@ class OnlineTMS:
             "online",
             trajectories_done=True,
             snapshot_steps=self.trainer.history.steps,
-            trajectory_seconds=self.stats["trajectory_seconds"],
+            trajectory_seconds=self.stats.seconds,
         )
         return trajectories

@@ -55,17 +55,15 @@ def format_summary(trainer, output_dir: str) -> str:
         " trajectories/)",
     ]
     stats = trainer.stats
-    if stats:
+    if stats.trajectories:
         args = trainer.args
         lines.append(
-            f"Trajectories:      {stats['trajectories']} generated in {stats['trajectory_seconds']:.0f} s; "
-            f"{stats['empty_trajectories']} empty (left out), {stats['unfinished_trajectories']} cut at "
-            f"max_new_tokens={trainer.max_new_tokens} ({args.unfinished_trajectories})"
+            f"Trajectories:      {stats.trajectories} generated in {stats.seconds:.0f} s; {stats.empty} empty (left "
+            f"out), {stats.unfinished} cut at max_new_tokens={trainer.max_new_tokens} ({args.unfinished_trajectories})"
         )
-        by_step = {k.rsplit("_", 1)[1]: v for k, v in stats.items() if k.startswith("kept_fraction_step_")}
         lines.append(
-            f"Student draws from {stats['kept_trajectories']} of them (trajectory_filter={args.trajectory_filter}); "
-            "kept by snapshot: " + ", ".join(f"step {step} {fraction:.0%}" for step, fraction in by_step.items())
+            f"Student draws from {stats.kept} of them (trajectory_filter={args.trajectory_filter}); kept by snapshot: "
+            + ", ".join(f"step {step} {fraction:.0%}" for step, fraction in stats.kept_fraction.items())
         )
     pld = pld_by_phase(trainer.state.log_history)
     if pld:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import textwrap
 import time
@@ -15,13 +14,19 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 from trl.models import unwrap_model_for_generation
-from trl.trainer.utils import get_config_model_id
 
-from .config import TMSConfig, as_tms_config, check_label_tokens_left, check_parallelism, check_trainer_arguments
+from .config import (
+    TMSConfig,
+    as_tms_config,
+    check_label_tokens_left,
+    check_num_checkpoints,
+    check_parallelism,
+    check_trainer_arguments,
+)
 from .data import to_prompt_completion
-from .history import AdapterHistory, adapter_parameters
-from .hub import card_settings, complete_model_card, final_pld, push_history, resolve_base_model
-from .mixture import IS_LABEL, CandidateBuilder, MixtureCollator, MixtureDataset
+from .history import AdapterHistory, SnapshotCallback, adapter_parameters, snapshot_steps
+from .hub import TMSHubMixin
+from .mixture import IS_LABEL, CandidateBuilder, MixtureCallback, MixtureCollator, MixtureDataset, TrajectoryStats
 from .online import OnlineTMS
 from .pld import PLDCallback, score_trajectories
 from .quantization import keep_4bit_layers_trainable
@@ -41,12 +46,7 @@ logger = logging.get_logger(__name__)
 PHASE_IDS = {"harvest": 1, "student": 2, "online": 3}
 
 
-def snapshot_steps(total_steps: int, num_checkpoints: int) -> list[int]:
-    """`num_checkpoints` optimizer steps spread evenly over `total_steps`, the last one being the final step."""
-    return [k * total_steps // num_checkpoints for k in range(1, num_checkpoints + 1)]
-
-
-class TMSTrainer(SFTTrainer):
+class TMSTrainer(TMSHubMixin, SFTTrainer):
     """
     Trainer for Trajectory-Mixed Supervision (TMS): reward-free, on-policy SFT (arXiv 2602.03073).
 
@@ -133,10 +133,7 @@ class TMSTrainer(SFTTrainer):
         if args.generation_backend == "vllm":
             check_vllm_available()
         train_dataset = to_prompt_completion(train_dataset, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {key: to_prompt_completion(ds, f"eval ({key})") for key, ds in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = to_prompt_completion(eval_dataset, "eval")
+        eval_dataset = to_prompt_completion(eval_dataset, "eval")
         self.prompts = train_dataset
         self.phase: str | None = None
 
@@ -158,12 +155,7 @@ class TMSTrainer(SFTTrainer):
             formatting_func=None,
         )
 
-        check_parallelism(self.accelerator)
-        if args.generation_backend == "vllm" and self.accelerator.num_processes > 1:
-            raise NotImplementedError(
-                "`generation_backend='vllm'` runs one engine in one process; with several processes use "
-                "`generation_backend='transformers'` (the prompts are then shared out across processes)."
-            )
+        check_parallelism(self.accelerator, args.generation_backend)
         check_label_tokens_left(len(self.train_dataset), len(train_dataset), args.max_length)
         keep_4bit_layers_trainable(self.model)  # TMS generates, then trains, on the same (maybe 4-bit) base
         self.adapter_name = self.model.active_adapter
@@ -193,16 +185,10 @@ class TMSTrainer(SFTTrainer):
             answer_extractor=answer_extractor,
         )
         self.trajectories = None
-        self.stats: dict[str, float] = {}
+        self.stats = TrajectoryStats()
 
         self.planned_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
-        if args.num_checkpoints > self.planned_steps:
-            raise ValueError(
-                f"`num_checkpoints` ({args.num_checkpoints}) exceeds the number of optimizer steps of the harvest run "
-                f"({self.planned_steps}). Lower `num_checkpoints`, or train longer (more epochs or data, or a smaller "
-                "batch)."
-            )
-        self.add_callback(_PhaseCallback(self))
+        check_num_checkpoints(args.num_checkpoints, self.planned_steps)
         self.pld_callback = None
         if args.log_pld and self.eval_dataset is not None:
             self.pld_callback = PLDCallback(
@@ -261,15 +247,17 @@ class TMSTrainer(SFTTrainer):
             return self._train_online(train, resume)
 
         # 1. Harvest: plain SFT on the labels, taking the snapshots.
+        self.harvest_output = None  # the harvest's `TrainOutput`, when it runs
         if run.done("harvest"):
             run.reopen_snapshots(self.history, run.record["snapshot_steps"])
-            self.harvest_output = None
         else:
             checkpoint = run.checkpoint_for(resume, run.harvest_dir)
             if checkpoint is not None:
                 planned = snapshot_steps(run.record["planned_steps"], self.args.num_checkpoints)
                 run.reopen_snapshots(self.history, [s for s in planned if s <= checkpoint_step(checkpoint)])
-            with self._phase("harvest", output_dir=run.harvest_dir, push_to_hub=False):
+            schedule = partial(snapshot_steps, num_checkpoints=self.args.num_checkpoints)
+            snapshots = SnapshotCallback(self.history, self.model, self.adapter_name, schedule)
+            with self._phase("harvest", [snapshots], output_dir=run.harvest_dir, push_to_hub=False):
                 self.harvest_output = train(resume_from_checkpoint=checkpoint)
             run.finish("harvest", harvest_steps=self.state.global_step, harvest_log=self.state.log_history,
                        snapshot_steps=self.history.steps)
@@ -278,38 +266,53 @@ class TMSTrainer(SFTTrainer):
         with self._phase("trajectories"):
             started = time.perf_counter()
             self.trajectories = self._trajectories(reuse=run.done("trajectories"))
-            self.stats["trajectory_seconds"] = run.record.get("trajectory_seconds", time.perf_counter() - started)
+            seconds = run.record.get("trajectory_seconds", time.perf_counter() - started)
             if not run.done("trajectories"):
-                run.finish("trajectories", trajectory_seconds=self.stats["trajectory_seconds"])
+                run.finish("trajectories", trajectory_seconds=seconds)
 
         # 3. Student: from the initial adapter, as many steps as the harvest, on the mixture.
-        checkpoint = run.checkpoint_for(resume, self.args.output_dir)
-        self._prepare_student()
-        with self._phase("student", max_steps=run.record["harvest_steps"]):
-            output = train(resume_from_checkpoint=checkpoint)
+        candidates, self.stats = self.candidate_builder.build(self.trajectories)
+        self.stats.seconds = seconds
+        self._use_mixture(candidates)
+        self._reset_adapter()
+        score = partial(score_trajectories, self, self.train_dataset, candidates)
+        mixture = MixtureCallback(self.train_dataset, self.log_event, begin_logs={
+            f"tms_{key}": float(value) for key, value in self.stats.as_dict().items()
+        }, score=score if self.args.trajectory_choice == "pld" else None)
+        with self._phase("student", [mixture], max_steps=run.record["harvest_steps"]):
+            output = train(resume_from_checkpoint=run.checkpoint_for(resume, self.args.output_dir))
         self.state.log_history = run.record["harvest_log"] + self.state.log_history
         return output
 
     def _train_online(self, train, resume):
         """Online TMS: one run on its own snapshots (see [`OnlineTMS`])."""
-        self.online = OnlineTMS(self, self.run)
+        online = OnlineTMS(self, self.run)
         self._use_mixture(self.candidate_builder.build(None)[0])
-        self.stats = self.online.stats
-        with self._phase("online"):
+        self.stats = online.stats
+        callbacks = [online, SnapshotCallback(self.history, self.model, self.adapter_name),
+                     MixtureCallback(self.train_dataset, self.log_event)]
+        with self._phase("online", callbacks):
             output = train(resume_from_checkpoint=self.run.checkpoint_for(resume, self.args.output_dir))
-        self.trajectories = self.online.finish()
+        self.trajectories = online.finish()
         return output
 
     @contextlib.contextmanager
-    def _phase(self, name: str, **overrides):
-        """Run a phase: `self.phase` names it, and the config fields in `overrides` hold only while it runs."""
+    def _phase(self, name: str, callbacks: list[TrainerCallback] = (), **overrides):
+        """
+        Run a phase: `self.phase` names it, and its `callbacks` and the config fields in `overrides` hold only while it
+        runs.
+        """
         saved = {key: getattr(self.args, key) for key in overrides}
         self.phase = name
         try:
             for key, value in overrides.items():
                 setattr(self.args, key, value)
+            for callback in callbacks:
+                self.add_callback(callback)
             yield
         finally:
+            for callback in callbacks:
+                self.remove_callback(callback)
             for key, value in saved.items():
                 setattr(self.args, key, value)
             self.phase = None
@@ -331,10 +334,8 @@ class TMSTrainer(SFTTrainer):
         """Trajectories of the snapshots of `steps` (default: all), from the trainer's generation backend."""
         return self.generator.generate(steps=steps)
 
-    def _prepare_student(self) -> None:
-        candidates, counts = self.candidate_builder.build(self.trajectories)
-        self._use_mixture(candidates)
-        self.stats.update(counts)
+    def _reset_adapter(self) -> None:
+        """The adapter back at its initial weights, with a fresh optimizer and schedule."""
         with torch.no_grad():
             for name, param in adapter_parameters(self.model, self.adapter_name).items():
                 param.copy_(self._initial_adapter[name])
@@ -382,74 +383,3 @@ class TMSTrainer(SFTTrainer):
         if self.phase in PHASE_IDS:
             logs["tms_phase"] = PHASE_IDS[self.phase]
         Trainer.log(self, logs)
-
-    # The Hub
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if not self.is_world_process_zero():
-            return
-        complete_model_card(
-            os.path.join(self.args.output_dir, "README.md"),
-            base_model=resolve_base_model(get_config_model_id(self.model.config), self.args.hub_base_model),
-            settings=card_settings(self.args, self.history.steps, self.max_new_tokens),
-            pld=final_pld(self.state.log_history),
-            history_repo_folder="history" if self.args.push_history else None,
-        )
-
-    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **kwargs):
-        """Push the student's adapter and its model card; with `push_history=True`, the snapshots too."""
-        result = super().push_to_hub(
-            commit_message=commit_message, blocking=blocking, token=token, revision=revision, **kwargs
-        )
-        if self.args.push_history and self.is_world_process_zero():
-            push_history(
-                self.history_dir,
-                self.hub_model_id,
-                "history",
-                token=token if token is not None else self.args.hub_token,
-                revision=revision if revision is not None else self.args.hub_revision,
-            )
-        return result
-
-
-class _PhaseCallback(TrainerCallback):
-    """Hands the Trainer's events to what each phase does at them: snapshots, the mixture's epochs, online refreshes."""
-
-    def __init__(self, trainer: TMSTrainer):
-        self.trainer = trainer
-        self.snapshot_at: set[int] = set()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        self.snapshot_at = set()
-        if trainer.phase == "harvest":
-            self.snapshot_at = set(snapshot_steps(state.max_steps, args.num_checkpoints))
-        elif trainer.phase == "student":
-            trainer.train_dataset.num_epochs = state.num_train_epochs
-            trainer.log_event({f"tms_{key}": float(value) for key, value in trainer.stats.items()})
-        elif trainer.phase == "online":
-            trainer.online.begin(state.global_step)
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        # Not left to accelerate: its `set_epoch` does not reach the dataset behind a multi-process sampler.
-        if isinstance(trainer.train_dataset, MixtureDataset):
-            # Floor with a margin: `state.epoch` is a float sum (0.9999...) at an epoch's start, and 1.5 when a run
-            # resumes in the middle of its second epoch.
-            trainer.train_dataset.set_epoch(math.floor(state.epoch + 1e-6))
-            if args.trajectory_choice == "pld":
-                trainer.log_event(score_trajectories(trainer, trainer.train_dataset, trainer.candidates))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if state.global_step in self.snapshot_at:
-            trainer.history.take(trainer.model, state.global_step, trainer.adapter_name)
-        if trainer.phase == "online":
-            trainer.online.step_end(state.global_step)
-        if control.should_save:
-            # The checkpoint written after this step must not get ahead of the snapshots it resumes with.
-            trainer.history.flush()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.history.flush()

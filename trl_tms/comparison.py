@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .atomic import write_json_atomically
 from .evaluation import GENERAL_PROMPTS, chat_drift, chat_ids, greedy_answers, paired_se, target_accuracy, text_nll
 from .history import adapter_parameters
 
@@ -143,18 +142,18 @@ class Comparison:
     wall_seconds: dict[str, float]
     example: dict[str, str] = field(default_factory=dict)  # one general prompt and each arm's answer to it
 
-    def change(self, arm: str, metric: str) -> tuple[float, float]:
-        """`arm`'s change against the base in `metric` (`correct`, `chat_kl`, `wikitext_nll`) and its paired SE."""
-        after, before = getattr(self.arms[arm], metric), getattr(self.arms["base"], metric)
+    def change(self, arm: str, metric: str, against: str = "base") -> tuple[float, float]:
+        """
+        `arm`'s change against `against` in `metric` (`correct`, `chat_kl`, `wikitext_nll`), and its paired standard
+        error; NaN for a metric that was not measured.
+        """
+        after, before = getattr(self.arms[arm], metric), getattr(self.arms[against], metric)
         if not after:
             return float("nan"), float("nan")
         return sum(after) / len(after) - sum(before) / len(before), paired_se(after, before)
 
     def tms_minus_sft(self, metric: str) -> tuple[float, float]:
-        after, before = getattr(self.arms["tms"], metric), getattr(self.arms["sft"], metric)
-        if not after:
-            return float("nan"), float("nan")
-        return sum(after) / len(after) - sum(before) / len(before), paired_se(after, before)
+        return self.change("tms", metric, against="sft")
 
     def table(self) -> str:
         """The side-by-side table, as plain text."""
@@ -203,9 +202,6 @@ class Comparison:
             "wall_seconds": self.wall_seconds,
             "example": self.example,
         }
-
-    def save(self, path: str) -> None:
-        write_json_atomically(path, self.to_dict())
 
 
 def compare_sft_and_tms(trainer, probe: ArmProbe, wall_seconds: dict[str, float] | None = None) -> Comparison:

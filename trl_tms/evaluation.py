@@ -236,6 +236,3 @@ def paired_se(after: list[float], before: list[float]) -> float:
     mean = sum(diffs) / n
     return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
 
-
-def binomial_se(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / n) if n else float("nan")

@@ -176,7 +176,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
         "steps": {"sft": trainer.harvest_output.global_step, "tms": output.global_step},
         "trajectories": trainer.stats.as_dict(),
         "plots": plots,
-        "settings": {k: v for k, v in vars(args).items()},
+        "settings": vars(args),
     }
     write_json_atomically(os.path.join(args.output_dir, "summary.json"), summary)
     write_json_atomically(os.path.join(args.output_dir, "log_history.json"), trainer.state.log_history)

@@ -142,3 +142,22 @@ def test_parameter_sharding_backends_are_refused_with_what_to_use_instead(deepsp
         return
     with pytest.raises(NotImplementedError, match=rf"does not support {re.escape(refused)}.*ddp.yaml"):
         check_parallelism(accelerator)
+
+
+def test_forgetting_meter_over_two_processes_equals_one_process(two_process_run, tmp_path):
+    """Each process measures its share of the meter's prompts; the reduced value is the one-process value."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, out, (main, other) = two_process_run
+    final = [e for e in main["log_history"] if "retention_kl" in e and e.get("tms_phase") == 2][-1]
+    assert final["step"] == 6 and final["retention_kl"] > 0
+    assert [e for e in other["log_history"] if "retention_kl" in e][-1]["retention_kl"] == final["retention_kl"]
+    student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), os.path.join(out, "student"),
+                                        is_trainable=True)
+    trainer = TMSTrainer(
+        model=student, args=worker.config(str(tmp_path)), train_dataset=worker.TRAIN,
+        processing_class=load_tokenizer(model),
+    )
+    trainer.retention_callback.start(trainer.state)
+    assert trainer.retention_callback.measure()["retention_kl"] == pytest.approx(final["retention_kl"], rel=1e-5)

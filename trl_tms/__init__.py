@@ -2,6 +2,7 @@
 
 from .config import TMSConfig
 from .data import to_prompt_completion
+from .forgetting import METER_PROMPTS, RetentionCallback
 from .history import AdapterHistory, SnapshotCallback
 from .mixture import MixtureDataset, TrajectoryStats
 from .pld import PLDCallback, policy_label_divergence
@@ -13,8 +14,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterHistory",
+    "METER_PROMPTS",
     "MixtureDataset",
     "PLDCallback",
+    "RetentionCallback",
     "SamplingParams",
     "SnapshotCallback",
     "TMSConfig",

@@ -147,6 +147,26 @@ class TMSConfig(SFTConfig):
             the alarm off.
         pld_stop_on_drift (`bool`, *optional*, defaults to `False`):
             When the alarm goes off, stop the current phase and restore the adapter of the lowest PLD seen in it.
+
+        > Parameters that control the forgetting meter
+
+        log_retention (`bool`, *optional*, defaults to `True`):
+            Whether to log the forgetting meter ([`RetentionCallback`]) at step 0 and every logging step of every
+            phase: `retention_kl`, the mean per-token KL(initial model || policy) over the initial model's own greedy
+            answers to everyday prompts, and `retention_nll`, the policy's NLL of those answers. Needs no data.
+        retention_prompts (`list[str]`, *optional*):
+            The meter's everyday prompts. `None` uses the built-in set (`trl_tms.forgetting.METER_PROMPTS`).
+        retention_num_prompts (`int`, *optional*, defaults to `16`):
+            How many of the prompts (the first ones) the meter uses. Each measurement costs one forward pass over them
+            and their answers.
+        retention_max_new_tokens (`int`, *optional*, defaults to `32`):
+            Longest answer of the initial model to a meter prompt, in tokens.
+        retention_kl_threshold (`float`, *optional*):
+            Forgetting alarm on the meter: warn (and log `retention_alarm`) when `retention_kl` passes this many nats
+            per token. `None` turns it off.
+        retention_stop_on_kl (`bool`, *optional*, defaults to `False`):
+            When that alarm goes off, stop the current phase and restore the adapter of its last measurement within
+            the threshold.
     """
 
     # Parameters that control the adapter history
@@ -350,6 +370,45 @@ class TMSConfig(SFTConfig):
         },
     )
 
+    # Parameters that control the forgetting meter
+    log_retention: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether to log the forgetting meter at step 0 and every logging step of every phase: "
+            "`retention_kl` (mean per-token KL(initial model || policy) over the initial model's greedy answers to "
+            "everyday prompts) and `retention_nll` (the policy's NLL of those answers)."
+        },
+    )
+    retention_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "The forgetting meter's everyday prompts. None: the built-in set (METER_PROMPTS)."},
+    )
+    retention_num_prompts: int = field(
+        default=16,
+        metadata={
+            "help": "How many meter prompts (the first ones) to use. Each measurement costs one forward pass over "
+            "them and their answers."
+        },
+    )
+    retention_max_new_tokens: int = field(
+        default=32,
+        metadata={"help": "Longest answer of the initial model to a meter prompt, in tokens."},
+    )
+    retention_kl_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Forgetting alarm on the meter: warn (and log `retention_alarm`) when `retention_kl` passes this "
+            "many nats per token. `None` turns it off."
+        },
+    )
+    retention_stop_on_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "When the meter's alarm goes off, stop the current phase and restore the adapter of its last "
+            "measurement within `retention_kl_threshold`."
+        },
+    )
+
     def __post_init__(self):
         # SFTConfig turns bf16 on by default, which stops a run on a machine without a bf16 accelerator unless
         # `use_cpu` is set; there, TMS defaults to fp32 instead. With `use_cpu` it keeps SFTConfig's choice, so that
@@ -444,6 +503,28 @@ class TMSConfig(SFTConfig):
                 not self.pld_stop_on_drift or self.pld_drift_threshold is not None,
                 "`pld_stop_on_drift=True` needs `pld_drift_threshold`: set the drift (nats per token) that stops a "
                 "phase, e.g. 0.1.",
+            ),
+            (
+                self.retention_num_prompts >= 1,
+                f"`retention_num_prompts` must be at least 1, got {self.retention_num_prompts}. To turn the forgetting "
+                "meter off, set `log_retention=False`.",
+            ),
+            (
+                self.retention_max_new_tokens >= 1,
+                f"`retention_max_new_tokens` must be at least 1, got {self.retention_max_new_tokens}.",
+            ),
+            (
+                self.retention_kl_threshold is None or self.retention_kl_threshold > 0,
+                f"`retention_kl_threshold` must be positive (nats per token), got {self.retention_kl_threshold}.",
+            ),
+            (
+                not self.retention_stop_on_kl or self.retention_kl_threshold is not None,
+                "`retention_stop_on_kl=True` needs `retention_kl_threshold`: set the KL (nats per token) that stops a "
+                "phase, e.g. 0.2.",
+            ),
+            (
+                not self.retention_stop_on_kl or self.log_retention,
+                "`retention_stop_on_kl=True` needs the forgetting meter: leave `log_retention=True`.",
             ),
         ]
         for ok, message in checks:

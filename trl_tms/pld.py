@@ -5,12 +5,9 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import TrainerCallback
-from transformers.utils import logging
 
 from .quantization import keep_4bit_layers_trainable
-
-logger = logging.get_logger(__name__)
+from .signals import SignalCallback
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
@@ -72,7 +69,7 @@ def _label_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return -(log_probs * mask).double().sum(-1), mask.double().sum(-1)
 
 
-class PLDCallback(TrainerCallback):
+class PLDCallback(SignalCallback):
     """
     Logs Policy-Label Divergence while a trainer trains: `pld`, the mean per-token NLL of held-out reference labels
     under the current policy, and `pld_drift`, its rise above the lowest value seen so far in this run. Under SFT, PLD
@@ -106,6 +103,8 @@ class PLDCallback(TrainerCallback):
             best weights are kept on CPU: cheap for an adapter, a full copy for full fine-tuning.
     """
 
+    name = "pld"
+
     def __init__(
         self,
         trainer,
@@ -118,12 +117,8 @@ class PLDCallback(TrainerCallback):
             raise ValueError(f"`drift_threshold` must be positive (nats per token), got {drift_threshold}.")
         if stop_on_drift and drift_threshold is None:
             raise ValueError("`stop_on_drift=True` needs a `drift_threshold`, e.g. 0.1 nats per token.")
+        super().__init__(trainer, stop_on_alarm=stop_on_drift)
         self.drift_threshold = drift_threshold
-        self.stop_on_drift = stop_on_drift
-        self.best_weights: dict[str, torch.Tensor] | None = None
-        self.best_step: int | None = None
-        self.alarm_step: int | None = None
-        self.trainer = trainer
         dataset = eval_dataset if eval_dataset is not None else trainer.eval_dataset
         if isinstance(dataset, dict):
             dataset = next(iter(dataset.values()), None)
@@ -142,8 +137,6 @@ class PLDCallback(TrainerCallback):
             )
         self.dataset = dataset.select(range(min(num_samples, len(dataset))))
         self.best = float("inf")
-        self.last: dict[str, float] = {}
-        self._measured_step = None
         # PLD's no-grad forwards must not repack a 4-bit base into bitsandbytes' CPU inference layout.
         keep_4bit_layers_trainable(trainer.model)
 
@@ -152,65 +145,23 @@ class PLDCallback(TrainerCallback):
         pld = policy_label_divergence(self.trainer, self.dataset)
         if pld < self.best:
             self.best = pld
-            if self.stop_on_drift:
-                self.best_step = step
-                self.best_weights = {
-                    name: param.detach().to("cpu", copy=True)
-                    for name, param in self.trainer.model.named_parameters()
-                    if param.requires_grad
-                }
+            self.keep(step)
         self.last = {"pld": pld, "pld_drift": pld - self.best}
         return self.last
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def start(self, state) -> None:
         # A run resumed from a checkpoint has its earlier PLD in the restored log: keep the drift relative to it.
-        earlier = [e["pld"] for e in state.log_history if "pld" in e]
-        self.best = min(earlier, default=float("inf"))
-        self.best_weights, self.best_step, self.alarm_step = None, None, None
-        self._measured_step = state.global_step
-        if not any("pld" in e and e.get("step") == state.global_step for e in state.log_history):
-            self.trainer.log(self.measure(state.global_step))
+        self.best = min((e["pld"] for e in state.log_history if "pld" in e), default=float("inf"))
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self._maybe_measure(state, control)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        # `logging_strategy="epoch"` asks for a log here rather than after a step.
-        self._maybe_measure(state, control)
-
-    def _maybe_measure(self, state, control) -> None:
-        if not control.should_log or state.global_step == self._measured_step:
-            return
-        self._measured_step = state.global_step
-        values = self.measure(state.global_step)
-        values.update(self._check_drift(state, control, values["pld_drift"]))
-        metrics = getattr(self.trainer, "_metrics", None)
-        if metrics is None:
-            self.trainer.log(values)
-        else:
-            for key, value in values.items():
-                metrics["train"][key].append(value)
-
-    def _check_drift(self, state, control, drift: float) -> dict[str, float]:
+    def alarm(self, values: dict[str, float], step: int) -> str | None:
+        drift = values["pld_drift"]
         if self.drift_threshold is None or drift <= self.drift_threshold:
-            return {}
-        extra = {"pld_alarm": 1.0}
-        if self.alarm_step is None:
-            logger.warning(
-                f"PLD drift {drift:.3f} passed {self.drift_threshold} at step {state.global_step}: the policy is moving "
-                "away from the held-out labels, which predicts forgetting."
-                + (" Stopping and restoring the weights of the lowest PLD." if self.stop_on_drift else "")
-            )
-        self.alarm_step = state.global_step if self.alarm_step is None else self.alarm_step
-        if self.stop_on_drift:
-            control.should_training_stop = True
-            if self.best_weights is not None:
-                params = dict(self.trainer.model.named_parameters())
-                with torch.no_grad():
-                    for name, value in self.best_weights.items():
-                        params[name].copy_(value)
-                extra["pld_restored_step"] = float(self.best_step)
-        return extra
+            return None
+        return (
+            f"PLD drift {drift:.3f} passed {self.drift_threshold} at step {step}: the policy is moving away from the "
+            "held-out labels, which predicts forgetting."
+            + (" Stopping and restoring the weights of the lowest PLD." if self.stop_on_alarm else "")
+        )
 
 
 def score_trajectories(trainer, mixture, candidates) -> dict[str, float]:

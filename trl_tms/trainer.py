@@ -24,6 +24,7 @@ from .config import (
     check_trainer_arguments,
 )
 from .data import to_prompt_completion
+from .forgetting import RetentionCallback
 from .history import AdapterHistory, SnapshotCallback, adapter_parameters, snapshot_steps
 from .hub import TMSHubMixin
 from .mixture import IS_LABEL, CandidateBuilder, MixtureCallback, MixtureCollator, MixtureDataset, TrajectoryStats
@@ -61,8 +62,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
        the same number of steps on the mixture: each time an example is drawn, its label with probability
        `label_weight`, else one of its trajectories, uniformly over snapshots.
 
-    With an `eval_dataset`, Policy-Label Divergence (`pld`, `pld_drift`) is logged in both phases. Log entries carry
-    `tms_phase` (1 = harvest, 2 = student); `trainer.state.log_history` holds both phases after `train()`.
+    With an `eval_dataset`, Policy-Label Divergence (`pld`, `pld_drift`) is logged in both phases, and the forgetting
+    meter ([`RetentionCallback`]: `retention_kl`, `retention_nll`) in every phase unless `log_retention=False`. Log
+    entries carry `tms_phase` (1 = harvest, 2 = student); `trainer.state.log_history` holds both phases after
+    `train()`.
 
     Args:
         model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
@@ -198,6 +201,17 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
                 stop_on_drift=args.pld_stop_on_drift,
             )
             self.add_callback(self.pld_callback)
+        self.retention_callback = None
+        if args.log_retention:
+            self.retention_callback = RetentionCallback(
+                self,
+                prompts=args.retention_prompts,
+                num_prompts=args.retention_num_prompts,
+                max_new_tokens=args.retention_max_new_tokens,
+                kl_threshold=args.retention_kl_threshold,
+                stop_on_kl=args.retention_stop_on_kl,
+            )
+            self.add_callback(self.retention_callback)
 
     def _make_generator(self, sampling: SamplingParams):
         common = dict(adapter_name=self.adapter_name, chat_template=self.chat_template, parts_dir=self.run.parts_dir)
@@ -378,8 +392,12 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
     def log_event(self, logs: dict[str, float]) -> None:
         """
         Log what TMS did between two training logs (snapshot, scoring). Not through `SFTTrainer.log`, which would
-        attach and reset the training metrics accumulating for the next regular log.
+        attach and reset the training metrics accumulating for the next regular log; and without cancelling a regular
+        log due at this step.
         """
         if self.phase in PHASE_IDS:
             logs["tms_phase"] = PHASE_IDS[self.phase]
+        # Logging clears `control.should_log`: keep it, or the regular log due at this step would be skipped.
+        should_log = self.control.should_log
         Trainer.log(self, logs)
+        self.control.should_log = should_log

@@ -221,8 +221,10 @@ def train_arm(arm: str, tms: dict | None, regime: dict, seed: int, model, tokeni
         pld = [(e["step"], e["pld"], e["pld_drift"]) for e in trainer.state.log_history if "pld" in e]
         stats = {}
     else:
+        # The results under results/ were measured before the forgetting meter existed: keep the arms' work as it was
+        # (the meter's cost and usefulness are measured in forgetting_meter.py).
         config = TMSConfig(out, pld_num_samples=len(pld_set), max_new_tokens=task_tokens, generation_batch_size=64,
-                           temperature=1.0, history_dir=history_dir, **tms, **common)
+                           temperature=1.0, history_dir=history_dir, log_retention=False, **tms, **common)
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set,
                              processing_class=tokenizer, peft_config=lora)
         online = tms.get("tms_mode") == "online"

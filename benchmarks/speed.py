@@ -158,7 +158,7 @@ def run_arm(arm: str, model_name: str, workdir: str) -> dict:
             trainer.train()
         phases = {"train": time.perf_counter() - started}
     else:
-        config = TMSConfig(out, log_pld=False, **tms_fields(model_name), **ARMS[arm], **settings(model_name))
+        config = TMSConfig(out, log_pld=False, log_retention=False, **tms_fields(model_name), **ARMS[arm], **settings(model_name))
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
                              processing_class=tokenizer, peft_config=lora)
         with PeakRSS() as memory:

@@ -239,8 +239,8 @@ def compare_sft_and_tms(trainer, probe: ArmProbe, wall_seconds: dict[str, float]
 
 def plot_comparison(comparison: Comparison, log_history: list[dict], output_dir: str) -> list[str]:
     """
-    Write `side_by_side.png` (each arm's target accuracy against its forgetting) and `training_curves.png` (loss and
-    PLD over each phase) into `output_dir`; returns their paths, or `[]` without matplotlib.
+    Write `side_by_side.png` (each arm's target accuracy against its forgetting) and `training_curves.png` (loss, PLD
+    and the forgetting meter over each phase) into `output_dir`; returns their paths, or `[]` without matplotlib.
     """
     try:
         import matplotlib
@@ -271,16 +271,17 @@ def plot_comparison(comparison: Comparison, log_history: list[dict], output_dir:
     figure.savefig(paths[0], dpi=110)
     plt.close(figure)
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    curves = [("loss", "training loss"), ("pld", "PLD (held-out labels' NLL per token)"),
+              ("retention_kl", "forgetting meter: retention_kl (KL per token\nfrom the initial model, everyday prompts)")]
+    curves = [(key, title) for key, title in curves if any(key in e for e in log_history)]
+    figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    axes = axes[0]
     for phase, name, color in ((1, "harvest (plain SFT)", "tab:red"), (2, "TMS student", "tab:blue")):
-        losses = [(e["step"], e["loss"]) for e in log_history if e.get("tms_phase") == phase and "loss" in e]
-        plds = [(e["step"], e["pld"]) for e in log_history if e.get("tms_phase") == phase and "pld" in e]
-        if losses:
-            axes[0].plot(*zip(*losses), "-o", color=color, label=name, markersize=3)
-        if plds:
-            axes[1].plot(*zip(*plds), "-o", color=color, label=name, markersize=3)
-    axes[0].set_title("training loss")
-    axes[1].set_title("PLD (held-out labels' NLL per token)")
+        for axis, (key, title) in zip(axes, curves):
+            points = [(e["step"], e[key]) for e in log_history if e.get("tms_phase") == phase and key in e]
+            if points:
+                axis.plot(*zip(*points), "-o", color=color, label=name, markersize=3)
+            axis.set_title(title)
     for axis in axes:
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)

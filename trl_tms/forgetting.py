@@ -30,6 +30,7 @@ from .data import prompt_token_ids
 from .evaluation import greedy_answers
 from .quantization import keep_4bit_layers_trainable
 from .signals import SignalCallback
+from .trajectories import CACHE
 
 logger = logging.get_logger(__name__)
 
@@ -108,18 +109,31 @@ METER_PROMPTS = [
 @dataclass
 class MeterReference:
     """
-    The initial model's side of the meter for the prompts this process measures: prompt and answer token ids, and per
-    answer token the reference's top log-probabilities (`top_logprobs`, float32) and their token ids (`top_ids`).
+    The initial model's side of the meter for the prompts this process measures: prompt and answer token ids, per
+    answer token the reference's top log-probabilities (`top_logprobs`, float32) and their token ids (`top_ids`), and
+    `prefix`, the number of leading tokens all prompts share and every forward pass encodes once.
     """
 
     prompts: list[list[int]]
     answers: list[list[int]]
     top_logprobs: list[torch.Tensor]
     top_ids: list[torch.Tensor]
+    prefix: int = 0
 
     @property
     def num_tokens(self) -> int:
         return sum(map(len, self.answers))
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Leading tokens common to all prompts (a chat template's system prompt), leaving every prompt one of its own."""
+    if not prompts:
+        return 0
+    longest = min(map(len, prompts)) - 1
+    length = 0
+    while length < longest and all(p[length] == prompts[0][length] for p in prompts):
+        length += 1
+    return length
 
 
 def _batches(prompts: list[list[int]], answers: list[list[int]], batch_size: int):
@@ -130,29 +144,41 @@ def _batches(prompts: list[list[int]], answers: list[list[int]], batch_size: int
 
 
 @torch.no_grad()
-def _answer_logprobs(model, prompts, answers, rows: list[int], pad_id: int) -> list[torch.Tensor]:
+def _answer_logprobs(model, prompts, answers, rows: list[int], pad_id: int, prefix: int = 0) -> list[torch.Tensor]:
     """
     For each row, the model's log-probabilities (float32, full vocabulary) at the positions that predict its answer
-    tokens, from one right-padded forward pass of the batch.
+    tokens, from one right-padded forward pass of the batch. The first `prefix` tokens, common to all prompts, are
+    encoded once and their KV cache repeated for the rows (a chat template's system prompt is a third of a short
+    chat's tokens).
     """
-    seqs = [prompts[i] + answers[i] for i in rows]
+    device = next(model.parameters()).device
+    inputs = {}
+    if prefix:
+        shared = model(input_ids=torch.tensor([prompts[rows[0]][:prefix]], device=device), use_cache=True)
+        cache = getattr(shared, CACHE)
+        cache.batch_repeat_interleave(len(rows))
+        inputs = {CACHE: cache, "use_cache": True}
+    seqs = [(prompts[i] + answers[i])[prefix:] for i in rows]
     width = max(map(len, seqs))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    mask = torch.ones((len(rows), prefix + width), dtype=torch.long)
     for r, seq in enumerate(seqs):
         ids[r, : len(seq)] = torch.tensor(seq)
-        mask[r, : len(seq)] = 1
-    device = next(model.parameters()).device
-    # Only positions from the earliest answer on need the LM head, which costs a fifth of a small model's forward.
-    first = min(len(prompts[i]) for i in rows) - 1
-    inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        mask[r, prefix + len(seq) :] = 0
+    inputs.update(input_ids=ids.to(device), attention_mask=mask.to(device))
+    if prefix:
+        inputs["position_ids"] = torch.arange(prefix, prefix + width, device=device).expand(len(rows), -1)
+    else:
+        inputs["use_cache"] = False
+    # Only positions from the earliest answer on need the LM head, a large share of a small model's forward.
+    first = min(len(prompts[i]) for i in rows) - 1 - prefix
     try:
         logits = model(**inputs, logits_to_keep=width - first).logits
     except TypeError:  # a model without `logits_to_keep`
         logits = model(**inputs).logits[:, first:]
     out = []
     for r, i in enumerate(rows):
-        start = len(prompts[i]) - 1 - first  # the kept position whose output predicts the first answer token
+        start = len(prompts[i]) - 1 - prefix - first  # the kept position whose output predicts the first answer token
         out.append(torch.log_softmax(logits[r, start : start + len(answers[i])].float(), dim=-1))
     return out
 
@@ -172,7 +198,7 @@ def compact_kl(ref_top_logprobs: torch.Tensor, ref_top_ids: torch.Tensor, logpro
 
 @torch.no_grad()
 def build_reference(model, tokenizer, prompts: list[list[int]], answers: list[list[int]] | None, max_new_tokens: int,
-                    top_k: int, batch_size: int) -> MeterReference:
+                    top_k: int, batch_size: int, share: bool = True) -> MeterReference:
     """
     The reference for tokenized `prompts`: `model` (acting as the initial model) answers them greedily unless
     `answers` are given, then its top-`top_k` log-probabilities over every answer token are kept.
@@ -181,13 +207,22 @@ def build_reference(model, tokenizer, prompts: list[list[int]], answers: list[li
         answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size) if prompts else []
     # An empty answer has no token to compare: give it the reference's first token.
     answers = [a if a else [tokenizer.eos_token_id] for a in answers]
+    prefix = shared_prefix_length(prompts) if share else 0
     top_logprobs: list[torch.Tensor | None] = [None] * len(prompts)
     top_ids: list[torch.Tensor | None] = [None] * len(prompts)
     for rows in _batches(prompts, answers, batch_size):
-        for i, logprobs in zip(rows, _answer_logprobs(model, prompts, answers, rows, tokenizer.pad_token_id)):
+        try:
+            batch = _answer_logprobs(model, prompts, answers, rows, tokenizer.pad_token_id, prefix)
+        except (AttributeError, TypeError, ValueError, NotImplementedError) as error:
+            if not prefix:
+                raise
+            # A model whose cache cannot be shared between rows: encode every prompt whole, now and at every measurement.
+            logger.info(f"Forgetting meter: encoding the prompts' common prefix once failed ({error}); not sharing it.")
+            return build_reference(model, tokenizer, prompts, answers, max_new_tokens, top_k, batch_size, share=False)
+        for i, logprobs in zip(rows, batch):
             values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
             top_logprobs[i], top_ids[i] = values.cpu(), ids.to(torch.int32).cpu()
-    return MeterReference(prompts, answers, top_logprobs, top_ids)
+    return MeterReference(prompts, answers, top_logprobs, top_ids, prefix)
 
 
 @torch.no_grad()
@@ -195,7 +230,8 @@ def meter_sums(model, reference: MeterReference, pad_id: int, batch_size: int) -
     """`[KL summed over answer tokens, NLL summed over answer tokens, answer tokens]` of `model` on `reference`."""
     sums = torch.zeros(3, dtype=torch.float64)
     for rows in _batches(reference.prompts, reference.answers, batch_size):
-        for i, logprobs in zip(rows, _answer_logprobs(model, reference.prompts, reference.answers, rows, pad_id)):
+        batch = _answer_logprobs(model, reference.prompts, reference.answers, rows, pad_id, reference.prefix)
+        for i, logprobs in zip(rows, batch):
             logprobs = logprobs.cpu()
             targets = torch.tensor(reference.answers[i]).unsqueeze(-1)
             sums[0] += compact_kl(reference.top_logprobs[i], reference.top_ids[i], logprobs).double().sum()

@@ -92,15 +92,10 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     Train, compare, print the summary, write `summary.json` and the plots; returns the summary. `model` and `tokenizer`
     replace `args.model` when given (a model already loaded).
     """
-    from peft import LoraConfig
-
     from .comparison import ArmProbe, compare_sft_and_tms, plot_comparison
-    from .config import TMSConfig
     from .embedded import is_correct, load_leg_counting
-    from .trainer import TMSTrainer
 
     started = time.perf_counter()
-    on_gpu = torch.cuda.is_available()
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
     print("Loading the model and the task...")
     if model is None:
@@ -114,37 +109,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
         f"Model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
         f" parameters. Task: leg_counting, {len(train_dataset)} training / {len(test_dataset)} held-out problems."
     )
-    config = TMSConfig(
-        output_dir=args.output_dir,
-        num_checkpoints=args.num_checkpoints,
-        label_weight=args.label_weight,
-        max_new_tokens=args.max_new_tokens,
-        max_new_tokens_from_labels=1.25,
-        generation_batch_size=args.generation_batch_size,
-        snapshots_per_generate=min(4, args.num_checkpoints),
-        temperature=1.0,
-        pld_num_samples=len(pld_dataset),
-        max_length=320,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=16,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        disable_tqdm=args.disable_tqdm,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=on_gpu,  # on CPU memory is ample and recomputation only costs time
-    )
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
-    trainer = TMSTrainer(
-        model=model, args=config, train_dataset=train_dataset, eval_dataset=pld_dataset, processing_class=tokenizer,
-        peft_config=lora,
-    )
+    trainer = build_trainer(args, model, tokenizer, train_dataset, pld_dataset)
     probe = ArmProbe(
         trainer.model, tokenizer, test_dataset, is_correct, answer_tokens,
         general_prompts=_general_prompts(args.chat_prompts), chat_tokens=args.chat_tokens, wikitext=load_wikitext_or_none(args.wikitext),
@@ -182,6 +147,48 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     write_json_atomically(os.path.join(args.output_dir, "log_history.json"), trainer.state.log_history)
     print(format_summary(comparison, summary, trainer, args.output_dir))
     return summary
+
+
+def build_trainer(args: argparse.Namespace, model, tokenizer, train_dataset, pld_dataset, **overrides):
+    """The main job's `TMSTrainer` (its settings, with `overrides` of `TMSConfig` fields on top)."""
+    from peft import LoraConfig
+
+    from .config import TMSConfig
+    from .trainer import TMSTrainer
+
+    on_gpu = torch.cuda.is_available()
+    settings = dict(
+        output_dir=args.output_dir,
+        num_checkpoints=args.num_checkpoints,
+        label_weight=args.label_weight,
+        max_new_tokens=args.max_new_tokens,
+        max_new_tokens_from_labels=1.25,
+        generation_batch_size=args.generation_batch_size,
+        snapshots_per_generate=min(4, args.num_checkpoints),
+        temperature=1.0,
+        pld_num_samples=len(pld_dataset),
+        max_length=320,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=16,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        disable_tqdm=args.disable_tqdm,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=on_gpu,  # on CPU memory is ample and recomputation only costs time
+    )
+    settings.update(overrides)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
+    return TMSTrainer(
+        model=model, args=TMSConfig(**settings), train_dataset=train_dataset, eval_dataset=pld_dataset,
+        processing_class=tokenizer, peft_config=lora,
+    )
 
 
 def _general_prompts(count: int) -> list[str]:

@@ -1,4 +1,7 @@
-"""What a finished TMS run has to say for itself: where things went, how PLD moved, one answer before and after."""
+"""
+What a finished TMS run has to say for itself: where things went, how PLD and the forgetting meter moved, one answer
+before and after.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +26,23 @@ def pld_by_phase(log_history: list[dict]) -> dict[str, dict[str, float]]:
                 "end": values[-1],
                 "end_step": entries[-1]["step"],
                 "end_drift": entries[-1]["pld_drift"],
+                "points": len(entries),
+            }
+    return summary
+
+
+def meter_by_phase(log_history: list[dict]) -> dict[str, dict[str, float]]:
+    """Start and end of the forgetting meter (`retention_kl`, `retention_nll`) for each phase of a TMS run's log."""
+    summary = {}
+    for phase, name in PHASE_NAMES.items():
+        entries = [e for e in log_history if e.get("tms_phase") == phase and "retention_kl" in e]
+        if entries:
+            summary[name] = {
+                "start": entries[0]["retention_kl"],
+                "end": entries[-1]["retention_kl"],
+                "end_step": entries[-1]["step"],
+                "start_nll": entries[0]["retention_nll"],
+                "end_nll": entries[-1]["retention_nll"],
                 "points": len(entries),
             }
     return summary
@@ -75,4 +95,13 @@ def format_summary(trainer, output_dir: str) -> str:
             )
     else:
         lines.append("PLD:               not measured (no eval_dataset, or log_pld=False)")
+    meter = meter_by_phase(trainer.state.log_history)
+    if meter:
+        lines.append("Forgetting meter (retention_kl: KL per token from the initial model on everyday prompts; lower = "
+                     "less forgetting):")
+        for name, v in meter.items():
+            lines.append(f"  {name:8s} start {v['start']:.3f}  end {v['end']:.3f} (step {v['end_step']}, NLL of the "
+                         f"initial answers {v['start_nll']:.3f} -> {v['end_nll']:.3f})")
+    else:
+        lines.append("Forgetting meter:  not measured (log_retention=False)")
     return "\n".join(lines)

@@ -1,0 +1,393 @@
+"""The forgetting meter (`RetentionCallback`): what it costs, and whether it tracks forgetting measured otherwise.
+
+    python benchmarks/forgetting_meter.py --mode cost          # ~25 min on 2 CPU cores; run it alone on the machine
+    python benchmarks/forgetting_meter.py --mode correlation   # ~60 min on 2 CPU cores
+
+`cost`: the main job's training phases (`trl_tms.quickstart`, its settings and seed) twice, with the meter off and on
+at its defaults; the ratio of the phases' wall times (harvest + student; trajectory generation is the same work in
+both) is the meter's cost. Wall times are only comparable within one run of this script, alone on the machine.
+
+`correlation`: runs of different forgetting on the main job's task (SmolLM2-135M-Instruct, LoRA r 64, leg_counting),
+each logging the meter and PLD live at every logging step, and each checkpoint then measured by probes the meter does
+not use: chat KL(base || model) over the base's greedy answers to `evaluation.GENERAL_PROMPTS` (a prompt set disjoint
+from the meter's), WikiText NLL, PIQA accuracy. Runs: the TMS harvest (= plain SFT) and student at the main job's
+settings; SFT for twice as long; SFT at a 5x lower learning rate; SFT with TRL's DFT loss. Reports Spearman's and
+Pearson's correlation, with 95% bootstrap intervals (checkpoints resampled), between each live signal (`retention_kl`,
+`retention_nll` change, `pld`, `pld_drift`) and each probe's measured forgetting, over all checkpoints of all runs.
+
+Each arm / run is saved under `--output_dir` as soon as it finishes, and a rerun skips it. Writes `cost.json` or
+`correlation.json`, a markdown table beside it, and for correlation `meter_vs_probes.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+from transformers import TrainerCallback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import probes  # noqa: E402
+from trl_tms.atomic import write_json_atomically  # noqa: E402
+
+DEFAULT_OUTPUT = os.path.join(HERE, "results", "forgetting_meter")
+
+
+def quickstart_args(**overrides) -> argparse.Namespace:
+    from trl_tms.quickstart import parse_args
+
+    args = parse_args(["--disable_tqdm"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def load_task(args):
+    from trl_tms.embedded import load_embedded_model, load_leg_counting
+
+    model, tokenizer = load_embedded_model()
+    train, test = load_leg_counting(args.num_train, args.num_test, args.seed)
+    return model, tokenizer, train, test.select(range(min(args.num_pld, len(test))))
+
+
+# Cost
+
+
+def run_cost_arm(arm: str, work_dir: str) -> dict:
+    from trl_tms.quickstart import build_trainer
+
+    args = quickstart_args(output_dir=os.path.join(work_dir, arm))
+    model, tokenizer, train, pld = load_task(args)
+    trainer = build_trainer(args, model, tokenizer, train, pld, log_retention=(arm == "meter_on"))
+    output = trainer.train()
+    meter = trainer.retention_callback
+    return {
+        "harvest_seconds": trainer.harvest_output.metrics["train_runtime"],
+        "student_seconds": output.metrics["train_runtime"],
+        "trajectory_seconds": trainer.stats.seconds,
+        "steps_per_phase": output.global_step,
+        "logging_steps": args.logging_steps,
+        "meter_reference_seconds": meter.reference_seconds if meter else 0.0,
+        "meter_points": sum("retention_kl" in e for e in trainer.state.log_history),
+        "meter_settings": {"num_prompts": meter.num_prompts, "max_new_tokens": meter.max_new_tokens,
+                           "top_k": meter.top_k} if meter else None,
+    }
+
+
+def cost(output_dir: str) -> dict:
+    arms = {}
+    for arm in ("meter_off", "meter_on"):
+        path = os.path.join(output_dir, "cost_arms", f"{arm}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                arms[arm] = json.load(f)
+            continue
+        print(f"[cost] {arm} ...", flush=True)
+        arms[arm] = run_cost_arm(arm, os.path.join(output_dir, "_work"))
+        write_json_atomically(path, arms[arm])
+    off, on = arms["meter_off"], arms["meter_on"]
+    train = {arm: a["harvest_seconds"] + a["student_seconds"] for arm, a in arms.items()}
+    result = {
+        "arms": arms,
+        "training_phases_seconds": train,
+        "ratio_on_to_off": train["meter_on"] / train["meter_off"],
+        "per_phase_ratio": {phase: on[f"{phase}_seconds"] / off[f"{phase}_seconds"] for phase in ("harvest", "student")},
+    }
+    lines = [
+        "| meter | harvest s | student s | training phases s | meter points | reference s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, a in arms.items():
+        lines.append(f"| {arm.replace('meter_', '')} | {a['harvest_seconds']:.0f} | {a['student_seconds']:.0f} | "
+                     f"{train[arm]:.0f} | {a['meter_points']} | {a['meter_reference_seconds']:.1f} |")
+    lines.append("")
+    lines.append(f"Training phases with the meter / without: **{result['ratio_on_to_off']:.3f}** "
+                 f"(harvest {result['per_phase_ratio']['harvest']:.3f}, student {result['per_phase_ratio']['student']:.3f}).")
+    write_json_atomically(os.path.join(output_dir, "cost.json"), result)
+    _write(os.path.join(output_dir, "cost.md"), "\n".join(lines))
+    print("\n".join(lines))
+    return result
+
+
+# Correlation
+
+RUNS = {
+    # name: (trainer kind, settings over the main job's)
+    "tms": ("tms", {}),
+    "sft_long": ("sft", {"epochs": 4.0}),
+    "sft_low_lr": ("sft", {"learning_rate": 2e-4}),
+    "sft_dft": ("sft", {"loss_type": "dft"}),
+}
+
+
+class CaptureAdapter(TrainerCallback):
+    """Keeps a copy of the trainable weights at chosen steps (of the TMS phase `phase`, or of a plain run)."""
+
+    def __init__(self, trainer, steps, phase=None):
+        self.trainer, self.steps, self.phase, self.weights = trainer, set(steps), phase, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps and getattr(self.trainer, "phase", None) == self.phase:
+            self.weights[state.global_step] = {
+                n: p.detach().to("cpu", copy=True) for n, p in self.trainer.model.named_parameters() if p.requires_grad
+            }
+
+
+def run_correlation_arm(name: str, work_dir: str) -> tuple[list[dict], object, object, list[dict]]:
+    """Train one run; returns its checkpoints (step, phase, live signals, weights), the model, tokenizer and log."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_tms import PLDCallback, RetentionCallback
+    from trl_tms.quickstart import build_trainer
+
+    kind, overrides = RUNS[name]
+    args = quickstart_args(output_dir=os.path.join(work_dir, name))
+    loss_type = overrides.pop("loss_type", None) if kind == "sft" else None
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    model, tokenizer, train, pld = load_task(args)
+    if kind == "tms":
+        trainer = build_trainer(args, model, tokenizer, train, pld)
+        phases = {"harvest": 1, "student": 2}
+    else:
+        config = SFTConfig(
+            output_dir=args.output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=16, learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
+            logging_steps=args.logging_steps, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
+            use_cpu=True, bf16=False, max_length=320, **({"loss_type": loss_type} if loss_type else {}),
+        )
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
+        trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld, processing_class=tokenizer,
+                             peft_config=lora)
+        trainer.add_callback(PLDCallback(trainer, num_samples=len(pld)))
+        trainer.add_callback(RetentionCallback(trainer))
+        phases = {None: None}
+    total = trainer.get_train_dataloader().__len__() * int(args.epochs)
+    steps = [round(total * k / 4) for k in range(1, 5)]
+    captures = {phase: CaptureAdapter(trainer, steps, phase) for phase in phases}
+    for capture in captures.values():
+        trainer.add_callback(capture)
+    trainer.train()
+    log = trainer.state.log_history
+    checkpoints = []
+    for phase, phase_id in phases.items():
+        entries = [e for e in log if phase_id is None or e.get("tms_phase") == phase_id]
+        live = {}
+        for e in entries:
+            for key in ("retention_kl", "retention_nll", "pld", "pld_drift"):
+                if key in e:
+                    live.setdefault(e["step"], {})[key] = e[key]
+        for step, weights in sorted(captures[phase].weights.items()):
+            checkpoints.append({"run": name, "phase": phase or "sft", "step": step, "live": live.get(step, {}),
+                                "start": live.get(0, {}), "weights": weights})
+    return checkpoints, trainer.model, tokenizer, log
+
+
+def evaluate_checkpoint(model, tokenizer, weights, probe_data) -> dict:
+    from peft import PeftModel
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    model.eval()
+    result = {}
+    result["wikitext_nll"] = probes.text_nll(model, tokenizer, probe_data["wikitext"])["nll"]
+    assert isinstance(model, PeftModel)
+    result["chat_kl"] = probes.chat_drift(model, tokenizer, probe_data["conversations"], reference=model.disable_adapter)["kl"]
+    result["piqa"] = probes.multiple_choice(model, tokenizer, probe_data["piqa"])["accuracy"]
+    return result
+
+
+def probe_data_for(model, tokenizer, args) -> dict:
+    prompts = [probes.chat_ids(tokenizer, p) for p in probes.CHAT_PROMPTS[: args.chat_prompts]]
+    with model.disable_adapter():
+        answers = probes.greedy_answers(model, tokenizer, prompts, args.chat_tokens)
+    return {
+        "wikitext": probes.load_wikitext(args.wiki_items),
+        "conversations": list(zip(prompts, answers)),
+        "piqa": probes.load_piqa(args.piqa_items),
+    }
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        r = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    return pearson(ranks(x), ranks(y))
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else float("nan")
+
+
+def with_interval(fn, x, y, rounds: int = 2000, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    values = []
+    for _ in range(rounds):
+        idx = [rng.randrange(len(x)) for _ in x]
+        value = fn([x[i] for i in idx], [y[i] for i in idx])
+        if value == value:  # not NaN
+            values.append(value)
+    values.sort()
+    return {"value": fn(x, y), "low": values[int(0.025 * len(values))], "high": values[int(0.975 * len(values)) - 1]}
+
+
+def correlation(output_dir: str, options) -> dict:
+    points = []
+    base, data = None, None
+    for name in RUNS:
+        path = os.path.join(output_dir, "correlation_runs", f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            points += saved["points"]
+            base = base or saved["base"]
+            continue
+        print(f"[correlation] {name}: training ...", flush=True)
+        started = time.perf_counter()
+        checkpoints, model, tokenizer, log = run_correlation_arm(name, os.path.join(output_dir, "_work"))
+        train_seconds = time.perf_counter() - started
+        print(f"[correlation] {name}: trained in {train_seconds:.0f} s; measuring {len(checkpoints)} checkpoints ...",
+              flush=True)
+        data = data or probe_data_for(model, tokenizer, options)  # every run starts from the same base model
+        with model.disable_adapter():
+            base_values = {"wikitext_nll": probes.text_nll(model, tokenizer, data["wikitext"])["nll"], "chat_kl": 0.0,
+                           "piqa": probes.multiple_choice(model, tokenizer, data["piqa"])["accuracy"]}
+        base = base or base_values
+        run_points = []
+        for checkpoint in checkpoints:
+            probes_now = evaluate_checkpoint(model, tokenizer, checkpoint.pop("weights"), data)
+            run_points.append({**checkpoint, "probes": probes_now})
+            print(f"  {name} {checkpoint['phase']} step {checkpoint['step']}: live {checkpoint['live']} "
+                  f"probes {probes_now}", flush=True)
+        write_json_atomically(path, {"points": run_points, "base": base_values, "train_seconds": train_seconds,
+                                     "log_history": log})
+        points += run_points
+    # One point per checkpoint, plus the shared start (the base: meter 0, probes at the base's values).
+    rows = []
+    for p in points:
+        live, start = p["live"], p["start"]
+        if "retention_kl" not in live or "pld" not in live:
+            continue
+        rows.append({
+            "run": p["run"], "phase": p["phase"], "step": p["step"],
+            "retention_kl": live["retention_kl"],
+            "retention_nll": live["retention_nll"] - start["retention_nll"],
+            "pld": live["pld"], "pld_drift": live["pld_drift"],
+            "chat_kl": p["probes"]["chat_kl"],
+            "wikitext_nll": p["probes"]["wikitext_nll"] - base["wikitext_nll"],
+            "piqa_drop": base["piqa"] - p["probes"]["piqa"],
+        })
+    signals = ["retention_kl", "retention_nll", "pld", "pld_drift"]
+    targets = ["chat_kl", "wikitext_nll", "piqa_drop"]
+    table = {}
+    for signal in signals:
+        table[signal] = {}
+        for target in targets:
+            x, y = [r[signal] for r in rows], [r[target] for r in rows]
+            table[signal][target] = {"spearman": with_interval(spearman, x, y), "pearson": with_interval(pearson, x, y)}
+    result = {"checkpoints": rows, "base": base, "pld_correlation": table, "n": len(rows),
+              "settings": {"chat_prompts": options.chat_prompts, "chat_tokens": options.chat_tokens,
+                           "wiki_items": options.wiki_items, "piqa_items": options.piqa_items}}
+    write_json_atomically(os.path.join(output_dir, "correlation.json"), result)
+    lines = [f"Correlation over {len(rows)} checkpoints of {len({r['run'] for r in rows})} runs "
+             "(95% bootstrap intervals over checkpoints):", "",
+             "| live signal | vs chat KL (other prompts) | vs WikiText NLL change | vs PIQA drop |", "|---|---|---|---|"]
+    for signal in signals:
+        cells = []
+        for target in targets:
+            s, p = table[signal][target]["spearman"], table[signal][target]["pearson"]
+            cells.append(f"rho {s['value']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}]; r {p['value']:+.2f}")
+        lines.append(f"| `{signal}` | " + " | ".join(cells) + " |")
+    lines += ["", "| run | phase | step | retention_kl | pld | pld_drift | chat KL | WikiText change | PIQA drop |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['phase']} | {r['step']} | {r['retention_kl']:.4f} | {r['pld']:.3f} | "
+                     f"{r['pld_drift']:.3f} | {r['chat_kl']:.4f} | {r['wikitext_nll']:+.4f} | {r['piqa_drop']:+.3f} |")
+    _write(os.path.join(output_dir, "correlation.md"), "\n".join(lines))
+    print("\n".join(lines))
+    _plot(rows, os.path.join(output_dir, "meter_vs_probes.png"))
+    return result
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    runs = sorted({r["run"] for r in rows})
+    colors = dict(zip(runs, ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]))
+    for axis, (x_key, y_key, x_label, y_label) in zip(axes, [
+        ("retention_kl", "chat_kl", "meter: retention_kl", "chat KL to base, other prompts"),
+        ("retention_kl", "wikitext_nll", "meter: retention_kl", "WikiText NLL change"),
+        ("pld", "chat_kl", "PLD (held-out labels' NLL)", "chat KL to base, other prompts"),
+    ]):
+        for r in rows:
+            marker = "s" if r["phase"] == "student" else "o"
+            axis.scatter(r[x_key], r[y_key], color=colors[r["run"]], marker=marker, s=30)
+        for run in runs:
+            axis.scatter([], [], color=colors[run], label=run)
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(y_label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="run (square: TMS student)")
+    figure.suptitle("Live signals against forgetting measured by other probes, at every checkpoint")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["cost", "correlation"], required=True)
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT)
+    parser.add_argument("--chat_prompts", type=int, default=32, help="correlation: GENERAL_PROMPTS for the chat KL probe")
+    parser.add_argument("--chat_tokens", type=int, default=40, help="correlation: longest base answer to them")
+    parser.add_argument("--wiki_items", type=int, default=150, help="correlation: WikiText sentences")
+    parser.add_argument("--piqa_items", type=int, default=100, help="correlation: PIQA items")
+    options = parser.parse_args()
+    os.makedirs(options.output_dir, exist_ok=True)
+    if options.mode == "cost":
+        cost(options.output_dir)
+    else:
+        correlation(options.output_dir, options)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,9 @@ settings; SFT for twice as long; SFT at a 5x lower learning rate; SFT with TRL's
 Pearson's correlation, with 95% bootstrap intervals (checkpoints resampled), between each live signal (`retention_kl`,
 `retention_nll` change, `pld`, `pld_drift`) and each probe's measured forgetting, over all checkpoints of all runs.
 
+The meter is also measured offline at every checkpoint with 8, 16 and 64 prompts (32 answer tokens), to choose its
+default by measurement (`meter_8x32`, ...; `meter_16x32` is the default, measured again).
+
 Each arm / run is saved under `--output_dir` as soon as it finishes, and a rerun skips it. Writes `cost.json` or
 `correlation.json`, a markdown table beside it, and for correlation `meter_vs_probes.png`.
 """
@@ -205,17 +208,39 @@ def evaluate_checkpoint(model, tokenizer, weights, probe_data) -> dict:
     assert isinstance(model, PeftModel)
     result["chat_kl"] = probes.chat_drift(model, tokenizer, probe_data["conversations"], reference=model.disable_adapter)["kl"]
     result["piqa"] = probes.multiple_choice(model, tokenizer, probe_data["piqa"])["accuracy"]
+    from trl_tms.forgetting import meter_sums
+
+    for name, reference in probe_data["meters"].items():
+        started = time.perf_counter()
+        sums = meter_sums(model, reference, tokenizer.pad_token_id, batch_size=16)
+        result[name] = (sums[0] / sums[2]).item()
+        result[name + "_seconds"] = time.perf_counter() - started
     return result
 
 
+# Meter settings measured offline at every checkpoint beside the live default, to choose the default by measurement:
+# name -> (prompts, answer tokens).
+METER_VARIANTS = {"meter_8x32": (8, 32), "meter_16x32": (16, 32), "meter_64x32": (64, 32)}
+
+
 def probe_data_for(model, tokenizer, args) -> dict:
+    from trl_tms import METER_PROMPTS
+    from trl_tms.data import prompt_token_ids
+    from trl_tms.forgetting import build_reference
+
     prompts = [probes.chat_ids(tokenizer, p) for p in probes.CHAT_PROMPTS[: args.chat_prompts]]
     with model.disable_adapter():
         answers = probes.greedy_answers(model, tokenizer, prompts, args.chat_tokens)
+        meters = {}
+        for name, (count, tokens) in METER_VARIANTS.items():
+            meter_prompts = [prompt_token_ids(tokenizer, {"prompt": [{"role": "user", "content": p}]})
+                             for p in METER_PROMPTS[:count]]
+            meters[name] = build_reference(model, tokenizer, meter_prompts, None, tokens, top_k=256, batch_size=16)
     return {
         "wikitext": probes.load_wikitext(args.wiki_items),
         "conversations": list(zip(prompts, answers)),
         "piqa": probes.load_piqa(args.piqa_items),
+        "meters": meters,
     }
 
 
@@ -302,8 +327,9 @@ def correlation(output_dir: str, options) -> dict:
             "chat_kl": p["probes"]["chat_kl"],
             "wikitext_nll": p["probes"]["wikitext_nll"] - base["wikitext_nll"],
             "piqa_drop": base["piqa"] - p["probes"]["piqa"],
+            **{name: p["probes"][name] for name in METER_VARIANTS},
         })
-    signals = ["retention_kl", "retention_nll", "pld", "pld_drift"]
+    signals = ["retention_kl", "retention_nll", "pld", "pld_drift", *METER_VARIANTS]
     targets = ["chat_kl", "wikitext_nll", "piqa_drop"]
     table = {}
     for signal in signals:

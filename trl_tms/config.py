@@ -156,7 +156,7 @@ class TMSConfig(SFTConfig):
             answers to everyday prompts, and `retention_nll`, the policy's NLL of those answers. Needs no data.
         retention_prompts (`list[str]`, *optional*):
             The meter's everyday prompts. `None` uses the built-in set (`trl_tms.forgetting.METER_PROMPTS`).
-        retention_num_prompts (`int`, *optional*, defaults to `16`):
+        retention_num_prompts (`int`, *optional*, defaults to `8`):
             How many of the prompts (the first ones) the meter uses. Each measurement costs one forward pass over them
             and their answers.
         retention_max_new_tokens (`int`, *optional*, defaults to `32`):
@@ -384,7 +384,7 @@ class TMSConfig(SFTConfig):
         metadata={"help": "The forgetting meter's everyday prompts. None: the built-in set (METER_PROMPTS)."},
     )
     retention_num_prompts: int = field(
-        default=16,
+        default=8,
         metadata={
             "help": "How many meter prompts (the first ones) to use. Each measurement costs one forward pass over "
             "them and their answers."

@@ -312,7 +312,7 @@ class RetentionCallback(SignalCallback):
         prompts (`list[str]`, `list[list[dict]]` or [`~datasets.Dataset`], *optional*):
             General prompts: texts, conversations, or a dataset with a `prompt` column and optionally a `completion`
             column of reference answers (then none is generated). Defaults to the built-in `METER_PROMPTS`.
-        num_prompts (`int`, *optional*, defaults to `16`):
+        num_prompts (`int`, *optional*, defaults to `8`):
             Use the first this many prompts. Each measurement costs one forward pass over them and their answers.
         max_new_tokens (`int`, *optional*, defaults to `32`):
             Longest generated reference answer, in tokens.
@@ -334,7 +334,7 @@ class RetentionCallback(SignalCallback):
         self,
         trainer,
         prompts=None,
-        num_prompts: int = 16,
+        num_prompts: int = 8,
         max_new_tokens: int = 32,
         top_k: int = 256,
         batch_size: int = 16,

@@ -21,7 +21,7 @@ KEYS = ("pld", "pld_drift", "retention_kl", "retention_nll")
 
 
 def run(model, train_dataset, eval_dataset, output_dir: str, processing_class=None, **config) -> list[dict]:
-    """SFT with the forgetting meter and PLD attached; returns the log entries that carry them."""
+    """SFT with the forgetting meter and PLD attached; returns their values by logged step."""
     values = dict(output_dir=output_dir, logging_steps=2, save_strategy="no", report_to="none")
     values.update(config)
     trainer = SFTTrainer(
@@ -35,7 +35,14 @@ def run(model, train_dataset, eval_dataset, output_dir: str, processing_class=No
     trainer.add_callback(RetentionCallback(trainer))
     trainer.add_callback(PLDCallback(trainer, num_samples=64))
     trainer.train()
-    return [entry for entry in trainer.state.log_history if "retention_kl" in entry]
+    # At step 0 each callback logs its own entry: merge the entries of a step.
+    by_step: dict[int, dict] = {}
+    for entry in trainer.state.log_history:
+        if any(key in entry for key in KEYS):
+            by_step.setdefault(entry["step"], {"step": entry["step"]}).update(
+                {key: entry[key] for key in KEYS if key in entry}
+            )
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def main():

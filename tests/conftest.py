@@ -2,7 +2,7 @@ import random
 
 import pytest
 from datasets import Dataset
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from tiny import save_tiny
 
@@ -45,3 +45,15 @@ def tiny_qwen2(tmp_path_factory) -> str:
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     # AutoTokenizer rebuilds a custom WordLevel tokenizer wrongly in transformers 5 (see stack notes).
     return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+class WeightsAtStep(TrainerCallback):
+    """Records the trainable weights at the end of every optimizer step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.weights = trainer, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.weights[state.global_step] = {
+            n: p.detach().clone() for n, p in self.trainer.model.named_parameters() if p.requires_grad
+        }

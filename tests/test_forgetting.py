@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import QUIET_CPU, load_tokenizer, make_examples
+from conftest import QUIET_CPU, WeightsAtStep, load_tokenizer, make_examples
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
@@ -132,16 +132,6 @@ def test_reference_completions_are_used_instead_of_generating(tiny_llama, tmp_pa
     tokenizer = trainer.processing_class
     assert meter.reference.answers == [tokenizer("yes .", add_special_tokens=False)["input_ids"],
                                        tokenizer("no no", add_special_tokens=False)["input_ids"]]
-
-
-class WeightsAtStep(TrainerCallback):
-    def __init__(self, trainer):
-        self.trainer, self.weights = trainer, {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.weights[state.global_step] = {
-            n: p.detach().clone() for n, p in self.trainer.model.named_parameters() if p.requires_grad
-        }
 
 
 def scripted_kl(monkeypatch, values):

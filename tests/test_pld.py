@@ -5,9 +5,8 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import QUIET_CPU, load_tokenizer, make_examples
+from conftest import QUIET_CPU, WeightsAtStep, load_tokenizer, make_examples
 from peft import LoraConfig
-from transformers import TrainerCallback
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
@@ -92,16 +91,6 @@ def test_pld_follows_epoch_logging(tiny_llama, tmp_path):
     trainer.train()
     # 16 examples in batches of 4: 4 steps per epoch.
     assert [e["step"] for e in trainer.state.log_history if "pld" in e] == [0, 4, 8]
-
-
-class WeightsAtStep(TrainerCallback):
-    def __init__(self, trainer):
-        self.trainer, self.weights = trainer, {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.weights[state.global_step] = {
-            n: p.detach().clone() for n, p in self.trainer.model.named_parameters() if p.requires_grad
-        }
 
 
 def scripted_pld(monkeypatch, values):

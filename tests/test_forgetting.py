@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_tms import METER_PROMPTS, RetentionCallback, TMSConfig, TMSTrainer
 from trl_tms.evaluation import GENERAL_PROMPTS, chat_drift, greedy_answers
-from trl_tms.forgetting import compact_kl
+from trl_tms.forgetting import adapter_is_identity, build_reference, compact_kl
 
 # Prompts in the tiny tokenizer's vocabulary, so that they are not all <unk>.
 PROMPTS = ["what is one plus two ?", "hello world", "a b c d e", "yes or no ?", "the sum of five and six", "x y z"]
@@ -68,6 +68,64 @@ def test_reference_answers_are_the_initial_models_greedy_answers(tiny_llama, tmp
                for p in PROMPTS]
     assert meter.reference.prompts == prompts
     assert meter.reference.answers == greedy_answers(base, tokenizer, prompts, max_new_tokens=6)
+
+
+def test_reference_kept_from_the_generation_equals_a_forward_pass_over_the_answers(tiny_llama):
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama), load_tokenizer(tiny_llama)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
+               for p in PROMPTS]
+    generated = build_reference(model, tokenizer, prompts, None, max_new_tokens=8, top_k=16, batch_size=4)
+    forward = build_reference(model, tokenizer, prompts, generated.answers, max_new_tokens=8, top_k=16, batch_size=4)
+    assert [len(v) for v in generated.top_logprobs] == [len(a) for a in generated.answers]
+    for g_values, g_ids, f_values, f_ids in zip(generated.top_logprobs, generated.top_ids, forward.top_logprobs,
+                                                forward.top_ids):
+        assert g_values.shape == (g_ids.shape[0], 16)
+        torch.testing.assert_close(g_values, f_values, atol=1e-4, rtol=0)
+        assert torch.equal(g_ids, f_ids)
+    assert generated.answer_nll == pytest.approx(forward.answer_nll, abs=1e-3)
+    # Greedy answers: every answer token is the reference's most likely one.
+    for answer, ids in zip(generated.answers, generated.top_ids):
+        assert answer == ids[:, 0].tolist()
+
+
+def test_step_0_values_are_what_a_forward_pass_measures(tiny_llama, tmp_path, monkeypatch):
+    trainer = sft_trainer(tiny_llama, tmp_path, max_steps=1)
+    meter = RetentionCallback(trainer, prompts=PROMPTS, max_new_tokens=8)
+    meter.start(trainer.state)
+    assert adapter_is_identity(trainer.model)
+    known = meter.measure(0)
+    monkeypatch.setattr("trl_tms.forgetting.adapter_is_identity", lambda model: False)
+    measured = meter.measure(0)
+    assert known["retention_kl"] == 0.0 and measured["retention_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert known["retention_nll"] == pytest.approx(measured["retention_nll"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides, identity",
+    [({}, True), ({"init_lora_weights": False}, False), ({"use_dora": True}, False),
+     ({"modules_to_save": ["lm_head"]}, False)],
+    ids=["fresh-lora", "random-B", "dora", "modules-to-save"],
+)
+def test_only_a_fresh_plain_lora_adapter_counts_as_the_reference(tiny_llama, overrides, identity):
+    from peft import get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, target_modules="all-linear", **overrides))
+    assert adapter_is_identity(model) is identity
+    assert adapter_is_identity(AutoModelForCausalLM.from_pretrained(tiny_llama)) is False
+    if identity:
+        next(p for n, p in model.named_parameters() if "lora_B" in n).data[0, 0] = 1e-3
+        assert adapter_is_identity(model) is False
+
+
+def test_an_adapter_that_starts_away_from_the_base_is_measured_at_step_0(tiny_llama, tmp_path):
+    trainer = sft_trainer(tiny_llama, tmp_path, max_steps=1)
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5, generator=torch.Generator().manual_seed(0))
+    trainer.add_callback(RetentionCallback(trainer, prompts=PROMPTS, max_new_tokens=8))
+    trainer.train()
+    assert meter_entries(trainer.state.log_history)[0]["retention_kl"] > 1e-3
 
 
 def test_with_the_whole_vocabulary_the_meter_is_the_exact_kl_and_with_fewer_tokens_a_lower_bound(tiny_llama, tmp_path):
@@ -135,14 +193,17 @@ def test_reference_completions_are_used_instead_of_generating(tiny_llama, tmp_pa
 
 
 def scripted_kl(monkeypatch, values):
-    """retention_kl at step 0, 1, 2, ... follows `values` (NLL fixed at 1): the alarm is tested, not the model."""
+    """
+    retention_kl at step 1, 2, ... follows `values` (NLL fixed at 1): the alarm is tested, not the model. Step 0 is
+    not measured: the fresh adapter is the reference, whose KL is 0.
+    """
     sequence = iter(values)
     monkeypatch.setattr("trl_tms.forgetting.meter_sums",
                         lambda *a, **k: torch.tensor([next(sequence), 1.0, 1.0], dtype=torch.float64))
 
 
 def test_alarm_warns_once_without_stopping(tiny_llama, tmp_path, monkeypatch):
-    scripted_kl(monkeypatch, [0.0, 0.05, 0.1, 0.3, 0.2, 0.4])
+    scripted_kl(monkeypatch, [0.05, 0.1, 0.3, 0.2, 0.4])
     trainer = sft_trainer(tiny_llama, tmp_path, logging_steps=1, num_train_epochs=5, per_device_train_batch_size=16)
     with CaptureLogger(logging.get_logger("trl_tms.forgetting")) as captured:
         trainer.add_callback(RetentionCallback(trainer, prompts=PROMPTS, max_new_tokens=2, kl_threshold=0.25))
@@ -154,7 +215,7 @@ def test_alarm_warns_once_without_stopping(tiny_llama, tmp_path, monkeypatch):
 
 
 def test_alarm_stops_and_restores_the_last_weights_within_the_threshold(tiny_llama, tmp_path, monkeypatch):
-    scripted_kl(monkeypatch, [0.0, 0.05, 0.1, 0.3, 0.2, 0.1, 0.1])
+    scripted_kl(monkeypatch, [0.05, 0.1, 0.3, 0.2, 0.1, 0.1])
     trainer = sft_trainer(tiny_llama, tmp_path, logging_steps=1, num_train_epochs=6, per_device_train_batch_size=16)
     recorder = WeightsAtStep(trainer)
     trainer.add_callback(recorder)

@@ -16,6 +16,8 @@ import importlib.util
 import json
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -161,12 +163,20 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
-    """Greedy continuations (token ids, up to and including end of turn) of tokenized prompts, batched, left-padded."""
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
+                   summarize_logits: Callable[[torch.Tensor, list[int]], Any] | None = None):
+    """
+    Greedy continuations (token ids, up to and including end of turn) of tokenized prompts, batched, left-padded.
+
+    With `summarize_logits`, returns `(answers, summaries)`: per answer, `summarize_logits(logits, answer)` of the raw
+    next-token logits that chose its tokens (float32, `[answer tokens, vocab]`), for a caller that needs the model's
+    distributions over its own answers without a second forward pass.
+    """
     model.eval()
     eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[list[int] | None] = [None] * len(prompts)
+    summaries: list[Any] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in rows)
@@ -176,12 +186,15 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
             ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[r, width - len(prompts[i]) :] = 1
         out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             return_dict_in_generate=True, output_logits=summarize_logits is not None)
         for r, i in enumerate(rows):
-            tokens = out[r, width:].tolist()
+            tokens = out.sequences[r, width:].tolist()
             cut = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
             answers[i] = tokens[:cut]
-    return answers
+            if summarize_logits is not None:
+                summaries[i] = summarize_logits(torch.stack([step[r] for step in out.logits[:cut]]).float(), answers[i])
+    return (answers, summaries) if summarize_logits is not None else answers
 
 
 def target_accuracy(model, tokenizer, dataset, max_new_tokens: int, is_correct, batch_size: int = 32) -> dict:

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers.utils import logging
 
 from .data import prompt_token_ids
@@ -110,14 +111,16 @@ METER_PROMPTS = [
 class MeterReference:
     """
     The initial model's side of the meter for the prompts this process measures: prompt and answer token ids, per
-    answer token the reference's top log-probabilities (`top_logprobs`, float32) and their token ids (`top_ids`), and
-    `prefix`, the number of leading tokens all prompts share and every forward pass encodes once.
+    answer token the reference's top log-probabilities (`top_logprobs`, float32) and their token ids (`top_ids`),
+    `answer_nll`, the reference's own NLL of the answers (summed over tokens), and `prefix`, the number of leading
+    tokens all prompts share and every forward pass encodes once.
     """
 
     prompts: list[list[int]]
     answers: list[list[int]]
     top_logprobs: list[torch.Tensor]
     top_ids: list[torch.Tensor]
+    answer_nll: float = 0.0
     prefix: int = 0
 
     @property
@@ -183,6 +186,16 @@ def _answer_logprobs(model, prompts, answers, rows: list[int], pad_id: int, pref
     return out
 
 
+def _forward_answers(model, prompts, answers, rows: list[int], pad_id: int, prefix: int) -> tuple[list[torch.Tensor], int]:
+    """`_answer_logprobs`, and the prefix it used: 0 after a model whose cache cannot be shared between rows refused it."""
+    if prefix:
+        try:
+            return _answer_logprobs(model, prompts, answers, rows, pad_id, prefix), prefix
+        except (AttributeError, TypeError, ValueError, NotImplementedError) as error:
+            logger.info(f"Forgetting meter: encoding the prompts' common prefix once failed ({error}); not sharing it.")
+    return _answer_logprobs(model, prompts, answers, rows, pad_id, 0), 0
+
+
 def compact_kl(ref_top_logprobs: torch.Tensor, ref_top_ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     """
     Per position, KL(reference || policy) between the two distributions coarsened to the reference's top tokens plus
@@ -198,31 +211,31 @@ def compact_kl(ref_top_logprobs: torch.Tensor, ref_top_ids: torch.Tensor, logpro
 
 @torch.no_grad()
 def build_reference(model, tokenizer, prompts: list[list[int]], answers: list[list[int]] | None, max_new_tokens: int,
-                    top_k: int, batch_size: int, share: bool = True) -> MeterReference:
+                    top_k: int, batch_size: int) -> MeterReference:
     """
     The reference for tokenized `prompts`: `model` (acting as the initial model) answers them greedily unless
-    `answers` are given, then its top-`top_k` log-probabilities over every answer token are kept.
+    `answers` are given, and its top-`top_k` log-probabilities over every answer token are kept (for generated answers,
+    from the logits that chose them: no second pass).
     """
+    def compact(logits: torch.Tensor, answer: list[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        nll = -logprobs.gather(-1, torch.tensor(answer, device=logprobs.device).unsqueeze(-1)).double().sum().item()
+        return values.cpu(), ids.to(torch.int32).cpu(), nll
+
+    prefix = shared_prefix_length(prompts)
     if answers is None:
-        answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size) if prompts else []
-    # An empty answer has no token to compare: give it the reference's first token.
-    answers = [a if a else [tokenizer.eos_token_id] for a in answers]
-    prefix = shared_prefix_length(prompts) if share else 0
-    top_logprobs: list[torch.Tensor | None] = [None] * len(prompts)
-    top_ids: list[torch.Tensor | None] = [None] * len(prompts)
-    for rows in _batches(prompts, answers, batch_size):
-        try:
-            batch = _answer_logprobs(model, prompts, answers, rows, tokenizer.pad_token_id, prefix)
-        except (AttributeError, TypeError, ValueError, NotImplementedError) as error:
-            if not prefix:
-                raise
-            # A model whose cache cannot be shared between rows: encode every prompt whole, now and at every measurement.
-            logger.info(f"Forgetting meter: encoding the prompts' common prefix once failed ({error}); not sharing it.")
-            return build_reference(model, tokenizer, prompts, answers, max_new_tokens, top_k, batch_size, share=False)
-        for i, logprobs in zip(rows, batch):
-            values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-            top_logprobs[i], top_ids[i] = values.cpu(), ids.to(torch.int32).cpu()
-    return MeterReference(prompts, answers, top_logprobs, top_ids, prefix)
+        answers, kept = (greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, summarize_logits=compact)
+                         if prompts else ([], []))
+    else:
+        # An empty answer has no token to compare: give it the reference's first token.
+        answers = [a if a else [tokenizer.eos_token_id] for a in answers]
+        kept = [None] * len(prompts)
+        for rows in _batches(prompts, answers, batch_size):
+            batch, prefix = _forward_answers(model, prompts, answers, rows, tokenizer.pad_token_id, prefix)
+            for i, logprobs in zip(rows, batch):
+                kept[i] = compact(logprobs, answers[i])
+    return MeterReference(prompts, answers, [k[0] for k in kept], [k[1] for k in kept], sum(k[2] for k in kept), prefix)
 
 
 @torch.no_grad()
@@ -230,7 +243,8 @@ def meter_sums(model, reference: MeterReference, pad_id: int, batch_size: int) -
     """`[KL summed over answer tokens, NLL summed over answer tokens, answer tokens]` of `model` on `reference`."""
     sums = torch.zeros(3, dtype=torch.float64)
     for rows in _batches(reference.prompts, reference.answers, batch_size):
-        batch = _answer_logprobs(model, reference.prompts, reference.answers, rows, pad_id, reference.prefix)
+        batch, reference.prefix = _forward_answers(model, reference.prompts, reference.answers, rows, pad_id,
+                                                   reference.prefix)
         for i, logprobs in zip(rows, batch):
             logprobs = logprobs.cpu()
             targets = torch.tensor(reference.answers[i]).unsqueeze(-1)
@@ -238,6 +252,33 @@ def meter_sums(model, reference: MeterReference, pad_id: int, batch_size: int) -
             sums[1] += -logprobs.gather(-1, targets).double().sum()
             sums[2] += len(reference.answers[i])
     return sums
+
+
+def adapter_is_identity(model) -> bool:
+    """
+    Whether `model` provably computes what it computes with its adapters disabled: a PEFT model whose active adapters
+    are plain LoRA (no DoRA, no `modules_to_save`), whose B matrices are all zero (as LoRA initializes them) and which
+    trains nothing else.
+    """
+    if not isinstance(model, PeftModel):
+        return False
+    for name in model.active_adapters:
+        config = model.peft_config[name]
+        if not isinstance(config, LoraConfig) or config.use_dora or config.modules_to_save:
+            return False
+    if any(param.requires_grad and "lora_" not in name for name, param in model.named_parameters()):
+        return False
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            b = list(module.lora_B[adapter].parameters()) if adapter in module.lora_B else []
+            if adapter in module.lora_embedding_B:
+                b.append(module.lora_embedding_B[adapter])
+            # An empty (partitioned) tensor proves nothing.
+            if any(p.numel() == 0 or p.any() for p in b):
+                return False
+    return True
 
 
 def _as_prompt_rows(prompts) -> list[dict]:
@@ -371,6 +412,8 @@ class RetentionCallback(SignalCallback):
         )
         self.reference: MeterReference | None = None
         self.reference_seconds = 0.0
+        self.seconds = 0.0  # everything the meter took: reference and measurements
+        self._model_is_reference = False  # a model without adapter, until its first measurement after the reference
         # The meter's no-grad forwards must not repack a 4-bit base into bitsandbytes' CPU inference layout.
         keep_4bit_layers_trainable(trainer.model)
 
@@ -401,22 +444,32 @@ class RetentionCallback(SignalCallback):
                                                  self.max_new_tokens, self.top_k, self.batch_size)
         finally:
             model.train(was_training)
+        self._model_is_reference = disable_adapter is None
         self.reference_seconds = time.perf_counter() - started
+        self.seconds += self.reference_seconds
 
     def measure(self, step: int | None = None) -> dict[str, float]:
         """`{"retention_kl": ..., "retention_nll": ...}` of the current model (averaged over all answer tokens)."""
         if self.reference is None:
             raise RuntimeError("The forgetting meter measures once training has started (it takes its reference then).")
+        started = time.perf_counter()
         model = self.trainer.model
-        was_training = model.training
-        model.eval()
-        try:
-            sums = meter_sums(model, self.reference, self.tokenizer.pad_token_id, self.batch_size)
-        finally:
-            model.train(was_training)
+        if self._model_is_reference or adapter_is_identity(model):
+            # The policy is the reference (step 0 of a run, or a student restarting from the initial adapter): its
+            # values are known exactly, and a forward pass would only add rounding.
+            sums = torch.tensor([0.0, self.reference.answer_nll, self.reference.num_tokens], dtype=torch.float64)
+        else:
+            was_training = model.training
+            model.eval()
+            try:
+                sums = meter_sums(model, self.reference, self.tokenizer.pad_token_id, self.batch_size)
+            finally:
+                model.train(was_training)
+        self._model_is_reference = False
         sums = self.trainer.accelerator.reduce(sums.to(self.trainer.accelerator.device), reduction="sum").cpu()
         kl, nll = (sums[:2] / sums[2].clamp(min=1)).tolist()
         self.last = {"retention_kl": kl, "retention_nll": nll}
+        self.seconds += time.perf_counter() - started
         if self.kl_threshold is None or kl <= self.kl_threshold:
             self.keep(step)
         return self.last

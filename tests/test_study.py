@@ -1,0 +1,119 @@
+"""The study's tasks and report (benchmarks/study.py): labels that score as right, disjoint splits, and statistics."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import study  # noqa: E402
+from study_tasks import CANDIDATES, load_task  # noqa: E402
+
+from trl_tms.embedded import is_correct
+
+
+@pytest.mark.parametrize("name", sorted(CANDIDATES))
+def test_worked_answers_end_in_the_right_number_and_splits_are_disjoint(name):
+    train, test = load_task(name, 64, 100)
+    assert len(train) == 64 and len(test) == 100
+    for row in list(train) + list(test):
+        text = row["completion"][0]["content"]
+        assert text.endswith(f"#### {row['answer']}")
+        assert is_correct(text, row["answer"])
+        assert not is_correct(text, str(int(row["answer"]) + 1))
+    questions = {r["prompt"][0]["content"] for r in train}
+    assert not questions & {r["prompt"][0]["content"] for r in test}
+
+
+def test_reserved_tasks_are_not_candidates():
+    generators = {generator for generator, _, _ in CANDIDATES.values()}
+    assert not generators & {"basic_arithmetic", "chain_sum"}
+    with pytest.raises(ValueError, match="Unknown task"):
+        load_task("chain_sum", 4, 4)
+
+
+def checkpoint(step, target, chat_kl, wiki, pld, meter, items_target):
+    return {"step": step, "fraction": step / 8, "target_accuracy": target, "chat_kl": chat_kl, "chat_nll": 1.0,
+            "wikitext_nll": wiki, "pld": pld, "retention_kl": meter,
+            "items": {"target": items_target, "chat_kl": [chat_kl, chat_kl], "chat_nll": [1.0, 1.0],
+                      "wikitext": [wiki, wiki]}}
+
+
+def write_arm(tmp_path, arm, seed, checkpoints, wall):
+    record = {"arm": arm, "regime": "zero", "seed": seed, "task": "leg_counting", "steps": 8,
+              "wall_seconds": wall, "checkpoints": checkpoints}
+    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", arm, seed), record)
+
+
+def test_summary_pairs_against_the_base_and_reads_sft_early_off_the_sft_run(tmp_path):
+    base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
+    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "base", 0),
+                                {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base})
+    write_arm(tmp_path, "sft", 0, [checkpoint(4, 0.25, 0.2, 5.1, 1.0, 0.1, [1, 0, 0, 0]),
+                                   checkpoint(8, 0.5, 0.4, 5.2, 0.5, 0.3, [1, 1, 0, 0])], {"train": 100.0, "total": 100.0})
+    write_arm(tmp_path, "tms", 0, [checkpoint(4, 0.25, 0.1, 5.0, 1.2, 0.05, [1, 0, 0, 0]),
+                                   checkpoint(8, 0.25, 0.2, 5.05, 0.9, 0.1, [0, 1, 0, 0])], {"total": 250.0})
+    result = study.summary(str(tmp_path))
+    arms = result["regimes"]["zero"]["arms"]
+    assert arms["sft"]["target_gain"] == pytest.approx(0.5)
+    assert arms["sft_early"]["target_gain"] == pytest.approx(0.25)  # its checkpoint at half the steps
+    assert arms["tms"]["chat_kl"]["value"] == pytest.approx(0.2)
+    assert arms["tms"]["wiki_nll_delta"] == pytest.approx(0.05)
+    assert arms["tms"]["wall_ratio_to_sft"] == pytest.approx(2.5)
+    # Paired SE of the target change: per-item differences [0, 1, 0, 0] -> sd 0.5 / sqrt(4).
+    assert arms["tms"]["target"]["se"] == pytest.approx(0.25)
+    # Four checkpoints; the signal that follows chat KL ranks perfectly, PLD (falling while KL rises) inversely.
+    correlation = result["pld_correlation"]
+    assert correlation["retention_kl"]["points"] == 4
+    assert correlation["retention_kl"]["chat_kl"]["spearman"]["value"] == pytest.approx(1.0)
+    assert correlation["pld"]["chat_kl"]["spearman"]["value"] < 0
+    points = study.signal_points(study.load_arms(str(tmp_path)))
+    drift = {(p["arm"], p["step"]): p["pld_drift"] for p in points}
+    assert drift[("sft", 8)] == 0.0 and drift[("tms", 8)] == 0.0  # PLD fell at every checkpoint
+    assert "| sft_early |" in study.table(result)
+
+
+@pytest.fixture
+def tiny_study(monkeypatch, tiny_llama):
+    """The study's trainers on a tiny local model: 16 prompts, batch 8, 2 epochs (4 steps), short generations."""
+    from conftest import load_tokenizer, make_examples
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(study, "load_model", lambda: (AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                                      load_tokenizer(tiny_llama)))
+    monkeypatch.setattr(study, "TASK_TOKENS", 6)
+    train = make_examples(16, seed=0).add_column("answer", ["3"] * 16)
+    pld = make_examples(4, seed=1).add_column("answer", ["3"] * 4)
+    regime = dict(task="tiny", lora_r=4, learning_rate=1e-2, epochs=2)
+    return train, pld, regime
+
+
+@pytest.mark.parametrize("arm", ["sft_dft", "grpo", "self_sft_verified"])
+def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path, arm):
+    train, pld, regime = tiny_study
+    runs = study.train_run(arm, regime, 0, train, pld, str(tmp_path), str(tmp_path / "history"), [2, 4], {})
+    model = runs.pop("_model")
+    assert list(runs) == [arm]
+    assert sorted(runs[arm]["weights"]) == [2, 4]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(runs[arm]["weights"][4]) == trainable
+    assert runs[arm]["wall_seconds"]["total"] > 0
+
+
+def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_history(tiny_study, tmp_path):
+    import torch
+
+    train, pld, regime = tiny_study
+    history = str(tmp_path / "history")
+    runs = study.train_run("tms", regime, 0, train, pld, str(tmp_path / "a"), history, [2, 4], {"num_checkpoints": 2})
+    runs.pop("_model")
+    assert set(runs) == {"sft", "tms"}
+    assert set(runs["tms"]["wall_seconds"]) == {"harvest", "trajectories", "student", "total"}
+    assert runs["sft"]["wall_seconds"]["train"] == runs["tms"]["wall_seconds"]["harvest"]
+    # The harvest's weights at its end are the last snapshot of the history; the student's differ from them.
+    harvest_end, student_end = runs["sft"]["weights"][4], runs["tms"]["weights"][4]
+    assert any(not torch.equal(harvest_end[n], student_end[n]) for n in harvest_end)
+    again = study.train_run("tms_verified", regime, 0, train, pld, str(tmp_path / "b"), history, [2, 4],
+                            {"num_checkpoints": 2})
+    again.pop("_model")
+    assert set(again) == {"tms_verified"} and again["tms_verified"]["wall_seconds"]["reused_history"]

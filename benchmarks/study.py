@@ -148,16 +148,24 @@ class Evaluation:
 
 
 class CaptureAdapter(TrainerCallback):
-    """Copies the trainable weights at chosen steps, of the named TMS phase (or of a plain trainer's run)."""
+    """
+    Copies the trainable weights at chosen steps. `phases` maps a name to the TMS phase whose steps it keeps (`None`
+    for a plain trainer's run); the copies are in `weights[name][step]`.
+    """
 
-    def __init__(self, trainer, steps, phase=None):
-        self.trainer, self.steps, self.phase, self.weights = trainer, set(steps), phase, {}
+    def __init__(self, trainer, steps, phases: dict):
+        self.trainer, self.steps, self.phases = trainer, set(steps), phases
+        self.weights = {name: {} for name in phases}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.steps and getattr(self.trainer, "phase", None) == self.phase:
-            self.weights[state.global_step] = {
-                n: p.detach().to("cpu", copy=True) for n, p in self.trainer.model.named_parameters() if p.requires_grad
-            }
+        if state.global_step not in self.steps:
+            return
+        for name, phase in self.phases.items():
+            if getattr(self.trainer, "phase", None) == phase:
+                self.weights[name][state.global_step] = {
+                    n: p.detach().to("cpu", copy=True) for n, p in self.trainer.model.named_parameters()
+                    if p.requires_grad
+                }
 
 
 def load_weights(model, weights: dict) -> None:
@@ -198,8 +206,8 @@ def lora_config(regime: dict):
 def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, history_dir: str, capture_steps,
               tms_overrides: dict) -> dict:
     """
-    Train one arm; returns `{arm name: (wall seconds by phase, {step: weights})}`: one entry, or two for `tms`, whose
-    harvest is also the `sft` arm.
+    Train one arm; returns `{arm name: {"wall_seconds": by phase, "weights": {step: trainable weights}}}` (one entry,
+    or two for `tms`, whose harvest is also the `sft` arm), the trained model and its tokenizer.
     """
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
@@ -241,9 +249,8 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set,
                              processing_class=tokenizer, peft_config=lora_config(regime))
         phases = {arm: "online"} if online else {"sft": "harvest", arm: "student"}
-    captures = {name: CaptureAdapter(trainer, capture_steps, phase) for name, phase in phases.items()}
-    for capture in captures.values():
-        trainer.add_callback(capture)
+    capture = CaptureAdapter(trainer, capture_steps, phases)
+    trainer.add_callback(capture)
     reuse = kind == "tms" and history_dir and os.path.isfile(os.path.join(history_dir, "tms_run.json"))
     if reuse:
         phases.pop("sft", None)
@@ -263,9 +270,8 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
             harvest = trainer.harvest_output.metrics["train_runtime"]
             walls["sft"] = {"train": harvest, "total": harvest}
             walls[arm] = {"harvest": harvest, "trajectories": trainer.stats.seconds, "student": student, "total": total}
-    runs = {name: {"wall_seconds": walls[name], "weights": captures[name].weights} for name in phases}
-    runs["_model"] = trainer.model
-    return runs
+    runs = {name: {"wall_seconds": walls[name], "weights": capture.weights[name]} for name in phases}
+    return runs, trainer.model, tokenizer
 
 
 # The study
@@ -307,8 +313,8 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
             continue
         print(f"[{regime_name}] {arm} s{seed}: training ({ARMS[arm]})", flush=True)
         workdir = tempfile.mkdtemp(prefix=f"{arm}-s{seed}-", dir=scratch)
-        runs = train_run(arm, regime, seed, train, pld_set, workdir, history, capture, mode.get("tms_overrides", {}))
-        model = runs.pop("_model")
+        runs, model, _ = train_run(arm, regime, seed, train, pld_set, workdir, history, capture,
+                                   mode.get("tms_overrides", {}))
         for name, run in runs.items():
             checkpoints = []
             for step, weights in sorted(run["weights"].items()):
@@ -523,12 +529,21 @@ def plots(result: dict, arms: dict, output_dir: str) -> list[str]:
 
 
 def screen(output_dir: str, num_items: int, num_train: int = 64) -> dict:
-    """Base greedy accuracy of every candidate task (and of leg_counting) on `num_items` held-out items."""
+    """
+    Base greedy accuracy of every candidate task (and of leg_counting) on `num_items` held-out items, then
+    `learnability` of the ones in range. Tasks already in `screen.json` are not measured again.
+    """
     from trl_tms.embedded import is_correct
 
-    model, tokenizer = load_model()
+    path = os.path.join(output_dir, "screen.json")
     rows = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = json.load(f)
+    model, tokenizer = load_model()
     for name in ["leg_counting", *CANDIDATES]:
+        if name in rows:
+            continue
         started = time.perf_counter()
         _, test = load_task(name, num_train, num_items, seed=0)
         target = probes.target_accuracy(model, tokenizer, test, TASK_TOKENS, is_correct)
@@ -538,13 +553,42 @@ def screen(output_dir: str, num_items: int, num_train: int = 64) -> dict:
                       "example": {"question": test[0]["prompt"][0]["content"], "answer": target["texts"][0]},
                       "seconds": time.perf_counter() - started}
         print(f"[screen] {name}: {acc:.3f} of {n} ({rows[name]['seconds']:.0f} s)", flush=True)
-    lines = ["| task | base greedy accuracy ± SE | items |", "|---|---|---|"]
-    lines += [f"| {k} | {v['base_accuracy']:.3f} ± {v['se']:.3f} | {v['n']} |" for k, v in rows.items()]
-    write_json_atomically(os.path.join(output_dir, "screen.json"), rows)
+        write_json_atomically(path, rows)
+    del model
+    rows = learnability(output_dir, num_items)
+    lines = ["| task | base greedy accuracy ± SE | after SFT (2 epochs, 16 steps) | items |", "|---|---|---|---|"]
+    for k, v in rows.items():
+        sft = f"{v['sft_accuracy']:.3f}" if "sft_accuracy" in v else "-"
+        lines.append(f"| {k} | {v['base_accuracy']:.3f} ± {v['se']:.3f} | {sft} | {v['n']} |")
     with open(os.path.join(output_dir, "screen.md"), "w") as f:
         f.write("# Screen for the partly-solved regime\n\n`python benchmarks/study.py --screen`\n\n" + "\n".join(lines)
                 + "\n")
     print("\n".join(lines))
+    return rows
+
+
+def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float = 0.5, epochs: int = 2) -> dict:
+    """
+    For the screened tasks whose base accuracy lies in [`low`, `high`]: greedy accuracy after plain SFT with the
+    study's LoRA and learning rate for `epochs` epochs of 64 problems (half the study's steps, to keep the screen short).
+    """
+    from trl_tms.embedded import is_correct
+
+    with open(os.path.join(output_dir, "screen.json")) as f:
+        rows = json.load(f)
+    regime = dict(REGIMES["partly"], epochs=epochs)
+    for name, row in rows.items():
+        if not low <= row["base_accuracy"] <= high or "sft_accuracy" in row:
+            continue
+        started = time.perf_counter()
+        train, test = load_task(name, 64, num_items, seed=0)
+        with tempfile.TemporaryDirectory() as workdir:
+            _, model, tokenizer = train_run("sft", regime, 0, train, test.select(range(8)), workdir, "", [], {})
+        target = probes.target_accuracy(model, tokenizer, test, TASK_TOKENS, is_correct)
+        row.update(sft_accuracy=target["accuracy"], sft_epochs=epochs, sft_example=target["texts"][0],
+                   sft_seconds=time.perf_counter() - started)
+        print(f"[screen] {name}: base {row['base_accuracy']:.3f} -> SFT {target['accuracy']:.3f}", flush=True)
+        write_json_atomically(os.path.join(output_dir, "screen.json"), rows)
     return rows
 
 

@@ -91,8 +91,9 @@ def tiny_study(monkeypatch, tiny_llama):
 @pytest.mark.parametrize("arm", ["sft_dft", "grpo", "self_sft_verified"])
 def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path, arm):
     train, pld, regime = tiny_study
-    runs = study.train_run(arm, regime, 0, train, pld, str(tmp_path), str(tmp_path / "history"), [2, 4], {})
-    model = runs.pop("_model")
+    runs, model, tokenizer = study.train_run(arm, regime, 0, train, pld, str(tmp_path), str(tmp_path / "history"),
+                                             [2, 4], {})
+    assert tokenizer.pad_token_id is not None
     assert list(runs) == [arm]
     assert sorted(runs[arm]["weights"]) == [2, 4]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -105,15 +106,14 @@ def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_
 
     train, pld, regime = tiny_study
     history = str(tmp_path / "history")
-    runs = study.train_run("tms", regime, 0, train, pld, str(tmp_path / "a"), history, [2, 4], {"num_checkpoints": 2})
-    runs.pop("_model")
+    runs, _, _ = study.train_run("tms", regime, 0, train, pld, str(tmp_path / "a"), history, [2, 4],
+                                 {"num_checkpoints": 2})
     assert set(runs) == {"sft", "tms"}
     assert set(runs["tms"]["wall_seconds"]) == {"harvest", "trajectories", "student", "total"}
     assert runs["sft"]["wall_seconds"]["train"] == runs["tms"]["wall_seconds"]["harvest"]
     # The harvest's weights at its end are the last snapshot of the history; the student's differ from them.
     harvest_end, student_end = runs["sft"]["weights"][4], runs["tms"]["weights"][4]
     assert any(not torch.equal(harvest_end[n], student_end[n]) for n in harvest_end)
-    again = study.train_run("tms_verified", regime, 0, train, pld, str(tmp_path / "b"), history, [2, 4],
-                            {"num_checkpoints": 2})
-    again.pop("_model")
+    again, _, _ = study.train_run("tms_verified", regime, 0, train, pld, str(tmp_path / "b"), history, [2, 4],
+                                  {"num_checkpoints": 2})
     assert set(again) == {"tms_verified"} and again["tms_verified"]["wall_seconds"]["reused_history"]

@@ -193,7 +193,7 @@ def common_args(regime: dict, seed: int, steps: int, lr_scale: float = 1.0) -> d
         per_device_train_batch_size=BATCH_SIZE, num_train_epochs=regime["epochs"],
         learning_rate=regime["learning_rate"] * lr_scale, lr_scheduler_type="linear", warmup_steps=0,
         logging_steps=max(1, steps // 8), save_strategy="no", report_to="none", seed=seed, disable_tqdm=True,
-        gradient_checkpointing=False, use_cpu=True, per_device_eval_batch_size=16,
+        gradient_checkpointing=False, use_cpu=True, bf16=False, per_device_eval_batch_size=16,
     )
 
 
@@ -528,7 +528,7 @@ def plots(result: dict, arms: dict, output_dir: str) -> list[str]:
 # The screen for the partly-solved regime
 
 
-def screen(output_dir: str, num_items: int, num_train: int = 64) -> dict:
+def screen(output_dir: str, num_items: int, num_train: int = 64, learn: list[str] | None = None) -> dict:
     """
     Base greedy accuracy of every candidate task (and of leg_counting) on `num_items` held-out items, then
     `learnability` of the ones in range. Tasks already in `screen.json` are not measured again.
@@ -555,7 +555,12 @@ def screen(output_dir: str, num_items: int, num_train: int = 64) -> dict:
         print(f"[screen] {name}: {acc:.3f} of {n} ({rows[name]['seconds']:.0f} s)", flush=True)
         write_json_atomically(path, rows)
     del model
-    rows = learnability(output_dir, num_items)
+    rows = learnability(output_dir, num_items, only=learn)
+    write_screen(output_dir, rows)
+    return rows
+
+
+def write_screen(output_dir: str, rows: dict) -> None:
     lines = ["| task | base greedy accuracy ± SE | after SFT (2 epochs, 16 steps) | items |", "|---|---|---|---|"]
     for k, v in rows.items():
         sft = f"{v['sft_accuracy']:.3f}" if "sft_accuracy" in v else "-"
@@ -564,10 +569,10 @@ def screen(output_dir: str, num_items: int, num_train: int = 64) -> dict:
         f.write("# Screen for the partly-solved regime\n\n`python benchmarks/study.py --screen`\n\n" + "\n".join(lines)
                 + "\n")
     print("\n".join(lines))
-    return rows
 
 
-def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float = 0.5, epochs: int = 2) -> dict:
+def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float = 0.5, epochs: int = 2,
+                 only: list[str] | None = None) -> dict:
     """
     For the screened tasks whose base accuracy lies in [`low`, `high`]: greedy accuracy after plain SFT with the
     study's LoRA and learning rate for `epochs` epochs of 64 problems (half the study's steps, to keep the screen short).
@@ -578,7 +583,7 @@ def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float
         rows = json.load(f)
     regime = dict(REGIMES["partly"], epochs=epochs)
     for name, row in rows.items():
-        if not low <= row["base_accuracy"] <= high or "sft_accuracy" in row:
+        if not low <= row["base_accuracy"] <= high or "sft_accuracy" in row or (only and name not in only):
             continue
         started = time.perf_counter()
         train, test = load_task(name, 64, num_items, seed=0)
@@ -597,6 +602,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="Smoke test: one regime, SFT, DFT and TMS, small probes.")
     parser.add_argument("--screen", action="store_true", help="Base accuracy of the candidate tasks, then stop.")
     parser.add_argument("--screen_items", type=int, default=100)
+    parser.add_argument("--screen_learn", default=None, help="Comma-separated tasks whose learnability the screen "
+                        "measures (default: every task with a base accuracy in [0.15, 0.5]); `none` for none.")
     parser.add_argument("--regimes", default=None, help="Comma-separated subset of the regimes.")
     parser.add_argument("--arms", default=None, help="Comma-separated subset of the arms.")
     parser.add_argument("--seeds", default=None, help="Comma-separated seeds (default: the mode's).")
@@ -611,7 +618,8 @@ def main(argv=None):
     output_dir = args.output_dir or os.path.join(HERE, "results", "study" + ("_quick" if args.quick else ""))
     os.makedirs(output_dir, exist_ok=True)
     if args.screen:
-        return screen(output_dir, args.screen_items)
+        learn = None if args.screen_learn is None else [t for t in args.screen_learn.split(",") if t != "none"] or ["-"]
+        return screen(output_dir, args.screen_items, learn=learn)
     if args.seeds:
         mode["seeds"] = [int(s) for s in args.seeds.split(",")]
     regimes = args.regimes.split(",") if args.regimes else list(mode["regimes"])

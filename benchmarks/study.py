@@ -99,7 +99,7 @@ class Evaluation:
         from trl_tms.data import prompt_token_ids
         from trl_tms.forgetting import build_reference
 
-        self.tokenizer, self.test, self.mode = tokenizer, test, mode
+        self.tokenizer, self.test = tokenizer, test
         self.wiki = [t for t in probes.load_wikitext(mode["wiki_items"]) if len(tokenizer(t)["input_ids"]) > 1]
         self.piqa, self.siqa = probes.load_piqa(mode["mc_items"]), probes.load_siqa(mode["mc_items"])
         prompts = [probes.chat_ids(tokenizer, p) for p in probes.CHAT_PROMPTS[: mode["chat_prompts"]]]
@@ -221,6 +221,7 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
     common = common_args(regime, seed, steps, settings.pop("lr_scale", 1.0))
     model, tokenizer = load_model()
     out = os.path.join(workdir, arm)
+    online = settings.get("tms_mode") == "online"
     if kind == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(out, max_length=TASK_TOKENS + 160, **settings, **common),
                              train_dataset=train, processing_class=tokenizer, peft_config=lora_config(regime))
@@ -241,7 +242,6 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
     else:
         if settings.pop("snapshot_every_epoch", False):
             settings["online_snapshot_every"] = -(-len(train) // BATCH_SIZE)
-        online = settings.get("tms_mode") == "online"
         if not online:
             settings.update(tms_overrides)
         config = TMSConfig(out, pld_num_samples=len(pld_set), max_new_tokens=TASK_TOKENS, generation_batch_size=64,
@@ -259,7 +259,7 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
     output = trainer.train(resume_from_checkpoint=True if reuse else None)
     total = time.perf_counter() - started
     walls = {}
-    if set(phases) == {arm} and kind != "tms":
+    if kind != "tms":
         walls[arm] = {"train": output.metrics["train_runtime"], "total": total}
     elif online:
         walls[arm] = {"online": output.metrics["train_runtime"], "trajectories": trainer.stats.seconds, "total": total}

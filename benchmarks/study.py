@@ -302,7 +302,8 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
     steps = planned_steps(regime, mode["num_train"])
     capture = [round(steps * k / mode["checkpoints"]) for k in range(1, mode["checkpoints"] + 1)]
     # `sft` is the harvest of `tms`: train `tms` first, and `sft` alone only where no `tms` run covers its seed.
-    order = sorted(todo, key=lambda item: (item[1], item[0] != "tms", item[0] == "sft"))
+    # `tms_verified` reuses the `tms` history kept in scratch space, which may not outlive this process: right after.
+    order = sorted(todo, key=lambda item: (item[1], item[0] != "tms", item[0] != "tms_verified", item[0] == "sft"))
     for arm, seed in order:
         if os.path.isfile(arm_path(output_dir, regime_name, arm, seed)):
             continue  # written by an earlier run of this loop (the `sft` of a `tms` run)
@@ -314,8 +315,12 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
             continue
         print(f"[{regime_name}] {arm} s{seed}: training ({ARMS[arm]})", flush=True)
         workdir = tempfile.mkdtemp(prefix=f"{arm}-s{seed}-", dir=scratch)
+        load_before = os.getloadavg()[0]
         runs, model, _ = train_run(arm, regime, seed, train, pld_set, workdir, history, capture,
                                    mode.get("tms_overrides", {}))
+        # Wall times are comparable only when the run had the machine to itself: a 1-minute load average well
+        # above the torch thread count at either end flags a run that shared it.
+        load = {"before": load_before, "after": os.getloadavg()[0], "threads": torch.get_num_threads()}
         for name, run in runs.items():
             checkpoints = []
             for step, weights in sorted(run["weights"].items()):
@@ -326,7 +331,8 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
                       f"{result['chat_kl']:.3f} wiki {result['wikitext_nll']:.3f}", flush=True)
             record = {"arm": name, "regime": regime_name, "seed": seed, "task": regime["task"],
                       "settings": {**regime, **ARMS[name][1]} if name in ARMS else regime,
-                      "steps": steps, "wall_seconds": run["wall_seconds"], "checkpoints": checkpoints}
+                      "steps": steps, "wall_seconds": run["wall_seconds"], "load_average": load,
+                      "checkpoints": checkpoints}
             write_json_atomically(arm_path(output_dir, regime_name, name, seed), record)
         del model
         shutil.rmtree(workdir, ignore_errors=True)

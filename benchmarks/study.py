@@ -22,7 +22,9 @@ optimizer steps, LoRA settings and seed:
 - `grpo`: `trl.GRPOTrainer` with LoRA and the task's verifier as reward (4 samples per prompt, the same number of
   optimizer steps, each on 4 prompts);
 - `tms` (the paper's defaults: T = 10, alpha = 0.25), `tms_online`, `tms_verified` (issue #17's verifier filter, a
-  student on the `tms` run's history).
+  student on the `tms` run's history);
+- `tms_rehearsal_10`, `tms_rehearsal_25` (issue #23, beyond the paper): TMS whose draws are, with probability 0.1 or
+  0.25, the initial model's own answer to one of 64 everyday prompts (students on the `tms` run's history).
 
 Every run is evaluated at `checkpoints` points (25/50/75/100% of its steps) on target accuracy, WikiText NLL, chat
 KL(base || model) and chat NLL over the base's answers to `evaluation.GENERAL_PROMPTS`, and on the candidate
@@ -74,6 +76,10 @@ ARMS = {
     "tms": ("tms", dict(label_weight=0.25, num_checkpoints=10)),
     "tms_online": ("tms", dict(tms_mode="online", label_weight=0.25, num_checkpoints=10)),
     "tms_verified": ("tms", dict(label_weight=0.25, num_checkpoints=10, trajectory_filter="verifier")),
+    # Issue #23: self-rehearsal (the initial model's greedy answers to the 64 built-in everyday prompts, disjoint from
+    # the chat probe's and the meter's prompts) drawn with probability beta; students on the `tms` run's history.
+    "tms_rehearsal_10": ("tms", dict(label_weight=0.25, num_checkpoints=10, rehearsal_weight=0.1)),
+    "tms_rehearsal_25": ("tms", dict(label_weight=0.25, num_checkpoints=10, rehearsal_weight=0.25)),
 }
 MODES = {
     "quick": dict(num_train=32, num_test=32, num_pld=16, mc_items=50, wiki_items=100, chat_prompts=16, chat_tokens=48,
@@ -267,6 +273,8 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
         student = output.metrics["train_runtime"]
         if reuse:
             walls[arm] = {"student": student, "reused_history": True, "total": total}
+            if trainer.stats.rehearsal_seconds:
+                walls[arm]["rehearsal_answers"] = trainer.stats.rehearsal_seconds
         else:
             harvest = trainer.harvest_output.metrics["train_runtime"]
             walls["sft"] = {"train": harvest, "total": harvest}
@@ -276,6 +284,11 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
 
 
 # The study
+
+
+def reuses_history(arm: str) -> bool:
+    """Whether the arm is a two-pass TMS student on the `tms` run's harvest and trajectories."""
+    return ARMS[arm][0] == "tms" and ARMS[arm][1].get("tms_mode") != "online" and arm != "tms"
 
 
 def arm_path(output_dir: str, regime: str, arm: str, seed: int) -> str:
@@ -302,14 +315,13 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
     steps = planned_steps(regime, mode["num_train"])
     capture = [round(steps * k / mode["checkpoints"]) for k in range(1, mode["checkpoints"] + 1)]
     # `sft` is the harvest of `tms`: train `tms` first, and `sft` alone only where no `tms` run covers its seed.
-    # `tms_verified` reuses the `tms` history kept in scratch space, which may not outlive this process: right after.
-    order = sorted(todo, key=lambda item: (item[1], item[0] != "tms", item[0] != "tms_verified", item[0] == "sft"))
+    # The students on the `tms` history (kept in scratch space, which may not outlive this process) come right after.
+    order = sorted(todo, key=lambda item: (item[1], item[0] != "tms", not reuses_history(item[0]), item[0] == "sft"))
     for arm, seed in order:
         if os.path.isfile(arm_path(output_dir, regime_name, arm, seed)):
             continue  # written by an earlier run of this loop (the `sft` of a `tms` run)
         history = os.path.join(scratch, f"history-{regime_name}-s{seed}")
-        if ARMS[arm][0] == "tms" and ARMS[arm][1].get("tms_mode") != "online" and arm != "tms" \
-                and not os.path.isfile(os.path.join(history, "tms_run.json")):
+        if reuses_history(arm) and not os.path.isfile(os.path.join(history, "tms_run.json")):
             print(f"[{regime_name}] {arm} s{seed}: needs the `tms` run's history of this session; run `tms` with it",
                   flush=True)
             continue

@@ -251,8 +251,8 @@ def test_built_in_prompts_are_64_and_disjoint_from_the_benchmarks_chat_probe():
     [
         ([], {}, "at least one prompt"),
         ("hello world", {}, "must be a list of prompts"),
-        (["hello", ""], {}, "Meter prompt 1 is ''"),
-        ([3], {}, "Meter prompt 0 is 3"),
+        (["hello", ""], {}, "meter prompt 1 is ''"),
+        ([3], {}, "meter prompt 0 is 3"),
         (Dataset.from_list([{"text": "a"}]), {}, "needs a `prompt` column"),
         (Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]), {},
          "reference completion of meter prompt 1 is None"),

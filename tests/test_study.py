@@ -117,3 +117,14 @@ def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_
     again, _, _ = study.train_run("tms_verified", regime, 0, train, pld, str(tmp_path / "b"), history, [2, 4],
                                   {"num_checkpoints": 2})
     assert set(again) == {"tms_verified"} and again["tms_verified"]["wall_seconds"]["reused_history"]
+    rehearsed, _, _ = study.train_run("tms_rehearsal_25", regime, 0, train, pld, str(tmp_path / "c"), history, [2, 4],
+                                      {"num_checkpoints": 2})
+    walls = rehearsed["tms_rehearsal_25"]["wall_seconds"]
+    assert walls["reused_history"] and 0 < walls["rehearsal_answers"] < walls["total"]
+    assert os.path.isdir(os.path.join(history, "rehearsal"))
+
+
+def test_students_on_the_tms_history_are_trained_right_after_it():
+    assert [arm for arm in study.ARMS if study.reuses_history(arm)] == [
+        "tms_verified", "tms_rehearsal_10", "tms_rehearsal_25"]
+    assert not study.reuses_history("tms") and not study.reuses_history("tms_online")

@@ -6,6 +6,7 @@ from .forgetting import METER_PROMPTS, RetentionCallback
 from .history import AdapterHistory, SnapshotCallback
 from .mixture import MixtureDataset, TrajectoryStats
 from .pld import PLDCallback, policy_label_divergence
+from .rehearsal import REHEARSAL_PROMPTS
 from .trainer import TMSTrainer
 from .trajectories import SamplingParams, generate_trajectories
 from .vllm_generation import generate_trajectories_vllm, is_vllm_available
@@ -17,6 +18,7 @@ __all__ = [
     "METER_PROMPTS",
     "MixtureDataset",
     "PLDCallback",
+    "REHEARSAL_PROMPTS",
     "RetentionCallback",
     "SamplingParams",
     "SnapshotCallback",

@@ -134,6 +134,24 @@ class TMSConfig(SFTConfig):
             `[1, 2, ..., 10]` favours later snapshots. `None` is uniform (the paper). Needs
             `trajectory_choice="uniform"` and `tms_mode="two_pass"`.
 
+        > Parameters that control self-rehearsal (beyond the paper)
+
+        rehearsal_weight (`float`, *optional*, defaults to `0.0`):
+            Probability (beta) that a drawn example is, instead of the prompt's label or trajectory, the initial
+            model's own answer to an everyday prompt (uniformly over them), so the student keeps its general behaviour
+            in place. The answers are generated once, with the trajectories (before training in online TMS), and kept
+            in `history_dir/rehearsal`. `0.0` (the paper's TMS) generates nothing and leaves the mixture unchanged.
+        rehearsal_prompts (`list[str]`, *optional*):
+            The everyday prompts (texts or conversations). `None` uses the built-in set
+            (`trl_tms.rehearsal.REHEARSAL_PROMPTS`: 64 prompts, disjoint from the forgetting meter's and from the
+            benchmarks' chat probe).
+        rehearsal_num_prompts (`int`, *optional*):
+            Use the first this many prompts (default: all).
+        rehearsal_max_new_tokens (`int`, *optional*, defaults to `128`):
+            Longest rehearsal answer, in tokens. An answer cut there is handled as `unfinished_trajectories` says.
+        rehearsal_temperature (`float`, *optional*, defaults to `0.0`):
+            Sampling temperature of the rehearsal answers; `0.0` is greedy (the initial model's most likely answer).
+
         > Parameters that control Policy-Label Divergence (PLD) logging
 
         log_pld (`bool`, *optional*, defaults to `True`):
@@ -339,6 +357,35 @@ class TMSConfig(SFTConfig):
         },
     )
 
+    # Parameters that control self-rehearsal
+    rehearsal_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability (beta) that a drawn example is the initial model's own answer to an everyday prompt "
+            "instead of the prompt's label or trajectory. 0 (the paper's TMS) generates nothing and leaves the "
+            "mixture unchanged."
+        },
+    )
+    rehearsal_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "The rehearsal's everyday prompts. None: the built-in set (REHEARSAL_PROMPTS, 64 prompts)."},
+    )
+    rehearsal_num_prompts: int | None = field(
+        default=None,
+        metadata={"help": "Use the first this many rehearsal prompts (default: all)."},
+    )
+    rehearsal_max_new_tokens: int = field(
+        default=128,
+        metadata={
+            "help": "Longest rehearsal answer, in tokens; an answer cut there is handled as "
+            "`unfinished_trajectories` says."
+        },
+    )
+    rehearsal_temperature: float = field(
+        default=0.0,
+        metadata={"help": "Sampling temperature of the rehearsal answers; 0 is greedy."},
+    )
+
     # Parameters that control PLD logging
     log_pld: bool = field(
         default=True,
@@ -493,6 +540,24 @@ class TMSConfig(SFTConfig):
                 "`trajectory_filter='self_consistency'` works with `tms_mode='two_pass'` only: it compares the answers "
                 "of every snapshot, and online TMS trains before the later snapshots exist. Use "
                 "`trajectory_filter='verifier'` online.",
+            ),
+            (
+                0.0 <= self.rehearsal_weight < 1.0,
+                f"`rehearsal_weight` (beta) is a probability and must lie in [0, 1), got {self.rehearsal_weight}; at 1 "
+                "the student would never see the task.",
+            ),
+            (
+                self.rehearsal_num_prompts is None or self.rehearsal_num_prompts >= 1,
+                f"`rehearsal_num_prompts` must be at least 1, got {self.rehearsal_num_prompts}. To turn rehearsal off, "
+                "set `rehearsal_weight=0`.",
+            ),
+            (
+                self.rehearsal_max_new_tokens >= 1,
+                f"`rehearsal_max_new_tokens` must be at least 1, got {self.rehearsal_max_new_tokens}.",
+            ),
+            (
+                self.rehearsal_temperature >= 0.0,
+                f"`rehearsal_temperature` must be >= 0 (0 means greedy), got {self.rehearsal_temperature}.",
             ),
             (self.pld_num_samples >= 1, f"`pld_num_samples` must be at least 1, got {self.pld_num_samples}."),
             (

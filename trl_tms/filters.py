@@ -13,6 +13,8 @@ from decimal import Decimal, InvalidOperation
 
 from datasets import Dataset
 
+from .data import completion_text
+
 UNFINISHED_CHOICES = ("truncate", "drop", "keep")
 FILTER_CHOICES = ("none", "self_consistency", "verifier")
 
@@ -57,11 +59,6 @@ def same_final_number(prompt, completion: str, label: str) -> bool:
         return abs(float(predicted) - float(expected)) < 1e-6
     except ValueError:
         return predicted == expected
-
-
-def completion_text(completion) -> str:
-    """The text of a completion, standard (a string) or conversational (a list of messages)."""
-    return completion if isinstance(completion, str) else "".join(str(m.get("content") or "") for m in completion)
 
 
 def keep_flags(

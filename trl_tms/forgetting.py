@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers.utils import logging
 
-from .data import prompt_token_ids
+from .data import as_prompt_rows, completion_text, prompt_token_ids
 from .evaluation import greedy_answers
 from .quantization import keep_4bit_layers_trainable
 from .signals import SignalCallback
@@ -281,51 +280,6 @@ def adapter_is_identity(model) -> bool:
     return True
 
 
-def _as_prompt_rows(prompts) -> list[dict]:
-    """The meter's prompts as rows with a `prompt` (text or messages) and, where given, a reference `completion`."""
-    if hasattr(prompts, "column_names"):
-        if "prompt" not in prompts.column_names:
-            raise ValueError(
-                "A dataset of meter prompts needs a `prompt` column (text or a list of messages), and may have a "
-                f"`completion` column of reference answers; got columns {prompts.column_names}."
-            )
-        rows = [{"prompt": row["prompt"], **({"completion": row["completion"]} if "completion" in row else {})}
-                for row in prompts]
-    elif isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise ValueError(
-            f"`prompts` must be a list of prompts (strings or lists of chat messages) or a dataset with a `prompt` "
-            f"column, got {type(prompts).__name__}."
-        )
-    else:
-        rows = [{"prompt": prompt} for prompt in prompts]
-    if not rows:
-        raise ValueError("The forgetting meter needs at least one prompt; got none.")
-    for n, row in enumerate(rows):
-        prompt = row["prompt"]
-        is_text = isinstance(prompt, str) and prompt.strip()
-        if not (is_text or _is_chat(prompt)):
-            raise ValueError(
-                f"Meter prompt {n} is {prompt!r}: each prompt must be non-empty text or a list of chat messages "
-                "({'role': ..., 'content': ...})."
-            )
-        if "completion" in row and not (isinstance(row["completion"], str) or _is_chat(row["completion"])):
-            raise ValueError(
-                f"The reference completion of meter prompt {n} is {row['completion']!r}: give text or a list of chat "
-                "messages, for every prompt or for none."
-            )
-    return rows
-
-
-def _is_chat(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
-
-
-def _completion_text(completion) -> str:
-    if isinstance(completion, list):
-        return "".join(message["content"] for message in completion)
-    return completion
-
-
 class RetentionCallback(SignalCallback):
     """
     The forgetting meter: logs `retention_kl`, the mean per-token KL(initial || policy) over the initial model's own
@@ -391,7 +345,7 @@ class RetentionCallback(SignalCallback):
         if stop_on_kl and kl_threshold is None:
             raise ValueError("`stop_on_kl=True` needs a `kl_threshold`, e.g. 0.2 nats per token.")
         super().__init__(trainer, stop_on_alarm=stop_on_kl)
-        rows = _as_prompt_rows(METER_PROMPTS if prompts is None else prompts)[:num_prompts]
+        rows = as_prompt_rows(METER_PROMPTS if prompts is None else prompts, "meter")[:num_prompts]
         tokenizer = trainer.processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
         if tokenizer is None or tokenizer.pad_token_id is None:
@@ -407,7 +361,7 @@ class RetentionCallback(SignalCallback):
         if given and len(given) != len(rows):
             raise ValueError("Give a reference `completion` for every meter prompt or for none.")
         self._answers = (
-            [tokenizer(_completion_text(row["completion"]), add_special_tokens=False)["input_ids"] for row in share]
+            [tokenizer(completion_text(row["completion"]), add_special_tokens=False)["input_ids"] for row in share]
             if given else None
         )
         self.reference: MeterReference | None = None

@@ -12,11 +12,15 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import TrainerCallback
 
-from .data import as_completion
-from .filters import completion_text, keep_flags, kept_by_snapshot
+from .data import as_completion, completion_text
+from .filters import keep_flags, kept_by_snapshot
+from .rehearsal import REHEARSAL, rehearsal_candidates
 
 LABEL = -1  # `snapshot_step` of a reference label among the candidates
 IS_LABEL = "tms_is_label"  # per-example flag carried to the loss, so the label fraction actually trained on is logged
+IS_REHEARSAL = "tms_is_rehearsal"  # the same for rehearsal answers (only when the mixture has some)
+FLAGS = (IS_LABEL, IS_REHEARSAL)
+REHEARSAL_STREAM = 1  # extra seed word of the rehearsal draw, whose stream leaves the label/trajectory draw unchanged
 _CARRIED = ("tools", "chat_template_kwargs")
 TRAJECTORY_CHOICES = ("uniform", "curriculum", "pld")
 
@@ -117,6 +121,10 @@ class TrajectoryStats:
     kept: int = 0
     seconds: float = 0.0
     kept_fraction: dict[int, float] = field(default_factory=dict)  # snapshot step -> kept fraction
+    rehearsal: int = 0  # rehearsal answers the student may draw (self-rehearsal)
+    rehearsal_empty: int = 0
+    rehearsal_unfinished: int = 0
+    rehearsal_seconds: float = 0.0
 
     def add(self, other: TrajectoryStats) -> None:
         """Count `other`'s trajectories too (online TMS: one snapshot at a time)."""
@@ -126,6 +134,10 @@ class TrajectoryStats:
         self.kept += other.kept
         self.seconds += other.seconds
         self.kept_fraction.update(other.kept_fraction)
+        self.rehearsal += other.rehearsal
+        self.rehearsal_empty += other.rehearsal_empty
+        self.rehearsal_unfinished += other.rehearsal_unfinished
+        self.rehearsal_seconds += other.rehearsal_seconds
 
     def as_dict(self) -> dict[str, float]:
         """Flat, as logged (with a `tms_` prefix) and written by the benchmarks."""
@@ -136,6 +148,16 @@ class TrajectoryStats:
             "kept_trajectories": self.kept,
             "trajectory_seconds": self.seconds,
             **{f"kept_fraction_step_{step}": fraction for step, fraction in self.kept_fraction.items()},
+            **(
+                {
+                    "rehearsal_answers": self.rehearsal,
+                    "rehearsal_empty": self.rehearsal_empty,
+                    "rehearsal_unfinished": self.rehearsal_unfinished,
+                    "rehearsal_seconds": self.rehearsal_seconds,
+                }
+                if self.rehearsal or self.rehearsal_empty
+                else {}
+            ),
         }
 
 
@@ -159,7 +181,7 @@ class CandidateBuilder:
         self.tokenize = tokenize
         self.unfinished = unfinished
         self.filter_options = filter_options
-        self._end_of_turn: list[int] | None = None
+        self._end_of_turn: dict[bool, list[int]] = {}  # by conversational form
 
     def build(self, trajectories: Dataset | None, with_labels: bool = True) -> tuple[Dataset, TrajectoryStats]:
         """The tokenized candidates (the labels too, unless `with_labels=False`) and what the trajectories held."""
@@ -178,15 +200,34 @@ class CandidateBuilder:
             candidates = self._tokenized(candidates, "mixture" if with_labels else "trajectories")
         return candidates, counts
 
+    def build_rehearsal(self, answers: Dataset) -> tuple[Dataset, TrajectoryStats]:
+        """
+        The tokenized rehearsal candidates from the initial model's answers (empty ones left out; unfinished ones
+        handled as `unfinished` says for trajectories), and their counts.
+        """
+        candidates, empty = rehearsal_candidates(answers)
+        counts = TrajectoryStats(
+            rehearsal_empty=empty, rehearsal_unfinished=len(candidates) - sum(candidates["finished"])
+        )
+        if self.unfinished == "drop":
+            candidates = candidates.filter(bool, input_columns="finished", keep_in_memory=True)
+        counts.rehearsal = len(candidates)
+        if len(candidates):
+            candidates = self._tokenized(candidates, "rehearsal")
+        return candidates, counts
+
     def _tokenized(self, candidates: Dataset, name: str) -> Dataset:
         tokenized = self.tokenize(candidates, name)
         if self.unfinished != "truncate":
             return tokenized
-        if self._end_of_turn is None:
+        conversational = not isinstance(candidates[0]["prompt"], str)
+        if conversational not in self._end_of_turn:
             # The shortest prompt, so that `max_length` cannot cut the probe's end.
-            shortest = min(self.prompts["prompt"], key=lambda p: len(str(p)))
-            self._end_of_turn = end_of_turn_ids(lambda probes: self.tokenize(probes, "end-of-turn probe"), shortest)
-        return truncate_unfinished(tokenized, self._end_of_turn)
+            shortest = min(candidates["prompt"], key=lambda p: len(str(p)))
+            self._end_of_turn[conversational] = end_of_turn_ids(
+                lambda probes: self.tokenize(probes, "end-of-turn probe"), shortest
+            )
+        return truncate_unfinished(tokenized, self._end_of_turn[conversational])
 
 
 def _slice(steps: list[int], epoch: int, num_epochs: int) -> list[int]:
@@ -209,6 +250,10 @@ class MixtureDataset(torch.utils.data.Dataset):
     - `"pld"`: the trajectory closest to the policy, i.e. with the lowest mean NLL per token under the current student,
       as given by [`set_scores`] (at the start of each epoch the trainer scores the trajectories of the prompts that
       will not draw their label, `rows_to_score()`).
+
+    With rehearsal answers ([`add_rehearsal`]), each draw is first, with probability `rehearsal_weight` (beta), one of
+    them (uniformly) instead; this draw has a random stream of its own, so the other draws are those of the mixture
+    without rehearsal.
 
     The draw for prompt `i` in epoch `e` depends only on `(seed, e, i)` (and the scores), so it is fresh every epoch,
     reproducible, and independent of batch order and of the number of dataloader workers.
@@ -258,12 +303,16 @@ class MixtureDataset(torch.utils.data.Dataset):
         self._examples = candidates.select_columns(["input_ids", "labels"])
         self._prompt_of = list(candidates["prompt_index"])
         self._step_of = list(candidates["snapshot_step"])
+        self.rehearsal_weight = 0.0
+        self._rehearsal: list[int] = []  # candidate rows of rehearsal answers
         self._index(keep_steps=None)
 
     def _index(self, keep_steps: set[int] | None) -> None:
         self._label: dict[int, int] = {}
         self._trajectories: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         for row, (index, step) in enumerate(zip(self._prompt_of, self._step_of)):
+            if step == REHEARSAL:
+                continue
             if step == LABEL:
                 self._label[index] = row
             elif (keep_steps is None or step in keep_steps) and (
@@ -280,14 +329,36 @@ class MixtureDataset(torch.utils.data.Dataset):
         Add tokenized trajectory candidates (online TMS) and draw from those of `keep_steps` only (default: all). The
         prompts stay the same, so the length of the dataset does not change under the sampler.
         """
-        if LABEL in candidates["snapshot_step"]:
-            raise ValueError("`extend` takes trajectories only; the labels are given once, to the constructor.")
+        if {LABEL, REHEARSAL} & set(candidates["snapshot_step"]):
+            raise ValueError(
+                "`extend` takes trajectories only; the labels are given once, to the constructor, and rehearsal answers "
+                "to `add_rehearsal`."
+            )
         if not set(candidates["prompt_index"]) <= set(self._label):
             raise ValueError("`extend` got trajectories of prompts that have no label in the mixture.")
         self._examples = concatenate_datasets([self._examples, candidates.select_columns(["input_ids", "labels"])])
         self._prompt_of += list(candidates["prompt_index"])
         self._step_of += list(candidates["snapshot_step"])
         self._index(keep_steps)
+
+    def add_rehearsal(self, candidates: Dataset, weight: float) -> None:
+        """
+        From now on, draw one of these tokenized rehearsal candidates (uniformly) instead of the prompt's usual draw,
+        with probability `weight` (beta). Their `prompt_index` counts the rehearsal prompts, not the training prompts.
+        """
+        if not 0.0 <= weight < 1.0:
+            raise ValueError(f"The rehearsal weight (beta) must lie in [0, 1), got {weight}.")
+        if not len(candidates):
+            raise ValueError(
+                "No rehearsal answer is left to train on (all empty, or all cut at the length limit and dropped): raise "
+                "`rehearsal_max_new_tokens`, or use other rehearsal prompts."
+            )
+        start = len(self._examples)
+        self._examples = concatenate_datasets([self._examples, candidates.select_columns(["input_ids", "labels"])])
+        self._prompt_of += list(candidates["prompt_index"])
+        self._step_of += [REHEARSAL] * len(candidates)
+        self._rehearsal = list(range(start, start + len(candidates)))
+        self.rehearsal_weight = weight
 
     def candidate(self, row: int) -> dict[str, Any]:
         """Candidate `row` (as `draw` returns it): its `input_ids`, `labels`, `prompt_index` and `snapshot_step`."""
@@ -326,7 +397,11 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def _drawing_trajectories(self, epoch: int | None = None) -> list[int]:
         epoch = self.epoch if epoch is None else epoch
-        return [i for i in self.prompt_indices if i in self._trajectories and not self._draws_label(i, epoch)[0]]
+        return [
+            i
+            for i in self.prompt_indices
+            if i in self._trajectories and self._rehearsal_row(i, epoch) is None and not self._draws_label(i, epoch)[0]
+        ]
 
     def _best_row(self, by_step: dict[int, list[int]]) -> int:
         if self.scores is None:
@@ -334,9 +409,15 @@ class MixtureDataset(torch.utils.data.Dataset):
         return min((row for rows in by_step.values() for row in rows), key=lambda row: (self.scores[row], row))
 
     def draw(self, position: int, epoch: int | None = None) -> tuple[int, bool]:
-        """The candidate row drawn for the prompt at `position` in `epoch`, and whether it is the label."""
+        """
+        The candidate row drawn for the prompt at `position` in `epoch`, and whether it is the label (a rehearsal row,
+        see `is_rehearsal`, is not).
+        """
         index = self.prompt_indices[position]
         epoch = self.epoch if epoch is None else epoch
+        rehearsal = self._rehearsal_row(index, epoch)
+        if rehearsal is not None:
+            return rehearsal, False
         is_label, rng = self._draws_label(index, epoch)
         if is_label:
             return self._label[index], True
@@ -352,6 +433,19 @@ class MixtureDataset(torch.utils.data.Dataset):
             return rows[rng.integers(len(rows))], False
         rows = by_step[steps[rng.integers(len(steps))]]
         return rows[rng.integers(len(rows))], False
+
+    def _rehearsal_row(self, index: int, epoch: int) -> int | None:
+        """The rehearsal row prompt `index` draws in `epoch` instead of its usual draw, or None."""
+        if not self._rehearsal or self.rehearsal_weight == 0.0:
+            return None
+        rng = np.random.default_rng([self.seed, epoch, index, REHEARSAL_STREAM])
+        if rng.random() >= self.rehearsal_weight:
+            return None
+        return self._rehearsal[rng.integers(len(self._rehearsal))]
+
+    def is_rehearsal(self, row: int) -> bool:
+        """Whether candidate `row` is a rehearsal answer."""
+        return self._step_of[row] == REHEARSAL
 
     def _draws_label(self, index: int, epoch: int) -> tuple[bool, np.random.Generator]:
         """Whether prompt `index` draws its label in `epoch`, and the random stream its trajectory draw continues."""
@@ -374,27 +468,34 @@ class MixtureDataset(torch.utils.data.Dataset):
         """Fraction of prompts that draw their label in `epoch`."""
         return float(np.mean([self.draw(position, epoch)[1] for position in range(len(self))]))
 
+    def rehearsal_fraction(self, epoch: int | None = None) -> float:
+        """Fraction of prompts whose draw in `epoch` is a rehearsal answer."""
+        return float(np.mean([self.is_rehearsal(self.draw(position, epoch)[0]) for position in range(len(self))]))
+
     def __getitem__(self, position: int) -> dict[str, Any]:
         row, is_label = self.draw(position)
         example = self._examples[row]
-        return {"input_ids": example["input_ids"], "labels": example["labels"], IS_LABEL: is_label}
+        item = {"input_ids": example["input_ids"], "labels": example["labels"], IS_LABEL: is_label}
+        if self._rehearsal:
+            item[IS_REHEARSAL] = self.is_rehearsal(row)
+        return item
 
 
 class MixtureCollator:
     """
-    Wraps the SFT collator: collates the tokens as usual and carries the label flags along as a tensor. Examples
-    without flags (evaluation batches) pass straight through.
+    Wraps the SFT collator: collates the tokens as usual and carries the per-example flags (`FLAGS`: label, rehearsal)
+    along as tensors. Examples without flags (evaluation batches) pass straight through.
     """
 
     def __init__(self, collator):
         self.collator = collator
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if IS_LABEL not in examples[0]:
-            return self.collator(examples)
-        flags = [example.pop(IS_LABEL) for example in examples]
+        names = [name for name in FLAGS if name in examples[0]]
+        flags = {name: [example.pop(name) for example in examples] for name in names}
         batch = self.collator(examples)
-        batch[IS_LABEL] = torch.tensor(flags, dtype=torch.float32)
+        for name, values in flags.items():
+            batch[name] = torch.tensor(values, dtype=torch.float32)
         return batch
 
 

@@ -85,6 +85,12 @@ def format_summary(trainer, output_dir: str) -> str:
             f"Student draws from {stats.kept} of them (trajectory_filter={args.trajectory_filter}); kept by snapshot: "
             + ", ".join(f"step {step} {fraction:.0%}" for step, fraction in stats.kept_fraction.items())
         )
+    if stats.rehearsal or stats.rehearsal_empty:
+        lines.append(
+            f"Self-rehearsal:    {stats.rehearsal} answers of the initial model to everyday prompts, drawn with "
+            f"probability {trainer.args.rehearsal_weight} ({stats.rehearsal_seconds:.0f} s; {stats.rehearsal_empty} "
+            f"empty, {stats.rehearsal_unfinished} cut at rehearsal_max_new_tokens; {trainer.history_dir}/rehearsal/)"
+        )
     pld = pld_by_phase(trainer.state.log_history)
     if pld:
         lines.append("PLD (mean NLL per token of the held-out labels; lower = labels closer to the policy):")

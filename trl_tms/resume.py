@@ -25,6 +25,8 @@ RUN_FILE = "tms_run.json"
 HARVEST_DIR = "harvest"
 TRAJECTORIES_DIR = "trajectories"
 TRAJECTORY_PARTS = "trajectory-parts"
+REHEARSAL_DIR = "rehearsal"
+REHEARSAL_PARTS = "rehearsal-parts"
 VLLM_DIR = "vllm"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -33,7 +35,7 @@ def dataset_digest(dataset) -> str:
     """A content hash of the prompt and completion columns (in-memory datasets get random fingerprints)."""
     digest = hashlib.sha256()
     for column in ("prompt", "completion"):
-        for value in dataset[column]:
+        for value in dataset[column] if column in dataset.column_names else []:
             digest.update(json.dumps(value, sort_keys=True, ensure_ascii=False).encode())
             digest.update(b"\x00")
     return digest.hexdigest()
@@ -128,8 +130,11 @@ def checkpoint_step(checkpoint: str) -> int:
         return json.load(f)["global_step"]
 
 
-def run_settings(model, peft_config, prompts, args, planned_steps: int, sampling) -> dict:
-    """What the snapshots (`harvest`) and the trajectories (`trajectories`, from `SamplingParams`) depend on."""
+def run_settings(model, peft_config, prompts, args, planned_steps: int, sampling, rehearsal=None) -> dict:
+    """
+    What the snapshots (`harvest`), the trajectories (`trajectories`, from `SamplingParams`) and, with `rehearsal` (the
+    rehearsal prompts and their `SamplingParams`), the rehearsal answers (`rehearsal`) depend on.
+    """
     harvest = {
         "model": model_summary(model),
         "lora": lora_summary(peft_config),
@@ -147,7 +152,16 @@ def run_settings(model, peft_config, prompts, args, planned_steps: int, sampling
     trajectories = dataclasses.asdict(sampling)
     trajectories.pop("batch_size")  # batching changes speed, not the distribution sampled
     trajectories["generation_backend"] = args.generation_backend  # each backend seeds its samples its own way
-    return {"harvest": harvest, "trajectories": trajectories}
+    settings = {"harvest": harvest, "trajectories": trajectories}
+    if rehearsal is not None:
+        rehearsal_prompts, rehearsal_sampling = rehearsal
+        settings["rehearsal"] = {
+            "prompts": dataset_digest(rehearsal_prompts),
+            "num_prompts": len(rehearsal_prompts),
+            **{k: v for k, v in dataclasses.asdict(rehearsal_sampling).items() if k != "batch_size"},
+            "generation_backend": args.generation_backend,
+        }
+    return settings
 
 
 class TMSRun:
@@ -173,6 +187,9 @@ class TMSRun:
         # Trajectories of each group of snapshots while a generation phase runs (an interrupted one resumes there).
         self.parts_dir = os.path.join(history_dir, TRAJECTORY_PARTS)
         self.vllm_dir = os.path.join(history_dir, VLLM_DIR)
+        # The initial model's answers to the rehearsal prompts (self-rehearsal), and their parts while generated.
+        self.rehearsal_dir = os.path.join(history_dir, REHEARSAL_DIR)
+        self.rehearsal_parts_dir = os.path.join(history_dir, REHEARSAL_PARTS)
 
     # The record
 
@@ -218,12 +235,22 @@ class TMSRun:
             if self.is_main:
                 for folder in (self.trajectories_dir, self.parts_dir):
                     shutil.rmtree(folder, ignore_errors=True)
+        if record.get("rehearsal_done") and record["settings"].get("rehearsal") != settings.get("rehearsal"):
+            logger.warning("Rehearsal settings changed since the rehearsal answers were generated: they are generated "
+                           "again.")
+            record["rehearsal_done"] = False
+            if self.is_main:
+                for folder in (self.rehearsal_dir, self.rehearsal_parts_dir):
+                    shutil.rmtree(folder, ignore_errors=True)
         record["settings"] = settings
         self.record = record
         self.save()
 
     def done(self, phase: str) -> bool:
-        """Whether `phase` (`"harvest"`, `"trajectories"`, `"online"`) finished in this run or the one it resumes."""
+        """
+        Whether `phase` (`"harvest"`, `"trajectories"`, `"rehearsal"`, `"online"`) finished in this run or the one it
+        resumes.
+        """
         return bool(self.record.get(f"{phase}_done"))
 
     def finish(self, phase: str, **fields) -> None:
@@ -239,7 +266,7 @@ class TMSRun:
         """A new run replaces the snapshots and trajectories a previous run left in the same history folder."""
         if not self.is_main or not os.path.isdir(self.history_dir):
             return
-        names = (TRAJECTORIES_DIR, TRAJECTORY_PARTS, VLLM_DIR, HARVEST_DIR, RUN_FILE)
+        names = (TRAJECTORIES_DIR, TRAJECTORY_PARTS, REHEARSAL_DIR, REHEARSAL_PARTS, VLLM_DIR, HARVEST_DIR, RUN_FILE)
         stale = [n for n in os.listdir(self.history_dir) if n.startswith("step-") or n in names]
         if stale:
             logger.warning(f"Replacing the adapter history of a previous run in {self.history_dir} ({len(stale)} entries).")
@@ -250,7 +277,7 @@ class TMSRun:
     def remove_generation_scratch(self) -> None:
         """The parts, and vLLM's copy of the base weights: a finished history keeps adapters and trajectories only."""
         if self.is_main:
-            for folder in (self.parts_dir, self.vllm_dir):
+            for folder in (self.parts_dir, self.rehearsal_parts_dir, self.vllm_dir):
                 shutil.rmtree(folder, ignore_errors=True)
 
     # Resuming

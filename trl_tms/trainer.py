@@ -13,6 +13,7 @@ from datasets import load_from_disk
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
+from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
 from .config import (
@@ -27,10 +28,20 @@ from .data import to_prompt_completion
 from .forgetting import RetentionCallback
 from .history import AdapterHistory, SnapshotCallback, adapter_parameters, snapshot_steps
 from .hub import TMSHubMixin
-from .mixture import IS_LABEL, CandidateBuilder, MixtureCallback, MixtureCollator, MixtureDataset, TrajectoryStats
+from .mixture import (
+    FLAGS,
+    IS_LABEL,
+    IS_REHEARSAL,
+    CandidateBuilder,
+    MixtureCallback,
+    MixtureCollator,
+    MixtureDataset,
+    TrajectoryStats,
+)
 from .online import OnlineTMS
 from .pld import PLDCallback, score_trajectories
 from .quantization import keep_4bit_layers_trainable
+from .rehearsal import initial_history, rehearsal_prompts, rehearsal_sampling
 from .resume import TMSRun, checkpoint_step, run_settings
 from .trajectories import (
     PART_KEYS,
@@ -61,6 +72,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
     3. **student**: the adapter restarts from its initial weights, with a fresh optimizer and schedule, and trains for
        the same number of steps on the mixture: each time an example is drawn, its label with probability
        `label_weight`, else one of its trajectories, uniformly over snapshots.
+
+    With `rehearsal_weight` (beta) > 0 (beyond the paper), a drawn example is, with probability beta, the initial
+    model's own answer to an everyday prompt instead; those answers are generated once, in the trajectories phase.
 
     With an `eval_dataset`, Policy-Label Divergence (`pld`, `pld_drift`) is logged in both phases, and the forgetting
     meter ([`RetentionCallback`]: `retention_kl`, `retention_nll`) in every phase unless `log_retention=False`. Log
@@ -178,6 +192,18 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
                 self._tokenizer, self.prompts, args.max_new_tokens_from_labels, args.max_new_tokens
             )
         self.generator = self._make_generator(SamplingParams.from_config(args, self.max_new_tokens))
+        self.rehearsal_prompts, self.rehearsal_generator = None, None
+        if args.rehearsal_weight > 0:
+            self.rehearsal_prompts = rehearsal_prompts(
+                args.rehearsal_prompts, args.rehearsal_num_prompts, conversational=is_conversational(self.prompts[0])
+            )
+            # The initial adapter, taken now (before any training), is the rehearsal's one snapshot.
+            self.rehearsal_generator = self._make_generator(
+                rehearsal_sampling(args),
+                prompts=self.rehearsal_prompts,
+                history=initial_history(self.model, self.adapter_name),
+                parts_dir=self.run.rehearsal_parts_dir,
+            )
         self.candidate_builder = CandidateBuilder(
             self.prompts,
             lambda candidates, name: self._prepare_dataset(candidates, self.processing_class, args, False, None, name),
@@ -213,9 +239,14 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             )
             self.add_callback(self.retention_callback)
 
-    def _make_generator(self, sampling: SamplingParams):
-        common = dict(adapter_name=self.adapter_name, chat_template=self.chat_template, parts_dir=self.run.parts_dir)
-        inputs = (self.model, self._tokenizer, self.prompts, self.history, sampling)
+    def _make_generator(self, sampling: SamplingParams, prompts=None, history=None, parts_dir: str | None = None):
+        """The generation backend for `prompts` and the snapshots of `history` (default: the training prompts and the
+        run's history)."""
+        common = dict(
+            adapter_name=self.adapter_name, chat_template=self.chat_template, parts_dir=parts_dir or self.run.parts_dir
+        )
+        prompts = self.prompts if prompts is None else prompts
+        inputs = (self.model, self._tokenizer, prompts, self.history if history is None else history, sampling)
         if self.args.generation_backend == "vllm":
             return VLLMGenerator(
                 *inputs,
@@ -253,8 +284,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         """
         run, resume = self.run, resume_from_checkpoint
         sampling = SamplingParams.from_config(self.args, self.max_new_tokens)
+        rehearsal = None if self.rehearsal_prompts is None else (self.rehearsal_prompts, rehearsal_sampling(self.args))
         settings = run_settings(self.model, self.model.peft_config[self.adapter_name], self.prompts, self.args,
-                                self.planned_steps, sampling)
+                                self.planned_steps, sampling, rehearsal)
         run.start(settings, self.planned_steps, resume)
         train = partial(super().train, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         if self.args.tms_mode == "online":
@@ -276,8 +308,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             run.finish("harvest", harvest_steps=self.state.global_step, harvest_log=self.state.log_history,
                        snapshot_steps=self.history.steps)
 
-        # 2. Trajectories: every snapshot samples its completions of every prompt.
+        # 2. Trajectories: every snapshot samples its completions of every prompt (and, for self-rehearsal, the initial
+        # adapter answers the rehearsal prompts).
         with self._phase("trajectories"):
+            rehearsal = self._rehearsal_answers()
             started = time.perf_counter()
             self.trajectories = self._trajectories(reuse=run.done("trajectories"))
             seconds = run.record.get("trajectory_seconds", time.perf_counter() - started)
@@ -288,6 +322,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         candidates, self.stats = self.candidate_builder.build(self.trajectories)
         self.stats.seconds = seconds
         self._use_mixture(candidates)
+        self.stats.add(self._use_rehearsal(rehearsal))
         self._reset_adapter()
         score = partial(score_trajectories, self, self.train_dataset, candidates)
         mixture = MixtureCallback(self.train_dataset, self.log_event, begin_logs={
@@ -303,6 +338,8 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         online = OnlineTMS(self, self.run)
         self._use_mixture(self.candidate_builder.build(None)[0])
         self.stats = online.stats
+        # Before the first step, while the adapter is still the initial one the answers come from.
+        self.stats.add(self._use_rehearsal(self._rehearsal_answers()))
         callbacks = [online, SnapshotCallback(self.history, self.model, self.adapter_name),
                      MixtureCallback(self.train_dataset, self.log_event)]
         with self._phase("online", callbacks):
@@ -344,6 +381,29 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         self.run.remove_generation_scratch()
         return trajectories
 
+    def _rehearsal_answers(self):
+        """The initial model's answers to the rehearsal prompts (None without rehearsal): generated once, then read
+        back from the history folder."""
+        if self.rehearsal_generator is None:
+            return None
+        if self.run.done("rehearsal") and os.path.isdir(self.run.rehearsal_dir):
+            return load_from_disk(self.run.rehearsal_dir)
+        started = time.perf_counter()
+        answers = self.rehearsal_generator.generate()
+        if self.is_world_process_zero():
+            save_trajectories(answers, self.run.rehearsal_dir)
+        self.run.finish("rehearsal", rehearsal_seconds=time.perf_counter() - started)
+        return answers
+
+    def _use_rehearsal(self, answers) -> TrajectoryStats:
+        """Let the mixture draw the rehearsal `answers` with probability `rehearsal_weight`; returns their counts."""
+        if answers is None:
+            return TrajectoryStats()
+        candidates, counts = self.candidate_builder.build_rehearsal(answers)
+        self.train_dataset.add_rehearsal(candidates, self.args.rehearsal_weight)
+        counts.rehearsal_seconds = self.run.record.get("rehearsal_seconds", 0.0)
+        return counts
+
     def sample_trajectories(self, steps: list[int] | None = None):
         """Trajectories of the snapshots of `steps` (default: all), from the trainer's generation backend."""
         return self.generator.generate(steps=steps)
@@ -374,14 +434,15 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if IS_LABEL not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, IS_LABEL]
+        self._signature_columns = [*self._signature_columns, *(f for f in FLAGS if f not in self._signature_columns)]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        is_label = inputs.pop(IS_LABEL, None)
-        if is_label is not None:
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["tms_label_fraction"].append(self.accelerator.gather_for_metrics(is_label).mean().item())
+        mode = "train" if self.model.training else "eval"
+        # The fractions of labels and rehearsal answers actually trained on.
+        for flag, metric in ((IS_LABEL, "tms_label_fraction"), (IS_REHEARSAL, "tms_rehearsal_fraction")):
+            values = inputs.pop(flag, None)
+            if values is not None:
+                self._metrics[mode][metric].append(self.accelerator.gather_for_metrics(values).mean().item())
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -16,8 +16,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from trl.data_utils import is_conversational
 
 from .atomic import atomic_folder, write_json_atomically
-from .data import as_completion, prompt_token_ids
-from .filters import completion_text
+from .data import as_completion, completion_text, prompt_token_ids
 from .history import AdapterHistory
 from .routing import RowRouter
 

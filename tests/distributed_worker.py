@@ -2,6 +2,9 @@
 
     distributed_worker.py train MODEL OUT      a whole TMS run; every process writes OUT/rank-<i>.json
     distributed_worker.py online MODEL OUT     the same with `tms_mode="online"`
+    distributed_worker.py zero2 MODEL OUT      `train` under DeepSpeed ZeRO-2 (launched with a DeepSpeed config)
+    distributed_worker.py zero2-online MODEL OUT
+    distributed_worker.py one-process-batch-8 MODEL OUT   `train` in one process on the global batch of two
     distributed_worker.py generate MODEL OUT   trajectories of the snapshots in OUT/history, into OUT/regenerated.json
 """
 
@@ -11,13 +14,15 @@ import os
 import sys
 from functools import partial
 
+import torch
 from accelerate import PartialState
 from conftest import QUIET_CPU, load_tokenizer, make_examples
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 import trl_tms.trajectories as trajectories_module
 from trl_tms import AdapterHistory, TMSConfig, TMSTrainer
+from trl_tms.history import adapter_parameters
 from trl_tms.trajectories import SamplingParams, generate_trajectories
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
@@ -25,12 +30,13 @@ TRAIN, EVAL = make_examples(24, seed=0), make_examples(7, seed=1)  # 7: uneven a
 
 
 def config(out: str, **overrides) -> TMSConfig:
-    return TMSConfig(
+    values = dict(
         output_dir=os.path.join(out, "student"), history_dir=os.path.join(out, "history"), num_checkpoints=3,
         per_device_train_batch_size=4, per_device_eval_batch_size=2, num_train_epochs=2, learning_rate=1e-2,
         max_new_tokens=6, samples_per_checkpoint=2, snapshots_per_generate=2, generation_batch_size=4,
-        logging_steps=1, seed=7, **QUIET_CPU, **overrides,
+        logging_steps=1, seed=7, **QUIET_CPU,
     )
+    return TMSConfig(**{**values, **overrides})
 
 
 def trajectory_rows(trajectories) -> list:
@@ -55,12 +61,42 @@ def count_sampled_rows() -> list[int]:
     return rows
 
 
+class LiveWeights(TrainerCallback):
+    """The adapter's weights as this process holds them after every optimizer step, by phase."""
+
+    def __init__(self):
+        self.trainer, self.weights = None, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        params = adapter_parameters(self.trainer.model, self.trainer.adapter_name)
+        self.weights[(self.trainer.phase, state.global_step)] = {n: p.detach().clone() for n, p in params.items()}
+
+
+def snapshot_differences(trainer, live: LiveWeights) -> dict[int, float]:
+    """Largest difference between each snapshot on disk and the weights this process held at its step."""
+    history = AdapterHistory.open(trainer.history_dir)
+    phase = "online" if trainer.args.tms_mode == "online" else "harvest"
+    differences = {}
+    for step in history.steps:
+        if step == 0:
+            continue  # online TMS's step-0 snapshot is the initial adapter, before any step
+        snapshot, weights = history[step], live.weights[(phase, step)]
+        slots = AdapterHistory.slot_parameters(trainer.model, trainer.adapter_name)
+        names = {id(p): n for n, p in adapter_parameters(trainer.model, trainer.adapter_name).items()}
+        differences[step] = max(
+            (snapshot[key] - weights[names[id(param)]]).abs().max().item() for key, param in slots.items()
+        )
+    return differences
+
+
 def train(model_path: str, out: str, **overrides) -> None:
     sampled_here = count_sampled_rows()
+    live = LiveWeights()
     trainer = TMSTrainer(
         model=model_path, args=config(out, **overrides), train_dataset=TRAIN, eval_dataset=EVAL,
-        processing_class=load_tokenizer(model_path), peft_config=LoraConfig(**LORA),
+        processing_class=load_tokenizer(model_path), peft_config=LoraConfig(**LORA), callbacks=[live],
     )
+    live.trainer = trainer
     trainer.train()
     state = PartialState()
     rows = trajectory_rows(trainer.trajectories)
@@ -73,7 +109,15 @@ def train(model_path: str, out: str, **overrides) -> None:
         "log_history": trainer.state.log_history,
         "history_steps": trainer.history.steps,
         "history_directory": trainer.history.directory,
+        "snapshot_differences": snapshot_differences(trainer, live),
     }
+    if trainer.is_deepspeed_enabled:
+        engine = trainer.model_wrapped
+        summary["zero_stage"] = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        summary["engine"] = type(engine).__name__
+        # ZeRO-2 keeps this process's partition of the fp32 master weights (and their optimizer state) only.
+        summary["partition_numel"] = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
+        summary["trainable_numel"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if state.is_main_process:
         summary["trajectories"] = rows
         trainer.save_model()
@@ -94,6 +138,22 @@ def generate(model_path: str, out: str) -> None:
             json.dump(trajectory_rows(trajectories), f)
 
 
+def deepspeed_train(model_path: str, out: str, **overrides) -> None:
+    """`train` under the DeepSpeed config `accelerate launch` was given. On CPU, DeepSpeed needs a gloo process group
+    made before the config, kept by the Trainer (`use_configured_state`), and `use_cpu` off (a test-only setup: on GPUs
+    plain `accelerate launch` with NCCL needs none of this)."""
+    PartialState(backend="gloo")
+    train(model_path, out, use_cpu=False, accelerator_config={"use_configured_state": True}, **overrides)
+
+
 if __name__ == "__main__":
-    online = partial(train, tms_mode="online")
-    {"train": train, "online": online, "generate": generate}[sys.argv[1]](sys.argv[2], sys.argv[3])
+    modes = {
+        "train": train,
+        "online": partial(train, tms_mode="online"),
+        "generate": generate,
+        "zero2": deepspeed_train,
+        "zero2-online": partial(deepspeed_train, tms_mode="online"),
+        # The reference of the two-process runs: one process on their global batch.
+        "one-process-batch-8": partial(train, per_device_train_batch_size=8),
+    }
+    modes[sys.argv[1]](sys.argv[2], sys.argv[3])

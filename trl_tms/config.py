@@ -714,8 +714,10 @@ def check_parallelism(accelerator, generation_backend: str = "transformers") -> 
         name = "DeepSpeed ZeRO-3" if backend.is_zero3 else f"FSDP (version {backend.fsdp_version})"
         raise NotImplementedError(
             f"TMSTrainer does not support {name} yet: it shards the LoRA weights, which the adapter snapshots and the "
-            "trajectory slots read whole. Use data parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed "
-            "ZeRO-1/2; a LoRA adapter and its optimizer state are small, and a 4-bit base fits where ZeRO-3 was needed."
+            "trajectory slots read whole, and generation on sharded weights needs every process in lockstep. Use "
+            "data parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 "
+            "(examples/accelerate_configs/zero2.yaml); a LoRA adapter and its optimizer state are small, and a 4-bit "
+            "base fits where ZeRO-3 was needed. See docs/sharded.md."
         )
 
 

@@ -414,6 +414,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             for name, param in adapter_parameters(self.model, self.adapter_name).items():
                 param.copy_(self._initial_adapter[name])
         self.optimizer, self.lr_scheduler = None, None
+        if self.is_deepspeed_enabled:
+            # A DeepSpeed engine owns the optimizer and its partitioned state: let the next `train()` build a new one.
+            self.accelerator.free_memory()
+            self.model_wrapped, self.deepspeed = self.model, None
         self._total_train_tokens = 0
 
     def _use_mixture(self, candidates) -> None:

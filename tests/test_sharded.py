@@ -1,0 +1,119 @@
+"""TMS under DeepSpeed ZeRO-2 on two CPU processes (gloo), with the shipped accelerate config, against one process.
+
+ZeRO-2 partitions the optimizer state and the gradients; every process keeps the whole (LoRA) weights, so snapshots
+and hot-swapped generation read them as under DDP. What these tests hold to: the engine really partitions, every
+(prompt, snapshot, sample) is sampled once, the snapshots are the live weights at their step on every process, and the
+trajectories and the final adapter are those of one process training on the same global batch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("deepspeed", reason="install the `distributed` extra: pip install -e '.[distributed]'")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+ZERO2 = os.path.join("examples", "accelerate_configs", "zero2.yaml")  # as users run it, from the repository root
+sys.path.insert(0, HERE)
+import distributed_worker as worker  # noqa: E402
+
+pytestmark = [
+    pytest.mark.sharded,
+    pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo"),
+]
+
+
+@pytest.fixture(scope="module")
+def extensions_dir(tmp_path_factory) -> str:
+    # DeepSpeed compiles a small shared-memory extension on its first CPU run (about a minute): once per test session.
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.getbasetemp() / "torch_extensions")
+
+
+def launch(mode: str, model: str, out: str, extensions: str, config: str | None = ZERO2) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_LOG_LEVEL": "error", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": extensions}
+    script = os.path.join("tests", "distributed_worker.py")
+    command = [sys.executable, script, mode, model, out] if config is None else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, script, mode, model, out]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = []
+    for rank in range(1 if config is None else 2):
+        with open(os.path.join(out, f"rank-{rank}.json")) as f:
+            ranks.append(json.load(f))
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tiny_llama, tmp_path_factory, extensions_dir):
+    out = str(tmp_path_factory.mktemp("zero2"))
+    return out, launch("zero2", tiny_llama, out, extensions_dir)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_llama, tmp_path_factory, extensions_dir):
+    """One process on the same global batch (2 processes x 4 = 8) and seed."""
+    out = str(tmp_path_factory.mktemp("one"))
+    return out, launch("one-process-batch-8", tiny_llama, out, extensions_dir, config=None)
+
+
+def test_the_engine_is_deepspeed_zero2_and_really_partitions(zero2_run):
+    _, ranks = zero2_run
+    for rank in ranks:
+        assert rank["num_processes"] == 2 and rank["distributed_type"] == "DistributedType.DEEPSPEED"
+        assert rank["zero_stage"] == 2 and rank["engine"] == "DeepSpeedEngine"
+        # Each process holds half of the fp32 master weights (and so of the optimizer state).
+        assert rank["partition_numel"] * 2 == rank["trainable_numel"]
+
+
+def test_every_trajectory_is_sampled_once_and_every_process_holds_them_all(zero2_run):
+    out, (main, other) = zero2_run
+    steps = [2, 4, 6]
+    assert main["history_steps"] == other["history_steps"] == steps
+    expected = {(p, s, k) for p in range(len(worker.TRAIN)) for s in steps for k in range(2)}
+    keys = [tuple(row[:3]) for row in main["trajectories"]]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    assert main["sampled_here"] + other["sampled_here"] == len(expected) and other["sampled_here"] > 0
+    # Written once, by the main process.
+    assert main["history_directory"] and other["history_directory"] is None
+    assert sorted(n for n in os.listdir(os.path.join(out, "history")) if n.startswith("step-")) == [
+        f"step-{s}" for s in steps]
+
+
+def test_snapshots_are_the_live_weights_at_their_step_on_every_process(zero2_run):
+    _, ranks = zero2_run
+    for rank in ranks:
+        assert rank["snapshot_differences"] == {"2": 0.0, "4": 0.0, "6": 0.0}
+
+
+def test_trajectories_and_adapters_equal_one_process_on_the_same_global_batch(zero2_run, one_process_run):
+    out, (main, _) = zero2_run
+    one_out, (one,) = one_process_run
+    assert main["trajectories_digest"] == one["trajectories_digest"]
+    # Gradients reduced across two processes sum in another order than in one: equal up to float rounding.
+    for folder in [f"history/step-{s}" for s in (2, 4, 6)] + ["student"]:
+        sharded = load_file(os.path.join(out, folder, "adapter_model.safetensors"))
+        single = load_file(os.path.join(one_out, folder, "adapter_model.safetensors"))
+        assert sharded.keys() == single.keys()
+        for key in sharded:
+            torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=1e-5, msg=f"{folder}: {key}")
+    losses = [[e["loss"] for e in run["log_history"] if "loss" in e] for run in (main, one)]
+    assert len(losses[0]) == 12 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_online_tms_under_zero2(tiny_llama, tmp_path, extensions_dir):
+    main, other = launch("zero2-online", tiny_llama, str(tmp_path), extensions_dir)
+    assert main["history_steps"] == other["history_steps"] == [0, 2, 4]
+    assert main["partition_numel"] * 2 == main["trainable_numel"]
+    keys = [tuple(row[:3]) for row in main["trajectories"]]
+    assert sorted(keys) == sorted((p, s, k) for p in range(len(worker.TRAIN)) for s in (0, 2, 4) for k in range(2))
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    assert main["snapshot_differences"] == other["snapshot_differences"] == {"2": 0.0, "4": 0.0}
+    assert {e.get("tms_phase") for e in main["log_history"]} == {3}

@@ -13,6 +13,9 @@ Prints a table and writes `benchmarks/results/speed_<model>.json`. Measured:
 - generation: trajectory tokens/s with all snapshots in one `generate` call (rows routed by stacked LoRA factors, and
   by PEFT's `adapter_names` for reference), one snapshot per call, and a model reloaded per snapshot (same prompts,
   same snapshots);
+- the bandwidth bound (`bandwidth.py`): the machine's copy bandwidth and the bytes a decode step reads (weights, the
+  call's LoRA factors, KV cache) give the most new tokens/s a batch of B rows could reach; generation tokens/s at
+  B = 8, 32, 64 rows per call (4 snapshots per call) as a fraction of it;
 - end to end: TMS / SFT wall time on the same data and step count, by phase, for two-pass TMS (the paper), two-pass
   TMS with `trajectory_choice="pld"` and online TMS (`tms_mode="online"`, one training run);
 - memory: peak resident memory during training (sampled every 10 ms from the start of `train()`, so model loading is
@@ -36,6 +39,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -310,6 +314,7 @@ def micro(model_name: str, workdir: str) -> dict:
         tokens += sum(generate_trajectories(fresh, tokenizer, prompts, single, sampling, disable_tqdm=True)["num_tokens"])
         sync()
     rates["reload_per_snapshot"] = tokens / (time.perf_counter() - start)
+    bound = bandwidth_bound(model, tokenizer, train, history, new_tokens)
 
     model_bytes = sum(os.path.getsize(os.path.join(base_path, f)) for f in os.listdir(base_path) if f.endswith(".safetensors"))
     snapshot_bytes = os.path.getsize(os.path.join(history.path(1), "adapter_model.safetensors"))
@@ -332,7 +337,39 @@ def micro(model_name: str, workdir: str) -> dict:
                                                          rates["4_samples_prompt_pass_per_sample"]),
         "snapshot_bytes": snapshot_bytes,
         "full_model_bytes": model_bytes,
+        "bandwidth": bound,
     }
+
+
+def bandwidth_bound(model, tokenizer, train, history, new_tokens: int, rows=(8, 32, 64)) -> dict:
+    """Generation tokens/s at several rows per call (4 snapshots each) against the memory-bandwidth bound."""
+    from bandwidth import copy_bandwidth, decode_step_bytes, tokens_per_s_bound
+
+    from trl_tms import SamplingParams, generate_trajectories
+    from trl_tms.data import prompt_token_ids
+
+    per_call = 4
+    prompts = train.select(range(max(rows) // per_call))  # the same prompts for every batch size
+    prompt_tokens = sum(len(prompt_token_ids(tokenizer, row)) for row in prompts) / len(prompts)
+    bandwidth = copy_bandwidth(DEVICE)
+    results = {"copy_bytes_per_s": bandwidth, "mean_prompt_tokens": prompt_tokens, "snapshots_per_call": per_call,
+               "rows": {}}
+    for batch in rows:
+        sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=batch, snapshots_per_generate=per_call)
+        start = time.perf_counter()
+        out = generate_trajectories(model, tokenizer, prompts, history, sampling, disable_tqdm=True)
+        sync()
+        seconds = time.perf_counter() - start
+        mean_new = sum(out["num_tokens"]) / len(out)
+        # A row's cache holds its prompt and, on average over its decode steps, half of its new tokens.
+        step = decode_step_bytes(model, batch, prompt_tokens + mean_new / 2, snapshots=per_call)
+        measured = sum(out["num_tokens"]) / seconds
+        limit = tokens_per_s_bound(bandwidth, step["total"], batch)
+        results["rows"][batch] = {"tokens_per_s": measured, "bound_tokens_per_s": limit, "fraction": measured / limit,
+                                  "step_bytes": step, "mean_new_tokens": mean_new}
+        progress(f"generation, {batch} rows per call: {measured:.0f} tokens/s, bound {limit:.0f} "
+                 f"({measured / limit:.1%})")
+    return results
 
 
 def history_memory(model, workdir: str, T: int = 10) -> dict:
@@ -502,6 +539,12 @@ def main():
          f"{rates['4_samples_prompt_pass_per_sample']:.0f}", f"{m['shared_over_per_sample_prompt_pass_per_token']:.2f}", ">= 1"),
         ("tokens/s: reload per snapshot", f"{rates['reload_per_snapshot']:.0f}", "", ""),
     ]
+    bound = m["bandwidth"]
+    rows.append(("copy bandwidth (read + write)", f"{bound['copy_bytes_per_s'] / 1e9:.1f} GB/s", "", ""))
+    for batch, r in bound["rows"].items():
+        rows.append((f"tokens/s at {batch} rows per call / bandwidth bound "
+                     f"({r['step_bytes']['total'] / 2**20:.1f} MiB per decode step)",
+                     f"{r['tokens_per_s']:.0f} / {r['bound_tokens_per_s']:.0f}", f"{r['fraction']:.1%}", ">= 50%"))
     if not args.micro_only:
         rows += training_rows(results, T)
     print(f"\n{name} on {results['device']} ({results['threads']} threads), T={T}, LoRA r=16 all-linear\n")

@@ -483,6 +483,22 @@ def test_gradient_accumulation_reporters_and_seeded_trajectories(tiny_llama, tmp
     assert again.trajectories["completion"] == trainer.trajectories["completion"]
 
 
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False), (None, False)])
+def test_emulated_bf16_on_cpu_is_flagged(monkeypatch, native, warned):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    import trl_tms.config as config_module
+
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: native)
+    with CaptureLogger(logging.get_logger("trl_tms.config")) as captured:
+        TMSConfig("x", use_cpu=True)
+    assert ("Pass `bf16=False`" in captured.out) == warned
+    with CaptureLogger(logging.get_logger("trl_tms.config")) as captured:
+        TMSConfig("x", use_cpu=True, bf16=False)  # the user chose: nothing to say
+    assert "bf16" not in captured.out
+
+
 def test_bf16_default_matches_sft_config_where_sft_config_works():
     from trl import SFTConfig
 

@@ -22,6 +22,16 @@ def _bf16_accelerator_available() -> bool:
     return is_torch_bf16_gpu_available() or is_torch_xpu_available() or is_torch_npu_available()
 
 
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); None where the flags cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) if flags else None
+
+
 @dataclass
 class TMSConfig(SFTConfig):
     r"""
@@ -462,7 +472,14 @@ class TMSConfig(SFTConfig):
         # SFT and TMS runs compare at the same precision.
         if self.bf16 is None and not self.fp16 and not self.use_cpu and not _bf16_accelerator_available():
             self.bf16 = False
+        bf16_by_default = self.bf16 is None
         super().__post_init__()
+        if bf16_by_default and self.bf16 and self.use_cpu and cpu_has_native_bf16() is False:
+            logger.warning(
+                "`use_cpu=True` turned bf16 on (SFTConfig's default), but this CPU has no native bf16 (no AVX512-BF16 "
+                "or AMX): every bf16 operation is emulated, and training ran about 15x slower than in fp32 in our "
+                "measurements (SmolLM2-135M, 2 cores). Pass `bf16=False` to train in fp32."
+            )
         checks = [
             (self.num_checkpoints >= 1, f"`num_checkpoints` must be at least 1, got {self.num_checkpoints}."),
             (

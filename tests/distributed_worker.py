@@ -4,6 +4,7 @@
     distributed_worker.py online MODEL OUT     the same with `tms_mode="online"`
     distributed_worker.py zero2 MODEL OUT      `train` under DeepSpeed ZeRO-2 (launched with a DeepSpeed config)
     distributed_worker.py zero2-online MODEL OUT
+    distributed_worker.py zero3 MODEL OUT      `train` under DeepSpeed ZeRO-3 (and zero3-online)
     distributed_worker.py one-process-batch-8 MODEL OUT   `train` in one process on the global batch of two
     distributed_worker.py generate MODEL OUT   trajectories of the snapshots in OUT/history, into OUT/regenerated.json
 """
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 import trl_tms.trajectories as trajectories_module
 from trl_tms import AdapterHistory, TMSConfig, TMSTrainer
 from trl_tms.history import adapter_parameters
+from trl_tms.sharding import gathered
 from trl_tms.trajectories import SamplingParams, generate_trajectories
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
@@ -69,7 +71,8 @@ class LiveWeights(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         params = adapter_parameters(self.trainer.model, self.trainer.adapter_name)
-        self.weights[(self.trainer.phase, state.global_step)] = {n: p.detach().clone() for n, p in params.items()}
+        with gathered(params.values()):  # whole weights where ZeRO-3 partitions them
+            self.weights[(self.trainer.phase, state.global_step)] = {n: p.detach().clone() for n, p in params.items()}
 
 
 def snapshot_differences(trainer, live: LiveWeights) -> dict[int, float]:
@@ -115,12 +118,19 @@ def train(model_path: str, out: str, **overrides) -> None:
         engine = trainer.model_wrapped
         summary["zero_stage"] = trainer.accelerator.state.deepspeed_plugin.zero_stage
         summary["engine"] = type(engine).__name__
-        # ZeRO-2 keeps this process's partition of the fp32 master weights (and their optimizer state) only.
-        summary["partition_numel"] = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
-        summary["trainable_numel"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+        if summary["zero_stage"] == 3:
+            # ZeRO-3 keeps this process's partition of every weight: the parameter itself is empty.
+            summary["partition_numel"] = sum(p.ds_tensor.numel() for p in trainable)
+            summary["trainable_numel"] = sum(p.ds_numel for p in trainable)
+            summary["local_numel"] = sum(p.numel() for p in trainable)
+        else:
+            # ZeRO-2 keeps this process's partition of the fp32 master weights (and their optimizer state) only.
+            summary["partition_numel"] = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
+            summary["trainable_numel"] = sum(p.numel() for p in trainable)
+    trainer.save_model()  # on every process: under ZeRO-3 it gathers the weights (the main process writes)
     if state.is_main_process:
         summary["trajectories"] = rows
-        trainer.save_model()
     with open(os.path.join(out, f"rank-{state.process_index}.json"), "w") as f:
         json.dump(summary, f)
 
@@ -139,7 +149,7 @@ def generate(model_path: str, out: str) -> None:
 
 
 def deepspeed_train(model_path: str, out: str, **overrides) -> None:
-    """`train` under the DeepSpeed config `accelerate launch` was given. On CPU, DeepSpeed needs a gloo process group
+    """`train` under the DeepSpeed config (ZeRO-2 or ZeRO-3) `accelerate launch` was given. On CPU, DeepSpeed needs a gloo process group
     made before the config, kept by the Trainer (`use_configured_state`), and `use_cpu` off (a test-only setup: on GPUs
     plain `accelerate launch` with NCCL needs none of this)."""
     PartialState(backend="gloo")
@@ -153,6 +163,9 @@ if __name__ == "__main__":
         "generate": generate,
         "zero2": deepspeed_train,
         "zero2-online": partial(deepspeed_train, tms_mode="online"),
+        # Two-pass TMS under ZeRO-3 needs gradient checkpointing off (TMSTrainer says so); online TMS keeps it on.
+        "zero3": partial(deepspeed_train, gradient_checkpointing=False),
+        "zero3-online": partial(deepspeed_train, tms_mode="online"),
         # The reference of the two-process runs: one process on their global batch.
         "one-process-batch-8": partial(train, per_device_train_batch_size=8),
     }

@@ -124,10 +124,19 @@ def test_online_tms_on_two_processes_samples_each_snapshot_once_and_shares_it(ti
 
 
 @pytest.mark.parametrize(
-    "deepspeed_stage, fsdp_version, refused",
-    [(3, None, "DeepSpeed ZeRO-3"), (0, 2, "FSDP (version 2)"), (0, 1, "FSDP (version 1)"), (2, None, None)],
+    "deepspeed_stage, fsdp_version, options, refused",
+    [
+        (0, 2, {}, r"does not support FSDP \(version 2\).*ddp.yaml"),
+        (0, 1, {}, r"does not support FSDP \(version 1\).*ddp.yaml"),
+        (3, None, {"quantized": True}, r"cannot partition a 4-bit.*ZeRO-2"),
+        (3, None, {"gradient_checkpointing": True}, r"needs `gradient_checkpointing=False`.*tms_mode='online'"),
+        (3, None, {"gradient_checkpointing": True, "tms_mode": "online"}, None),
+        (3, None, {}, None),
+        (2, None, {"gradient_checkpointing": True, "quantized": True}, None),
+    ],
 )
-def test_parameter_sharding_backends_are_refused_with_what_to_use_instead(deepspeed_stage, fsdp_version, refused):
+def test_what_sharded_engines_cannot_run_is_refused_with_what_to_use_instead(deepspeed_stage, fsdp_version, options,
+                                                                             refused):
     from types import SimpleNamespace
 
     from trl_tms.config import check_parallelism
@@ -136,12 +145,12 @@ def test_parameter_sharding_backends_are_refused_with_what_to_use_instead(deepsp
         deepspeed_plugin=SimpleNamespace(zero_stage=deepspeed_stage) if deepspeed_stage else None,
         fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version) if fsdp_version else None,
     )
-    accelerator = SimpleNamespace(state=state)
+    accelerator = SimpleNamespace(state=state, num_processes=2)
     if refused is None:
-        check_parallelism(accelerator)  # ZeRO-2 keeps every parameter whole on every process
+        check_parallelism(accelerator, **options)
         return
-    with pytest.raises(NotImplementedError, match=rf"does not support {re.escape(refused)}.*ddp.yaml"):
-        check_parallelism(accelerator)
+    with pytest.raises(NotImplementedError, match=refused):
+        check_parallelism(accelerator, **options)
 
 
 def test_forgetting_meter_over_two_processes_equals_one_process(two_process_run, tmp_path):

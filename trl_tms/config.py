@@ -716,10 +716,17 @@ def check_num_checkpoints(num_checkpoints: int, planned_steps: int) -> None:
         )
 
 
-def check_parallelism(accelerator, generation_backend: str = "transformers") -> None:
+def check_parallelism(
+    accelerator,
+    generation_backend: str = "transformers",
+    tms_mode: str = "two_pass",
+    gradient_checkpointing: bool = False,
+    quantized: bool = False,
+) -> None:
     """
-    Refuse the backends that shard parameters (snapshots and hot-swapped slots read the adapter weights whole), and
-    vLLM in several processes.
+    Refuse what TMS cannot run on several processes: vLLM (one engine, one process), FSDP (it shards the LoRA weights
+    the snapshots and slots read whole; not supported yet), and under DeepSpeed ZeRO-3 a 4-bit base or two-pass TMS with
+    gradient checkpointing.
     """
     if generation_backend == "vllm" and accelerator.num_processes > 1:
         raise NotImplementedError(
@@ -727,14 +734,28 @@ def check_parallelism(accelerator, generation_backend: str = "transformers") -> 
             "`generation_backend='transformers'` (the prompts are then shared out across processes)."
         )
     backend = DistributedBackend(accelerator)
-    if backend.is_zero3 or backend.is_fsdp:
-        name = "DeepSpeed ZeRO-3" if backend.is_zero3 else f"FSDP (version {backend.fsdp_version})"
+    if backend.is_fsdp:
         raise NotImplementedError(
-            f"TMSTrainer does not support {name} yet: it shards the LoRA weights, which the adapter snapshots and the "
-            "trajectory slots read whole, and generation on sharded weights needs every process in lockstep. Use "
-            "data parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 "
-            "(examples/accelerate_configs/zero2.yaml); a LoRA adapter and its optimizer state are small, and a 4-bit "
-            "base fits where ZeRO-3 was needed. See docs/sharded.md."
+            f"TMSTrainer does not support FSDP (version {backend.fsdp_version}) yet: it shards the LoRA weights, which "
+            "the adapter snapshots and the trajectory slots read whole. Use data parallelism "
+            "(examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 / ZeRO-3 (zero2.yaml, zero3.yaml there); a "
+            "LoRA adapter and its optimizer state are small, and a 4-bit base fits where sharding was needed. See "
+            "docs/sharded.md."
+        )
+    if not backend.is_zero3:
+        return
+    if quantized:
+        raise NotImplementedError(
+            "DeepSpeed ZeRO-3 cannot partition a 4-bit (bitsandbytes) base model. For QLoRA on several GPUs use data "
+            "parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 (zero2.yaml): each GPU holds the "
+            "small 4-bit base whole."
+        )
+    if tms_mode == "two_pass" and gradient_checkpointing:
+        raise NotImplementedError(
+            "Two-pass TMS under DeepSpeed ZeRO-3 needs `gradient_checkpointing=False` (the default of SFTConfig is "
+            "True): the student trains with a second DeepSpeed engine on the same model, and gradient checkpointing "
+            "then recomputes layers whose weights ZeRO-3 did not gather. Set `gradient_checkpointing=False` (more "
+            "activation memory), or use `tms_mode='online'` (one engine, which works with it), or ZeRO-2."
         )
 
 

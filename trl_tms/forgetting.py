@@ -25,10 +25,12 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers.utils import logging
+from trl.models import unwrap_model_for_generation
 
 from .data import as_prompt_rows, completion_text, prompt_token_ids
 from .evaluation import greedy_answers
 from .quantization import keep_4bit_layers_trainable
+from .sharding import is_partitioned
 from .signals import SignalCallback
 from .trajectories import CACHE
 
@@ -393,7 +395,7 @@ class RetentionCallback(SignalCallback):
         was_training = model.training
         model.eval()
         try:
-            with disable_adapter() if disable_adapter is not None else contextlib.nullcontext():
+            with self._whole_weights(), disable_adapter() if disable_adapter is not None else contextlib.nullcontext():
                 self.reference = build_reference(model, self.tokenizer, self._prompts, self._answers,
                                                  self.max_new_tokens, self.top_k, self.batch_size)
         finally:
@@ -401,6 +403,20 @@ class RetentionCallback(SignalCallback):
         self._model_is_reference = disable_adapter is None
         self.reference_seconds = time.perf_counter() - started
         self.seconds += self.reference_seconds
+
+    def _whole_weights(self):
+        """
+        The model with whole weights on every process while the meter generates and measures: under ZeRO-3 every
+        forward pass would otherwise gather weights from all processes, which then must run the same passes in
+        lockstep, and generations of different lengths do not. TRL's generation context gathers them once.
+        """
+        trainer = self.trainer
+        if not is_partitioned(next(iter(trainer.model.parameters()))):
+            return contextlib.nullcontext()
+        return unwrap_model_for_generation(
+            trainer.model_wrapped, trainer.accelerator,
+            gradient_checkpointing_kwargs=getattr(trainer.args, "gradient_checkpointing_kwargs", None),
+        )
 
     def measure(self, step: int | None = None) -> dict[str, float]:
         """`{"retention_kl": ..., "retention_nll": ...}` of the current model (averaged over all answer tokens)."""
@@ -416,7 +432,8 @@ class RetentionCallback(SignalCallback):
             was_training = model.training
             model.eval()
             try:
-                sums = meter_sums(model, self.reference, self.tokenizer.pad_token_id, self.batch_size)
+                with self._whole_weights():
+                    sums = meter_sums(model, self.reference, self.tokenizer.pad_token_id, self.batch_size)
             finally:
                 model.train(was_training)
         self._model_is_reference = False

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .atomic import atomic_folder
+from .sharding import gathered
 
 SNAPSHOT_WEIGHTS = "adapter_model.safetensors"
 SNAPSHOT_CONFIG = "adapter_config.json"
@@ -130,20 +131,22 @@ class AdapterHistory:
         self._raise_failed_writes()
         self._prefetched.pop(step, None)
         params, keys = self._layout_of(model, adapter_name)
-        device = _one_gpu(params) if self.background_writes and keys is not None else None
-        if device is not None:
-            # Training waits for kernel launches only; the copy to CPU runs in the background, after them.
-            groups = _by_dtype(params)
-            buffers = _stage_on_device(params, groups)
-            staged = (buffers, groups, {name: p.shape for name, p in params.items()}, keys, _recorded_event(device))
-            self._snapshots[step] = snapshot = Future()
-            self._pending.append(self._in_background(self._copy_and_write, step, snapshot, staged))
-            return
-        copies = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
-        if keys is None:
-            snapshot = get_peft_model_state_dict(model, copies, adapter_name=adapter_name, save_embedding_layers=False)
-        else:
-            snapshot = {key: copies[name] for name, key in keys.items()}
+        # Partitioned weights (ZeRO-3) are gathered for the copy: a collective, so every process takes the snapshot.
+        with gathered(params.values()):
+            device = _one_gpu(params) if self.background_writes and keys is not None else None
+            if device is not None:
+                # Training waits for kernel launches only; the copy to CPU runs in the background, after them.
+                groups = _by_dtype(params)
+                buffers = _stage_on_device(params, groups)
+                staged = (buffers, groups, {name: p.shape for name, p in params.items()}, keys, _recorded_event(device))
+                self._snapshots[step] = snapshot = Future()
+                self._pending.append(self._in_background(self._copy_and_write, step, snapshot, staged))
+                return
+            copies = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+            if keys is None:
+                snapshot = get_peft_model_state_dict(model, copies, adapter_name=adapter_name, save_embedding_layers=False)
+            else:
+                snapshot = {key: copies[name] for name, key in keys.items()}
         self._snapshots[step] = snapshot
         if self.directory is None:
             return

@@ -32,3 +32,9 @@ def keep_4bit_layers_trainable(model) -> int:
     for module in layers:
         module.support_avx512bf16_for_cpu = False
     return len(layers)
+
+
+def is_quantized(model) -> bool:
+    """Whether the (PEFT-wrapped) model's base is loaded in 4 or 8 bits by bitsandbytes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(getattr(m, f"is_loaded_in_{bits}bit", False) for m in (model, base) for bits in (4, 8))

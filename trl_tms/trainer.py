@@ -40,9 +40,10 @@ from .mixture import (
 )
 from .online import OnlineTMS
 from .pld import PLDCallback, score_trajectories
-from .quantization import keep_4bit_layers_trainable
+from .quantization import is_quantized, keep_4bit_layers_trainable
 from .rehearsal import initial_history, rehearsal_prompts, rehearsal_sampling
 from .resume import TMSRun, checkpoint_step, run_settings
+from .sharding import gathered
 from .trajectories import (
     PART_KEYS,
     HotSwapGenerator,
@@ -172,7 +173,13 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             formatting_func=None,
         )
 
-        check_parallelism(self.accelerator, args.generation_backend)
+        check_parallelism(
+            self.accelerator,
+            args.generation_backend,
+            args.tms_mode,
+            args.gradient_checkpointing,
+            quantized=is_quantized(self.model),
+        )
         check_label_tokens_left(len(self.train_dataset), len(train_dataset), args.max_length)
         keep_4bit_layers_trainable(self.model)  # TMS generates, then trains, on the same (maybe 4-bit) base
         self.adapter_name = self.model.active_adapter
@@ -410,12 +417,17 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
 
     def _reset_adapter(self) -> None:
         """The adapter back at its initial weights, with a fresh optimizer and schedule."""
-        with torch.no_grad():
-            for name, param in adapter_parameters(self.model, self.adapter_name).items():
+        params = adapter_parameters(self.model, self.adapter_name)
+        # Partitioned weights (ZeRO-3): every process holds the same initial weights; the main one's are scattered back.
+        with torch.no_grad(), gathered(params.values(), modifier_rank=0):
+            for name, param in params.items():
                 param.copy_(self._initial_adapter[name])
         self.optimizer, self.lr_scheduler = None, None
         if self.is_deepspeed_enabled:
-            # A DeepSpeed engine owns the optimizer and its partitioned state: let the next `train()` build a new one.
+            # A DeepSpeed engine owns the optimizer and its partitioned state: let the next `train()` build a new one,
+            # once the old one has taken its hooks off the model (ZeRO-3 gathers and releases weights through them).
+            if hasattr(self.model_wrapped, "destroy"):
+                self.model_wrapped.destroy()
             self.accelerator.free_memory()
             self.model_wrapped, self.deepspeed = self.model, None
         self._total_train_tokens = 0

@@ -177,14 +177,15 @@ def generate_trajectories(
     generation_context = generation_context or contextlib.nullcontext
     was_training = model.training
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    for slot in slots:
-        model.add_adapter(slot, peft_config)
-    slot_parameters = {slot: history.slot_parameters(model, slot) for slot in slots}
-    route = RowRouter(model, slots)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         # Seeded sampling that leaves the caller's random streams (CPU and GPU) as they were.
-        with torch.random.fork_rng(devices=devices), generation_context(model) as gen_model, torch.no_grad():
+        with torch.random.fork_rng(devices=devices), generation_context(model) as gen_model, torch.no_grad(), \
+                _slots(model, slots, peft_config, adapter_name):
+            # The slots live inside the generation context only: under ZeRO-3 it gathers the weights the engine
+            # partitioned, and the slots are none of them.
+            slot_parameters = {slot: history.slot_parameters(model, slot) for slot in slots}
+            route = RowRouter(model, slots)
             gen_model.eval()
             kwargs = sampling.generate_kwargs(tokenizer, gen_model)
             device = next(gen_model.parameters()).device
@@ -226,14 +227,24 @@ def generate_trajectories(
             progress.close()
     finally:
         history.prefetch([])
-        for slot in slots:
-            model.delete_adapter(slot)
-        model.set_adapter(adapter_name)
         for name, param in model.named_parameters():
             param.requires_grad_(name in trainable)
         model.train(was_training)
 
     return trajectories_dataset(tokenizer, prompts, records)
+
+
+@contextlib.contextmanager
+def _slots(model, slots: list[str], peft_config, adapter_name: str):
+    """Spare adapter slots on `model` for the block; removed after it, with the trained adapter active again."""
+    for slot in slots:
+        model.add_adapter(slot, peft_config)
+    try:
+        yield
+    finally:
+        for slot in slots:
+            model.delete_adapter(slot)
+        model.set_adapter(adapter_name)
 
 
 LENGTH_GRAIN = 16  # a fitted length budget is rounded up to this many tokens

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_folder
 from .data import prompt_token_ids
 from .history import AdapterHistory
+from .quantization import is_quantized
 from .trajectories import (
     PartStore,
     SamplingParams,
@@ -49,7 +50,7 @@ def check_vllm_servable(model, adapter_name: str = "default") -> None:
     if getattr(peft_config, "use_dora", False):
         raise ValueError("vLLM does not serve DoRA adapters: use `generation_backend='transformers'` for DoRA.")
     _lora_rank(peft_config)
-    if _is_quantized(model) and _weights_folder(model) is None:
+    if is_quantized(model) and _weights_folder(model) is None:
         raise ValueError(
             "`generation_backend='vllm'` loads the base model's full-precision weights from disk, and this quantized "
             f"model was not loaded from a local folder of safetensors weights (it names {_source(model)!r}). Pass the "
@@ -82,10 +83,6 @@ def _weights_folder(model) -> str | None:
     if source and os.path.isdir(source) and any(name.endswith(".safetensors") for name in os.listdir(source)):
         return source
     return None
-
-
-def _is_quantized(model) -> bool:
-    return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
 
 
 def _adapter_folders(history: AdapterHistory, steps: list[int], folder: str) -> dict[int, str]:
@@ -205,7 +202,7 @@ def generate_trajectories_vllm(
         adapters = {step: LoRARequest(f"step-{step}", index + 1, folders[step]) for index, step in enumerate(steps)}
         eos_ids = eos_token_ids(sampling.generate_kwargs(tokenizer, model)["eos_token_id"])
         # A quantized model's parameters are stored as integers: vLLM reads the dtype from the folder's config.
-        dtype = "auto" if _is_quantized(model) else str(next(model.parameters()).dtype)
+        dtype = "auto" if is_quantized(model) else str(next(model.parameters()).dtype)
         llm = LLM(
             model=base_model_folder(model, os.path.join(work_dir, "base")),
             # Prompts go in as token ids and completions come out as token ids, decoded by `trajectories_dataset`

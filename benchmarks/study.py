@@ -415,7 +415,8 @@ def summary(output_dir: str) -> dict:
                 rows["sft_early"] = summarise_arm(records, base, early)
                 rows["sft_early"]["wall_ratio_to_sft"] = 0.5
                 rows["sft_early"]["note"] = "the sft run's checkpoint at 50% of its steps"
-        result["regimes"][regime] = {"task": next(iter(by_arm.values()))[0]["task"], "base": {
+        task = next(r["task"] for arm, records in by_arm.items() if arm != "base" for r in records)
+        result["regimes"][regime] = {"task": task, "base": {
             k: base[k] for k in ("target_accuracy", "wikitext_nll", "chat_nll", "pld", "piqa_acc", "siqa_acc") if k in base},
             "arms": rows}
     result["pld_correlation"] = correlations(arms)

@@ -81,8 +81,8 @@ def snapshot_differences(trainer, live: LiveWeights) -> dict[int, float]:
     phase = "online" if trainer.args.tms_mode == "online" else "harvest"
     differences = {}
     for step in history.steps:
-        if step == 0:
-            continue  # online TMS's step-0 snapshot is the initial adapter, before any step
+        if (phase, step) not in live.weights:
+            continue  # online TMS's step-0 snapshot (before any step), or one taken before a resumed run started
         snapshot, weights = history[step], live.weights[(phase, step)]
         slots = AdapterHistory.slot_parameters(trainer.model, trainer.adapter_name)
         names = {id(p): n for n, p in adapter_parameters(trainer.model, trainer.adapter_name).items()}
@@ -92,15 +92,39 @@ def snapshot_differences(trainer, live: LiveWeights) -> dict[int, float]:
     return differences
 
 
-def train(model_path: str, out: str, **overrides) -> None:
+class Interrupt(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    """Interrupts a run at the end of one step of one phase (after its checkpoint, if one is due)."""
+
+    def __init__(self, phase: str, step: int):
+        self.trainer, self.phase, self.step = None, phase, step
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer.phase == self.phase and state.global_step == self.step:
+            raise Interrupt(f"{self.phase} stopped at step {self.step}")
+
+
+def train(model_path: str, out: str, resume: bool = False, stop_at: tuple[str, int] | None = None, **overrides) -> None:
     sampled_here = count_sampled_rows()
     live = LiveWeights()
+    stop = StopAt(*stop_at) if stop_at else None
     trainer = TMSTrainer(
         model=model_path, args=config(out, **overrides), train_dataset=TRAIN, eval_dataset=EVAL,
-        processing_class=load_tokenizer(model_path), peft_config=LoraConfig(**LORA), callbacks=[live],
+        processing_class=load_tokenizer(model_path), peft_config=LoraConfig(**LORA),
+        callbacks=[live] + ([stop] if stop else []),
     )
     live.trainer = trainer
-    trainer.train()
+    if stop:
+        stop.trainer = trainer
+        try:
+            trainer.train()
+        except Interrupt:
+            return  # as a crash would leave it, on every process
+        raise AssertionError(f"the run was not interrupted at {stop_at}")
+    trainer.train(resume_from_checkpoint=True if resume else None)
     state = PartialState()
     rows = trajectory_rows(trainer.trajectories)
     summary = {
@@ -166,6 +190,13 @@ if __name__ == "__main__":
         # Two-pass TMS under ZeRO-3 needs gradient checkpointing off (TMSTrainer says so); online TMS keeps it on.
         "zero3": partial(deepspeed_train, gradient_checkpointing=False),
         "zero3-online": partial(deepspeed_train, tms_mode="online"),
+        # Interrupted after the harvest's checkpoint at step 4, then resumed (checkpoints every 2 steps).
+        "zero2-interrupted": partial(deepspeed_train, stop_at=("harvest", 4), save_strategy="steps", save_steps=2),
+        "zero2-resumed": partial(deepspeed_train, resume=True, save_strategy="steps", save_steps=2),
+        "zero3-interrupted": partial(deepspeed_train, stop_at=("harvest", 4), save_strategy="steps", save_steps=2,
+                                     gradient_checkpointing=False),
+        "zero3-resumed": partial(deepspeed_train, resume=True, save_strategy="steps", save_steps=2,
+                                 gradient_checkpointing=False),
         # The reference of the two-process runs: one process on their global batch.
         "one-process-batch-8": partial(train, per_device_train_batch_size=8),
     }

@@ -38,7 +38,7 @@ def extensions_dir(tmp_path_factory) -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.getbasetemp() / "torch_extensions")
 
 
-def launch(mode: str, model: str, out: str, extensions: str, config: str | None = ZERO2) -> list[dict]:
+def run_worker(mode: str, model: str, out: str, extensions: str, config: str | None = ZERO2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_LOG_LEVEL": "error", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": extensions}
     script = os.path.join("tests", "distributed_worker.py")
@@ -46,6 +46,11 @@ def launch(mode: str, model: str, out: str, extensions: str, config: str | None 
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, script, mode, model, out]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def launch(mode: str, model: str, out: str, extensions: str, config: str | None = ZERO2) -> list[dict]:
+    """Run the worker (two processes under `config`, or one without) and read what each process wrote."""
+    run_worker(mode, model, out, extensions, config)
     ranks = []
     for rank in range(1 if config is None else 2):
         with open(os.path.join(out, f"rank-{rank}.json")) as f:
@@ -176,3 +181,23 @@ def test_online_tms_under_zero3_with_gradient_checkpointing(tiny_llama, tmp_path
     # The forgetting meter measured on gathered weights at every log, the same on both processes.
     meter = [[e["retention_kl"] for e in rank["log_history"] if "retention_kl" in e] for rank in (main, other)]
     assert len(meter[0]) == 7 and meter[0] == meter[1] and meter[0][-1] > meter[0][1] > 0
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_a_run_interrupted_mid_harvest_resumes_to_the_same_end(engine, request, tiny_llama, tmp_path, extensions_dir):
+    out, (uninterrupted, _) = request.getfixturevalue(f"{engine}_run")
+    config = {"zero2": ZERO2, "zero3": ZERO3}[engine]
+    resumed_out = str(tmp_path)
+    # Stops after the harvest's checkpoint at step 4 (of 6) on both processes, as a crash would; then resumes.
+    run_worker(f"{engine}-interrupted", tiny_llama, resumed_out, extensions_dir, config)
+    assert not os.path.exists(os.path.join(resumed_out, "rank-0.json"))
+    checkpoints = [n for n in os.listdir(os.path.join(resumed_out, "history", "harvest")) if n.startswith("checkpoint")]
+    assert sorted(checkpoints) == ["checkpoint-2", "checkpoint-4"]
+    main, other = launch(f"{engine}-resumed", tiny_llama, resumed_out, extensions_dir, config=config)
+    assert main["trajectories_digest"] == other["trajectories_digest"] == uninterrupted["trajectories_digest"]
+    # The snapshot taken after the restart (step 6) is the live weights there; the ones before it were reopened.
+    assert main["snapshot_differences"] == other["snapshot_differences"] == {"6": 0.0}
+    for folder in [f"history/step-{s}" for s in (2, 4, 6)] + ["student"]:
+        resumed = load_file(os.path.join(resumed_out, folder, "adapter_model.safetensors"))
+        reference = load_file(os.path.join(out, folder, "adapter_model.safetensors"))
+        assert all(torch.equal(resumed[key], reference[key]) for key in reference), folder

@@ -222,8 +222,10 @@ class CandidateBuilder:
             return tokenized
         conversational = not isinstance(candidates[0]["prompt"], str)
         if conversational not in self._end_of_turn:
-            # The shortest prompt, so that `max_length` cannot cut the probe's end.
-            shortest = min(candidates["prompt"], key=lambda p: len(str(p)))
+            # The shortest prompt, so that `max_length` cannot cut the probe's end: of the training set when the
+            # candidates share its form (trajectories), else of the candidates (rehearsal answers).
+            same_form = conversational == (not isinstance(self.prompts[0]["prompt"], str))
+            shortest = min((self.prompts if same_form else candidates)["prompt"], key=lambda p: len(str(p)))
             self._end_of_turn[conversational] = end_of_turn_ids(
                 lambda probes: self.tokenize(probes, "end-of-turn probe"), shortest
             )

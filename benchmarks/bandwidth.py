@@ -14,7 +14,7 @@ import torch
 
 
 def copy_bandwidth(device: str = "cpu", megabytes: int = 256, repeats: int = 5) -> float:
-    """Bytes per second of a large tensor copy (each byte read once and written once, both counted); best of `repeats`."""
+    """Bytes per second of a large tensor copy (each byte read and written once, both counted); best of `repeats`."""
     source = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
     best = float("inf")

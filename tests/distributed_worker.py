@@ -173,9 +173,11 @@ def generate(model_path: str, out: str) -> None:
 
 
 def deepspeed_train(model_path: str, out: str, **overrides) -> None:
-    """`train` under the DeepSpeed config (ZeRO-2 or ZeRO-3) `accelerate launch` was given. On CPU, DeepSpeed needs a gloo process group
-    made before the config, kept by the Trainer (`use_configured_state`), and `use_cpu` off (a test-only setup: on GPUs
-    plain `accelerate launch` with NCCL needs none of this)."""
+    """
+    `train` under the DeepSpeed config (ZeRO-2 or ZeRO-3) `accelerate launch` was given. On CPU, DeepSpeed needs a gloo
+    process group made before the config, kept by the Trainer (`use_configured_state`), and `use_cpu` off (a test-only
+    setup: on GPUs plain `accelerate launch` with NCCL needs none of this).
+    """
     PartialState(backend="gloo")
     train(model_path, out, use_cpu=False, accelerator_config={"use_configured_state": True}, **overrides)
 

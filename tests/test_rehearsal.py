@@ -78,7 +78,8 @@ def test_pld_scoring_skips_prompts_that_draw_a_rehearsal_answer():
     scored = set(mixture.rows_to_score())
     mixture.set_scores({row: 0.0 for row in everything})
     rehearsing = {p for p in range(len(mixture)) if mixture.is_rehearsal(mixture.draw(p, 0)[0])}
-    assert rehearsing and scored == {row for row in everything if mixture.candidate(row)["prompt_index"] not in rehearsing}
+    assert rehearsing
+    assert scored == {row for row in everything if mixture.candidate(row)["prompt_index"] not in rehearsing}
 
 
 def test_collator_carries_both_flags():

@@ -144,7 +144,9 @@ class AdapterHistory:
                 return
             copies = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
             if keys is None:
-                snapshot = get_peft_model_state_dict(model, copies, adapter_name=adapter_name, save_embedding_layers=False)
+                snapshot = get_peft_model_state_dict(
+                    model, copies, adapter_name=adapter_name, save_embedding_layers=False
+                )
             else:
                 snapshot = {key: copies[name] for name, key in keys.items()}
         self._snapshots[step] = snapshot

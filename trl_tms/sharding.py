@@ -1,4 +1,4 @@
-"""What TMS needs from engines that partition the weights (DeepSpeed ZeRO-3): the whole adapter weights, for a moment."""
+"""What TMS needs from engines that partition the weights (DeepSpeed ZeRO-3): whole adapter weights, for a moment."""
 
 from __future__ import annotations
 

@@ -210,6 +210,17 @@ def lora_config(regime: dict):
     return LoraConfig(r=regime["lora_r"], lora_alpha=2 * regime["lora_r"], lora_dropout=0.0, target_modules="all-linear")
 
 
+def tms_trainer(model, tokenizer, regime: dict, out: str, history_dir: str | None, train, pld_set, settings: dict):
+    """A `TMSTrainer` with the study's generation settings and the arm's `settings` (TMSConfig fields)."""
+    from trl_tms import TMSConfig, TMSTrainer
+
+    config = TMSConfig(out, pld_num_samples=len(pld_set), max_new_tokens=TASK_TOKENS, generation_batch_size=64,
+                       temperature=1.0, history_dir=history_dir, log_retention=False, max_length=TASK_TOKENS + 160,
+                       **settings)
+    return TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set, processing_class=tokenizer,
+                      peft_config=lora_config(regime))
+
+
 def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, history_dir: str, capture_steps,
               tms_overrides: dict) -> dict:
     """
@@ -218,7 +229,6 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
     """
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-    from trl_tms import TMSConfig, TMSTrainer
     from trl_tms.embedded import is_correct
 
     kind, settings = ARMS[arm]
@@ -250,11 +260,8 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
             settings["online_snapshot_every"] = -(-len(train) // BATCH_SIZE)
         if not online:
             settings.update(tms_overrides)
-        config = TMSConfig(out, pld_num_samples=len(pld_set), max_new_tokens=TASK_TOKENS, generation_batch_size=64,
-                           temperature=1.0, history_dir=None if online else history_dir, log_retention=False,
-                           max_length=TASK_TOKENS + 160, **settings, **common)
-        trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set,
-                             processing_class=tokenizer, peft_config=lora_config(regime))
+        trainer = tms_trainer(model, tokenizer, regime, out, None if online else history_dir, train, pld_set,
+                              {**settings, **common})
         phases = {arm: "online"} if online else {"sft": "harvest", arm: "student"}
     capture = CaptureAdapter(trainer, capture_steps, phases)
     trainer.add_callback(capture)
@@ -284,6 +291,29 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
 
 
 # The study
+
+
+class _StopStudent(TrainerCallback):
+    """Ends a TMS run after the student's first step: what `rebuild_history` needs is already on disk."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.phase == "student":
+            control.should_training_stop = True
+
+
+def rebuild_history(regime: dict, seed: int, train, pld_set, scratch: str, history_dir: str, tms_overrides: dict):
+    """Harvest and trajectories of the `tms` arm into `history_dir`, for its students, without its student run."""
+    settings = {**ARMS["tms"][1], **tms_overrides}
+    steps = planned_steps(regime, len(train))
+    with tempfile.TemporaryDirectory(dir=scratch) as out:
+        model, tokenizer = load_model()
+        trainer = tms_trainer(model, tokenizer, regime, out, history_dir, train, pld_set,
+                              {**settings, **common_args(regime, seed, steps)})
+        trainer.add_callback(_StopStudent(trainer))
+        trainer.train()
 
 
 def reuses_history(arm: str) -> bool:
@@ -322,9 +352,13 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
             continue  # written by an earlier run of this loop (the `sft` of a `tms` run)
         history = os.path.join(scratch, f"history-{regime_name}-s{seed}")
         if reuses_history(arm) and not os.path.isfile(os.path.join(history, "tms_run.json")):
-            print(f"[{regime_name}] {arm} s{seed}: needs the `tms` run's history of this session; run `tms` with it",
-                  flush=True)
-            continue
+            if not os.path.isfile(arm_path(output_dir, regime_name, "tms", seed)):
+                print(f"[{regime_name}] {arm} s{seed}: needs the `tms` run's history; run `tms` with it", flush=True)
+                continue
+            # The `tms` arm was measured in an earlier session whose scratch space is gone: the same seed rebuilds the
+            # same harvest and trajectories (no evaluation, no record).
+            print(f"[{regime_name}] {arm} s{seed}: rebuilding the `tms` history", flush=True)
+            rebuild_history(regime, seed, train, pld_set, scratch, history, mode.get("tms_overrides", {}))
         print(f"[{regime_name}] {arm} s{seed}: training ({ARMS[arm]})", flush=True)
         workdir = tempfile.mkdtemp(prefix=f"{arm}-s{seed}-", dir=scratch)
         load_before = os.getloadavg()[0]

@@ -5,6 +5,7 @@
     distributed_worker.py zero2 MODEL OUT      `train` under DeepSpeed ZeRO-2 (launched with a DeepSpeed config)
     distributed_worker.py zero2-online MODEL OUT
     distributed_worker.py zero3 MODEL OUT      `train` under DeepSpeed ZeRO-3 (and zero3-online)
+    distributed_worker.py fsdp2 MODEL OUT      `train` under FSDP2 (and fsdp2-online)
     distributed_worker.py one-process-batch-8 MODEL OUT   `train` in one process on the global batch of two
     distributed_worker.py generate MODEL OUT   trajectories of the snapshots in OUT/history, into OUT/regenerated.json
 """
@@ -24,7 +25,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 import trl_tms.trajectories as trajectories_module
 from trl_tms import AdapterHistory, TMSConfig, TMSTrainer
 from trl_tms.history import adapter_parameters
-from trl_tms.sharding import gathered
+from trl_tms.sharding import gathered, whole
 from trl_tms.trajectories import SamplingParams, generate_trajectories
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
@@ -35,7 +36,9 @@ def config(out: str, **overrides) -> TMSConfig:
     values = dict(
         output_dir=os.path.join(out, "student"), history_dir=os.path.join(out, "history"), num_checkpoints=3,
         per_device_train_batch_size=4, per_device_eval_batch_size=2, num_train_epochs=2, learning_rate=1e-2,
-        max_new_tokens=6, samples_per_checkpoint=2, snapshots_per_generate=2, generation_batch_size=4,
+        # 5 prompts (x 2 snapshots x 2 samples) per `generate` call: 5 batches of prompts, 3 on one process and 2 on
+        # the other, as a sharded engine's generation must allow.
+        max_new_tokens=6, samples_per_checkpoint=2, snapshots_per_generate=2, generation_batch_size=20,
         logging_steps=1, seed=7, **QUIET_CPU,
     )
     return TMSConfig(**{**values, **overrides})
@@ -71,8 +74,10 @@ class LiveWeights(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         params = adapter_parameters(self.trainer.model, self.trainer.adapter_name)
-        with gathered(params.values()):  # whole weights where ZeRO-3 partitions them
-            self.weights[(self.trainer.phase, state.global_step)] = {n: p.detach().clone() for n, p in params.items()}
+        with gathered(params.values()):  # whole weights where ZeRO-3 partitions them (or FSDP2 shards them)
+            self.weights[(self.trainer.phase, state.global_step)] = {
+                n: whole(p).detach().clone() for n, p in params.items()
+            }
 
 
 def snapshot_differences(trainer, live: LiveWeights) -> dict[int, float]:
@@ -152,7 +157,13 @@ def train(model_path: str, out: str, resume: bool = False, stop_at: tuple[str, i
             # ZeRO-2 keeps this process's partition of the fp32 master weights (and their optimizer state) only.
             summary["partition_numel"] = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
             summary["trainable_numel"] = sum(p.numel() for p in trainable)
-    trainer.save_model()  # on every process: under ZeRO-3 it gathers the weights (the main process writes)
+    if trainer.is_fsdp_enabled:
+        lora = [p for n, p in trainer.model.named_parameters() if "lora_A" in n]
+        summary["dtensor_placements"] = sorted({str(p.placements) for p in lora if hasattr(p, "placements")})
+        summary["local_rows"] = [p.to_local().shape[0] if hasattr(p, "to_local") else p.shape[0] for p in lora][:1]
+        summary["global_rows"] = [p.shape[0] for p in lora][:1]
+        summary["fsdp_version"] = trainer.accelerator.state.fsdp_plugin.fsdp_version
+    trainer.save_model()  # on every process: under ZeRO-3 and FSDP2 it gathers the weights (the main process writes)
     if state.is_main_process:
         summary["trajectories"] = rows
     with open(os.path.join(out, f"rank-{state.process_index}.json"), "w") as f:
@@ -182,6 +193,27 @@ def deepspeed_train(model_path: str, out: str, **overrides) -> None:
     train(model_path, out, use_cpu=False, accelerator_config={"use_configured_state": True}, **overrides)
 
 
+def fsdp2_train(model_path: str, out: str, **overrides) -> None:
+    """
+    `train` under the FSDP2 config `accelerate launch` was given. accelerate enables FSDP only for GPU states: a
+    test-only patch lets it see its MULTI_CPU state as MULTI_GPU when an FSDP plugin is given (tied to accelerate
+    1.15, as in shared/recipes/sharded-cpu); the model then really is sharded across the two CPU processes (gloo).
+    """
+    import accelerate.state as accelerate_state
+    from accelerate.utils import DistributedType
+
+    original = accelerate_state.AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        shared = accelerate_state.PartialState._shared_state
+        if shared.get("distributed_type") == DistributedType.MULTI_CPU and kwargs.get("fsdp_plugin") is not None:
+            shared["distributed_type"] = DistributedType.MULTI_GPU
+        original(self, *args, **kwargs)
+
+    accelerate_state.AcceleratorState.__init__ = init
+    train(model_path, out, **overrides)
+
+
 if __name__ == "__main__":
     modes = {
         "train": train,
@@ -199,6 +231,10 @@ if __name__ == "__main__":
                                      gradient_checkpointing=False),
         "zero3-resumed": partial(deepspeed_train, resume=True, save_strategy="steps", save_steps=2,
                                  gradient_checkpointing=False),
+        "fsdp2": fsdp2_train,
+        "fsdp2-online": partial(fsdp2_train, tms_mode="online"),
+        "fsdp2-interrupted": partial(fsdp2_train, stop_at=("harvest", 4), save_strategy="steps", save_steps=2),
+        "fsdp2-resumed": partial(fsdp2_train, resume=True, save_strategy="steps", save_steps=2),
         # The reference of the two-process runs: one process on their global batch.
         "one-process-batch-8": partial(train, per_device_train_batch_size=8),
     }

@@ -126,8 +126,11 @@ def test_online_tms_on_two_processes_samples_each_snapshot_once_and_shares_it(ti
 @pytest.mark.parametrize(
     "deepspeed_stage, fsdp_version, options, refused",
     [
-        (0, 2, {}, r"does not support FSDP \(version 2\).*ddp.yaml"),
-        (0, 1, {}, r"does not support FSDP \(version 1\).*ddp.yaml"),
+        (0, 2, {}, None),
+        (0, 1, {}, r"supports FSDP2, not FSDP version 1.*fsdp_version: 2"),
+        (0, 2, {"quantized": True}, r"FSDP2 with a 4-bit.*not verified.*ZeRO-2"),
+        (0, 2, {"reshard_after_forward": 2}, r"needs `fsdp_reshard_after_forward` true or false \(got 2\)"),
+        (0, 2, {"gradient_checkpointing": True}, None),
         (3, None, {"quantized": True}, r"cannot partition a 4-bit.*ZeRO-2"),
         (3, None, {"gradient_checkpointing": True}, r"needs `gradient_checkpointing=False`.*tms_mode='online'"),
         (3, None, {"gradient_checkpointing": True, "tms_mode": "online"}, None),
@@ -141,9 +144,10 @@ def test_what_sharded_engines_cannot_run_is_refused_with_what_to_use_instead(dee
 
     from trl_tms.config import check_parallelism
 
+    reshard = options.pop("reshard_after_forward", True)
     state = SimpleNamespace(
         deepspeed_plugin=SimpleNamespace(zero_stage=deepspeed_stage) if deepspeed_stage else None,
-        fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version) if fsdp_version else None,
+        fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version, reshard_after_forward=reshard) if fsdp_version else None,
     )
     accelerator = SimpleNamespace(state=state, num_processes=2)
     if refused is None:

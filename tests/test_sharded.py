@@ -1,11 +1,13 @@
-"""TMS under DeepSpeed ZeRO-2 and ZeRO-3 on two CPU processes (gloo), with the shipped accelerate configs, against one
-process.
+"""TMS under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 on two CPU processes (gloo), with the shipped accelerate configs,
+against one process.
 
 ZeRO-2 partitions the optimizer state and the gradients; every process keeps the whole (LoRA) weights. ZeRO-3 also
-partitions the weights: snapshots gather them (a collective), and generation runs on weights gathered for it (TRL's
-generation context, as in its GRPO trainer). What these tests hold to: the engine really partitions, every (prompt,
-snapshot, sample) is sampled once, the snapshots are the (gathered) live weights at their step on every process, and
-the trajectories and the final adapter are those of one process training on the same global batch.
+partitions the weights, and FSDP2 shards them (DTensors): snapshots gather them (a collective), and generation runs on
+weights gathered for it (TRL's generation context under ZeRO-3, as in its GRPO trainer; every FSDP2 unit unsharded).
+What these tests hold to: the engine really partitions, every (prompt, snapshot, sample) is sampled once (on uneven
+shares: 3 batches of prompts on one process, 2 on the other), the snapshots are the (gathered) live weights at their
+step on every process, and the trajectories and the final adapter are those of one process training on the same
+global batch; a run interrupted mid-harvest resumes to the same end.
 """
 
 import json
@@ -23,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ZERO2 = os.path.join("examples", "accelerate_configs", "zero2.yaml")  # as users run it, from the repository root
 ZERO3 = os.path.join("examples", "accelerate_configs", "zero3.yaml")
+FSDP2 = os.path.join("examples", "accelerate_configs", "fsdp2.yaml")
 sys.path.insert(0, HERE)
 import distributed_worker as worker  # noqa: E402
 
@@ -183,10 +186,66 @@ def test_online_tms_under_zero3_with_gradient_checkpointing(tiny_llama, tmp_path
     assert len(meter[0]) == 7 and meter[0] == meter[1] and meter[0][-1] > meter[0][1] > 0
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+# FSDP2
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tiny_llama, tmp_path_factory, extensions_dir):
+    out = str(tmp_path_factory.mktemp("fsdp2"))
+    return out, launch("fsdp2", tiny_llama, out, extensions_dir, config=FSDP2)
+
+
+def test_fsdp2_shards_the_adapter_itself(fsdp2_run):
+    _, ranks = fsdp2_run
+    for rank in ranks:
+        assert rank["num_processes"] == 2 and rank["distributed_type"] == "DistributedType.FSDP"
+        assert rank["fsdp_version"] == 2
+        # Each LoRA weight is a DTensor sharded by rows: each process holds half of them.
+        assert rank["dtensor_placements"] == ["(Shard(dim=0),)"]
+        assert rank["local_rows"][0] * 2 == rank["global_rows"][0]
+
+
+def test_fsdp2_snapshots_are_the_whole_live_weights_and_trajectories_are_sampled_once(fsdp2_run):
+    out, (main, other) = fsdp2_run
+    for rank in (main, other):
+        assert rank["snapshot_differences"] == {"2": 0.0, "4": 0.0, "6": 0.0}
+    keys = [tuple(row[:3]) for row in main["trajectories"]]
+    assert sorted(keys) == sorted((p, s, k) for p in range(len(worker.TRAIN)) for s in (2, 4, 6) for k in range(2))
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    # Uneven shares (3 and 2 batches of prompts per group of snapshots): generation must not wait for the other process.
+    assert sorted((main["sampled_here"], other["sampled_here"])) == [60, 84]
+    snapshot = load_file(os.path.join(out, "history", "step-2", "adapter_model.safetensors"))
+    assert all(t.shape[0] == worker.LORA["r"] for k, t in snapshot.items() if "lora_A" in k)  # whole, not a shard
+
+
+def test_fsdp2_equals_one_process_on_the_same_global_batch(fsdp2_run, one_process_run):
+    out, (main, _) = fsdp2_run
+    one_out, (one,) = one_process_run
+    assert main["trajectories_digest"] == one["trajectories_digest"]
+    for folder in [f"history/step-{s}" for s in (2, 4, 6)] + ["student"]:
+        sharded = load_file(os.path.join(out, folder, "adapter_model.safetensors"))
+        single = load_file(os.path.join(one_out, folder, "adapter_model.safetensors"))
+        assert sharded.keys() == single.keys()
+        for key in sharded:
+            torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=1e-5, msg=f"{folder}: {key}")
+
+
+def test_online_tms_under_fsdp2_with_gradient_checkpointing(tiny_llama, tmp_path, extensions_dir):
+    main, other = launch("fsdp2-online", tiny_llama, str(tmp_path), extensions_dir, config=FSDP2)
+    assert main["dtensor_placements"] == ["(Shard(dim=0),)"]
+    assert main["history_steps"] == other["history_steps"] == [0, 2, 4]
+    assert main["snapshot_differences"] == other["snapshot_differences"] == {"2": 0.0, "4": 0.0}
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    keys = [tuple(row[:3]) for row in main["trajectories"]]
+    assert sorted(keys) == sorted((p, s, k) for p in range(len(worker.TRAIN)) for s in (0, 2, 4) for k in range(2))
+    meter = [[e["retention_kl"] for e in rank["log_history"] if "retention_kl" in e] for rank in (main, other)]
+    assert len(meter[0]) == 7 and meter[0] == meter[1] and meter[0][-1] > meter[0][1] > 0
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
 def test_a_run_interrupted_mid_harvest_resumes_to_the_same_end(engine, request, tiny_llama, tmp_path, extensions_dir):
     out, (uninterrupted, _) = request.getfixturevalue(f"{engine}_run")
-    config = {"zero2": ZERO2, "zero3": ZERO3}[engine]
+    config = {"zero2": ZERO2, "zero3": ZERO3, "fsdp2": FSDP2}[engine]
     resumed_out = str(tmp_path)
     # Stops after the harvest's checkpoint at step 4 (of 6) on both processes, as a crash would; then resumes.
     run_worker(f"{engine}-interrupted", tiny_llama, resumed_out, extensions_dir, config)

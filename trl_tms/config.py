@@ -724,9 +724,8 @@ def check_parallelism(
     quantized: bool = False,
 ) -> None:
     """
-    Refuse what TMS cannot run on several processes: vLLM (one engine, one process), FSDP (it shards the LoRA weights
-    the snapshots and slots read whole; not supported yet), and under DeepSpeed ZeRO-3 a 4-bit base or two-pass TMS with
-    gradient checkpointing.
+    Refuse what TMS cannot run on several processes: vLLM (one engine, one process), FSDP1, a 4-bit base under FSDP2 or
+    DeepSpeed ZeRO-3, and two-pass TMS under ZeRO-3 with gradient checkpointing.
     """
     if generation_backend == "vllm" and accelerator.num_processes > 1:
         raise NotImplementedError(
@@ -735,13 +734,8 @@ def check_parallelism(
         )
     backend = DistributedBackend(accelerator)
     if backend.is_fsdp:
-        raise NotImplementedError(
-            f"TMSTrainer does not support FSDP (version {backend.fsdp_version}) yet: it shards the LoRA weights, which "
-            "the adapter snapshots and the trajectory slots read whole. Use data parallelism "
-            "(examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 / ZeRO-3 (zero2.yaml, zero3.yaml there); a "
-            "LoRA adapter and its optimizer state are small, and a 4-bit base fits where sharding was needed. See "
-            "docs/sharded.md."
-        )
+        check_fsdp(backend.fsdp_version, accelerator.state.fsdp_plugin, quantized)
+        return
     if not backend.is_zero3:
         return
     if quantized:
@@ -757,6 +751,30 @@ def check_parallelism(
             "then recomputes layers whose weights ZeRO-3 did not gather. Set `gradient_checkpointing=False` (more "
             "activation memory), or use `tms_mode='online'` (one engine, which works with it), or ZeRO-2."
         )
+
+
+def check_fsdp(version: int, plugin, quantized: bool) -> None:
+    """What TMS needs from FSDP: version 2 (whose shards it can gather and unshard), a full-precision base, and a
+    `reshard_after_forward` it can set back after generating."""
+    if version != 2:
+        raise NotImplementedError(
+            f"TMSTrainer supports FSDP2, not FSDP version {version}: set `fsdp_version: 2` in the accelerate config "
+            "(examples/accelerate_configs/fsdp2.yaml), or use DeepSpeed ZeRO-2 / ZeRO-3 (zero2.yaml, zero3.yaml "
+            "there). See docs/sharded.md."
+        )
+    if quantized:
+        raise NotImplementedError(
+            "TMS under FSDP2 with a 4-bit (bitsandbytes) base is not verified. For QLoRA on several GPUs use data "
+            "parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 (zero2.yaml): each GPU holds the "
+            "small 4-bit base whole."
+        )
+    if not isinstance(plugin.reshard_after_forward, bool):
+        raise NotImplementedError(
+            f"TMS under FSDP2 needs `fsdp_reshard_after_forward` true or false (got {plugin.reshard_after_forward!r}): "
+            "it unshards the model to generate and sets that setting back afterwards."
+        )
+
+
 
 
 def check_writable(folder: str, field: str) -> None:

@@ -187,7 +187,9 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
             mask[r, width - len(prompts[i]) :] = 1
         out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             return_dict_in_generate=True, output_logits=summarize_logits is not None)
+                             return_dict_in_generate=True, output_logits=summarize_logits is not None,
+                             # Whole weights here (see `sharding.whole_model_for_generation`): no process waits.
+                             synced_gpus=False)
         for r, i in enumerate(rows):
             tokens = out.sequences[r, width:].tolist()
             cut = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))

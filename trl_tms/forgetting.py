@@ -25,12 +25,11 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers.utils import logging
-from trl.models import unwrap_model_for_generation
 
 from .data import as_prompt_rows, completion_text, prompt_token_ids
 from .evaluation import greedy_answers
 from .quantization import keep_4bit_layers_trainable
-from .sharding import is_partitioned
+from .sharding import is_partitioned, whole_model_for_generation
 from .signals import SignalCallback
 from .trajectories import CACHE
 
@@ -406,14 +405,14 @@ class RetentionCallback(SignalCallback):
 
     def _whole_weights(self):
         """
-        The model with whole weights on every process while the meter generates and measures: under ZeRO-3 every
-        forward pass would otherwise gather weights from all processes, which then must run the same passes in
-        lockstep, and generations of different lengths do not. TRL's generation context gathers them once.
+        The model with whole weights on every process while the meter generates and measures: under ZeRO-3 or FSDP2
+        every forward pass would otherwise gather weights from all processes, which then must run the same passes in
+        lockstep, and generations of different lengths do not.
         """
         trainer = self.trainer
-        if not is_partitioned(next(iter(trainer.model.parameters()))):
+        if not any(is_partitioned(p) for p in trainer.model.parameters()):
             return contextlib.nullcontext()
-        return unwrap_model_for_generation(
+        return whole_model_for_generation(
             trainer.model_wrapped, trainer.accelerator,
             gradient_checkpointing_kwargs=getattr(trainer.args, "gradient_checkpointing_kwargs", None),
         )

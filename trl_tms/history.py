@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .atomic import atomic_folder
-from .sharding import gathered
+from .sharding import gathered, whole
 
 SNAPSHOT_WEIGHTS = "adapter_model.safetensors"
 SNAPSHOT_CONFIG = "adapter_config.json"
@@ -131,8 +131,10 @@ class AdapterHistory:
         self._raise_failed_writes()
         self._prefetched.pop(step, None)
         params, keys = self._layout_of(model, adapter_name)
-        # Partitioned weights (ZeRO-3) are gathered for the copy: a collective, so every process takes the snapshot.
+        # Partitioned weights (ZeRO-3) and shards (FSDP2) are gathered for the copy: a collective, so every process
+        # takes the snapshot.
         with gathered(params.values()):
+            params = {name: whole(p) for name, p in params.items()}
             device = _one_gpu(params) if self.background_writes and keys is not None else None
             if device is not None:
                 # Training waits for kernel launches only; the copy to CPU runs in the background, after them.

@@ -1,13 +1,44 @@
-"""What TMS needs from engines that partition the weights (DeepSpeed ZeRO-3): whole adapter weights, for a moment."""
+"""
+What TMS needs from engines that shard the weights (DeepSpeed ZeRO-3, FSDP2): whole adapter weights, for a moment,
+and a model that can generate on every process without waiting for the others.
+"""
 
 from __future__ import annotations
 
 import contextlib
 
+import torch
+
+
+def is_dtensor(tensor) -> bool:
+    """Whether `tensor` is a DTensor (FSDP2 keeps each process's shard of a weight in one)."""
+    return isinstance(tensor, torch.distributed.tensor.DTensor) if torch.distributed.is_available() else False
+
 
 def is_partitioned(param) -> bool:
-    """Whether DeepSpeed ZeRO-3 holds this parameter in partitions (its local tensor is then empty)."""
-    return hasattr(param, "ds_id")
+    """Whether this process holds only a part of `param`: a ZeRO-3 partition (its local tensor is empty) or an FSDP2
+    shard (a DTensor)."""
+    return hasattr(param, "ds_id") or is_dtensor(param)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """
+    The whole value of `tensor`: for an FSDP2 shard, all shards gathered (a collective: every process calls it at the
+    same point); otherwise `tensor` itself. ZeRO-3 partitions are made whole by `gathered` instead.
+    """
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+@torch.no_grad()
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the whole `value` into `param`, of which this process may hold an FSDP2 shard (it keeps its shard)."""
+    if is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        # Every process holds the same `value`: each takes its own shard, with no communication.
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                  src_data_rank=None)
+    param.copy_(value)
 
 
 @contextlib.contextmanager
@@ -17,7 +48,7 @@ def gathered(params, modifier_rank: int | None = None):
     A collective: every process must enter it at the same point. With `modifier_rank`, what that process writes into
     them is partitioned back to every process on exit; without it they are read-only.
     """
-    partitioned = [p for p in params if is_partitioned(p)]
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         yield
         return
@@ -25,3 +56,52 @@ def gathered(params, modifier_rank: int | None = None):
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def fsdp_modules(model) -> list:
+    """The modules of `model` that FSDP2 (`fully_shard`) manages."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+@contextlib.contextmanager
+def unsharded(model, reshard_after_forward: bool):
+    """
+    Under FSDP2, every weight of `model` whole on every process inside the block, and kept whole through forward
+    passes: each process can then generate on its own, with any number of forward passes, where a sharded model would
+    gather every layer in every pass and need all processes in lockstep. A collective on entry and exit. On exit the
+    shards are back and every module reshards after forward as `reshard_after_forward` (the engine's setting) says.
+    Elsewhere, nothing to do.
+    """
+    modules = fsdp_modules(model)
+    if not modules:
+        yield
+        return
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(reshard_after_forward, recurse=False)
+
+
+@contextlib.contextmanager
+def whole_model_for_generation(model, accelerator, gradient_checkpointing_kwargs: dict | None = None):
+    """
+    The trained model, ready to generate on every process independently: TRL's generation context (gradient
+    checkpointing off; under ZeRO-3 the weights gathered, as TRL's GRPO trainer does by default), and under FSDP2
+    every shard unsharded. The model must fit whole on one device meanwhile. A collective on entry and exit.
+    """
+    from trl.models import unwrap_model_for_generation
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    with unwrap_model_for_generation(
+        model, accelerator, gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
+    ) as unwrapped, unsharded(unwrapped, getattr(plugin, "reshard_after_forward", True)):
+        yield unwrapped

@@ -14,7 +14,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
-from trl.models import unwrap_model_for_generation
 
 from .config import (
     TMSConfig,
@@ -43,7 +42,7 @@ from .pld import PLDCallback, score_trajectories
 from .quantization import is_quantized, keep_4bit_layers_trainable
 from .rehearsal import initial_history, rehearsal_prompts, rehearsal_sampling
 from .resume import TMSRun, checkpoint_step, run_settings
-from .sharding import gathered
+from .sharding import assign, gathered, whole_model_for_generation
 from .trajectories import (
     PART_KEYS,
     HotSwapGenerator,
@@ -265,7 +264,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         return HotSwapGenerator(
             *inputs,
             # The wrapped model exists once training has started: look it up at each generation.
-            generation_context=lambda _: unwrap_model_for_generation(
+            generation_context=lambda _: whole_model_for_generation(
                 self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
             ),
             disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
@@ -419,9 +418,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         """The adapter back at its initial weights, with a fresh optimizer and schedule."""
         params = adapter_parameters(self.model, self.adapter_name)
         # Partitioned weights (ZeRO-3): every process holds the same initial weights; the main one's are scattered back.
+        # Shards (FSDP2): each process keeps its part of them.
         with torch.no_grad(), gathered(params.values(), modifier_rank=0):
             for name, param in params.items():
-                param.copy_(self._initial_adapter[name])
+                assign(param, self._initial_adapter[name])
         self.optimizer, self.lr_scheduler = None, None
         if self.is_deepspeed_enabled:
             # A DeepSpeed engine owns the optimizer and its partitioned state: let the next `train()` build a new one,

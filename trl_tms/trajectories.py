@@ -62,6 +62,10 @@ class SamplingParams:
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": eos,
             "use_cache": True,
+            # Generation runs on whole weights (`sharding.whole_model_for_generation`), each process on its own share
+            # of the batches: transformers' default under ZeRO-3 and FSDP, every process stepping until all are done,
+            # would wait forever for a process that has fewer batches.
+            "synced_gpus": False,
         }
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)

@@ -61,6 +61,20 @@ def launch(mode: str, model: str, out: str, extensions: str, config: str | None 
     return ranks
 
 
+def live_signals(run: dict) -> dict[str, list[float]]:
+    """PLD and the forgetting meter as logged, in order (both phases)."""
+    return {key: [e[key] for e in run["log_history"] if key in e] for key in ("pld", "retention_kl")}
+
+
+def assert_same_signals(sharded: dict, single: dict) -> None:
+    # Each process evaluates its share of the held-out examples and of the meter's prompts; the reduced values are the
+    # one-process values up to the weights' float differences.
+    ours, theirs = live_signals(sharded), live_signals(single)
+    assert len(ours["pld"]) == len(theirs["pld"]) == 14
+    assert ours["pld"] == pytest.approx(theirs["pld"], rel=1e-6)
+    assert ours["retention_kl"] == pytest.approx(theirs["retention_kl"], rel=0, abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def zero2_run(tiny_llama, tmp_path_factory, extensions_dir):
     out = str(tmp_path_factory.mktemp("zero2"))
@@ -171,6 +185,7 @@ def test_zero3_equals_one_process_on_the_same_global_batch(zero3_run, one_proces
         assert sharded.keys() == single.keys()
         for key in sharded:
             torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=5e-5, msg=f"{folder}: {key}")
+    assert_same_signals(main, one)
 
 
 def test_online_tms_under_zero3_with_gradient_checkpointing(tiny_llama, tmp_path, extensions_dir):
@@ -228,6 +243,7 @@ def test_fsdp2_equals_one_process_on_the_same_global_batch(fsdp2_run, one_proces
         assert sharded.keys() == single.keys()
         for key in sharded:
             torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=1e-5, msg=f"{folder}: {key}")
+    assert_same_signals(main, one)
 
 
 def test_online_tms_under_fsdp2_with_gradient_checkpointing(tiny_llama, tmp_path, extensions_dir):

@@ -61,6 +61,28 @@ def launch(mode: str, model: str, out: str, extensions: str, config: str | None 
     return ranks
 
 
+def assert_same_adapters(out: str, one_out: str, atol: float) -> None:
+    """The snapshots and the student adapter of two runs agree within `atol`."""
+    for folder in [f"history/step-{s}" for s in (2, 4, 6)] + ["student"]:
+        sharded = load_file(os.path.join(out, folder, "adapter_model.safetensors"))
+        single = load_file(os.path.join(one_out, folder, "adapter_model.safetensors"))
+        assert sharded.keys() == single.keys()
+        for key in sharded:
+            torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=atol, msg=f"{folder}: {key}")
+
+
+def assert_online_run(main: dict, other: dict) -> None:
+    """An online run on two processes: snapshots at 0, 2, 4 equal to the live weights, every trajectory sampled once
+    and held by both, and the forgetting meter the same on both, rising."""
+    assert main["history_steps"] == other["history_steps"] == [0, 2, 4]
+    assert main["snapshot_differences"] == other["snapshot_differences"] == {"2": 0.0, "4": 0.0}
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    keys = [tuple(row[:3]) for row in main["trajectories"]]
+    assert sorted(keys) == sorted((p, s, k) for p in range(len(worker.TRAIN)) for s in (0, 2, 4) for k in range(2))
+    meter = [[e["retention_kl"] for e in rank["log_history"] if "retention_kl" in e] for rank in (main, other)]
+    assert len(meter[0]) == 7 and meter[0] == meter[1] and meter[0][-1] > meter[0][1] > 0
+
+
 def live_signals(run: dict) -> dict[str, list[float]]:
     """PLD and the forgetting meter as logged, in order (both phases)."""
     return {key: [e[key] for e in run["log_history"] if key in e] for key in ("pld", "retention_kl")}
@@ -123,24 +145,15 @@ def test_trajectories_and_adapters_equal_one_process_on_the_same_global_batch(ze
     one_out, (one,) = one_process_run
     assert main["trajectories_digest"] == one["trajectories_digest"]
     # Gradients reduced across two processes sum in another order than in one: equal up to float rounding.
-    for folder in [f"history/step-{s}" for s in (2, 4, 6)] + ["student"]:
-        sharded = load_file(os.path.join(out, folder, "adapter_model.safetensors"))
-        single = load_file(os.path.join(one_out, folder, "adapter_model.safetensors"))
-        assert sharded.keys() == single.keys()
-        for key in sharded:
-            torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=1e-5, msg=f"{folder}: {key}")
+    assert_same_adapters(out, one_out, atol=1e-5)
     losses = [[e["loss"] for e in run["log_history"] if "loss" in e] for run in (main, one)]
     assert len(losses[0]) == 12 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_online_tms_under_zero2(tiny_llama, tmp_path, extensions_dir):
     main, other = launch("zero2-online", tiny_llama, str(tmp_path), extensions_dir)
-    assert main["history_steps"] == other["history_steps"] == [0, 2, 4]
     assert main["partition_numel"] * 2 == main["trainable_numel"]
-    keys = [tuple(row[:3]) for row in main["trajectories"]]
-    assert sorted(keys) == sorted((p, s, k) for p in range(len(worker.TRAIN)) for s in (0, 2, 4) for k in range(2))
-    assert main["trajectories_digest"] == other["trajectories_digest"]
-    assert main["snapshot_differences"] == other["snapshot_differences"] == {"2": 0.0, "4": 0.0}
+    assert_online_run(main, other)
     assert {e.get("tms_phase") for e in main["log_history"]} == {3}
 
 
@@ -179,26 +192,14 @@ def test_zero3_equals_one_process_on_the_same_global_batch(zero3_run, one_proces
     one_out, (one,) = one_process_run
     assert main["trajectories_digest"] == one["trajectories_digest"]
     # ZeRO-3 reduce-scatters gradients in partitions: further from one process's float order than ZeRO-2 (1e-5 seen).
-    for folder in [f"history/step-{s}" for s in (2, 4, 6)] + ["student"]:
-        sharded = load_file(os.path.join(out, folder, "adapter_model.safetensors"))
-        single = load_file(os.path.join(one_out, folder, "adapter_model.safetensors"))
-        assert sharded.keys() == single.keys()
-        for key in sharded:
-            torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=5e-5, msg=f"{folder}: {key}")
+    assert_same_adapters(out, one_out, atol=5e-5)
     assert_same_signals(main, one)
 
 
 def test_online_tms_under_zero3_with_gradient_checkpointing(tiny_llama, tmp_path, extensions_dir):
     main, other = launch("zero3-online", tiny_llama, str(tmp_path), extensions_dir, config=ZERO3)
     assert main["zero_stage"] == 3 and main["local_numel"] == 0
-    assert main["history_steps"] == other["history_steps"] == [0, 2, 4]
-    assert main["snapshot_differences"] == other["snapshot_differences"] == {"2": 0.0, "4": 0.0}
-    assert main["trajectories_digest"] == other["trajectories_digest"]
-    keys = [tuple(row[:3]) for row in main["trajectories"]]
-    assert sorted(keys) == sorted((p, s, k) for p in range(len(worker.TRAIN)) for s in (0, 2, 4) for k in range(2))
-    # The forgetting meter measured on gathered weights at every log, the same on both processes.
-    meter = [[e["retention_kl"] for e in rank["log_history"] if "retention_kl" in e] for rank in (main, other)]
-    assert len(meter[0]) == 7 and meter[0] == meter[1] and meter[0][-1] > meter[0][1] > 0
+    assert_online_run(main, other)  # the forgetting meter measured on gathered weights
 
 
 # FSDP2
@@ -237,25 +238,14 @@ def test_fsdp2_equals_one_process_on_the_same_global_batch(fsdp2_run, one_proces
     out, (main, _) = fsdp2_run
     one_out, (one,) = one_process_run
     assert main["trajectories_digest"] == one["trajectories_digest"]
-    for folder in [f"history/step-{s}" for s in (2, 4, 6)] + ["student"]:
-        sharded = load_file(os.path.join(out, folder, "adapter_model.safetensors"))
-        single = load_file(os.path.join(one_out, folder, "adapter_model.safetensors"))
-        assert sharded.keys() == single.keys()
-        for key in sharded:
-            torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=1e-5, msg=f"{folder}: {key}")
+    assert_same_adapters(out, one_out, atol=1e-5)
     assert_same_signals(main, one)
 
 
 def test_online_tms_under_fsdp2_with_gradient_checkpointing(tiny_llama, tmp_path, extensions_dir):
     main, other = launch("fsdp2-online", tiny_llama, str(tmp_path), extensions_dir, config=FSDP2)
     assert main["dtensor_placements"] == ["(Shard(dim=0),)"]
-    assert main["history_steps"] == other["history_steps"] == [0, 2, 4]
-    assert main["snapshot_differences"] == other["snapshot_differences"] == {"2": 0.0, "4": 0.0}
-    assert main["trajectories_digest"] == other["trajectories_digest"]
-    keys = [tuple(row[:3]) for row in main["trajectories"]]
-    assert sorted(keys) == sorted((p, s, k) for p in range(len(worker.TRAIN)) for s in (0, 2, 4) for k in range(2))
-    meter = [[e["retention_kl"] for e in rank["log_history"] if "retention_kl" in e] for rank in (main, other)]
-    assert len(meter[0]) == 7 and meter[0] == meter[1] and meter[0][-1] > meter[0][1] > 0
+    assert_online_run(main, other)  # the forgetting meter measured on unsharded weights
 
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])

@@ -431,20 +431,32 @@ def summarise_arm(records: list[dict], base: dict, pick=None) -> dict:
     return out
 
 
+def ran_alone(record: dict) -> bool:
+    """Whether the 1-minute load average stayed within the run's own threads (+0.5) at both ends."""
+    load = record.get("load_average")
+    return load is None or max(load["before"], load["after"]) <= load["threads"] + 0.5
+
+
 def summary(output_dir: str) -> dict:
     arms = load_arms(output_dir)
     result = {"regimes": {}}
     for regime, by_arm in arms.items():
         base = final(by_arm["base"][0])
         rows = {}
-        sft_train = {r["seed"]: r["wall_seconds"]["train"] for r in by_arm.get("sft", [])}
+        sft = by_arm.get("sft", [])
+        # Ratios from runs that had the machine to themselves (SFT's wall barely depends on the seed, so any seed's
+        # clean SFT run is the reference); where there are none, from all of them, flagged as shared.
+        sft_clean = [r["wall_seconds"]["train"] for r in sft if ran_alone(r)]
+        sft_wall = statistics.mean(sft_clean or [r["wall_seconds"]["train"] for r in sft] or [float("nan")])
         for arm, records in sorted(by_arm.items()):
             if arm == "base":
                 continue
             rows[arm] = summarise_arm(records, base)
-            walls = [r["wall_seconds"]["total"] / sft_train[r["seed"]] for r in records if r["seed"] in sft_train
-                     and not r["wall_seconds"].get("reused_history")]
-            rows[arm]["wall_ratio_to_sft"] = statistics.mean(walls) if walls else None
+            timed = [r for r in records if not r["wall_seconds"].get("reused_history")]
+            clean = [r for r in timed if ran_alone(r)]
+            walls = [r["wall_seconds"]["total"] / sft_wall for r in clean or timed]
+            rows[arm]["wall_ratio_to_sft"] = statistics.mean(walls) if walls and sft else None
+            rows[arm]["wall_shared"] = bool(walls) and not (clean and sft_clean)
             if arm == "sft":
                 rows["sft_early"] = summarise_arm(records, base, early)
                 rows["sft_early"]["wall_ratio_to_sft"] = 0.5
@@ -504,6 +516,7 @@ def table(result: dict) -> str:
                     return "-"
                 return fmt.format(s[name]["delta"]) + f" ± {s[name]['se']:.3f}"
             wall = "-" if s.get("wall_ratio_to_sft") is None else f"{s['wall_ratio_to_sft']:.2f}"
+            wall += " (shared)" if s.get("wall_shared") else ""
             lines.append(f"| {arm} | {','.join(map(str, s['seeds']))} | {s['target_acc']:.3f} ({cell('target')}) | "
                          f"{s['chat_kl']['value']:.3f} ± {s['chat_kl']['se']:.3f} | {cell('wiki_nll')} | "
                          f"{cell('piqa')} | {cell('siqa')} | {wall} |")
@@ -519,7 +532,9 @@ def table(result: dict) -> str:
                          f"{fmt(c['wiki_delta']['spearman'])} | {fmt(c['chat_kl']['pearson'])} |")
     lines += ["", "Changes against the base model, item by item (paired standard errors; mean over seeds). Lower chat "
               "KL and WikiText change = more retained. `sft_early`: the `sft` run's checkpoint at half its steps. "
-              "Wall: training time over the same seed's SFT run (TMS: harvest, generation and student)."]
+              "Wall: training time over SFT's (TMS: harvest, generation and student), from runs that "
+              "had the machine to themselves; \"(shared)\": only runs that shared it exist (1-minute load average above "
+              "their threads + 0.5), so the ratio is rough. Students on the `tms` history: see their records."]
     return "\n".join(lines)
 
 

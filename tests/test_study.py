@@ -1,5 +1,6 @@
 """The study's tasks and report (benchmarks/study.py): labels that score as right, disjoint splits, and statistics."""
 
+import json
 import os
 import sys
 
@@ -100,6 +101,26 @@ def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path
     assert set(runs[arm]["weights"][4]) == trainable
     assert runs[arm]["wall_seconds"]["total"] > 0
 
+
+
+def test_wall_ratios_come_from_runs_that_had_the_machine_to_themselves(tmp_path):
+    base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
+    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "base", 0),
+                                {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base})
+    alone, shared = {"before": 2.0, "after": 2.1, "threads": 2}, {"before": 1.5, "after": 3.5, "threads": 2}
+    last = [checkpoint(8, 0.5, 0.4, 5.2, 0.5, 0.3, [1, 1, 0, 0])]
+    for seed, wall, load in ((0, 300.0, shared), (1, 100.0, alone)):
+        write_arm(tmp_path, "sft", seed, last, {"train": wall, "total": wall})
+        with open(study.arm_path(str(tmp_path), "zero", "sft", seed)) as f:
+            record = json.load(f)
+        study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "sft", seed), {**record, "load_average": load})
+    write_arm(tmp_path, "sft_dft", 0, last, {"train": 50.0, "total": 50.0})  # no load record: counted as alone
+    arms = study.summary(str(tmp_path))["regimes"]["zero"]["arms"]
+    # The shared SFT run (seed 0) is left out of the reference: 50 / 100, not 50 / 200.
+    assert arms["sft_dft"]["wall_ratio_to_sft"] == pytest.approx(0.5) and not arms["sft_dft"]["wall_shared"]
+    assert arms["sft"]["wall_ratio_to_sft"] == pytest.approx(1.0) and not arms["sft"]["wall_shared"]
+    rows = [line for line in study.table(study.summary(str(tmp_path))).splitlines() if line.startswith("| sft_dft |")]
+    assert rows[0].endswith("| 0.50 |")
 
 def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_history(tiny_study, tmp_path):
     import torch

@@ -80,6 +80,8 @@ ARMS = {
     # the chat probe's and the meter's prompts) drawn with probability beta; students on the `tms` run's history.
     "tms_rehearsal_10": ("tms", dict(label_weight=0.25, num_checkpoints=10, rehearsal_weight=0.1)),
     "tms_rehearsal_25": ("tms", dict(label_weight=0.25, num_checkpoints=10, rehearsal_weight=0.25)),
+    # Paper-default TMS at `sft_low_lr`'s learning rate, harvest included (its own history): TMS against the free knob.
+    "tms_low_lr": ("tms", dict(label_weight=0.25, num_checkpoints=10, lr_scale=0.2)),
 }
 MODES = {
     "quick": dict(num_train=32, num_test=32, num_pld=16, mc_items=50, wiki_items=100, chat_prompts=16, chat_tokens=48,
@@ -260,12 +262,14 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
             settings["online_snapshot_every"] = -(-len(train) // BATCH_SIZE)
         if not online:
             settings.update(tms_overrides)
-        trainer = tms_trainer(model, tokenizer, regime, out, None if online else history_dir, train, pld_set,
+        # Only the `tms` run and its students share `history_dir`; other TMS runs keep their history in `out`.
+        shared = arm == "tms" or reuses_history(arm)
+        trainer = tms_trainer(model, tokenizer, regime, out, history_dir if shared else None, train, pld_set,
                               {**settings, **common})
-        phases = {arm: "online"} if online else {"sft": "harvest", arm: "student"}
+        phases = {arm: "online"} if online else {"sft": "harvest", arm: "student"} if arm == "tms" else {arm: "student"}
     capture = CaptureAdapter(trainer, capture_steps, phases)
     trainer.add_callback(capture)
-    reuse = kind == "tms" and history_dir and os.path.isfile(os.path.join(history_dir, "tms_run.json"))
+    reuse = reuses_history(arm) and os.path.isfile(os.path.join(history_dir, "tms_run.json"))
     if reuse:
         phases.pop("sft", None)
     started = time.perf_counter()
@@ -284,7 +288,8 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
                 walls[arm]["rehearsal_answers"] = trainer.stats.rehearsal_seconds
         else:
             harvest = trainer.harvest_output.metrics["train_runtime"]
-            walls["sft"] = {"train": harvest, "total": harvest}
+            if "sft" in phases:
+                walls["sft"] = {"train": harvest, "total": harvest}
             walls[arm] = {"harvest": harvest, "trajectories": trainer.stats.seconds, "student": student, "total": total}
     runs = {name: {"wall_seconds": walls[name], "weights": capture.weights[name]} for name in phases}
     return runs, trainer.model, tokenizer
@@ -318,7 +323,8 @@ def rebuild_history(regime: dict, seed: int, train, pld_set, scratch: str, histo
 
 def reuses_history(arm: str) -> bool:
     """Whether the arm is a two-pass TMS student on the `tms` run's harvest and trajectories."""
-    return ARMS[arm][0] == "tms" and ARMS[arm][1].get("tms_mode") != "online" and arm != "tms"
+    settings = ARMS[arm][1]
+    return ARMS[arm][0] == "tms" and settings.get("tms_mode") != "online" and arm != "tms" and "lr_scale" not in settings
 
 
 def arm_path(output_dir: str, regime: str, arm: str, seed: int) -> str:
@@ -548,27 +554,31 @@ def plots(result: dict, arms: dict, output_dir: str) -> list[str]:
         return []
     written = []
     for regime, r in result["regimes"].items():
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
         base = final(arms[regime]["base"][0])
+        colours = {arm: plt.get_cmap("tab20")(i % 20) for i, arm in enumerate(r["arms"])}
         for ax, key, label in ((axes[0], "chat_kl", "chat KL(base || model)"),
                                (axes[1], "wiki_nll", "WikiText NLL change vs base")):
             points = {arm: (s[key]["delta"], s["target_gain"]) for arm, s in r["arms"].items()}
-            # The frontier: arms no other arm beats on both (less forgetting and more gain).
-            frontier = sorted(p for a, p in points.items()
-                              if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points.values()))
+            # The frontier: arms that learned something and that no other arm beats on both (less forgetting, more gain).
+            frontier = sorted(p for a, p in points.items() if p[1] > 0
+                              and not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points.values()))
             ax.plot(*zip(*frontier), "--", color="grey", lw=1, label="frontier")
+            if "sft" in r["arms"]:
+                ax.axhline(0.9 * r["arms"]["sft"]["target_gain"], color="grey", lw=0.6, alpha=0.6,
+                           label="0.9x SFT's gain")
             for arm, (x, y) in points.items():
-                ax.scatter([x], [y], s=50, marker="o" if arm.startswith("sft") else "s")
-                ax.annotate(arm, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.scatter([x], [y], s=55, color=colours[arm], marker="o" if arm.startswith("sft") else "s",
+                           label=arm, zorder=3)
             for arm in ("sft", "tms"):  # the paths through their checkpoints (seed 0)
                 for record in arms[regime].get(arm, [])[:1]:
                     xs = [0.0] + [(c["chat_kl"] if key == "chat_kl" else c["wikitext_nll"] - base["wikitext_nll"])
                                   for c in record["checkpoints"]]
                     ys = [0.0] + [c["target_accuracy"] - base["target_accuracy"] for c in record["checkpoints"]]
-                    ax.plot(xs, ys, ":", lw=1, label=f"{arm} path (seed {record['seed']})")
+                    ax.plot(xs, ys, ":", lw=1, color=colours[arm], label=f"{arm} path (seed {record['seed']})")
             ax.set_xlabel(f"{label} (lower = retains more)")
             ax.set_ylabel("target accuracy gain over base")
-            ax.legend(fontsize=7)
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.suptitle(f"Regime {regime}: target gain vs forgetting (up and left is better)")
         fig.tight_layout()
         path = os.path.join(output_dir, f"pareto_{regime}.png")

@@ -122,6 +122,7 @@ def test_wall_ratios_come_from_runs_that_had_the_machine_to_themselves(tmp_path)
     rows = [line for line in study.table(study.summary(str(tmp_path))).splitlines() if line.startswith("| sft_dft |")]
     assert rows[0].endswith("| 0.50 |")
 
+
 def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_history(tiny_study, tmp_path):
     import torch
 
@@ -143,6 +144,11 @@ def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_
     walls = rehearsed["tms_rehearsal_25"]["wall_seconds"]
     assert walls["reused_history"] and 0 < walls["rehearsal_answers"] < walls["total"]
     assert os.path.isdir(os.path.join(history, "rehearsal"))
+    # TMS at a lower learning rate harvests at that rate too: its own history, not the `tms` run's.
+    low, _, _ = study.train_run("tms_low_lr", regime, 0, train, pld, str(tmp_path / "d"), history, [2, 4],
+                                {"num_checkpoints": 2})
+    assert set(low) == {"tms_low_lr"} and {"harvest", "trajectories", "student"} <= set(low["tms_low_lr"]["wall_seconds"])
+    assert sorted(low["tms_low_lr"]["weights"]) == [2, 4]
 
 
 def test_students_on_the_tms_history_are_trained_right_after_it():

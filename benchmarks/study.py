@@ -76,6 +76,10 @@ ARMS = {
     "tms": ("tms", dict(label_weight=0.25, num_checkpoints=10)),
     "tms_online": ("tms", dict(tms_mode="online", label_weight=0.25, num_checkpoints=10)),
     "tms_verified": ("tms", dict(label_weight=0.25, num_checkpoints=10, trajectory_filter="verifier")),
+    # Online TMS's accuracy swung between checkpoints (partly regime, seed 0): does dropping its wrong trajectories
+    # steady it, and at what cost in drift?
+    "tms_online_verified": ("tms", dict(tms_mode="online", label_weight=0.25, num_checkpoints=10,
+                                        trajectory_filter="verifier")),
     # Issue #23: self-rehearsal (the initial model's greedy answers to the 64 built-in everyday prompts, disjoint from
     # the chat probe's and the meter's prompts) drawn with probability beta; students on the `tms` run's history.
     "tms_rehearsal_10": ("tms", dict(label_weight=0.25, num_checkpoints=10, rehearsal_weight=0.1)),
@@ -177,6 +181,18 @@ class CaptureAdapter(TrainerCallback):
                 }
 
 
+class Progress(TrainerCallback):
+    """One line per quarter of a run's steps in the log (the study's trainers run without progress bars)."""
+
+    def __init__(self, label: str):
+        self.label, self.started = label, time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step % max(1, state.max_steps // 4) == 0:
+            print(f"{self.label}: step {state.global_step}/{state.max_steps}, "
+                  f"{time.perf_counter() - self.started:.0f} s", flush=True)
+
+
 def load_weights(model, weights: dict) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -269,6 +285,7 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
         phases = {arm: "online"} if online else {"sft": "harvest", arm: "student"} if arm == "tms" else {arm: "student"}
     capture = CaptureAdapter(trainer, capture_steps, phases)
     trainer.add_callback(capture)
+    trainer.add_callback(Progress(f"[{arm} s{seed}]"))
     reuse = reuses_history(arm) and os.path.isfile(os.path.join(history_dir, "tms_run.json"))
     if reuse:
         phases.pop("sft", None)

@@ -102,7 +102,6 @@ def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path
     assert runs[arm]["wall_seconds"]["total"] > 0
 
 
-
 def test_wall_ratios_come_from_runs_that_had_the_machine_to_themselves(tmp_path):
     base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
     study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "base", 0),

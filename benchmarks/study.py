@@ -279,8 +279,8 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
         if not online:
             settings.update(tms_overrides)
         # Only the `tms` run and its students share `history_dir`; other TMS runs keep their history in `out`.
-        shared = arm == "tms" or reuses_history(arm)
-        trainer = tms_trainer(model, tokenizer, regime, out, history_dir if shared else None, train, pld_set,
+        on_tms_history = arm == "tms" or reuses_history(arm)
+        trainer = tms_trainer(model, tokenizer, regime, out, history_dir if on_tms_history else None, train, pld_set,
                               {**settings, **common})
         phases = {arm: "online"} if online else {"sft": "harvest", arm: "student"} if arm == "tms" else {arm: "student"}
     capture = CaptureAdapter(trainer, capture_steps, phases)

@@ -1,6 +1,5 @@
 """The study's tasks and report (benchmarks/study.py): labels that score as right, disjoint splits, and statistics."""
 
-import json
 import os
 import sys
 
@@ -40,9 +39,11 @@ def checkpoint(step, target, chat_kl, wiki, pld, meter, items_target):
                       "wikitext": [wiki, wiki]}}
 
 
-def write_arm(tmp_path, arm, seed, checkpoints, wall):
+def write_arm(tmp_path, arm, seed, checkpoints, wall, load=None):
     record = {"arm": arm, "regime": "zero", "seed": seed, "task": "leg_counting", "steps": 8,
               "wall_seconds": wall, "checkpoints": checkpoints}
+    if load is not None:
+        record["load_average"] = load
     study.write_json_atomically(study.arm_path(str(tmp_path), "zero", arm, seed), record)
 
 
@@ -108,11 +109,12 @@ def test_wall_ratios_come_from_runs_that_had_the_machine_to_themselves(tmp_path)
                                 {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base})
     alone, shared = {"before": 2.0, "after": 2.1, "threads": 2}, {"before": 1.5, "after": 3.5, "threads": 2}
     last = [checkpoint(8, 0.5, 0.4, 5.2, 0.5, 0.3, [1, 1, 0, 0])]
-    for seed, wall, load in ((0, 300.0, shared), (1, 100.0, alone)):
-        write_arm(tmp_path, "sft", seed, last, {"train": wall, "total": wall})
-        with open(study.arm_path(str(tmp_path), "zero", "sft", seed)) as f:
-            record = json.load(f)
-        study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "sft", seed), {**record, "load_average": load})
+    write_arm(tmp_path, "sft", 0, last, {"train": 300.0, "total": 300.0}, shared)
+    write_arm(tmp_path, "tms", 0, last, {"total": 900.0}, shared)
+    arms = study.summary(str(tmp_path))["regimes"]["zero"]["arms"]
+    # Only shared runs so far: a ratio, flagged.
+    assert arms["tms"]["wall_ratio_to_sft"] == pytest.approx(3.0) and arms["tms"]["wall_shared"]
+    write_arm(tmp_path, "sft", 1, last, {"train": 100.0, "total": 100.0}, alone)
     write_arm(tmp_path, "sft_dft", 0, last, {"train": 50.0, "total": 50.0})  # no load record: counted as alone
     arms = study.summary(str(tmp_path))["regimes"]["zero"]["arms"]
     # The shared SFT run (seed 0) is left out of the reference: 50 / 100, not 50 / 200.

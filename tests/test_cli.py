@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -40,6 +41,19 @@ def test_yaml_config_and_flags_combine(tmp_path):
     assert script_args.dataset_name is None
 
 
+@pytest.mark.parametrize("name", ["cpu_quickstart", "qlora_24gb", "qlora_8gb"])
+def test_shipped_configs_parse(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", f"{name}.yaml")
+    with open(path) as handle:
+        settings = yaml.safe_load(handle)
+    script_args, training_args, model_args = parse(["--config", path])
+    check_arguments(script_args, model_args)
+    assert training_args.output_dir == settings["output_dir"]
+    assert training_args.num_checkpoints == settings["num_checkpoints"]
+    assert model_args.lora_r == settings["lora_r"]
+    assert script_args.num_eval_examples == settings.get("num_eval_examples")
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
@@ -77,6 +91,19 @@ def test_local_files_with_a_column_mapping(tmp_path):
     script_args, _, _ = parse(["--output_dir", "x", "--dataset_name", parquet])
     train, _ = load_datasets(script_args, seed=0)
     assert train.column_names == ["prompt", "completion"] and len(train) == 5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="needs reasoning-gym")
+def test_without_a_dataset_the_embedded_task_is_the_main_jobs():
+    from trl_tms.embedded import load_leg_counting
+
+    script_args, _, _ = parse(["--output_dir", "x", "--num_train_examples", "5", "--num_eval_examples", "3"])
+    train, eval_dataset = load_datasets(script_args, seed=2)
+    expected_train, expected_eval = load_leg_counting(5, 3, seed=2)
+    assert train.to_list() == expected_train.to_list() and eval_dataset.to_list() == expected_eval.to_list()
+    script_args, _, _ = parse(["--output_dir", "x"])
+    train, eval_dataset = load_datasets(script_args, seed=0)
+    assert (len(train), len(eval_dataset)) == (64, 16)
 
 
 def test_bad_dataset_arguments_raise(tmp_path):

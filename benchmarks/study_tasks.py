@@ -62,11 +62,9 @@ CANDIDATES = {
 
 def load_task(name: str, num_train: int, num_test: int, seed: int = 0):
     """`(train, test)` of a task by name: `leg_counting` or a `CANDIDATES` key; no question appears in both."""
-    from datasets import Dataset
+    from trl_tms.embedded import distinct_splits, load_leg_counting
 
     if name == "leg_counting":
-        from trl_tms.embedded import load_leg_counting
-
         return load_leg_counting(num_train, num_test, seed=seed)
     if name not in CANDIDATES:
         raise ValueError(f"Unknown task {name!r}: use leg_counting or one of {sorted(CANDIDATES)}.")
@@ -74,16 +72,4 @@ def load_task(name: str, num_train: int, num_test: int, seed: int = 0):
 
     generator, settings, worked = CANDIDATES[name]
     source = reasoning_gym.create_dataset(generator, size=4 * (num_train + num_test) + 64, seed=seed, **settings)
-    rows, seen = [], set()
-    for item in source:
-        if item["question"] in seen:
-            continue
-        seen.add(item["question"])
-        rows.append({
-            "prompt": [{"role": "user", "content": item["question"].strip()}],
-            "completion": [{"role": "assistant", "content": worked(item)}],
-            "answer": str(item["answer"]),
-        })
-    if len(rows) < num_train + num_test:
-        raise ValueError(f"{name}: only {len(rows)} distinct questions for {num_train} + {num_test}; lower the counts.")
-    return Dataset.from_list(rows[:num_train]), Dataset.from_list(rows[num_train : num_train + num_test])
+    return distinct_splits(source, worked, num_train, num_test)

@@ -289,8 +289,6 @@ def load_leg_counting(
     Returns:
         `tuple[Dataset, Dataset]`: `(train, eval)` in TRL's conversational prompt-completion format, plus `answer`.
     """
-    from datasets import Dataset
-
     if num_train < 1 or num_eval < 1:
         raise ValueError(f"`num_train` and `num_eval` must be at least 1, got {num_train} and {num_eval}.")
     try:
@@ -302,6 +300,18 @@ def load_leg_counting(
         "leg_counting", size=2 * (num_train + num_eval) + 64, seed=seed, min_animals=2, max_animals=max_animals,
         min_instances=1, max_instances=max_instances,
     )
+    return distinct_splits(source, lambda item: _leg_count_steps(item["metadata"]["animals"], ANIMALS), num_train,
+                           num_eval)
+
+
+def distinct_splits(source, worked, num_train: int, num_eval: int):
+    """
+    `(train, eval)` from reasoning-gym items in conversational prompt-completion form, each question once (the first
+    time it is drawn), so no question is in both splits; `worked(item)` writes an item's worked answer. Raises when
+    `source` holds fewer than `num_train + num_eval` distinct questions.
+    """
+    from datasets import Dataset
+
     rows, seen = [], set()
     for item in source:
         if item["question"] in seen:
@@ -309,11 +319,11 @@ def load_leg_counting(
         seen.add(item["question"])
         rows.append({
             "prompt": [{"role": "user", "content": item["question"].strip()}],
-            "completion": [{"role": "assistant", "content": _leg_count_steps(item["metadata"]["animals"], ANIMALS)}],
+            "completion": [{"role": "assistant", "content": worked(item)}],
             "answer": str(item["answer"]),
         })
     if len(rows) < num_train + num_eval:
-        raise ValueError(f"Could not draw {num_train} + {num_eval} distinct problems; lower the counts.")
+        raise ValueError(f"Could not draw {num_train} + {num_eval} distinct problems (only {len(rows)}); lower the counts.")
     return Dataset.from_list(rows[:num_train]), Dataset.from_list(rows[num_train : num_train + num_eval])
 
 

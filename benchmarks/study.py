@@ -702,7 +702,7 @@ def main(argv=None):
                         "measures (default: every task with a base accuracy in [0.15, 0.5]); `none` for none.")
     parser.add_argument("--regimes", default=None, help="Comma-separated subset of the regimes.")
     parser.add_argument("--arms", default=None, help="Comma-separated subset of the arms.")
-    parser.add_argument("--seeds", default=None, help="Comma-separated seeds (default: the mode's).")
+    parser.add_argument("--seeds", default=None, help="Comma-separated seeds, run for every arm named (default: the mode's seeds for sft and tms, seed 0 for the other arms).")
     parser.add_argument("--output_dir", default=None, help="Default: benchmarks/results/study[_quick].")
     parser.add_argument("--work_dir", default=None, help="Scratch space (histories, checkpoints); default: a "
                         "temporary folder removed at the end. Keep it to train other TMS students on a `tms` history.")
@@ -720,6 +720,8 @@ def main(argv=None):
         mode["seeds"] = [int(s) for s in args.seeds.split(",")]
     regimes = args.regimes.split(",") if args.regimes else list(mode["regimes"])
     arms = args.arms.split(",") if args.arms else mode["arms"]
+    if args.seeds:
+        mode["seeded_arms"] = arms  # seeds asked for are run for every arm asked for, not only the seeded ones
     for name, known in (("regime", mode["regimes"]), ("arm", ARMS)):
         unknown = set(regimes if name == "regime" else arms) - set(known)
         if unknown:

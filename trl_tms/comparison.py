@@ -66,6 +66,9 @@ class ArmProbe:
             Longest reference answer of the initial model to a general prompt.
         wikitext (`list[str]`, *optional*):
             General text whose NLL is measured (see [`load_wikitext`]).
+        batch_size (`int`, *optional*, defaults to `64`):
+            Rows per `generate` call and per scoring forward. A decode step of a small model costs about the same for
+            32 rows as for 64, so fewer, fuller calls finish sooner.
     """
 
     def __init__(
@@ -78,7 +81,7 @@ class ArmProbe:
         general_prompts: list[str] = GENERAL_PROMPTS[:24],
         chat_tokens: int = 64,
         wikitext: list[str] | None = None,
-        batch_size: int = 32,
+        batch_size: int = 64,
     ):
         self.model = model
         self.tokenizer = tokenizer

@@ -37,7 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_train", type=int, default=32, help="Training problems.")
     parser.add_argument("--num_test", type=int, default=40, help="Held-out problems scored for target accuracy.")
-    parser.add_argument("--num_pld", type=int, default=16, help="Held-out problems whose labels' NLL is PLD.")
+    parser.add_argument(
+        "--num_pld", type=int, default=8,
+        help="Held-out problems whose labels' NLL is PLD (a forward pass over them at every logging step).",
+    )
     parser.add_argument("--epochs", type=float, default=2.0, help="Epochs of each training phase.")
     parser.add_argument("--batch_size", type=int, default=8, help="Training batch size per device.")
     parser.add_argument("--learning_rate", type=float, default=1e-3)

@@ -16,7 +16,8 @@ Pearson's correlation, with 95% bootstrap intervals (checkpoints resampled), bet
 `retention_nll` change, `pld`, `pld_drift`) and each probe's measured forgetting, over all checkpoints of all runs.
 
 The meter is also measured offline at every checkpoint with 8, 16 and 64 prompts (32 answer tokens), to choose its
-default by measurement (`meter_8x32`, ...; `meter_16x32` is the default, measured again).
+default by measurement (`meter_8x32`, ...; the live meter, at the default size of its time, is measured again);
+`meter_settings.py` compares smaller sizes on the study's snapshots.
 
 Each arm / run is saved under `--output_dir` as soon as it finishes, and a rerun skips it. Writes `cost.json` or
 `correlation.json`, a markdown table beside it, and for correlation `meter_vs_probes.png`.

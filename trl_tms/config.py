@@ -184,10 +184,10 @@ class TMSConfig(SFTConfig):
             answers to everyday prompts, and `retention_nll`, the policy's NLL of those answers. Needs no data.
         retention_prompts (`list[str]`, *optional*):
             The meter's everyday prompts. `None` uses the built-in set (`trl_tms.forgetting.METER_PROMPTS`).
-        retention_num_prompts (`int`, *optional*, defaults to `8`):
+        retention_num_prompts (`int`, *optional*, defaults to `6`):
             How many of the prompts (the first ones) the meter uses. Each measurement costs one forward pass over them
             and their answers.
-        retention_max_new_tokens (`int`, *optional*, defaults to `32`):
+        retention_max_new_tokens (`int`, *optional*, defaults to `24`):
             Longest answer of the initial model to a meter prompt, in tokens.
         retention_kl_threshold (`float`, *optional*):
             Forgetting alarm on the meter: warn (and log `retention_alarm`) when `retention_kl` passes this many nats
@@ -441,14 +441,14 @@ class TMSConfig(SFTConfig):
         metadata={"help": "The forgetting meter's everyday prompts. None: the built-in set (METER_PROMPTS)."},
     )
     retention_num_prompts: int = field(
-        default=8,
+        default=6,
         metadata={
             "help": "How many meter prompts (the first ones) to use. Each measurement costs one forward pass over "
             "them and their answers."
         },
     )
     retention_max_new_tokens: int = field(
-        default=32,
+        default=24,
         metadata={"help": "Longest answer of the initial model to a meter prompt, in tokens."},
     )
     retention_kl_threshold: float | None = field(

@@ -308,9 +308,9 @@ class RetentionCallback(SignalCallback):
         prompts (`list[str]`, `list[list[dict]]` or [`~datasets.Dataset`], *optional*):
             General prompts: texts, conversations, or a dataset with a `prompt` column and optionally a `completion`
             column of reference answers (then none is generated). Defaults to the built-in `METER_PROMPTS`.
-        num_prompts (`int`, *optional*, defaults to `8`):
+        num_prompts (`int`, *optional*, defaults to `6`):
             Use the first this many prompts. Each measurement costs one forward pass over them and their answers.
-        max_new_tokens (`int`, *optional*, defaults to `32`):
+        max_new_tokens (`int`, *optional*, defaults to `24`):
             Longest generated reference answer, in tokens.
         top_k (`int`, *optional*, defaults to `256`):
             Reference log-probabilities kept per answer token; the rest of the vocabulary is one bucket.
@@ -330,8 +330,8 @@ class RetentionCallback(SignalCallback):
         self,
         trainer,
         prompts=None,
-        num_prompts: int = 8,
-        max_new_tokens: int = 32,
+        num_prompts: int = 6,
+        max_new_tokens: int = 24,
         top_k: int = 256,
         batch_size: int = 16,
         kl_threshold: float | None = None,

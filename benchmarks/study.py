@@ -29,7 +29,8 @@ optimizer steps, LoRA settings and seed:
 Every run is evaluated at `checkpoints` points (25/50/75/100% of its steps) on target accuracy, WikiText NLL, chat
 KL(base || model) and chat NLL over the base's answers to `evaluation.GENERAL_PROMPTS`, and on the candidate
 forgetting signals: PLD (NLL of held-out worked answers), its drift above the running minimum, and the forgetting
-meter's `retention_kl` (its default 8 prompts, disjoint from the chat probe's). PIQA and SIQA are scored at the end.
+meter's `retention_kl` (8 prompts x 32 tokens, the meter's default when the study began; disjoint from the chat
+probe's). PIQA and SIQA are scored at the end.
 Wall times are of training only (evaluation runs after it).
 
 Writes under `benchmarks/results/study[_quick]/`: `arms/<regime>/<arm>_s<seed>.json` (every item, so runs resume and

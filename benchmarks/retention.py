@@ -3,6 +3,7 @@
     python benchmarks/retention.py --quick        # ~15 minutes on 2 CPU cores
     python benchmarks/retention.py                # full: two regimes, two TMS points; ~90 minutes
     python benchmarks/retention.py --seeds 0,1    # adds a second seed (finished arms are reused)
+    python benchmarks/retention.py --mode trajectories --arms tms_online_verified   # train only these arms
     python benchmarks/retention.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda   # any Hub model, on a GPU
 
 Model: the embedded SmolLM2-135M-Instruct (LoRA, CPU) unless `--model`. Target task: reasoning-gym `leg_counting`
@@ -456,6 +457,8 @@ def train_arms(args, mode: dict, bench, train, pld_set, arms_dir: str, task_toke
                         runs.append(json.load(f))
                     print(f"[{key}] done earlier: {path}", flush=True)
                     continue
+                if arm not in mode.get("train_only", mode["arms"]):
+                    continue
                 model, tokenizer = load_model(args.model, args.device)
                 workdir = tempfile.mkdtemp(prefix=f"{key}-", dir=scratch)
                 online = (tms or {}).get("tms_mode") == "online"
@@ -497,6 +500,8 @@ def main(argv=None):
     parser.add_argument("--task", default="leg_counting", choices=["leg_counting", "gsm_symbolic"])
     parser.add_argument("--seeds", default=None, help="Comma-separated seeds (default: 0 for --quick, 0,1 for full).")
     parser.add_argument("--regimes", default=None, help="Comma-separated subset of the mode's regimes.")
+    parser.add_argument("--arms", default=None, help="Comma-separated subset of the mode's arms to train (the report "
+                        "still includes every arm saved earlier).")
     parser.add_argument("--output_dir", default=None, help="Default: benchmarks/results/retention[_quick].")
     parser.add_argument("--report_only", action="store_true", help="Train nothing: build the report from every arm "
                         "result saved in the output folder (any seed), e.g. after runs of separate seeds or regimes.")
@@ -516,6 +521,11 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown regime(s) {sorted(unknown)}; this mode has {sorted(mode['regimes'])}")
         mode["regimes"] = {r: mode["regimes"][r] for r in args.regimes.split(",")}
+    if args.arms:
+        unknown = set(args.arms.split(",")) - set(mode["arms"])
+        if unknown:
+            parser.error(f"unknown arm(s) {sorted(unknown)}; this mode has {sorted(mode['arms'])}")
+        mode["train_only"] = args.arms.split(",")
     suffix = {"full": "", "quick": "_quick"}.get(mode_name, f"_{mode_name}")
     output_dir = args.output_dir or os.path.join(HERE, "results", "retention" + suffix)
     arms_dir = os.path.join(output_dir, "arms")

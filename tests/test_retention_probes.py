@@ -143,3 +143,9 @@ def test_summary_changes_are_against_the_base():
     assert summary["pld_end"] == 0.7 and summary["pld_drift_end"] == 0.2 and summary["pld_min"] == 0.5
     text = retention.table({"base": base, "sft": summary}, {})
     assert "| sft | aggressive | 0,1 | 0.250 (+0.250" in text
+
+
+def test_arms_outside_the_mode_are_refused_before_anything_loads(capsys):
+    with pytest.raises(SystemExit):
+        retention.main(["--mode", "trajectories", "--arms", "tms_online_verified,no_such_arm"])
+    assert "unknown arm(s) ['no_such_arm']" in capsys.readouterr().err

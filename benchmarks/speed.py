@@ -15,7 +15,8 @@ Prints a table and writes `benchmarks/results/speed_<model>.json`. Measured:
   same snapshots);
 - the bandwidth bound (`bandwidth.py`): the machine's copy bandwidth and the bytes a decode step reads (weights, the
   call's LoRA factors, KV cache) give the most new tokens/s a batch of B rows could reach; generation tokens/s at
-  B = 8, 32, 64 rows per call (4 snapshots per call) as a fraction of it;
+  B = 8, 32, 64 rows per call (4 snapshots per call) as a fraction of it, and of the matrix-product bound: the step's
+  linear layers and LoRA factors timed on their own at B rows, which on a few CPU cores is the tighter limit;
 - end to end: TMS / SFT wall time on the same data and step count, by phase, for two-pass TMS (the paper), two-pass
   TMS with `trajectory_choice="pld"` and online TMS (`tms_mode="online"`, one training run);
 - memory: peak resident memory during training (sampled every 10 ms from the start of `train()`, so model loading is
@@ -343,7 +344,7 @@ def micro(model_name: str, workdir: str) -> dict:
 
 def bandwidth_bound(model, tokenizer, train, history, new_tokens: int, rows=(8, 32, 64)) -> dict:
     """Generation tokens/s at several rows per call (4 snapshots each) against the memory-bandwidth bound."""
-    from bandwidth import copy_bandwidth, decode_step_bytes, tokens_per_s_bound
+    from bandwidth import copy_bandwidth, decode_step_bytes, matmul_seconds, tokens_per_s_bound
 
     from trl_tms import SamplingParams, generate_trajectories
     from trl_tms.data import prompt_token_ids
@@ -365,10 +366,15 @@ def bandwidth_bound(model, tokenizer, train, history, new_tokens: int, rows=(8, 
         step = decode_step_bytes(model, batch, prompt_tokens + mean_new / 2, snapshots=per_call)
         measured = sum(out["num_tokens"]) / seconds
         limit = tokens_per_s_bound(bandwidth, step["total"], batch)
+        # The step's matrix products alone: on a few CPU cores they, not the memory traffic, bound larger batches.
+        products = matmul_seconds(model, batch, snapshots=per_call)
+        compute_limit = batch / products["seconds"]
         results["rows"][batch] = {"tokens_per_s": measured, "bound_tokens_per_s": limit, "fraction": measured / limit,
-                                  "step_bytes": step, "mean_new_tokens": mean_new}
-        progress(f"generation, {batch} rows per call: {measured:.0f} tokens/s, bound {limit:.0f} "
-                 f"({measured / limit:.1%})")
+                                  "step_bytes": step, "mean_new_tokens": mean_new, "matmul": products,
+                                  "matmul_bound_tokens_per_s": compute_limit,
+                                  "fraction_of_tighter_bound": measured / min(limit, compute_limit)}
+        progress(f"generation, {batch} rows per call: {measured:.0f} tokens/s, bandwidth bound {limit:.0f} "
+                 f"({measured / limit:.1%}), matrix-product bound {compute_limit:.0f} ({measured / compute_limit:.1%})")
     return results
 
 
@@ -545,6 +551,11 @@ def main():
         rows.append((f"tokens/s at {batch} rows per call / bandwidth bound "
                      f"({r['step_bytes']['total'] / 2**20:.1f} MiB per decode step)",
                      f"{r['tokens_per_s']:.0f} / {r['bound_tokens_per_s']:.0f}", f"{r['fraction']:.1%}", ">= 50%"))
+        if "matmul" in r:
+            rows.append((f"tokens/s at {batch} rows per call / matrix-product bound "
+                         f"({r['matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s in the step's products alone)",
+                         f"{r['tokens_per_s']:.0f} / {r['matmul_bound_tokens_per_s']:.0f}",
+                         f"{r['tokens_per_s'] / r['matmul_bound_tokens_per_s']:.1%}", ""))
     if not args.micro_only:
         rows += training_rows(results, T)
     print(f"\n{name} on {results['device']} ({results['threads']} threads), T={T}, LoRA r=16 all-linear\n")

@@ -4,11 +4,12 @@ import os
 import sys
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 from tiny import build_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from bandwidth import copy_bandwidth, decode_step_bytes, tokens_per_s_bound  # noqa: E402
+from bandwidth import copy_bandwidth, decode_step_bytes, matmul_seconds, tokens_per_s_bound  # noqa: E402
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -35,3 +36,16 @@ def test_bound_scales_with_rows_and_bandwidth():
     assert tokens_per_s_bound(1e9, 1e6, 8) == pytest.approx(8000)
     assert tokens_per_s_bound(2e9, 1e6, 16) == pytest.approx(4 * tokens_per_s_bound(1e9, 1e6, 8))
     assert copy_bandwidth(megabytes=8, repeats=2) > 1e8  # any machine copies faster than 100 MB/s
+
+
+def test_matmul_seconds_counts_every_linear_layer_and_the_stacked_lora_factors():
+    model, _ = build_model("llama")
+    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    base_flops = sum(2 * 8 * w.numel() for w in linear)  # lm_head included
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    one = matmul_seconds(model, batch=8, snapshots=1, repeats=1)
+    three = matmul_seconds(model, batch=8, snapshots=3, repeats=1)
+    assert one["flops"] == base_flops + 2 * 8 * adapter
+    assert three["flops"] == base_flops + 3 * 2 * 8 * adapter
+    assert one["seconds"] > 0 and one["flops_per_s"] == pytest.approx(one["flops"] / one["seconds"])

@@ -74,6 +74,9 @@ ARMS = {
     "self_sft_verified": ("tms", dict(tms_mode="online", label_weight=0.0, num_checkpoints=1,
                                       snapshot_every_epoch=True, trajectory_filter="verifier")),
     "grpo": ("grpo", dict(num_generations=4)),
+    # GRPO at SFT's learning rate (1e-3) forgot more than SFT: at a fifth of it, as `sft_low_lr`, is it the gentle
+    # "gold standard" the paper describes?
+    "grpo_low_lr": ("grpo", dict(num_generations=4, lr_scale=0.2)),
     "tms": ("tms", dict(label_weight=0.25, num_checkpoints=10)),
     "tms_online": ("tms", dict(tms_mode="online", label_weight=0.25, num_checkpoints=10)),
     "tms_verified": ("tms", dict(label_weight=0.25, num_checkpoints=10, trajectory_filter="verifier")),

@@ -103,7 +103,7 @@ def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path
     assert runs[arm]["wall_seconds"]["total"] > 0
 
 
-def test_wall_ratios_come_from_runs_that_had_the_machine_to_themselves(tmp_path):
+def test_wall_ratios_are_to_a_plain_sft_run_that_had_the_machine_to_itself(tmp_path):
     base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
     study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "base", 0),
                                 {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base})
@@ -115,13 +115,22 @@ def test_wall_ratios_come_from_runs_that_had_the_machine_to_themselves(tmp_path)
     # Only shared runs so far: a ratio, flagged.
     assert arms["tms"]["wall_ratio_to_sft"] == pytest.approx(3.0) and arms["tms"]["wall_shared"]
     write_arm(tmp_path, "sft", 1, last, {"train": 100.0, "total": 100.0}, alone)
-    write_arm(tmp_path, "sft_dft", 0, last, {"train": 50.0, "total": 50.0})  # no load record: counted as alone
     arms = study.summary(str(tmp_path))["regimes"]["zero"]["arms"]
-    # The shared SFT run (seed 0) is left out of the reference: 50 / 100, not 50 / 200.
-    assert arms["sft_dft"]["wall_ratio_to_sft"] == pytest.approx(0.5) and not arms["sft_dft"]["wall_shared"]
+    # No plain SFT run yet: the harvest is the reference, and the shared one (seed 0) is left out: 900 / 100.
+    assert arms["tms"]["wall_ratio_to_sft"] == pytest.approx(9.0) and arms["tms"]["wall_shared"]
     assert arms["sft"]["wall_ratio_to_sft"] == pytest.approx(1.0) and not arms["sft"]["wall_shared"]
-    rows = [line for line in study.table(study.summary(str(tmp_path))).splitlines() if line.startswith("| sft_dft |")]
-    assert rows[0].endswith("| 0.50 |")
+    write_arm(tmp_path, "sft_dft", 0, last, {"train": 50.0, "total": 50.0})  # no load record: counted as alone
+    write_arm(tmp_path, "sft_low_lr", 0, last, {"train": 500.0, "total": 500.0}, shared)
+    result = study.summary(str(tmp_path))
+    arms = result["regimes"]["zero"]["arms"]
+    # A plain SFTTrainer run is the reference (the harvest also logs PLD); the shared one is left out: 50 s.
+    assert result["regimes"]["zero"]["wall_reference"] == {"arms": ["sft_dft", "sft_low_lr"], "seconds": 50.0}
+    assert arms["sft_dft"]["wall_ratio_to_sft"] == pytest.approx(1.0) and not arms["sft_dft"]["wall_shared"]
+    assert arms["sft"]["wall_ratio_to_sft"] == pytest.approx(2.0) and not arms["sft"]["wall_shared"]
+    assert arms["sft_early"]["wall_ratio_to_sft"] == pytest.approx(1.0)
+    assert arms["sft_low_lr"]["wall_ratio_to_sft"] == pytest.approx(10.0) and arms["sft_low_lr"]["wall_shared"]
+    rows = [line for line in study.table(result).splitlines() if line.startswith("| sft |")]
+    assert rows[0].endswith("| 2.00 |")
 
 
 def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_history(tiny_study, tmp_path):

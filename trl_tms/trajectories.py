@@ -312,10 +312,8 @@ def _generate_samples(
     model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids, samples: int = 1
 ) -> list[list[int]]:
     """
-    `generate` `samples` continuations of each row, in chunks of `DROP_FINISHED_EVERY` new tokens; after each chunk,
-    the rows that reached EOS leave the batch (with their KV-cache rows), and the others continue from the cache.
-    `generate` alone keeps computing every finished row until the whole batch is done. Returns the new tokens of each
-    row's samples, row by row (`samples` consecutive lists per row).
+    `generate` `samples` continuations of each row, dropping finished rows as they end (see [`decode_until_eos`]).
+    Returns the new tokens of each row's samples, row by row (`samples` consecutive lists per row).
 
     The samples of a row share one pass over its prompt: the prompt but its last token is encoded once per row, the
     cache repeated for the samples, and sampling starts from the last token (so the first sampled tokens differ).
@@ -324,35 +322,62 @@ def _generate_samples(
     if samples > 1 and not kwargs.get("do_sample"):
         once = _generate_samples(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids)
         return [list(tokens) for tokens in once for _ in range(samples)]
-    # A cache of fixed size (a generation config's `cache_implementation="static"`, "hybrid", ...) can neither grow past
-    # the call that made it nor drop rows: such models generate in one call.
-    growable = getattr(model.generation_config, "cache_implementation", None) in (None, "dynamic")
-    every = DROP_FINISHED_EVERY if growable else kwargs["max_new_tokens"]
     cache = None
     if samples > 1:
-        if growable and input_ids.shape[1] > 1:
+        if _cache_is_growable(model) and input_ids.shape[1] > 1:
             cache = _encode_prompts(model, input_ids[:, :-1], attention_mask[:, :-1], row_slots, route, kwargs)
             cache.batch_repeat_interleave(samples)
         input_ids = input_ids.repeat_interleave(samples, dim=0)
         attention_mask = attention_mask.repeat_interleave(samples, dim=0)
         row_slots = [slot for slot in row_slots for _ in range(samples)]
-    tokens = [[] for _ in row_slots]
-    rows, budget = list(range(len(row_slots))), kwargs["max_new_tokens"]
+    return decode_until_eos(model, input_ids, attention_mask, kwargs, eos_ids, row_slots=row_slots, route=route,
+                            cache=cache)
+
+
+def _cache_is_growable(model) -> bool:
+    # A cache of fixed size (a generation config's `cache_implementation="static"`, "hybrid", ...) can neither grow past
+    # the call that made it nor drop rows: such models generate in one call.
+    return getattr(model.generation_config, "cache_implementation", None) in (None, "dynamic")
+
+
+def decode_until_eos(
+    model, input_ids, attention_mask, kwargs: dict, eos_ids: set[int], row_slots: list | None = None, route=None,
+    cache=None, output_logits: bool = False,
+):
+    """
+    `model.generate(**kwargs)` from left-padded `input_ids`, in chunks of `DROP_FINISHED_EVERY` new tokens: after each
+    chunk the rows that produced a token of `eos_ids` leave the batch (with their KV-cache rows) and the others continue
+    from the cache. `generate` alone keeps computing every finished row until the whole batch is done.
+
+    Returns the new tokens of each row (a finished row's chunk is padded after its EOS, as `generate` pads it). With
+    `output_logits=True`, returns `(tokens, logits)`: per row, the raw next-token logits that chose its tokens
+    (`[new tokens, vocab]`). `route(row_slots)` (see [`RowRouter`]) gives the routing arguments of each call's rows;
+    `cache` continues from an existing KV cache of `input_ids` but their last token.
+    """
+    every = DROP_FINISHED_EVERY if _cache_is_growable(model) else kwargs["max_new_tokens"]
+    count = input_ids.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(count)]
+    logits: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    rows, budget = list(range(count)), kwargs["max_new_tokens"]
     while True:
-        with route([row_slots[r] for r in rows]) as routing:
+        routed = route([row_slots[r] for r in rows]) if route is not None else contextlib.nullcontext({})
+        with routed as routing:
             output = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **{CACHE: cache},
-                **{**kwargs, "max_new_tokens": min(every, budget)}, return_dict_in_generate=True, **routing,
+                **{**kwargs, "max_new_tokens": min(every, budget)}, return_dict_in_generate=True,
+                output_logits=output_logits, **routing,
             )
         new = output.sequences[:, input_ids.shape[1] :]
         going = []
         for position, (row, row_tokens) in enumerate(zip(rows, new.tolist())):  # one device sync per chunk
             tokens[row] += row_tokens
+            if output_logits:
+                logits[row].append(torch.stack([step[position] for step in output.logits]))
             if not eos_ids.intersection(row_tokens):
                 going.append(position)
         budget -= new.shape[1]
         if not going or budget <= 0:
-            return tokens
+            return (tokens, [torch.cat(parts) for parts in logits]) if output_logits else tokens
         keep = torch.tensor(going, device=input_ids.device)
         cache = getattr(output, CACHE)
         if len(going) < len(rows):

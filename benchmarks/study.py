@@ -6,6 +6,7 @@
                                                  # background, it resumes per arm
     python benchmarks/study.py --regimes zero --arms tms,sft --seeds 0,1,2   # a subset
     python benchmarks/study.py --report_only     # summary, table and plots from the arms saved so far
+    python benchmarks/study.py --backfill --work_dir DIR   # add later probes to saved runs (from DIR's adapters)
 
 Model: the embedded SmolLM2-135M-Instruct with LoRA (r=64 on every linear layer). Regimes (`study_tasks.py`):
 `zero`, `leg_counting`, which the base model cannot do and plain SFT learns while forgetting measurably; `partly`, a
@@ -30,7 +31,9 @@ Every run is evaluated at `checkpoints` points (25/50/75/100% of its steps) on t
 KL(base || model) and chat NLL over the base's answers to `evaluation.GENERAL_PROMPTS`, and on the candidate
 forgetting signals: PLD (NLL of held-out worked answers), its drift above the running minimum, and the forgetting
 meter's `retention_kl` (8 prompts x 32 tokens, the meter's default when the study began; disjoint from the chat
-probe's). PIQA and SIQA are scored at the end.
+probe's). PIQA, SIQA and instruction following (`instruction_following.py`: 48 format instructions checked on the
+greedy answer, a generative ability of another kind) are scored at the end. Each run's final adapter is kept under
+`<work_dir>/finals/`, so that a probe added later can be measured on past runs (`--backfill`) without training them again.
 Wall times are of training only (evaluation runs after it).
 
 Writes under `benchmarks/results/study[_quick]/`: `arms/<regime>/<arm>_s<seed>.json` (every item, so runs resume and
@@ -56,6 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import probes  # noqa: E402
+from instruction_following import instruction_following  # noqa: E402
 from forgetting_meter import pearson, spearman, with_interval  # noqa: E402
 from study_tasks import CANDIDATES, load_task  # noqa: E402
 from trl_tms.atomic import write_json_atomically  # noqa: E402
@@ -160,6 +164,9 @@ class Evaluation:
             piqa, siqa = probes.multiple_choice(model, tok, self.piqa), probes.multiple_choice(model, tok, self.siqa)
             result.update(piqa_acc=piqa["accuracy"], siqa_acc=siqa["accuracy"])
             result["items"].update(piqa=piqa["correct"], siqa=siqa["correct"])
+            followed = instruction_following(model, tok)
+            result.update(ifeval_acc=followed["accuracy"], ifeval_examples=followed["texts"][:2])
+            result["items"]["ifeval"] = followed["followed"]
         result["eval_seconds"] = time.perf_counter() - started
         return result
 
@@ -244,10 +251,11 @@ def tms_trainer(model, tokenizer, regime: dict, out: str, history_dir: str | Non
 
 
 def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, history_dir: str, capture_steps,
-              tms_overrides: dict) -> dict:
+              tms_overrides: dict, reuse: bool | None = None) -> dict:
     """
     Train one arm; returns `{arm name: {"wall_seconds": by phase, "weights": {step: trainable weights}}}` (one entry,
-    or two for `tms`, whose harvest is also the `sft` arm), the trained model and its tokenizer.
+    or two for `tms`, whose harvest is also the `sft` arm), the trained model and its tokenizer. `reuse=True` trains
+    only the student of a two-pass TMS arm on the harvest and trajectories already in `history_dir`.
     """
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
@@ -290,7 +298,8 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
     capture = CaptureAdapter(trainer, capture_steps, phases)
     trainer.add_callback(capture)
     trainer.add_callback(Progress(f"[{arm} s{seed}]"))
-    reuse = reuses_history(arm) and os.path.isfile(os.path.join(history_dir, "tms_run.json"))
+    if reuse is None:
+        reuse = reuses_history(arm) and os.path.isfile(os.path.join(history_dir, "tms_run.json"))
     if reuse:
         phases.pop("sft", None)
     started = time.perf_counter()
@@ -407,8 +416,110 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
                       "steps": steps, "wall_seconds": run["wall_seconds"], "load_average": load,
                       "checkpoints": checkpoints}
             write_json_atomically(arm_path(output_dir, regime_name, name, seed), record)
+            save_final(scratch, regime_name, name, seed, run["weights"][capture[-1]])
         del model
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def final_path(scratch: str, regime: str, arm: str, seed: int) -> str:
+    return os.path.join(scratch, "finals", regime, f"{arm}_s{seed}.safetensors")
+
+
+def save_final(scratch: str, regime: str, arm: str, seed: int, weights: dict) -> None:
+    """Keep a run's final adapter weights in scratch space, so that a probe added later needs no re-training."""
+    from safetensors.torch import save_file
+
+    path = final_path(scratch, regime, arm, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scratch: str) -> None:
+    """
+    Add the instruction-following probe to saved records that lack it (every final checkpoint, and the `sft` run's
+    half-way one, which is the `sft_early` arm). The weights come from the run's saved final adapter, from the `tms`
+    history (the `sft` arm *is* its harvest, whose snapshots include both checkpoints), or, for `tms`, from training its
+    student again on that history with the same seed. Each backfilled final checkpoint also re-measures target accuracy
+    and records how many items match the original evaluation: a check that the weights are the run's.
+    """
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    from trl_tms import AdapterHistory
+    from trl_tms.embedded import is_correct
+
+    regime = mode["regimes"][regime_name]
+    train, test = load_task(regime["task"], mode["num_train"], mode["num_test"], seed=0)
+    pld_set = test.select(range(min(mode["num_pld"], len(test))))
+    steps = planned_steps(regime, mode["num_train"])
+
+    def measure(model, tokenizer, checkpoint: dict, source: str, verify: bool = True) -> None:
+        followed = instruction_following(model, tokenizer)
+        checkpoint.update(ifeval_acc=followed["accuracy"], ifeval_examples=followed["texts"][:2])
+        checkpoint["items"]["ifeval"] = followed["followed"]
+        checkpoint["backfilled"] = {"probes": ["ifeval"], "weights": source}
+        check = ""
+        if verify:
+            target = probes.target_accuracy(model, tokenizer, test, TASK_TOKENS, is_correct)
+            same = sum(a == b for a, b in zip(target["correct"], checkpoint["items"]["target"]))
+            checkpoint["backfilled"].update(target_items_matching=same, target_items=len(target["correct"]))
+            check = f", target items matching the original evaluation {same}/{len(target['correct'])}"
+        print(f"[{regime_name}] backfill ({source}): instruction following {followed['accuracy']:.3f}{check}", flush=True)
+
+    base_path = arm_path(output_dir, regime_name, "base", 0)
+    if os.path.isfile(base_path):
+        with open(base_path) as f:
+            record = json.load(f)
+        if "ifeval_acc" not in record["final"]:
+            model, tokenizer = load_model()
+            measure(model, tokenizer, record["final"], "the base model")
+            write_json_atomically(base_path, record)
+    for arm in arms:
+        for seed in mode["seeds"]:
+            path = arm_path(output_dir, regime_name, arm, seed)
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                record = json.load(f)
+            wanted = [final(record)] + ([early(record)] if arm == "sft" else [])
+            if all("ifeval_acc" in c for c in wanted):
+                continue
+            history = os.path.join(scratch, f"history-{regime_name}-s{seed}")
+            saved = final_path(scratch, regime_name, arm, seed)
+            if arm in ("sft", "tms") and not os.path.isfile(saved) and not os.path.isfile(
+                    os.path.join(history, "tms_run.json")):
+                # As `run_regime` does: the same seed rebuilds the same harvest and trajectories (checked below).
+                print(f"[{regime_name}] backfill {arm} s{seed}: rebuilding the `tms` history", flush=True)
+                rebuild_history(regime, seed, train, pld_set, scratch, history, mode.get("tms_overrides", {}))
+            for checkpoint in wanted:
+                if "ifeval_acc" in checkpoint:
+                    continue
+                model, tokenizer = load_model()
+                model = get_peft_model(model, lora_config(regime))
+                if checkpoint is final(record) and os.path.isfile(saved):
+                    load_weights(model, load_file(saved))
+                    source = "saved final adapter"
+                elif arm == "sft" and os.path.isdir(os.path.join(history, f"step-{checkpoint['step']}")):
+                    AdapterHistory.open(history).load_into(model, checkpoint["step"], "default")
+                    source = f"tms history step-{checkpoint['step']}"
+                elif arm == "tms" and os.path.isfile(os.path.join(history, "tms_run.json")):
+                    print(f"[{regime_name}] backfill tms s{seed}: training its student again on the saved history",
+                          flush=True)
+                    with tempfile.TemporaryDirectory(prefix=f"tms-s{seed}-", dir=scratch) as workdir:
+                        runs, model, tokenizer = train_run("tms", regime, seed, train, pld_set, workdir, history,
+                                                           [steps], mode.get("tms_overrides", {}), reuse=True)
+                    load_weights(model, runs["tms"]["weights"][steps])
+                    save_final(scratch, regime_name, arm, seed, runs["tms"]["weights"][steps])
+                    source = "student trained again on the saved tms history"
+                else:
+                    print(f"[{regime_name}] backfill {arm} s{seed} step {checkpoint['step']}: no saved weights; run "
+                          "the arm again to measure it", flush=True)
+                    continue
+                # The half-way snapshot comes from the same history as the final one, which is checked.
+                measure(model, tokenizer, checkpoint, source, verify=checkpoint is final(record))
+                write_json_atomically(path, record)
+                del model
 
 
 # Report
@@ -443,14 +554,15 @@ def summarise_arm(records: list[dict], base: dict, pick=None) -> dict:
     results = [(pick or final)(r) for r in records]
     for name, items, key in (("target", "target", "target_accuracy"), ("chat_kl", "chat_kl", "chat_kl"),
                              ("chat_nll", "chat_nll", "chat_nll"), ("wiki_nll", "wikitext", "wikitext_nll"),
-                             ("piqa", "piqa", "piqa_acc"), ("siqa", "siqa", "siqa_acc")):
+                             ("piqa", "piqa", "piqa_acc"), ("siqa", "siqa", "siqa_acc"),
+                             ("ifeval", "ifeval", "ifeval_acc")):
         points = [r for r in results if key in r]
-        if not points:
+        if not points or key not in base:
             continue
         deltas = [r[key] - base[key] for r in points]
         ses = [probes.paired_se(r["items"][items], base["items"][items]) for r in points]
         out[name] = {"value": statistics.mean(r[key] for r in points), "delta": statistics.mean(deltas),
-                     "se": statistics.mean(ses), "seed_spread": [min(deltas), max(deltas)]}
+                     "se": statistics.mean(ses), "seed_spread": [min(deltas), max(deltas)], "seeds": len(points)}
     out["target_acc"] = out["target"]["value"]
     out["target_gain"] = out["target"]["delta"]
     out["chat_kl_value"] = out["chat_kl"]["value"]
@@ -501,7 +613,8 @@ def summary(output_dir: str) -> dict:
                 rows["sft_early"]["note"] = "the sft run's checkpoint at 50% of its steps"
         task = next(r["task"] for arm, records in by_arm.items() if arm != "base" for r in records)
         result["regimes"][regime] = {"task": task, "base": {
-            k: base[k] for k in ("target_accuracy", "wikitext_nll", "chat_nll", "pld", "piqa_acc", "siqa_acc") if k in base},
+            k: base[k] for k in ("target_accuracy", "wikitext_nll", "chat_nll", "pld", "piqa_acc", "siqa_acc", "ifeval_acc")
+            if k in base},
             "arms": rows, "wall_reference": {"arms": sorted({r["arm"] for r in reference}), "seconds": sft_wall}}
     result["pld_correlation"] = correlations(arms)
     return result
@@ -547,17 +660,19 @@ def table(result: dict) -> str:
         b = r["base"]
         lines += [f"## Regime `{regime}` (task `{r['task']}`; base target accuracy {b['target_accuracy']:.3f})", "",
                   "| arm | seeds | target acc (gain ± SE) | chat KL ± SE | WikiText NLL change ± SE | PIQA change | "
-                  "SIQA change | wall / SFT |", "|---|---|---|---|---|---|---|---|"]
+                  "SIQA change | instruction following change (seeds) | wall / SFT |", "|---|---|---|---|---|---|---|---|---|"]
         for arm, s in r["arms"].items():
             def cell(name, fmt="{:+.3f}"):
                 if name not in s:
                     return "-"
                 return fmt.format(s[name]["delta"]) + f" ± {s[name]['se']:.3f}"
+            # The probe came later than the others: not every seed of an arm has it.
+            ifeval = "-" if "ifeval" not in s else f"{cell('ifeval')} ({s['ifeval']['seeds']})"
             wall = "-" if s.get("wall_ratio_to_sft") is None else f"{s['wall_ratio_to_sft']:.2f}"
             wall += " (shared)" if s.get("wall_shared") else ""
             lines.append(f"| {arm} | {','.join(map(str, s['seeds']))} | {s['target_acc']:.3f} ({cell('target')}) | "
                          f"{s['chat_kl']['value']:.3f} ± {s['chat_kl']['se']:.3f} | {cell('wiki_nll')} | "
-                         f"{cell('piqa')} | {cell('siqa')} | {wall} |")
+                         f"{cell('piqa')} | {cell('siqa')} | {ifeval} | {wall} |")
         lines.append("")
     if result.get("pld_correlation"):
         lines += ["## Do the live signals predict forgetting? (every checkpoint of every run)", "",
@@ -724,6 +839,8 @@ def main(argv=None):
     parser.add_argument("--work_dir", default=None, help="Scratch space (histories, checkpoints); default: a "
                         "temporary folder removed at the end. Keep it to train other TMS students on a `tms` history.")
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--backfill", action="store_true", help="Add probes introduced after a run (instruction "
+                        "following) to its saved record, from its saved weights in --work_dir; then report.")
     args = parser.parse_args(argv)
 
     mode_name = "quick" if args.quick else "full"
@@ -743,13 +860,18 @@ def main(argv=None):
         unknown = set(regimes if name == "regime" else arms) - set(known)
         if unknown:
             parser.error(f"unknown {name}(s) {sorted(unknown)}; known: {sorted(known)}")
+    if args.backfill and not args.work_dir:
+        parser.error("--backfill reads the saved weights in --work_dir: pass the folder the runs used.")
     if not args.report_only:
         scratch = args.work_dir or tempfile.mkdtemp(prefix="study-")
         os.makedirs(scratch, exist_ok=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         try:
             for regime in regimes:
-                run_regime(mode, regime, arms, output_dir, scratch)
+                if args.backfill:
+                    backfill(mode, regime, arms, output_dir, scratch)
+                else:
+                    run_regime(mode, regime, arms, output_dir, scratch)
         finally:
             if not args.work_dir:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -175,3 +175,45 @@ def test_students_on_the_tms_history_are_trained_right_after_it():
     assert [arm for arm in study.ARMS if study.reuses_history(arm)] == [
         "tms_verified", "tms_rehearsal_10", "tms_rehearsal_25"]
     assert not study.reuses_history("tms") and not study.reuses_history("tms_online")
+
+
+def test_backfill_adds_the_new_probe_from_the_history_and_a_student_trained_again(tiny_study, tmp_path, monkeypatch):
+    """The `sft` arm's checkpoints come from the `tms` history; `tms`'s student, trained again, equals the original."""
+    import torch
+    from safetensors.torch import load_file
+
+    train, pld, regime = tiny_study
+    scratch = str(tmp_path / "scratch")
+    history = os.path.join(scratch, "history-zero-s0")
+    runs, _, _ = study.train_run("tms", regime, 0, train, pld, str(tmp_path / "a"), history, [2, 4],
+                                 {"num_checkpoints": 2})
+    monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (train, pld))
+    out = str(tmp_path / "results")
+    base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
+    study.write_json_atomically(study.arm_path(out, "zero", "base", 0),
+                                {"arm": "base", "regime": "zero", "seed": 0, "task": "tiny", "final": base})
+    for arm in ("sft", "tms", "sft_dft"):
+        study.write_json_atomically(study.arm_path(out, "zero", arm, 0), {
+            "arm": arm, "regime": "zero", "seed": 0, "task": "tiny", "steps": 4, "wall_seconds": {"train": 1.0, "total": 1.0},
+            "checkpoints": [dict(checkpoint(2, 0.0, 0.1, 5.0, 1.0, 0.1, [0, 0, 0, 0]), fraction=0.5),
+                            dict(checkpoint(4, 0.0, 0.1, 5.0, 1.0, 0.1, [0, 0, 0, 0]), fraction=1.0)]})
+    mode = dict(study.MODES["full"], regimes={"zero": regime}, seeds=[0], num_train=16, num_test=4, num_pld=4,
+                tms_overrides={"num_checkpoints": 2})
+    study.backfill(mode, "zero", ["sft", "tms", "sft_dft"], out, scratch)
+    records = study.load_arms(out)["zero"]
+    assert 0 <= records["base"][0]["final"]["ifeval_acc"] <= 1
+    sft = records["sft"][0]["checkpoints"]
+    assert [c["backfilled"]["weights"] for c in sft] == ["tms history step-2", "tms history step-4"]
+    assert all(len(c["items"]["ifeval"]) == 48 for c in sft)
+    assert sft[1]["backfilled"]["target_items"] == 4 and "target_items_matching" not in sft[0]["backfilled"]
+    tms = records["tms"][0]["checkpoints"]
+    assert "ifeval_acc" in tms[1] and "ifeval_acc" not in tms[0]
+    assert tms[1]["backfilled"]["weights"] == "student trained again on the saved tms history"
+    again = load_file(study.final_path(scratch, "zero", "tms", 0))
+    assert set(again) == set(runs["tms"]["weights"][4])
+    assert all(torch.allclose(again[n], runs["tms"]["weights"][4][n], atol=1e-6) for n in again)
+    # No saved weights for the arm: left as it was, with a message.
+    assert "ifeval_acc" not in records["sft_dft"][0]["checkpoints"][-1]
+    summary = study.summary(out)["regimes"]["zero"]["arms"]
+    assert summary["sft"]["ifeval"]["seeds"] == 1 and "ifeval" in summary["sft_early"]
+    assert "ifeval" not in summary["sft_dft"]

@@ -164,11 +164,17 @@ class Evaluation:
             piqa, siqa = probes.multiple_choice(model, tok, self.piqa), probes.multiple_choice(model, tok, self.siqa)
             result.update(piqa_acc=piqa["accuracy"], siqa_acc=siqa["accuracy"])
             result["items"].update(piqa=piqa["correct"], siqa=siqa["correct"])
-            followed = instruction_following(model, tok)
-            result.update(ifeval_acc=followed["accuracy"], ifeval_examples=followed["texts"][:2])
-            result["items"]["ifeval"] = followed["followed"]
+            score_instructions(model, tok, result)
         result["eval_seconds"] = time.perf_counter() - started
         return result
+
+
+def score_instructions(model, tokenizer, result: dict) -> dict:
+    """Add the instruction-following probe's score and items to an evaluation `result`; returns the probe's output."""
+    followed = instruction_following(model, tokenizer)
+    result.update(ifeval_acc=followed["accuracy"], ifeval_examples=followed["texts"][:2])
+    result["items"]["ifeval"] = followed["followed"]
+    return followed
 
 
 class CaptureAdapter(TrainerCallback):
@@ -455,9 +461,7 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
     steps = planned_steps(regime, mode["num_train"])
 
     def measure(model, tokenizer, checkpoint: dict, source: str, verify: bool = True) -> None:
-        followed = instruction_following(model, tokenizer)
-        checkpoint.update(ifeval_acc=followed["accuracy"], ifeval_examples=followed["texts"][:2])
-        checkpoint["items"]["ifeval"] = followed["followed"]
+        followed = score_instructions(model, tokenizer, checkpoint)
         checkpoint["backfilled"] = {"probes": ["ifeval"], "weights": source}
         check = ""
         if verify:

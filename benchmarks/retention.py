@@ -225,7 +225,8 @@ def train_arm(arm: str, tms: dict | None, regime: dict, seed: int, model, tokeni
         # The results under results/ were measured before the forgetting meter existed: keep the arms' work as it was
         # (the meter's cost and usefulness are measured in forgetting_meter.py).
         config = TMSConfig(out, pld_num_samples=len(pld_set), max_new_tokens=task_tokens, generation_batch_size=64,
-                           temperature=1.0, history_dir=history_dir, log_retention=False, **tms, **common)
+                           temperature=1.0, history_dir=history_dir, log_retention=False,
+                           **{"trajectories_to_generate": "all", **tms}, **common)  # as in the committed results
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set,
                              processing_class=tokenizer, peft_config=lora)
         online = tms.get("tms_mode") == "online"

@@ -115,7 +115,8 @@ def tms_fields(model_name: str) -> dict:
 
 
 ARMS = {  # TMS arms: their fields on top of `tms_fields`
-    "tms": {},
+    "tms": {},  # the default: only the trajectories the student draws are sampled
+    "tms_all": {"trajectories_to_generate": "all"},  # every trajectory, as the paper (and this package before 2026-12-04)
     "tms_pld": {"trajectory_choice": "pld"},
     "tms_online": {"tms_mode": "online"},
 }
@@ -461,6 +462,8 @@ def training_rows(results: dict, T: int) -> list[tuple]:
         "tms_over_sft_wall": tms["wall_s"] / sft["wall_s"],
         "tms_over_sft_peak_rss": tms["peak_rss_mb"] / sft["peak_rss_mb"],
         "tms_over_sft_train_peak_rss": tms["train_peak_rss_mb"] / sft["train_peak_rss_mb"],
+        "tms_all_over_sft_wall": results["tms_all"]["wall_s"] / sft["wall_s"],
+        "tms_over_tms_all_trajectory_seconds": tms["trajectories"] / results["tms_all"]["trajectories"],
         "tms_pld_over_sft_wall": results["tms_pld"]["wall_s"] / sft["wall_s"],
         "tms_online_over_sft_wall": results["tms_online"]["wall_s"] / sft["wall_s"],
         "tms_online_over_tms_wall": results["tms_online"]["wall_s"] / tms["wall_s"],
@@ -475,6 +478,10 @@ def training_rows(results: dict, T: int) -> list[tuple]:
         ("TMS / SFT wall time", f"{tms['wall_s']:.1f} s / {sft['wall_s']:.1f} s "
          f"(harvest {tms['harvest']:.1f}, trajectories {tms['trajectories']:.1f}, student {tms['student']:.1f})",
          f"{results['ratios']['tms_over_sft_wall']:.2f}", "low"),
+        ("TMS sampling every trajectory / SFT wall time", f"{results['tms_all']['wall_s']:.1f} s (trajectories "
+         f"{results['tms_all']['trajectories']:.1f}: drawn only / every one = "
+         f"{results['ratios']['tms_over_tms_all_trajectory_seconds']:.2f})",
+         f"{results['ratios']['tms_all_over_sft_wall']:.2f}", ""),
         ("TMS (pld choice) / SFT wall time", f"{results['tms_pld']['wall_s']:.1f} s (scoring "
          f"{results['tms_pld']['pld_scoring']:.1f})", f"{results['ratios']['tms_pld_over_sft_wall']:.2f}", ""),
         ("online TMS / SFT wall time", f"{results['tms_online']['wall_s']:.1f} s (training "

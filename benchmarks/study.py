@@ -94,6 +94,9 @@ ARMS = {
     "tms_rehearsal_25": ("tms", dict(label_weight=0.25, num_checkpoints=10, rehearsal_weight=0.25)),
     # Paper-default TMS at `sft_low_lr`'s learning rate, harvest included (its own history): TMS against the free knob.
     "tms_low_lr": ("tms", dict(label_weight=0.25, num_checkpoints=10, lr_scale=0.2)),
+    # Paper-default TMS sampling only the (prompt, snapshot) pairs its student draws (the package's default since
+    # 2026-12-04; the other TMS arms sample all): the same mixture, a fraction of the generation. Its own run.
+    "tms_drawn": ("tms", dict(label_weight=0.25, num_checkpoints=10, trajectories_to_generate="drawn")),
 }
 MODES = {
     "quick": dict(num_train=32, num_test=32, num_pld=16, mc_items=50, wiki_items=100, chat_prompts=16, chat_tokens=48,
@@ -249,9 +252,11 @@ def tms_trainer(model, tokenizer, regime: dict, out: str, history_dir: str | Non
     """A `TMSTrainer` with the study's generation settings and the arm's `settings` (TMSConfig fields)."""
     from trl_tms import TMSConfig, TMSTrainer
 
+    # Every trajectory is sampled, as in the arms measured before `trajectories_to_generate="drawn"` existed: one
+    # procedure (and one generation cost) across the table.
     config = TMSConfig(out, pld_num_samples=len(pld_set), max_new_tokens=TASK_TOKENS, generation_batch_size=64,
                        temperature=1.0, history_dir=history_dir, log_retention=False, max_length=TASK_TOKENS + 160,
-                       **settings)
+                       **{"trajectories_to_generate": "all", **settings})
     return TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set, processing_class=tokenizer,
                       peft_config=lora_config(regime))
 
@@ -360,7 +365,8 @@ def rebuild_history(regime: dict, seed: int, train, pld_set, scratch: str, histo
 def reuses_history(arm: str) -> bool:
     """Whether the arm is a two-pass TMS student on the `tms` run's harvest and trajectories."""
     settings = ARMS[arm][1]
-    return ARMS[arm][0] == "tms" and settings.get("tms_mode") != "online" and arm != "tms" and "lr_scale" not in settings
+    own_run = "lr_scale" in settings or "trajectories_to_generate" in settings
+    return ARMS[arm][0] == "tms" and settings.get("tms_mode") != "online" and arm != "tms" and not own_run
 
 
 def arm_path(output_dir: str, regime: str, arm: str, seed: int) -> str:

@@ -2,6 +2,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -137,7 +138,10 @@ def test_main_runs_a_tms_job_end_to_end(tiny_llama, tmp_path, capsys):
     assert sorted(os.listdir(out / "_tms_history")) == ["step-1", "step-2", "tms_run.json", "trajectories"]
     printed = capsys.readouterr().out
     assert f"Student adapter:   {out}" in printed and "step-<N>/ snapshots: 1, 2" in printed
-    assert "Trajectories:      16 generated" in printed  # 8 prompts x 2 snapshots
+    # Of the 8 prompts x 2 snapshots, only the pairs the student's one epoch draws are sampled.
+    sampled = int(re.search(r"Trajectories: +(\d+) generated", printed).group(1))
+    skipped = int(re.search(r"only those the student draws: (\d+) of 16 not sampled", printed).group(1))
+    assert sampled + skipped == 16 and 0 < sampled <= 8
 
 
 def test_main_runs_online_tms_with_trajectory_settings(tiny_llama, tmp_path, capsys):

@@ -11,7 +11,10 @@ import torch
 from conftest import load_tokenizer
 from peft import LoraConfig
 
+from datasets import Dataset
+
 from trl_tms import TMSTrainer
+from trl_tms.mixture import MixtureDataset
 from trl_tms.pld import policy_label_divergence
 from trl_tms.history import snapshot_steps
 
@@ -60,6 +63,27 @@ def test_every_prompt_gets_its_trajectories_once_and_every_process_holds_them_al
     # The work was split, not repeated: each group of snapshots samples 24 batches (one prompt each), 12 per process.
     assert main["sampled_here"] + other["sampled_here"] == len(expected)
     assert 0 < other["sampled_here"] <= main["sampled_here"]
+
+
+def test_two_processes_sample_each_drawn_pair_once_and_share_them(tiny_llama, tmp_path):
+    out = str(tmp_path)
+    run(["distributed_worker.py", "drawn", tiny_llama, out], processes=2)
+    ranks = []
+    for rank in range(2):
+        with open(os.path.join(out, f"rank-{rank}.json")) as f:
+            ranks.append(json.load(f))
+    main, other = ranks
+    keys = [tuple(row[:3]) for row in main["trajectories"]]
+    assert len(keys) == len(set(keys)) == main["num_trajectories"] == other["num_trajectories"]
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    assert main["sampled_here"] + other["sampled_here"] == len(keys) and other["sampled_here"] > 0
+    # The pairs the student's draws land on (planned from labels alone, as the trainer's first round), not every pair.
+    config = worker.config("unused")
+    labels = Dataset.from_dict({"prompt_index": list(range(len(worker.TRAIN))), "snapshot_step": [-1] * len(worker.TRAIN)})
+    plan = MixtureDataset(labels, config.label_weight, config.seed, snapshot_steps=[2, 4, 6], sampled=set())
+    pairs = {key[:2] for key in keys}
+    assert plan.missing_pairs(2) <= pairs and len(pairs) < len(worker.TRAIN) * 3
+    assert {k for *_, k in keys} == {0, 1}  # both samples of each pair
 
 
 def test_history_is_written_by_the_main_process_only(two_process_run):

@@ -171,3 +171,99 @@ def test_pld_choice_takes_each_prompts_lowest_scored_trajectory():
 def test_unknown_trajectory_choice_is_refused():
     with pytest.raises(ValueError, match="trajectory_choice"):
         MixtureDataset(synthetic_candidates(2), 0.5, seed=0, trajectory_choice="best")
+
+
+# Planned draws: sampling only the (prompt, snapshot) pairs the draws land on
+
+
+def keep_pairs(candidates: Dataset, pairs: set) -> Dataset:
+    """The labels and the trajectories of `pairs` only, as if only those pairs had been sampled."""
+    return candidates.filter(
+        lambda row: row["snapshot_step"] == LABEL or (row["prompt_index"], row["snapshot_step"]) in pairs
+    )
+
+
+def drawn_examples(mixture: MixtureDataset, epochs: int) -> list:
+    """What each prompt trains on in each epoch, by content (prompt, snapshot, sample), not by row."""
+    return [tuple(mixture.candidate(mixture.draw(i, e)[0])["input_ids"]) for e in range(epochs) for i in range(len(mixture))]
+
+
+def plan(full: Dataset, steps, epochs: int, **kwargs) -> tuple[MixtureDataset, set, int]:
+    """Sample pairs as the trainer does: what the draws need, again until nothing is missing. Returns the final mixture,
+    the sampled pairs and the number of rounds."""
+    sampled, rounds = set(), 0
+    while True:
+        mixture = MixtureDataset(keep_pairs(full, sampled), snapshot_steps=list(steps), sampled=set(sampled), **kwargs)
+        missing = mixture.missing_pairs(epochs)
+        if not missing:
+            return mixture, sampled, rounds
+        assert not missing & sampled  # a pair is never asked for twice
+        sampled |= missing
+        rounds += 1
+
+
+@pytest.mark.parametrize("weights", [None, {10: 1.0, 20: 0.0, 30: 3.0, 40: 1.0}])
+def test_sampling_only_the_drawn_pairs_gives_the_same_draws(weights):
+    n, steps, epochs = 300, (10, 20, 30, 40), 3
+    full = synthetic_candidates(n, steps=steps)
+    settings = dict(label_weight=0.25, seed=5, snapshot_weights=weights)
+    everything = MixtureDataset(full, **settings)
+    mixture, sampled, rounds = plan(full, steps, epochs, **settings)
+    assert rounds == 1  # every sampled pair has trajectories: nothing to draw again
+    assert drawn_examples(mixture, epochs) == drawn_examples(everything, epochs)
+    # Each prompt samples the snapshots it draws in some epoch, far fewer than all of them.
+    assert len(sampled) < 0.75 * epochs * n
+    assert len(sampled) < 0.6 * n * len(steps)
+    if weights is not None:
+        assert not any(step == 20 for _, step in sampled)
+
+
+def test_a_draw_landing_on_a_pair_left_without_trajectories_draws_again_as_with_every_pair_sampled():
+    n, steps, epochs = 200, (10, 20, 30), 4
+    # Some pairs produced nothing usable (empty, or filtered out); prompt 7 none at all.
+    gone = {(i, s) for i in range(n) for s in steps if (i * 7 + s) % 5 == 0} | {(7, s) for s in steps}
+    full = synthetic_candidates(n, steps=steps).filter(
+        lambda row: (row["prompt_index"], row["snapshot_step"]) not in gone
+    )
+    settings = dict(label_weight=0.25, seed=1)
+    everything = MixtureDataset(full, **settings)
+    mixture, sampled, rounds = plan(full, steps, epochs, **settings)
+    assert rounds >= 2  # the draws that landed on the lost pairs asked for more
+    assert drawn_examples(mixture, epochs) == drawn_examples(everything, epochs)
+    assert {(7, s) for s in steps} <= sampled  # all of prompt 7's snapshots were tried before it fell back to its label
+    assert all(mixture.draw(7, e)[1] for e in range(epochs))
+
+
+def test_a_prompt_draws_uniformly_among_the_snapshots_that_left_it_a_trajectory():
+    n = 3000
+    full = synthetic_candidates(n, steps=(10, 20, 30), samples=1).filter(
+        lambda row: not (row["snapshot_step"] == 20 and row["prompt_index"] % 2 == 0)
+    )
+    mixture = MixtureDataset(full, label_weight=0.0, seed=0)
+    drawn = [mixture[i]["input_ids"][1] for i in range(0, n, 2)]
+    assert set(drawn) == {10, 30}
+    assert abs(drawn.count(10) / len(drawn) - 0.5) < 4 * math.sqrt(0.25 / len(drawn))
+
+
+def test_drawing_a_pair_never_sampled_says_what_to_do():
+    full = synthetic_candidates(50, steps=(10, 20))
+    mixture, _, _ = plan(full, (10, 20), epochs=1, label_weight=0.0, seed=0)
+    with pytest.raises(RuntimeError, match="never sampled.*missing_pairs"):
+        [mixture.draw(i, epoch) for epoch in range(1, 4) for i in range(50)]
+
+
+def test_untokenized_candidates_plan_but_do_not_train():
+    planning = Dataset.from_dict({"prompt_index": [0, 1], "snapshot_step": [LABEL, LABEL], "completion": ["a", "b"]})
+    mixture = MixtureDataset(planning, label_weight=0.0, seed=0, snapshot_steps=[3, 6], sampled=set())
+    missing = mixture.missing_pairs(1)
+    assert sorted(i for i, _ in missing) == [0, 1] and {step for _, step in missing} <= {3, 6}
+    with pytest.raises(ValueError, match="untokenized"):
+        MixtureDataset(planning, label_weight=1.0, seed=0)[0]
+
+
+def test_planned_draws_need_the_uniform_choice_and_known_steps():
+    full = synthetic_candidates(4, steps=(10, 20))
+    with pytest.raises(ValueError, match="needs every one sampled"):
+        MixtureDataset(full, 0.25, 0, trajectory_choice="pld", sampled=set())
+    with pytest.raises(ValueError, match=r"lacks the steps \[20\]"):
+        MixtureDataset(full, 0.25, 0, snapshot_steps=[10], sampled=set())

@@ -67,7 +67,8 @@ def trained(tiny_llama, tmp_path_factory):
     recorder = Recorder()
     trainer = TMSTrainer(
         model=tiny_llama,
-        args=tms_config(tmp_path, samples_per_checkpoint=2, snapshots_per_generate=2),
+        # Every trajectory, so that generation's cover can be checked (`trajectories_to_generate="drawn"` below).
+        args=tms_config(tmp_path, samples_per_checkpoint=2, snapshots_per_generate=2, trajectories_to_generate="all"),
         train_dataset=make_examples(24, seed=0),
         eval_dataset=make_examples(8, seed=1),
         processing_class=load_tokenizer(tiny_llama),
@@ -295,6 +296,58 @@ def test_hot_swapped_generation_equals_a_fresh_load(trained, tiny_llama, monkeyp
     assert all(p.requires_grad for p in adapter_parameters(trainer.model, trainer.adapter_name).values())
 
 
+def test_generating_given_pairs_samples_those_only_and_reads_them_back(trained, tmp_path, monkeypatch):
+    from trl_tms import SamplingParams, generate_trajectories
+    from trl_tms import trajectories as module
+
+    trainer, _, _ = trained
+    sampling = SamplingParams(samples_per_checkpoint=2, max_new_tokens=6, batch_size=8, snapshots_per_generate=2)
+    inputs = (trainer.model, trainer.processing_class, make_examples(6, seed=7), trainer.history, sampling)
+    pairs = {(0, 4), (3, 4), (3, 12), (5, 8)}
+    first = generate_trajectories(*inputs, pairs=pairs, parts_dir=str(tmp_path / "parts"))
+    rows = zip(first["prompt_index"], first["snapshot_step"], first["sample_index"])
+    assert sorted(rows) == sorted((i, step, k) for i, step in pairs for k in (0, 1))
+    assert len(os.listdir(tmp_path / "parts")) == 2  # snapshots 4 and 8 share a call, 12 has its own
+    monkeypatch.setattr(module, "_generate_samples", lambda *args, **kwargs: pytest.fail("sampled again"))
+    again = generate_trajectories(*inputs, pairs=pairs, parts_dir=str(tmp_path / "parts"))
+    assert again["completion"] == first["completion"]
+    with pytest.raises(ValueError, match="outside the 6"):
+        generate_trajectories(*inputs, pairs={(6, 4)})
+
+
+def test_by_default_only_the_trajectories_the_student_draws_are_sampled(tiny_llama, tmp_path):
+    trainer = make_trainer(tiny_llama, tmp_path, args=tms_config(tmp_path, samples_per_checkpoint=2))
+    assert trainer.args.generates_drawn_trajectories_only
+    trainer.train()
+    trajectories, mixture = trainer.trajectories, trainer.train_dataset
+    sampled = set(zip(trajectories["prompt_index"], trajectories["snapshot_step"]))
+    assert len(trajectories) == 2 * len(sampled) < 24 * 3 * 2  # both samples of a pair, far from every pair
+    drawn = set()
+    for epoch in range(2):
+        for position in range(len(mixture)):
+            row, is_label = mixture.draw(position, epoch)
+            if not is_label:
+                candidate = mixture.candidate(row)
+                drawn.add((candidate["prompt_index"], candidate["snapshot_step"]))
+    assert drawn <= sampled
+    # A pair sampled and never drawn is one a draw landed on and found without any usable trajectory.
+    usable = {(r["prompt_index"], r["snapshot_step"]) for r in trajectories if r["completion"][0]["content"].strip()}
+    assert not (sampled - drawn) & usable
+    stats = next(e for e in trainer.state.log_history if "tms_trajectories" in e)
+    assert stats["tms_trajectories"] == len(trajectories)
+    assert stats["tms_trajectories_not_sampled"] == 24 * 3 * 2 - len(trajectories)
+
+
+def test_drawn_trajectories_by_default_where_the_draw_allows_it(tmp_path):
+    assert tms_config(tmp_path).generates_drawn_trajectories_only
+    assert tms_config(tmp_path, trajectory_filter="verifier").generates_drawn_trajectories_only
+    for every in (dict(trajectory_choice="pld"), dict(trajectory_choice="curriculum"), dict(tms_mode="online"),
+                  dict(trajectory_filter="self_consistency"), dict(trajectories_to_generate="all")):
+        assert not tms_config(tmp_path, **every).generates_drawn_trajectories_only, every
+    with pytest.raises(ValueError, match="trajectories_to_generate='all'"):
+        tms_config(tmp_path, trajectories_to_generate="drawn", trajectory_choice="pld")
+
+
 @pytest.mark.parametrize("fmt", ["standard", "messages"])
 def test_other_dataset_formats_run_end_to_end(fmt, tiny_llama, tmp_path):
     trainer = TMSTrainer(
@@ -329,7 +382,12 @@ def test_empty_trajectories_are_left_out_and_counted(tiny_llama, tmp_path):
     trainer.train()
     assert all(text == "" for text in (c[0]["content"] for c in trainer.trajectories["completion"]))
     stats = next(e for e in trainer.state.log_history if "tms_empty_trajectories" in e)
-    assert stats["tms_empty_trajectories"] == 16
+    trajectories = trainer.trajectories
+    assert stats["tms_empty_trajectories"] == len(trajectories) > 0
+    assert len(trajectories) + stats.get("tms_trajectories_not_sampled", 0) == 8 * 2
+    # Only drawn pairs are sampled: a prompt whose draw landed on an empty trajectory drew again, until it had tried
+    # both snapshots and fell back to its label.
+    assert all(trajectories["prompt_index"].count(i) == 2 for i in set(trajectories["prompt_index"]))
     fractions = [e["tms_label_fraction"] for e in trainer.state.log_history if "tms_label_fraction" in e]
     assert fractions and all(f == 1.0 for f in fractions)  # labels only: nothing else to train on
 

@@ -143,6 +143,14 @@ class TMSConfig(SFTConfig):
             zero leaves that snapshot out, e.g. `[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]` keeps the later half, and
             `[1, 2, ..., 10]` favours later snapshots. `None` is uniform (the paper). Needs
             `trajectory_choice="uniform"` and `tms_mode="two_pass"`.
+        trajectories_to_generate (`str`, *optional*):
+            `"drawn"`: sample only the (prompt, snapshot) pairs the student's draws land on. The draws are planned
+            before generation (they depend on the seed, the epoch and the prompt alone), and a draw that lands on a
+            trajectory left out (empty, cut and dropped, rejected by the verifier) draws again, so the student trains
+            on the paper's mixture while a prompt samples about `(1 - label_weight) x epochs` of its
+            `num_checkpoints` snapshots instead of all of them. `"all"`: sample every snapshot for every prompt (the
+            paper's procedure; the trajectory statistics then cover every snapshot). Default: `"drawn"` where the
+            draw allows it (`trajectory_choice="uniform"`, no `"self_consistency"` filter, two-pass), else `"all"`.
 
         > Parameters that control self-rehearsal (beyond the paper)
 
@@ -366,6 +374,16 @@ class TMSConfig(SFTConfig):
             "`trajectory_choice='uniform'` and `tms_mode='two_pass'`."
         },
     )
+    trajectories_to_generate: str | None = field(
+        default=None,
+        metadata={
+            "help": "`drawn`: sample only the (prompt, snapshot) pairs the student's draws land on (planned before "
+            "generation; a draw landing on a trajectory left out draws again): the same mixture for a fraction of the "
+            "generation. `all`: every snapshot for every prompt (the paper's procedure). Default: `drawn` where the "
+            "draw allows it (`trajectory_choice='uniform'`, no `self_consistency` filter, two-pass), else `all`.",
+            "choices": ["drawn", "all"],
+        },
+    )
 
     # Parameters that control self-rehearsal
     rehearsal_weight: float = field(
@@ -559,6 +577,16 @@ class TMSConfig(SFTConfig):
                 "`trajectory_filter='verifier'` online.",
             ),
             (
+                self.trajectories_to_generate in (None, "drawn", "all"),
+                f"`trajectories_to_generate` must be `drawn` or `all`, got {self.trajectories_to_generate!r}.",
+            ),
+            (
+                self.trajectories_to_generate != "drawn" or not self._draws_need_every_trajectory(),
+                "`trajectories_to_generate='drawn'` samples only the trajectories the draws land on, which needs "
+                "`trajectory_choice='uniform'`, a filter that judges each trajectory on its own (not "
+                "`'self_consistency'`) and `tms_mode='two_pass'`. Set `trajectories_to_generate='all'`.",
+            ),
+            (
                 0.0 <= self.rehearsal_weight < 1.0,
                 f"`rehearsal_weight` (beta) is a probability and must lie in [0, 1), got {self.rehearsal_weight}; at 1 "
                 "the student would never see the task.",
@@ -624,6 +652,20 @@ class TMSConfig(SFTConfig):
                 "`packing=True` is not supported by TMSTrainer: the mixture draws one completion per prompt each time "
                 "an example is drawn, which needs one example per sequence. Set `packing=False`."
             )
+
+    @property
+    def generates_drawn_trajectories_only(self) -> bool:
+        """Whether the trajectories phase samples only the pairs the draws land on (`trajectories_to_generate`)."""
+        if self.trajectories_to_generate is None:
+            return not self._draws_need_every_trajectory()
+        return self.trajectories_to_generate == "drawn"
+
+    def _draws_need_every_trajectory(self) -> bool:
+        """Whether the mixture's draw compares a prompt's trajectories (so all must exist before it is known), or
+        generation happens during training (online)."""
+        return (
+            self.trajectory_choice != "uniform" or self.trajectory_filter == "self_consistency" or self.tms_mode != "two_pass"
+        )
 
     def _check_snapshot_weights(self) -> None:
         weights = [float(w) for w in self.snapshot_weights]

@@ -112,7 +112,8 @@ def truncate_unfinished(candidates: Dataset, end_ids: list[int]) -> Dataset:
 class TrajectoryStats:
     """
     What the student's trajectories are made of: how many were generated (and in how many seconds), left out empty,
-    cut at `max_new_tokens`, and kept by the filters, overall and per snapshot.
+    cut at `max_new_tokens`, and kept by the filters, overall and per snapshot; and how many were not sampled because
+    no draw landed on them.
     """
 
     trajectories: int = 0
@@ -125,6 +126,7 @@ class TrajectoryStats:
     rehearsal_empty: int = 0
     rehearsal_unfinished: int = 0
     rehearsal_seconds: float = 0.0
+    not_sampled: int = 0  # trajectories no draw landed on, so never sampled (`trajectories_to_generate="drawn"`)
 
     def add(self, other: TrajectoryStats) -> None:
         """Count `other`'s trajectories too (online TMS: one snapshot at a time)."""
@@ -138,6 +140,7 @@ class TrajectoryStats:
         self.rehearsal_empty += other.rehearsal_empty
         self.rehearsal_unfinished += other.rehearsal_unfinished
         self.rehearsal_seconds += other.rehearsal_seconds
+        self.not_sampled += other.not_sampled
 
     def as_dict(self) -> dict[str, float]:
         """Flat, as logged (with a `tms_` prefix) and written by the benchmarks."""
@@ -148,6 +151,7 @@ class TrajectoryStats:
             "kept_trajectories": self.kept,
             "trajectory_seconds": self.seconds,
             **{f"kept_fraction_step_{step}": fraction for step, fraction in self.kept_fraction.items()},
+            **({"trajectories_not_sampled": self.not_sampled} if self.not_sampled else {}),
             **(
                 {
                     "rehearsal_answers": self.rehearsal,
@@ -187,8 +191,7 @@ class CandidateBuilder:
         """The tokenized candidates (the labels too, unless `with_labels=False`) and what the trajectories held."""
         if trajectories is None:
             return self._tokenized(mixture_candidates(self.prompts, None)[0], "mixture"), TrajectoryStats()
-        keep = keep_flags(trajectories, self.prompts, unfinished=self.unfinished, **self.filter_options)
-        candidates, empty = mixture_candidates(self.prompts, trajectories, with_labels=with_labels, keep=keep)
+        candidates, empty, keep = self._candidates(trajectories, with_labels)
         counts = TrajectoryStats(
             trajectories=len(trajectories),
             empty=empty,
@@ -199,6 +202,17 @@ class CandidateBuilder:
         if len(candidates):
             candidates = self._tokenized(candidates, "mixture" if with_labels else "trajectories")
         return candidates, counts
+
+    def untokenized(self, trajectories: Dataset | None) -> Dataset:
+        """The labels and the trajectories the student may draw, before tokenization: enough to plan the draws."""
+        if trajectories is None or not len(trajectories):
+            return mixture_candidates(self.prompts, None)[0]
+        return self._candidates(trajectories, with_labels=True)[0]
+
+    def _candidates(self, trajectories: Dataset, with_labels: bool) -> tuple[Dataset, int, list[bool]]:
+        keep = keep_flags(trajectories, self.prompts, unfinished=self.unfinished, **self.filter_options)
+        candidates, empty = mixture_candidates(self.prompts, trajectories, with_labels=with_labels, keep=keep)
+        return candidates, empty, keep
 
     def build_rehearsal(self, answers: Dataset) -> tuple[Dataset, TrajectoryStats]:
         """
@@ -258,7 +272,11 @@ class MixtureDataset(torch.utils.data.Dataset):
     without rehearsal.
 
     The draw for prompt `i` in epoch `e` depends only on `(seed, e, i)` (and the scores), so it is fresh every epoch,
-    reproducible, and independent of batch order and of the number of dataloader workers.
+    reproducible, and independent of batch order and of the number of dataloader workers. `"uniform"` draws a snapshot
+    among all of them and draws again while the one drawn has no trajectory of the prompt (empty, or left out by a
+    filter): the same distribution as a draw among the prompt's own snapshots, known from the snapshots it lands on
+    alone. So the draws can be planned before any trajectory exists ([`missing_pairs`]), and only the (prompt,
+    snapshot) pairs they land on need sampling (`sampled`).
 
     Args:
         candidates ([`~datasets.Dataset`]):
@@ -276,6 +294,15 @@ class MixtureDataset(torch.utils.data.Dataset):
             With `"uniform"`: a weight per snapshot step, so that a prompt draws among the snapshots that produced one
             of its trajectories with probabilities proportional to their weights (a zero leaves a snapshot out; a
             prompt left with none draws its label). `None`: uniform.
+        snapshot_steps (`list[int]`, *optional*):
+            With `"uniform"`: every snapshot a trajectory can come from (the history's steps). Default: the snapshots of
+            the candidates' trajectories.
+        sampled (`set[tuple[int, int]]`, *optional*):
+            With `"uniform"`: the `(prompt_index, snapshot_step)` pairs whose trajectories were sampled, when not all of
+            them were; a prompt without a trajectory of a pair left out may still draw one ([`missing_pairs`] lists
+            those the draws need). Default: every pair was sampled.
+
+    Candidates without `input_ids` (untokenized) make a mixture that plans its draws but cannot be trained on.
     """
 
     def __init__(
@@ -286,9 +313,20 @@ class MixtureDataset(torch.utils.data.Dataset):
         trajectory_choice: str = "uniform",
         num_epochs: int = 1,
         snapshot_weights: dict[int, float] | None = None,
+        snapshot_steps: list[int] | None = None,
+        sampled: set[tuple[int, int]] | None = None,
     ):
         if trajectory_choice not in TRAJECTORY_CHOICES:
             raise ValueError(f"`trajectory_choice` must be one of {TRAJECTORY_CHOICES}, got {trajectory_choice!r}.")
+        if sampled is not None and trajectory_choice != "uniform":
+            raise ValueError(
+                f'`trajectory_choice={trajectory_choice!r}` compares all of a prompt\'s trajectories: it needs every one '
+                'sampled (`sampled=None`).'
+            )
+        if snapshot_steps is not None:
+            unknown = set(candidates["snapshot_step"]) - {LABEL, REHEARSAL} - set(snapshot_steps)
+            if unknown:
+                raise ValueError(f"`snapshot_steps` lacks the steps {sorted(unknown)} of the candidates' trajectories.")
         if snapshot_weights is not None:
             if trajectory_choice != "uniform":
                 raise ValueError("`snapshot_weights` sets the draw of `trajectory_choice='uniform'` only.")
@@ -302,7 +340,11 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.num_epochs = num_epochs
         self.epoch = 0
         self.scores: dict[int, float] | None = None
-        self._examples = candidates.select_columns(["input_ids", "labels"])
+        self._examples = (
+            candidates.select_columns(["input_ids", "labels"]) if "input_ids" in candidates.column_names else None
+        )
+        self._given_steps = None if snapshot_steps is None else sorted(snapshot_steps)
+        self.sampled = sampled
         self._prompt_of = list(candidates["prompt_index"])
         self._step_of = list(candidates["snapshot_step"])
         self.rehearsal_weight = 0.0
@@ -321,10 +363,28 @@ class MixtureDataset(torch.utils.data.Dataset):
                 self.snapshot_weights is None or self.snapshot_weights[step] > 0
             ):
                 self._trajectories[index][step].append(row)
+        self._trajectories = dict(self._trajectories)
         self.prompt_indices = sorted(set(self._label) | set(self._trajectories))
         self.snapshot_steps = sorted({step for by_step in self._trajectories.values() for step in by_step})
         if not self.prompt_indices:
             raise ValueError("The mixture is empty: no prompt has a label or a trajectory left after preprocessing.")
+        # The snapshots of the uniform draw, and their probabilities (None: equal).
+        universe = self.snapshot_steps if self._given_steps is None else self._given_steps
+        if keep_steps is not None:
+            universe = [step for step in universe if step in keep_steps]
+        if self.snapshot_weights is not None:
+            universe = [step for step in universe if self.snapshot_weights[step] > 0]
+            weights = np.array([self.snapshot_weights[step] for step in universe], dtype=float)
+            self._draw_probabilities = weights / weights.sum() if len(universe) else None
+        else:
+            self._draw_probabilities = None
+        self._draw_steps = universe
+        # Prompts that may have a trajectory not sampled yet: they draw as if they had one.
+        self._unsampled = set()
+        if self.sampled is not None:
+            self._unsampled = {
+                index for index in self._label if any((index, step) not in self.sampled for step in universe)
+            }
 
     def extend(self, candidates: Dataset, keep_steps: set[int] | None = None) -> None:
         """
@@ -364,7 +424,12 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def candidate(self, row: int) -> dict[str, Any]:
         """Candidate `row` (as `draw` returns it): its `input_ids`, `labels`, `prompt_index` and `snapshot_step`."""
-        return {**self._examples[row], "prompt_index": self._prompt_of[row], "snapshot_step": self._step_of[row]}
+        return {**self._example(row), "prompt_index": self._prompt_of[row], "snapshot_step": self._step_of[row]}
+
+    def _example(self, row: int) -> dict[str, Any]:
+        if self._examples is None:
+            raise ValueError("This mixture was made from untokenized candidates: it plans draws, it cannot be trained on.")
+        return self._examples[row]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -423,18 +488,53 @@ class MixtureDataset(torch.utils.data.Dataset):
         is_label, rng = self._draws_label(index, epoch)
         if is_label:
             return self._label[index], True
-        by_step = self._trajectories[index]
-        steps = sorted(by_step)
+        by_step = self._trajectories.get(index, {})
         if self.trajectory_choice == "pld":
             return self._best_row(by_step), False
         if self.trajectory_choice == "curriculum":
-            steps = self._curriculum_steps(steps, min(epoch, self.num_epochs - 1))
-        if self.snapshot_weights is not None:
-            weights = np.array([self.snapshot_weights[step] for step in steps])
-            rows = by_step[steps[rng.choice(len(steps), p=weights / weights.sum())]]
-            return rows[rng.integers(len(rows))], False
-        rows = by_step[steps[rng.integers(len(steps))]]
+            steps = self._curriculum_steps(sorted(by_step), min(epoch, self.num_epochs - 1))
+            step = steps[rng.integers(len(steps))]
+        else:
+            step = self._uniform_step(index, rng)
+            if step not in by_step:
+                raise RuntimeError(
+                    f"Prompt {index} draws its trajectory of the snapshot of step {step} in epoch {epoch}, which was "
+                    "never sampled: the trajectories were generated for fewer epochs or other mixture settings. "
+                    "Generate the pairs `missing_pairs()` lists."
+                )
+        rows = by_step[step]
         return rows[rng.integers(len(rows))], False
+
+    def _uniform_step(self, index: int, rng: np.random.Generator) -> int:
+        """
+        The snapshot prompt `index` draws a trajectory of: over all snapshots (by `snapshot_weights` if given), again
+        while the one drawn was sampled but left the prompt no trajectory. Returns the first one that has a trajectory,
+        or that was not sampled.
+        """
+        by_step = self._trajectories.get(index, {})
+        steps, probabilities = self._draw_steps, self._draw_probabilities
+        while True:
+            step = steps[rng.integers(len(steps)) if probabilities is None else rng.choice(len(steps), p=probabilities)]
+            if step in by_step or (self.sampled is not None and (index, step) not in self.sampled):
+                return step
+
+    def missing_pairs(self, num_epochs: int) -> set[tuple[int, int]]:
+        """
+        The `(prompt_index, snapshot_step)` pairs that the draws of epochs `0 .. num_epochs - 1` land on and that were
+        not sampled (see `sampled`): sample them (all of the snapshot's samples of the prompt), then ask again with
+        them added, since a draw that lands on a pair left without a trajectory draws again.
+        """
+        missing = set()
+        for epoch in range(num_epochs):
+            for index in self.prompt_indices:
+                if self._rehearsal_row(index, epoch) is not None:
+                    continue
+                is_label, rng = self._draws_label(index, epoch)
+                if not is_label:
+                    step = self._uniform_step(index, rng)
+                    if step not in self._trajectories.get(index, {}):
+                        missing.add((index, step))
+        return missing
 
     def _rehearsal_row(self, index: int, epoch: int) -> int | None:
         """The rehearsal row prompt `index` draws in `epoch` instead of its usual draw, or None."""
@@ -454,7 +554,8 @@ class MixtureDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         if index not in self._label:
             return False, rng
-        return index not in self._trajectories or rng.random() < self.label_weight, rng
+        has_trajectories = index in self._trajectories or index in self._unsampled
+        return not has_trajectories or rng.random() < self.label_weight, rng
 
     def _curriculum_steps(self, steps: list[int], epoch: int) -> list[int]:
         """The prompt's snapshots within the epoch's slice of all snapshots, else (empty trajectories) the nearest."""
@@ -476,7 +577,7 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         row, is_label = self.draw(position)
-        example = self._examples[row]
+        example = self._example(row)
         item = {"input_ids": example["input_ids"], "labels": example["labels"], IS_LABEL: is_label}
         if self._rehearsal:
             item[IS_REHEARSAL] = self.is_rehearsal(row)

@@ -81,6 +81,11 @@ def format_summary(trainer, output_dir: str) -> str:
             f"Trajectories:      {stats.trajectories} generated in {stats.seconds:.0f} s; {stats.empty} empty (left "
             f"out), {stats.unfinished} cut at max_new_tokens={trainer.max_new_tokens} ({args.unfinished_trajectories})"
         )
+        if stats.not_sampled:
+            lines.append(
+                f"                   only those the student draws: {stats.not_sampled} of "
+                f"{stats.trajectories + stats.not_sampled} not sampled (trajectories_to_generate='drawn')"
+            )
         lines.append(
             f"Student draws from {stats.kept} of them (trajectory_filter={args.trajectory_filter}); kept by snapshot: "
             + ", ".join(f"step {step} {fraction:.0%}" for step, fraction in stats.kept_fraction.items())

@@ -152,6 +152,10 @@ def run_settings(model, peft_config, prompts, args, planned_steps: int, sampling
     trajectories = dataclasses.asdict(sampling)
     trajectories.pop("batch_size")  # batching changes speed, not the distribution sampled
     trajectories["generation_backend"] = args.generation_backend  # each backend seeds its samples its own way
+    if args.generates_drawn_trajectories_only:
+        # Which pairs were sampled followed the draws of the run that sampled them; a student with other mixture
+        # settings samples the pairs it lacks (`TMSTrainer`), so those settings need not match.
+        trajectories["trajectories_to_generate"] = "drawn"
     settings = {"harvest": harvest, "trajectories": trajectories}
     if rehearsal is not None:
         rehearsal_prompts, rehearsal_sampling = rehearsal

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import textwrap
 import time
 from functools import partial
 
 import torch
-from datasets import load_from_disk
+from datasets import concatenate_datasets, load_from_disk
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
@@ -68,7 +69,8 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
     1. **harvest**: ordinary SFT of a LoRA adapter on the labels, taking `num_checkpoints` adapter snapshots evenly
        over the run into an [`AdapterHistory`] (written under `history_dir`);
     2. **trajectories**: every snapshot, hot-swapped into a spare adapter slot of the same model, samples
-       `samples_per_checkpoint` completions for every training prompt;
+       `samples_per_checkpoint` completions for every training prompt (by default only for the (prompt, snapshot)
+       pairs the student's draws will land on: `trajectories_to_generate`);
     3. **student**: the adapter restarts from its initial weights, with a fresh optimizer and schedule, and trains for
        the same number of steps on the mixture: each time an example is drawn, its label with probability
        `label_weight`, else one of its trajectories, uniformly over snapshots.
@@ -222,7 +224,8 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         self.trajectories = None
         self.stats = TrajectoryStats()
 
-        self.planned_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        training_values = self.set_initial_training_values(self.args, self.get_train_dataloader())
+        self.updates_per_epoch, self.planned_steps = training_values[1], training_values[-1]
         check_num_checkpoints(args.num_checkpoints, self.planned_steps)
         self.pld_callback = None
         if args.log_pld and self.eval_dataset is not None:
@@ -327,6 +330,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         # 3. Student: from the initial adapter, as many steps as the harvest, on the mixture.
         candidates, self.stats = self.candidate_builder.build(self.trajectories)
         self.stats.seconds = seconds
+        if self.args.generates_drawn_trajectories_only:
+            every = len(self.prompts) * len(self.history) * self.args.samples_per_checkpoint
+            self.stats.not_sampled = every - len(self.trajectories)
         self._use_mixture(candidates)
         self.stats.add(self._use_rehearsal(rehearsal))
         self._reset_adapter()
@@ -375,17 +381,47 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             self.phase = None
 
     def _trajectories(self, reuse: bool = False):
+        drawn_only = self.args.generates_drawn_trajectories_only and self.args.label_weight < 1.0
+        epochs = math.ceil(self.run.record["harvest_steps"] / self.updates_per_epoch)
         if reuse and os.path.isdir(self.run.trajectories_dir):
-            return load_from_disk(self.run.trajectories_dir)
-        if self.args.label_weight == 1.0:
+            saved = load_from_disk(self.run.trajectories_dir)
+            if not drawn_only:
+                return saved
+            # Sampled for another student's draws (e.g. another `label_weight`): add the pairs this one lacks.
+            trajectories = self._drawn_trajectories(epochs, saved)
+            if len(trajectories) == len(saved):
+                return saved
+        elif self.args.label_weight == 1.0:
             logger.warning("`label_weight=1.0`: the student trains on labels only, so no trajectory is generated.")
             trajectories = trajectories_dataset(self._tokenizer, self.prompts, {key: [] for key in PART_KEYS})
+        elif drawn_only:
+            trajectories = self._drawn_trajectories(epochs)
         else:
             trajectories = self.generator.generate()
         if self.is_world_process_zero():
             save_trajectories(trajectories, self.run.trajectories_dir)
         self.run.remove_generation_scratch()
         return trajectories
+
+    def _drawn_trajectories(self, num_epochs: int, start=None):
+        """
+        The trajectories the student's draws over `num_epochs` epochs land on, beyond those of `start`: the pairs the
+        draws need are sampled, then those that a draw landing on a trajectory left out (empty, filtered) draws
+        instead, until none is missing.
+        """
+        parts = [] if start is None or not len(start) else [start]
+        sampled = set(zip(start["prompt_index"], start["snapshot_step"])) if parts else set()
+        while True:
+            trajectories = concatenate_datasets(parts) if parts else None
+            plan = self._mixture(self.candidate_builder.untokenized(trajectories), sampled)
+            missing = plan.missing_pairs(num_epochs)
+            if not missing:
+                break
+            parts.append(self.generator.generate(pairs=missing))
+            sampled |= missing
+        if trajectories is None:
+            return trajectories_dataset(self._tokenizer, self.prompts, {key: [] for key in PART_KEYS})
+        return trajectories.sort(["prompt_index", "snapshot_step", "sample_index"])
 
     def _rehearsal_answers(self):
         """The initial model's answers to the rehearsal prompts (None without rehearsal): generated once, then read
@@ -435,16 +471,26 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
     def _use_mixture(self, candidates) -> None:
         """Train on a `MixtureDataset` of the tokenized `candidates` from now on."""
         self.candidates = candidates
+        sampled = None
+        if self.trajectories is not None and self.args.generates_drawn_trajectories_only:
+            sampled = set(zip(self.trajectories["prompt_index"], self.trajectories["snapshot_step"]))
+        self.train_dataset = self._mixture(candidates, sampled)
+        if not isinstance(self.data_collator, MixtureCollator):
+            self.data_collator = MixtureCollator(self.data_collator)
+
+    def _mixture(self, candidates, sampled: set[tuple[int, int]] | None = None) -> MixtureDataset:
+        """The mixture of `candidates` under this run's settings; `sampled`: the (prompt, snapshot) pairs generated, when
+        not all were."""
         weights = self.args.snapshot_weights
-        self.train_dataset = MixtureDataset(
-            self.candidates,
+        return MixtureDataset(
+            candidates,
             self.args.label_weight,
             self.args.seed,
             trajectory_choice=self.args.trajectory_choice,
             snapshot_weights=None if weights is None else dict(zip(self.history.steps, weights)),
+            snapshot_steps=None if sampled is None else self.history.steps,
+            sampled=sampled,
         )
-        if not isinstance(self.data_collator, MixtureCollator):
-            self.data_collator = MixtureCollator(self.data_collator)
 
     # Hooks into SFTTrainer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -92,10 +93,12 @@ class HotSwapGenerator:
         self.model, self.tokenizer, self.prompts, self.history, self.sampling = model, tokenizer, prompts, history, sampling
         self.options = options
 
-    def generate(self, steps: list[int] | None = None) -> Dataset:
-        """The trajectories of the snapshots of `steps` (default: all of the history)."""
+    def generate(self, steps: list[int] | None = None, pairs: set[tuple[int, int]] | None = None) -> Dataset:
+        """The trajectories of the snapshots of `steps` (default: all of the history), or of the `(prompt_index,
+        snapshot_step)` `pairs` only."""
         return generate_trajectories(
-            self.model, self.tokenizer, self.prompts, self.history, self.sampling, steps=steps, **self.options
+            self.model, self.tokenizer, self.prompts, self.history, self.sampling, steps=steps, pairs=pairs,
+            **self.options,
         )
 
 
@@ -114,9 +117,11 @@ def generate_trajectories(
     process_index: int = 0,
     num_processes: int = 1,
     steps: list[int] | None = None,
+    pairs: set[tuple[int, int]] | None = None,
 ) -> Dataset:
     """
-    Sample `sampling.samples_per_checkpoint` completions for every prompt from every snapshot in `history`.
+    Sample `sampling.samples_per_checkpoint` completions for every prompt from every snapshot in `history` (or for the
+    given `pairs` of a prompt and a snapshot only).
 
     Snapshots are hot-swapped into spare adapter slots of `model` (a `PeftModel`), so one base model serves the whole
     history; several snapshots share one `generate` call, each row routed to its own snapshot by [`RowRouter`]. The
@@ -152,11 +157,23 @@ def generate_trajectories(
             not depend on the number of processes nor on where an interrupted generation stopped.
         steps (`list[int]`, *optional*):
             Sample from these snapshots of the history only (default: all of them).
+        pairs (`set[tuple[int, int]]`, *optional*):
+            Sample these `(prompt_index, snapshot_step)` pairs only, e.g. those the student will draw
+            ([`MixtureDataset.missing_pairs`]). Their rows fill each `generate` call whatever snapshot they come from;
+            the batches' seeds and stored parts are keyed by the pairs, so the same pairs give the same trajectories.
 
     Returns:
         [`~datasets.Dataset`]: One row per trajectory with columns `prompt_index`, `prompt`, `completion`,
         `snapshot_step`, `sample_index`, `finished` (stopped at EOS) and `num_tokens`.
     """
+    if pairs is not None:
+        if steps is not None:
+            raise ValueError("Pass `steps` or `pairs`, not both.")
+        steps = sorted({step for _, step in pairs})
+        if not steps:
+            return trajectories_dataset(tokenizer, prompts, {key: [] for key in PART_KEYS})
+        if not all(0 <= index < len(prompts) for index, _ in pairs):
+            raise ValueError(f"`pairs` name prompts outside the {len(prompts)} given.")
     steps = steps_to_sample(history, steps)
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` before generating trajectories.")
@@ -173,8 +190,15 @@ def generate_trajectories(
     groups = [steps[i : i + per_call] for i in range(0, len(steps), per_call)]
     rows_per_prompt = per_call * sampling.samples_per_checkpoint
     prompts_per_call = max(1, sampling.batch_size // rows_per_prompt)
-    batches = [order[i : i + prompts_per_call] for i in range(0, len(order), prompts_per_call)]
-    mine = range(process_index, len(batches), num_processes)
+    # Each group's calls: (prompt, snapshot) pairs, longest prompts first. All pairs: a call is a batch of prompts times
+    # the group's snapshots. Given pairs: as many pairs per call, whatever their snapshots.
+    calls, salts = [], []
+    for group in groups:
+        wanted = [(i, step) for i in order for step in group if pairs is None or (i, step) in pairs]
+        size = prompts_per_call * (len(group) if pairs is None else per_call)
+        calls.append([wanted[i : i + size] for i in range(0, len(wanted), size)])
+        salts.append(None if pairs is None else pairs_digest(wanted))
+    mine = [range(process_index, len(group_calls), num_processes) for group_calls in calls]
 
     records = {key: [] for key in PART_KEYS}
     store = PartStore(parts_dir)
@@ -195,20 +219,19 @@ def generate_trajectories(
             device = next(gen_model.parameters()).device
             eos_ids = eos_token_ids(kwargs["eos_token_id"])
 
-            def sample(batch: list[int], group: list[int]) -> list[tuple]:
-                """One `generate` call: each prompt of `batch` x each snapshot of `group` x each sample, as PART_KEYS rows."""
-                pairs = [(index, step, slot) for index in batch for slot, step in zip(slots, group)]
-                input_ids, attention_mask = _left_pad([prompt_ids[i] for i, *_ in pairs], tokenizer.pad_token_id)
+            def sample(call: list[tuple[int, int]], slot_of: dict[int, str]) -> list[tuple]:
+                """One `generate` call: each (prompt, snapshot) pair of `call` x each sample, as PART_KEYS rows."""
+                input_ids, attention_mask = _left_pad([prompt_ids[i] for i, _ in call], tokenizer.pad_token_id)
                 new_tokens = _generate_samples(
-                    gen_model, input_ids.to(device), attention_mask.to(device), [slot for *_, slot in pairs],
+                    gen_model, input_ids.to(device), attention_mask.to(device), [slot_of[step] for _, step in call],
                     route, kwargs, eos_ids, samples=sampling.samples_per_checkpoint,
                 )
-                row_meta = [(i, step, k) for i, step, _ in pairs for k in range(sampling.samples_per_checkpoint)]
+                row_meta = [(i, step, k) for i, step in call for k in range(sampling.samples_per_checkpoint)]
                 return [(*meta, *until_eos(tokens, eos_ids)) for meta, tokens in zip(row_meta, new_tokens)]
 
-            progress = tqdm(total=len(groups) * len(mine), desc="Generating trajectories", disable=disable_tqdm)
+            progress = tqdm(total=sum(map(len, mine)), desc="Generating trajectories", disable=disable_tqdm)
             for g, group in enumerate(groups):
-                part = store.read(group) if process_index == 0 else None
+                part = store.read(group, salts[g]) if process_index == 0 else None
                 if num_processes > 1:
                     part = broadcast_object_list([part])[0]
                 if part is None:
@@ -217,15 +240,15 @@ def generate_trajectories(
                     # The next group's snapshots are read while this one samples.
                     history.prefetch(groups[g + 1] if g + 1 < len(groups) else [], pin_memory=device.type == "cuda")
                     rows = []
-                    for b in mine:
-                        torch.manual_seed(batch_seed(sampling.seed, group[0], b))
-                        rows += sample(batches[b], group)
+                    for b in mine[g]:
+                        torch.manual_seed(batch_seed(sampling.seed, group[0], b, salts[g] or 0))
+                        rows += sample(calls[g][b], dict(zip(group, slots)))
                         progress.update(1)
                     if num_processes > 1:
                         rows = gather_object(rows)
-                    part = PartStore(parts_dir if process_index == 0 else None).write(group, rows)
+                    part = PartStore(parts_dir if process_index == 0 else None).write(group, rows, salts[g])
                 else:
-                    progress.update(len(mine))
+                    progress.update(len(mine[g]))
                 for key, values in part.items():
                     records[key].extend(values)
             progress.close()
@@ -300,9 +323,16 @@ def trajectories_dataset(tokenizer, prompts: Dataset, records: dict[str, list]) 
     )
 
 
-def batch_seed(seed: int, first_step: int, batch: int) -> int:
-    """The seed of one batch of prompts for the group of snapshots starting at `first_step`: independent of processes."""
-    return ((seed * 1_000_003 + first_step) * 10_007 + batch) % 2**63
+def batch_seed(seed: int, first_step: int, batch: int, salt: int = 0) -> int:
+    """The seed of one batch of prompts for the group of snapshots starting at `first_step`: independent of processes.
+    `salt` (see [`pairs_digest`]) tells apart batches of different pairs of a group."""
+    return ((seed * 1_000_003 + first_step) * 10_007 + batch + salt * 7_919) % 2**63
+
+
+def pairs_digest(pairs) -> int:
+    """A 48-bit number that names a set of (prompt_index, snapshot_step) pairs: the same pairs, the same number."""
+    text = json.dumps(sorted([int(i), int(step)] for i, step in pairs))
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
 
 
 DROP_FINISHED_EVERY = 16  # new tokens between two checks for rows that reached EOS
@@ -428,15 +458,18 @@ class PartStore:
     def __init__(self, folder: str | None):
         self.folder = folder
 
-    def path(self, group: list[int]) -> str:
-        return os.path.join(self.folder, f"steps-{'-'.join(map(str, group))}.json")
+    def path(self, group: list[int], pairs: int | None = None) -> str:
+        """The part of the snapshots of `group`: all of their trajectories, or those of the pairs named by `pairs` (a
+        [`pairs_digest`])."""
+        name = f"steps-{'-'.join(map(str, group))}" + ("" if pairs is None else f"-pairs-{pairs:012x}")
+        return os.path.join(self.folder, f"{name}.json")
 
-    def read(self, group: list[int]) -> dict | None:
-        """The stored part of `group`, or None (none stored, or damaged: then it is sampled again)."""
-        if self.folder is None or not os.path.isfile(self.path(group)):
+    def read(self, group: list[int], pairs: int | None = None) -> dict | None:
+        """The stored part of `group` (and `pairs`), or None (none stored, or damaged: then it is sampled again)."""
+        if self.folder is None or not os.path.isfile(self.path(group, pairs)):
             return None
         try:
-            with open(self.path(group)) as f:
+            with open(self.path(group, pairs)) as f:
                 part = json.load(f)
         except (OSError, json.JSONDecodeError):
             return None
@@ -444,11 +477,11 @@ class PartStore:
             return None
         return part
 
-    def write(self, group: list[int], rows: list[tuple]) -> dict:
-        """Store `rows` (tuples in `PART_KEYS` order) as the part of `group`, and return the part."""
+    def write(self, group: list[int], rows: list[tuple], pairs: int | None = None) -> dict:
+        """Store `rows` (tuples in `PART_KEYS` order) as the part of `group` (and `pairs`), and return the part."""
         part = {key: [row[k] for row in rows] for k, key in enumerate(PART_KEYS)}
         if self.folder is not None:
-            write_json_atomically(self.path(group), part)
+            write_json_atomically(self.path(group, pairs), part)
         return part
 
 

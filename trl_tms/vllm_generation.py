@@ -15,10 +15,12 @@ from .data import prompt_token_ids
 from .history import AdapterHistory
 from .quantization import is_quantized
 from .trajectories import (
+    PART_KEYS,
     PartStore,
     SamplingParams,
     batch_seed,
     eos_token_ids,
+    pairs_digest,
     steps_to_sample,
     trajectories_dataset,
     until_eos,
@@ -123,9 +125,10 @@ class VLLMGenerator:
         self.model, self.tokenizer, self.prompts, self.history, self.sampling = model, tokenizer, prompts, history, sampling
         self.options = options
 
-    def generate(self, steps: list[int] | None = None) -> Dataset:
+    def generate(self, steps: list[int] | None = None, pairs: set[tuple[int, int]] | None = None) -> Dataset:
         return generate_trajectories_vllm(
-            self.model, self.tokenizer, self.prompts, self.history, self.sampling, steps=steps, **self.options
+            self.model, self.tokenizer, self.prompts, self.history, self.sampling, steps=steps, pairs=pairs,
+            **self.options,
         )
 
 
@@ -143,6 +146,7 @@ def generate_trajectories_vllm(
     disable_tqdm: bool = False,
     parts_dir: str | None = None,
     steps: list[int] | None = None,
+    pairs: set[tuple[int, int]] | None = None,
 ) -> Dataset:
     """
     Sample the trajectories of [`generate_trajectories`] with vLLM instead of PEFT's `generate`.
@@ -177,7 +181,8 @@ def generate_trajectories_vllm(
 
         > Parameters shared with [`generate_trajectories`]
 
-        adapter_name, chat_template, disable_tqdm, parts_dir, steps: as there.
+        adapter_name, chat_template, disable_tqdm, parts_dir, steps, pairs: as there (a pair's trajectories are the
+        same whether it is sampled alone or with all the others).
 
     Returns:
         [`~datasets.Dataset`]: The same columns as [`generate_trajectories`].
@@ -190,13 +195,24 @@ def generate_trajectories_vllm(
     from vllm import SamplingParams as VLLMSamplingParams
     from vllm.lora.request import LoRARequest
 
+    if pairs is not None:
+        if steps is not None:
+            raise ValueError("Pass `steps` or `pairs`, not both.")
+        steps = sorted({step for _, step in pairs})
+        if not steps:
+            return trajectories_dataset(tokenizer, prompts, {key: [] for key in PART_KEYS})
     steps = steps_to_sample(history, steps)
     check_vllm_servable(model, adapter_name)
 
     prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
     groups = [steps[i : i + sampling.snapshots_per_generate] for i in range(0, len(steps), sampling.snapshots_per_generate)]
+    wanted = {
+        tuple(group): [(i, step) for step in group for i in range(len(prompt_ids)) if pairs is None or (i, step) in pairs]
+        for group in groups
+    }
+    salts = {group: None if pairs is None else pairs_digest(requests) for group, requests in wanted.items()}
     store = PartStore(parts_dir)
-    parts = {tuple(group): store.read(group) for group in groups}
+    parts = {tuple(group): store.read(group, salts[tuple(group)]) for group in groups}
     if any(part is None for part in parts.values()):
         folders = _adapter_folders(history, steps, os.path.join(work_dir, "adapters"))
         adapters = {step: LoRARequest(f"step-{step}", index + 1, folders[step]) for index, step in enumerate(steps)}
@@ -223,7 +239,7 @@ def generate_trajectories_vllm(
             for group in tqdm(groups, desc="Generating trajectories (vLLM)", disable=disable_tqdm):
                 if parts[tuple(group)] is not None:
                     continue
-                requests = [(index, step) for step in group for index in range(len(prompt_ids))]
+                requests = wanted[tuple(group)]
                 params = [_vllm_sampling(VLLMSamplingParams, sampling, eos_ids, seed=batch_seed(sampling.seed, step, index))
                           for index, step in requests]
                 outputs = llm.generate(
@@ -238,7 +254,7 @@ def generate_trajectories_vllm(
                         completion = output.outputs[min(k, len(output.outputs) - 1)]  # greedy asks for one
                         tokens, found_eos = until_eos(list(completion.token_ids), eos_ids)
                         rows.append((index, step, k, tokens, found_eos or completion.finish_reason == "stop"))
-                part = store.write(group, rows)
+                part = store.write(group, rows, salts[tuple(group)])
                 parts[tuple(group)] = part
         finally:
             del llm

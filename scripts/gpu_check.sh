@@ -73,8 +73,11 @@ if [ -d "$BUNDLE" ]; then
   step speed_smollm2_random_micro timeout 300 python3 benchmarks/speed.py --model "$BUNDLE" --micro_only \
     --output "$out/speed_smollm2_random_micro_cuda.json"
 fi
-# The forgetting meter and self-rehearsal on a CUDA model (their greedy answers and forward passes; CPU-only before).
-step gpu_tests_meter timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_forgetting.py tests/test_rehearsal.py
+# The forgetting meter and self-rehearsal on a CUDA model (their greedy answers and forward passes), and generation of
+# the drawn pairs only (the default since 2026-12-04).
+step gpu_tests_meter timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_forgetting.py tests/test_rehearsal.py \
+  tests/test_trainer.py::test_generating_given_pairs_samples_those_only_and_reads_them_back \
+  tests/test_trainer.py::test_by_default_only_the_trajectories_the_student_draws_are_sampled
 step speed_tiny timeout 150 python3 benchmarks/speed.py --model tiny --output "$out/speed_tiny_cuda.json"
 if [ -d "$BUNDLE" ]; then  # the four training runs on SmolLM2's architecture: about 6 minutes, when named
   step speed_smollm2_random python3 benchmarks/speed.py --model "$BUNDLE" --output "$out/speed_smollm2_random_cuda.json"

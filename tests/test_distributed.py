@@ -37,15 +37,20 @@ def run(args: list[str], processes: int) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tiny_llama, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ddp"))
-    run(["distributed_worker.py", "train", tiny_llama, out], processes=2)
+def run_ranks(mode: str, model: str, out: str) -> list[dict]:
+    """The worker's `mode` on two processes; what each process wrote."""
+    run(["distributed_worker.py", mode, model, out], processes=2)
     ranks = []
     for rank in range(2):
         with open(os.path.join(out, f"rank-{rank}.json")) as f:
             ranks.append(json.load(f))
-    return tiny_llama, out, ranks
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_llama, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp"))
+    return tiny_llama, out, run_ranks("train", tiny_llama, out)
 
 
 def test_every_prompt_gets_its_trajectories_once_and_every_process_holds_them_all(two_process_run):
@@ -66,13 +71,7 @@ def test_every_prompt_gets_its_trajectories_once_and_every_process_holds_them_al
 
 
 def test_two_processes_sample_each_drawn_pair_once_and_share_them(tiny_llama, tmp_path):
-    out = str(tmp_path)
-    run(["distributed_worker.py", "drawn", tiny_llama, out], processes=2)
-    ranks = []
-    for rank in range(2):
-        with open(os.path.join(out, f"rank-{rank}.json")) as f:
-            ranks.append(json.load(f))
-    main, other = ranks
+    main, other = run_ranks("drawn", tiny_llama, str(tmp_path))
     keys = [tuple(row[:3]) for row in main["trajectories"]]
     assert len(keys) == len(set(keys)) == main["num_trajectories"] == other["num_trajectories"]
     assert main["trajectories_digest"] == other["trajectories_digest"]
@@ -128,12 +127,7 @@ def test_pld_counts_every_held_out_example_once(two_process_run, tmp_path):
 
 def test_online_tms_on_two_processes_samples_each_snapshot_once_and_shares_it(tiny_llama, tmp_path):
     out = str(tmp_path)
-    run(["distributed_worker.py", "online", tiny_llama, out], processes=2)
-    ranks = []
-    for rank in range(2):
-        with open(os.path.join(out, f"rank-{rank}.json")) as f:
-            ranks.append(json.load(f))
-    main, other = ranks
+    main, other = run_ranks("online", tiny_llama, out)
     # 6 steps of global batch 8; snapshots every 6 // 3 = 2 steps from step 0, taken by both processes.
     assert main["history_steps"] == other["history_steps"] == [0, 2, 4]
     assert sorted(n for n in os.listdir(os.path.join(out, "history")) if n.startswith("step-")) == [

@@ -167,13 +167,9 @@ def generate_trajectories(
         `snapshot_step`, `sample_index`, `finished` (stopped at EOS) and `num_tokens`.
     """
     if pairs is not None:
-        if steps is not None:
-            raise ValueError("Pass `steps` or `pairs`, not both.")
-        steps = sorted({step for _, step in pairs})
+        steps = steps_of_pairs(pairs, steps, len(prompts))
         if not steps:
             return trajectories_dataset(tokenizer, prompts, {key: [] for key in PART_KEYS})
-        if not all(0 <= index < len(prompts) for index, _ in pairs):
-            raise ValueError(f"`pairs` name prompts outside the {len(prompts)} given.")
     steps = steps_to_sample(history, steps)
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` before generating trajectories.")
@@ -292,6 +288,15 @@ def steps_to_sample(history: AdapterHistory, steps: list[int] | None) -> list[in
     if not set(steps) <= set(history.steps):
         raise ValueError(f"The history has no snapshots of steps {sorted(set(steps) - set(history.steps))}.")
     return steps
+
+
+def steps_of_pairs(pairs: set[tuple[int, int]], steps: list[int] | None, num_prompts: int) -> list[int]:
+    """The snapshot steps of `(prompt_index, snapshot_step)` `pairs`, sorted; `pairs` replace `steps`."""
+    if steps is not None:
+        raise ValueError("Pass `steps` or `pairs`, not both.")
+    if not all(0 <= index < num_prompts for index, _ in pairs):
+        raise ValueError(f"`pairs` name prompts outside the {num_prompts} given.")
+    return sorted({step for _, step in pairs})
 
 
 def eos_token_ids(eos: int | list[int]) -> set[int]:

@@ -21,6 +21,7 @@ from .trajectories import (
     batch_seed,
     eos_token_ids,
     pairs_digest,
+    steps_of_pairs,
     steps_to_sample,
     trajectories_dataset,
     until_eos,
@@ -196,9 +197,7 @@ def generate_trajectories_vllm(
     from vllm.lora.request import LoRARequest
 
     if pairs is not None:
-        if steps is not None:
-            raise ValueError("Pass `steps` or `pairs`, not both.")
-        steps = sorted({step for _, step in pairs})
+        steps = steps_of_pairs(pairs, steps, len(prompts))
         if not steps:
             return trajectories_dataset(tokenizer, prompts, {key: [] for key in PART_KEYS})
     steps = steps_to_sample(history, steps)

@@ -22,6 +22,9 @@ optimizer steps, LoRA settings and seed:
   per epoch and a window of one snapshot, which is exactly that;
 - `grpo`: `trl.GRPOTrainer` with LoRA and the task's verifier as reward (4 samples per prompt, the same number of
   optimizer steps, each on 4 prompts);
+- `sdft`: TRL's `trl.experimental.sdft.SDFTTrainer` (self-distillation, arXiv 2601.19897) with LoRA: each step the
+  student samples one answer per prompt and is distilled (top-100 logits) towards the base model shown the worked
+  answer in context (`SDFT_TEMPLATE`); TRL's defaults otherwise, the same steps and prompts;
 - `tms` (the paper's defaults: T = 10, alpha = 0.25), `tms_online`, `tms_verified` (issue #17's verifier filter, a
   student on the `tms` run's history);
 - `tms_rehearsal_10`, `tms_rehearsal_25` (issue #23, beyond the paper): TMS whose draws are, with probability 0.1 or
@@ -78,6 +81,10 @@ ARMS = {
     "self_sft_verified": ("tms", dict(tms_mode="online", label_weight=0.0, num_checkpoints=1,
                                       snapshot_every_epoch=True, trajectory_filter="verifier")),
     "grpo": ("grpo", dict(num_generations=4)),
+    # TRL's SDFT (`trl.experimental.sdft`, "Self-Distillation Enables Continual Learning", arXiv 2601.19897): the
+    # student samples its own answer and is distilled towards the base model shown the worked answer in context.
+    # TRL's defaults (teacher = the base, adapter off; top-100 logit distillation), one sample per prompt.
+    "sdft": ("sdft", dict(num_generations=1)),
     # GRPO at SFT's learning rate (1e-3) forgot more than SFT: at a fifth of it, as `sft_low_lr`, is it the gentle
     # "gold standard" the paper describes?
     "grpo_low_lr": ("grpo", dict(num_generations=4, lr_scale=0.2)),
@@ -108,6 +115,8 @@ MODES = {
                  seeded_arms=["sft", "tms"], tms_overrides={}),
 }
 BATCH_SIZE = 8
+# SDFT's teacher prompt: the question, then the worked answer as an example to follow in the model's own words.
+SDFT_TEMPLATE = "{prompt}\n\nHere is an example of a correct answer:\n{privileged_context}\n\nNow answer the question yourself."
 TASK_TOKENS = 128
 
 
@@ -295,6 +304,19 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config,
                               train_dataset=train.remove_columns("completion"), processing_class=tokenizer,
                               peft_config=lora_config(regime))
+        phases = {arm: None}
+    elif kind == "sdft":
+        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+        common.pop("num_train_epochs")
+        config = SDFTConfig(out, max_steps=steps, num_generations=settings["num_generations"],
+                            max_completion_length=TASK_TOKENS, teacher_prompt_template=SDFT_TEMPLATE,
+                            # TRL's default top-100 (a test's tiny vocabulary has fewer tokens).
+                            distillation_topk=min(100, model.config.vocab_size), **common)
+        # The teacher sees the worked answer (the SFT label) as privileged context; the student never does.
+        demonstrations = train.map(lambda row: {"privileged_context": row["completion"][-1]["content"]})
+        trainer = SDFTTrainer(model=model, args=config, train_dataset=demonstrations.remove_columns("completion"),
+                              processing_class=tokenizer, peft_config=lora_config(regime))
         phases = {arm: None}
     else:
         if settings.pop("snapshot_every_epoch", False):

@@ -120,3 +120,17 @@ def test_trl_tms_without_arguments_runs_the_main_job(monkeypatch):
     monkeypatch.setattr("trl_tms.quickstart.main", lambda argv=None: calls.append(argv))
     cli.main([])
     assert calls == [[]]
+
+
+def test_the_example_is_the_largest_gap_among_prompts_where_the_student_stayed_close():
+    from trl_tms.comparison import example_index
+
+    sft = [0.9, 0.5, 0.95, 0.2, 0.6]
+    tms = [0.8, 0.1, 0.3, 0.2, 0.1]
+    # Prompt 2 has the largest gap (0.65), but the student drifted there too: the median of its KL is 0.2, so prompts
+    # 1, 3 and 4 are eligible, and of those prompt 4's gap (0.5) is the largest.
+    assert example_index(sft, tms) == 4
+    # Where the student is close everywhere, the largest gap wins.
+    assert example_index([0.5, 0.9, 0.3], [0.1, 0.1, 0.1]) == 1
+    with pytest.raises(ValueError, match="one KL per prompt"):
+        example_index([0.1], [0.1, 0.2])

@@ -48,6 +48,36 @@ def test_beta_zero_reproduces_the_mixture_exactly_and_beta_replaces_only_some_dr
     assert [zero[i][IS_REHEARSAL] for i in range(5)] == [False] * 5  # the flag is carried once answers exist
 
 
+def test_planned_draws_skip_the_pairs_that_rehearsal_draws_replace():
+    from test_mixture import drawn_examples, keep_pairs
+
+    n, steps, epochs, beta = 300, (10, 20, 30, 40), 3, 0.5
+    full = synthetic_candidates(n, steps=steps)
+    everything = MixtureDataset(full, label_weight=0.25, seed=5)
+    everything.add_rehearsal(rehearsal_rows(8), beta)
+    untokenized = rehearsal_rows(8).remove_columns(["input_ids", "labels"])
+
+    def sample(with_rehearsal: bool) -> set:
+        sampled = set()
+        while True:
+            plan = MixtureDataset(keep_pairs(full, sampled).remove_columns(["input_ids", "labels"]), label_weight=0.25,
+                                  seed=5, snapshot_steps=list(steps), sampled=set(sampled))
+            if with_rehearsal:
+                plan.add_rehearsal(untokenized, beta)
+            missing = plan.missing_pairs(epochs)
+            if not missing:
+                return sampled
+            sampled |= missing
+
+    sampled = sample(with_rehearsal=True)
+    mixture = MixtureDataset(keep_pairs(full, sampled), label_weight=0.25, seed=5, snapshot_steps=list(steps),
+                             sampled=set(sampled))
+    mixture.add_rehearsal(rehearsal_rows(8), beta)
+    assert drawn_examples(mixture, epochs) == drawn_examples(everything, epochs)
+    # About half the draws are rehearsal answers: about half the pairs are not needed.
+    assert len(sampled) < 0.7 * len(sample(with_rehearsal=False))
+
+
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_rehearsal_fraction_matches_beta_and_flags_match_the_tokens(beta):
     n = 4000

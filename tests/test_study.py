@@ -91,7 +91,7 @@ def tiny_study(monkeypatch, tiny_llama):
     return train, pld, regime
 
 
-@pytest.mark.parametrize("arm", ["sft_dft", "grpo", "self_sft_verified"])
+@pytest.mark.parametrize("arm", ["sft_dft", "grpo", "sdft", "self_sft_verified"])
 def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path, arm):
     train, pld, regime = tiny_study
     runs, model, tokenizer = study.train_run(arm, regime, 0, train, pld, str(tmp_path), str(tmp_path / "history"),
@@ -217,3 +217,23 @@ def test_backfill_adds_the_new_probe_from_the_history_and_a_student_trained_agai
     summary = study.summary(out)["regimes"]["zero"]["arms"]
     assert summary["sft"]["ifeval"]["seeds"] == 1 and "ifeval" in summary["sft_early"]
     assert "ifeval" not in summary["sft_dft"]
+
+
+def test_readme_and_docs_show_the_committed_study_results():
+    # After `study.py --report_only`, run `python benchmarks/study_readme.py` and commit the README and docs with it.
+    import study_readme
+
+    assert study_readme.main(["--check"]) == 0
+
+
+def test_readme_refresh_replaces_only_the_marked_block_and_refuses_a_readme_without_markers():
+    import study_readme
+
+    text = "intro\n<!-- study-headline: old -->\nold table\n<!-- /study-headline -->\noutro\n"
+    assert study_readme.replace_block(text, "<!-- study-headline -->\nnew\n<!-- /study-headline -->") == (
+        "intro\n<!-- study-headline -->\nnew\n<!-- /study-headline -->\noutro\n")
+    with pytest.raises(SystemExit, match="add the two markers"):
+        study_readme.replace_block("no markers here", "x")
+    docs = "### Regime `zero` (task)\n\n| a |\n|---|\n| 1 |\n\nprose stays\n"
+    assert study_readme.sync_docs(docs, {"zero": "| a |\n|---|\n| 2 |\n"}) == (
+        "### Regime `zero` (task)\n\n| a |\n|---|\n| 2 |\n\nprose stays\n")

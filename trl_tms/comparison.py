@@ -211,7 +211,7 @@ def compare_sft_and_tms(trainer, probe: ArmProbe, wall_seconds: dict[str, float]
     """
     Measure a finished two-pass TMS run's three arms with `probe`: the base (adapter off), plain SFT (the harvest's final
     snapshot, swapped into the adapter for the time of its measurement) and the TMS student. Also picks, by a stated
-    rule, one everyday prompt to show: the one on which SFT drifted furthest beyond TMS.
+    rule, one everyday prompt to show ([`example_index`]).
     """
     if trainer.args.tms_mode != "two_pass":
         raise ValueError("The side-by-side comparison reads plain SFT off the harvest: it needs `tms_mode='two_pass'`.")
@@ -223,8 +223,7 @@ def compare_sft_and_tms(trainer, probe: ArmProbe, wall_seconds: dict[str, float]
     try:
         trainer.history.load_into(model, trainer.history.steps[-1], adapter)
         arms["sft"] = probe.measure("sft")
-        gaps = [s - t for s, t in zip(arms["sft"].chat_kl, arms["tms"].chat_kl)]
-        prompt = probe.general_prompts[max(range(len(gaps)), key=gaps.__getitem__)]
+        prompt = probe.general_prompts[example_index(arms["sft"].chat_kl, arms["tms"].chat_kl)]
         sft_answer = probe.answer(prompt)
     finally:
         with torch.no_grad():
@@ -232,12 +231,31 @@ def compare_sft_and_tms(trainer, probe: ArmProbe, wall_seconds: dict[str, float]
                 param.copy_(student[name])
     example = {
         "prompt": prompt,
-        "rule": "the everyday prompt on which plain SFT's KL to the base exceeds the TMS student's the most",
+        "rule": EXAMPLE_RULE,
         "base": probe.answer(prompt, initial=True),
         "sft": sft_answer,
         "tms": probe.answer(prompt),
     }
     return Comparison(arms={arm: arms[arm] for arm in ARMS}, wall_seconds=dict(wall_seconds or {}), example=example)
+
+
+EXAMPLE_RULE = (
+    "of the everyday prompts on which the TMS student stayed at least as close to the base as on half of them, the one "
+    "on which plain SFT's KL to the base exceeds the student's the most"
+)
+
+
+def example_index(sft_kl: list[float], tms_kl: list[float]) -> int:
+    """
+    The prompt [`EXAMPLE_RULE`] picks, from each arm's KL to the base per prompt. Only prompts where the student's own
+    KL is at most its median are eligible: the largest gap alone can land where both arms drifted far (the student's
+    answer then shows no more of the base's than SFT's does).
+    """
+    if len(sft_kl) != len(tms_kl) or not sft_kl:
+        raise ValueError(f"Need one KL per prompt for both arms, got {len(sft_kl)} and {len(tms_kl)}.")
+    median = sorted(tms_kl)[(len(tms_kl) - 1) // 2]
+    eligible = [i for i, kl in enumerate(tms_kl) if kl <= median]
+    return max(eligible, key=lambda i: sft_kl[i] - tms_kl[i])
 
 
 def plot_comparison(comparison: Comparison, log_history: list[dict], output_dir: str) -> list[str]:

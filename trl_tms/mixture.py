@@ -407,6 +407,8 @@ class MixtureDataset(torch.utils.data.Dataset):
         """
         From now on, draw one of these tokenized rehearsal candidates (uniformly) instead of the prompt's usual draw,
         with probability `weight` (beta). Their `prompt_index` counts the rehearsal prompts, not the training prompts.
+        A planning mixture (untokenized candidates) takes untokenized ones: its draws then skip the pairs that a
+        rehearsal draw replaces (see [`missing_pairs`]).
         """
         if not 0.0 <= weight < 1.0:
             raise ValueError(f"The rehearsal weight (beta) must lie in [0, 1), got {weight}.")
@@ -415,8 +417,9 @@ class MixtureDataset(torch.utils.data.Dataset):
                 "No rehearsal answer is left to train on (all empty, or all cut at the length limit and dropped): raise "
                 "`rehearsal_max_new_tokens`, or use other rehearsal prompts."
             )
-        start = len(self._examples)
-        self._examples = concatenate_datasets([self._examples, candidates.select_columns(["input_ids", "labels"])])
+        start = len(self._prompt_of)
+        if self._examples is not None:
+            self._examples = concatenate_datasets([self._examples, candidates.select_columns(["input_ids", "labels"])])
         self._prompt_of += list(candidates["prompt_index"])
         self._step_of += [REHEARSAL] * len(candidates)
         self._rehearsal = list(range(start, start + len(candidates)))

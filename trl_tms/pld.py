@@ -93,7 +93,7 @@ class PLDCallback(SignalCallback):
         eval_dataset ([`~datasets.Dataset`], *optional*):
             Labelled held-out examples. Defaults to the trainer's `eval_dataset` (the first one, if several). A raw
             dataset is preprocessed like the trainer's own eval data.
-        num_samples (`int`, *optional*, defaults to `256`):
+        num_samples (`int`, *optional*, defaults to `32`):
             Use at most this many examples; each logging step costs one forward pass over them.
         drift_threshold (`float`, *optional*):
             Forgetting alarm: when `pld_drift` passes this value (nats per token), log a warning and `pld_alarm=1`.
@@ -109,7 +109,7 @@ class PLDCallback(SignalCallback):
         self,
         trainer,
         eval_dataset=None,
-        num_samples: int = 256,
+        num_samples: int = 32,
         drift_threshold: float | None = None,
         stop_on_drift: bool = False,
     ):

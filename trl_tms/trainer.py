@@ -41,7 +41,7 @@ from .mixture import (
 from .online import OnlineTMS
 from .pld import PLDCallback, score_trajectories
 from .quantization import is_quantized, keep_4bit_layers_trainable
-from .rehearsal import initial_history, rehearsal_prompts, rehearsal_sampling
+from .rehearsal import initial_history, rehearsal_candidates, rehearsal_prompts, rehearsal_sampling
 from .resume import TMSRun, checkpoint_step, run_settings
 from .sharding import assign, gathered, whole_model_for_generation
 from .trajectories import (
@@ -322,7 +322,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         with self._phase("trajectories"):
             rehearsal = self._rehearsal_answers()
             started = time.perf_counter()
-            self.trajectories = self._trajectories(reuse=run.done("trajectories"))
+            self.trajectories = self._trajectories(reuse=run.done("trajectories"), rehearsal=rehearsal)
             seconds = run.record.get("trajectory_seconds", time.perf_counter() - started)
             if not run.done("trajectories"):
                 run.finish("trajectories", trajectory_seconds=seconds)
@@ -380,7 +380,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
                 setattr(self.args, key, value)
             self.phase = None
 
-    def _trajectories(self, reuse: bool = False):
+    def _trajectories(self, reuse: bool = False, rehearsal=None):
         drawn_only = self.args.generates_drawn_trajectories_only and self.args.label_weight < 1.0
         epochs = math.ceil(self.run.record["harvest_steps"] / self.updates_per_epoch)
         if reuse and os.path.isdir(self.run.trajectories_dir):
@@ -388,14 +388,14 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             if not drawn_only:
                 return saved
             # Sampled for another student's draws (e.g. another `label_weight`): add the pairs this one lacks.
-            trajectories = self._drawn_trajectories(epochs, saved)
+            trajectories = self._drawn_trajectories(epochs, saved, rehearsal)
             if len(trajectories) == len(saved):
                 return saved
         elif self.args.label_weight == 1.0:
             logger.warning("`label_weight=1.0`: the student trains on labels only, so no trajectory is generated.")
             trajectories = trajectories_dataset(self._tokenizer, self.prompts, {key: [] for key in PART_KEYS})
         elif drawn_only:
-            trajectories = self._drawn_trajectories(epochs)
+            trajectories = self._drawn_trajectories(epochs, rehearsal=rehearsal)
         else:
             trajectories = self.generator.generate()
         if self.is_world_process_zero():
@@ -403,17 +403,20 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         self.run.remove_generation_scratch()
         return trajectories
 
-    def _drawn_trajectories(self, num_epochs: int, start=None):
+    def _drawn_trajectories(self, num_epochs: int, start=None, rehearsal=None):
         """
         The trajectories the student's draws over `num_epochs` epochs land on, beyond those of `start`: the pairs the
         draws need are sampled, then those that a draw landing on a trajectory left out (empty, filtered) draws
-        instead, until none is missing.
+        instead, until none is missing. A draw that the `rehearsal` answers take (self-rehearsal) needs no pair.
         """
         parts = [] if start is None or not len(start) else [start]
         sampled = set(zip(start["prompt_index"], start["snapshot_step"])) if parts else set()
+        rehearsal = None if rehearsal is None else rehearsal_candidates(rehearsal)[0]
         while True:
             trajectories = concatenate_datasets(parts) if parts else None
             plan = self._mixture(self.candidate_builder.untokenized(trajectories), sampled)
+            if rehearsal is not None:
+                plan.add_rehearsal(rehearsal, self.args.rehearsal_weight)
             missing = plan.missing_pairs(num_epochs)
             if not missing:
                 break

@@ -20,7 +20,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from study import ran_alone  # noqa: E402
+from study import load_arms, ran_alone  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results", "study")
@@ -51,13 +51,7 @@ END = "<!-- /study-headline -->"
 
 
 def load_records(regime: str, arm: str) -> list[dict]:
-    folder = os.path.join(RESULTS, "arms", regime)
-    records = []
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(f"{arm}_s") and name[len(arm) + 2:-5].isdigit():
-            with open(os.path.join(folder, name)) as f:
-                records.append(json.load(f))
-    return records
+    return load_arms(RESULTS).get(regime, {}).get(arm, [])
 
 
 def harvest_normalised_wall(regime: str, arm: str, sft_seconds: float) -> tuple[float, str]:

@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py, under `accelerate launch` or as one plain process.
 
     distributed_worker.py train MODEL OUT      a whole TMS run; every process writes OUT/rank-<i>.json
-    distributed_worker.py online MODEL OUT     the same with `tms_mode="online"`
+    distributed_worker.py online MODEL OUT     the same with `tms_mode="online"` (and online-drawn, sampling the drawn pairs)
     distributed_worker.py zero2 MODEL OUT      `train` under DeepSpeed ZeRO-2 (launched with a DeepSpeed config)
     distributed_worker.py zero2-online MODEL OUT
     distributed_worker.py zero3 MODEL OUT      `train` under DeepSpeed ZeRO-3 (and zero3-online)
@@ -219,6 +219,7 @@ if __name__ == "__main__":
         "train": train,
         "online": partial(train, tms_mode="online"),
         "drawn": partial(train, trajectories_to_generate="drawn"),
+        "online-drawn": partial(train, tms_mode="online", trajectories_to_generate="drawn"),
         "generate": generate,
         "zero2": deepspeed_train,
         "zero2-online": partial(deepspeed_train, tms_mode="online"),

@@ -141,6 +141,15 @@ def test_online_tms_on_two_processes_samples_each_snapshot_once_and_shares_it(ti
     assert {e.get("tms_phase") for e in main["log_history"]} == {3}
 
 
+def test_online_tms_sampling_the_drawn_pairs_on_two_processes_shares_them_and_trains_alike(tiny_llama, tmp_path):
+    main, other = run_ranks("online-drawn", tiny_llama, str(tmp_path))
+    keys = [tuple(row[:3]) for row in main["trajectories"]]
+    every = {(p, s, k) for p in range(len(worker.TRAIN)) for s in (0, 2, 4) for k in range(2)}
+    assert len(keys) == len(set(keys)) and set(keys) < every  # each drawn pair once, not every pair
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    assert main["sampled_here"] + other["sampled_here"] == len(keys) and other["sampled_here"] > 0
+
+
 @pytest.mark.parametrize(
     "deepspeed_stage, fsdp_version, options, refused",
     [

@@ -267,3 +267,51 @@ def test_planned_draws_need_the_uniform_choice_and_known_steps():
         MixtureDataset(full, 0.25, 0, trajectory_choice="pld", sampled=set())
     with pytest.raises(ValueError, match=r"lacks the steps \[20\]"):
         MixtureDataset(full, 0.25, 0, snapshot_steps=[10], sampled=set())
+
+
+def test_a_growing_mixture_plans_each_window_as_a_mixture_that_had_every_pair():
+    """Online TMS sampling only the drawn pairs: snapshots join one by one, before any of their trajectories exists."""
+    n, steps = 200, (0, 10, 20, 30, 40, 50)  # two snapshots per epoch, 3 epochs
+    full = synthetic_candidates(n, steps=steps)
+    labels = full.filter(lambda row: row["snapshot_step"] == LABEL)
+    trajectories = full.filter(lambda row: row["snapshot_step"] != LABEL)
+    growing = MixtureDataset(labels, label_weight=0.25, seed=2, snapshot_steps=[], sampled=set())
+    everything = MixtureDataset(labels, label_weight=0.25, seed=2)
+    assert all(growing.draw(i, 0)[1] for i in range(n))  # before any snapshot: labels only
+    sampled = set()
+    for k, step in enumerate(steps):
+        taken, epoch = list(steps[: k + 1]), k // 2
+        window = set(taken[-4:])  # the mixture keeps the last four snapshots
+        growing.extend(Dataset.from_dict({}), keep_steps=window, snapshot_steps=taken, sampled=sampled)
+        missing = growing.missing_pairs(epoch + 1, first_epoch=epoch)  # the epoch of the batches until the next one
+        assert missing and {s for _, s in missing} <= window and not missing & sampled
+        assert step in {s for _, s in missing}
+        sampled |= missing
+        growing.extend(keep_pairs(trajectories, missing), keep_steps=window, snapshot_steps=taken, sampled=sampled)
+        assert growing.missing_pairs(epoch + 1, first_epoch=epoch) == set()
+        everything.extend(trajectories.filter(lambda row: row["snapshot_step"] == step), keep_steps=window)
+        assert [growing.candidate(growing.draw(i, epoch)[0])["input_ids"] for i in range(n)] == [
+            everything.candidate(everything.draw(i, epoch)[0])["input_ids"] for i in range(n)
+        ]
+    assert len(sampled) < 0.75 * n * len(steps)
+
+
+def test_extend_checks_the_planning_arguments():
+    full = synthetic_candidates(4, steps=(10,))
+    labels = full.filter(lambda row: row["snapshot_step"] == LABEL)
+    trajectories = full.filter(lambda row: row["snapshot_step"] == 10)
+    with pytest.raises(ValueError, match="go together"):
+        MixtureDataset(labels, 0.25, 0).extend(trajectories, snapshot_steps=[10], sampled=set())
+    planned = MixtureDataset(labels, 0.25, 0, snapshot_steps=[], sampled=set())
+    with pytest.raises(ValueError, match="go together"):
+        planned.extend(trajectories, sampled={(0, 10)})
+    with pytest.raises(ValueError, match=r"lacks the steps \[10\]"):
+        planned.extend(trajectories, snapshot_steps=[0], sampled={(0, 10)})
+
+
+def test_kept_fractions_of_a_snapshot_met_in_several_parts_are_weighted_by_their_trajectories():
+    from trl_tms.mixture import TrajectoryStats
+
+    total = TrajectoryStats(kept_fraction={10: 1.0}, by_snapshot={10: 3})
+    total.add(TrajectoryStats(kept_fraction={10: 0.0, 20: 0.5}, by_snapshot={10: 1, 20: 2}))
+    assert total.kept_fraction == {10: 0.75, 20: 0.5} and total.by_snapshot == {10: 4, 20: 2}

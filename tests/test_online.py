@@ -10,8 +10,9 @@ from transformers import TrainerCallback
 
 from trl_tms import TMSConfig, TMSTrainer
 from trl_tms.history import adapter_parameters
-from trl_tms.mixture import LABEL
+from trl_tms.mixture import LABEL, MixtureDataset
 from trl_tms.online import online_snapshot_steps
+import trl_tms.trajectories as trajectories_module
 from trl_tms.trajectories import HotSwapGenerator
 
 
@@ -34,7 +35,7 @@ class Watch(TrainerCallback):
             raise Interrupt(f"stopped at step {self.stop_at}")
 
 
-def make(path, tmp_path, watch=None, **overrides):
+def make(path, tmp_path, watch=None, trainer_kwargs=None, **overrides):
     values = dict(
         output_dir=str(tmp_path / "out"), tms_mode="online", num_checkpoints=3, per_device_train_batch_size=4,
         num_train_epochs=2, learning_rate=1e-2, max_new_tokens=6, logging_steps=2, seed=5, **QUIET_CPU,
@@ -44,7 +45,7 @@ def make(path, tmp_path, watch=None, **overrides):
         model=path, args=TMSConfig(**values), train_dataset=make_examples(24), eval_dataset=make_examples(6, seed=1),
         processing_class=load_tokenizer(path),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
-        callbacks=[watch] if watch else None,
+        callbacks=[watch] if watch else None, **(trainer_kwargs or {}),
     )
     if watch:
         watch.trainer = trainer
@@ -57,7 +58,7 @@ def adapter(trainer):
 
 def test_one_run_snapshots_itself_from_step_0_and_trains_on_what_it_has_sampled(tiny_llama, tmp_path):
     watch = Watch()
-    trainer = make(tiny_llama, tmp_path, watch)
+    trainer = make(tiny_llama, tmp_path, watch, trajectories_to_generate="all")
     trainer.train()
     # 24 prompts, batch 4, 2 epochs: 12 steps in one run; 3 snapshots every 12 // 3 = 4 steps, from the start.
     assert trainer.state.global_step == 12
@@ -103,6 +104,72 @@ def test_online_resume_continues_with_the_snapshots_and_trajectories_on_disk(tin
     assert all(torch.allclose(final[n], expected[n], rtol=1e-5, atol=1e-7) for n in expected)
 
 
+class RecordDraws:
+    """Records every example the mixture hands the data loader: (epoch, position, snapshot step drawn, is label)."""
+
+    def __init__(self, monkeypatch):
+        self.draws = []
+        getitem = MixtureDataset.__getitem__
+
+        def recording(mixture, position):
+            row, is_label = mixture.draw(position)
+            self.draws.append((mixture.epoch, position, mixture.candidate(row)["snapshot_step"], is_label))
+            return getitem(mixture, position)
+
+        monkeypatch.setattr(MixtureDataset, "__getitem__", recording)
+
+
+def test_sampling_only_the_drawn_pairs_makes_the_same_draws_from_fewer_trajectories(tiny_llama, tmp_path, monkeypatch):
+    # Every trajectory the same three tokens, never empty: a draw can then differ between the runs only by the plan (with
+    # real samples, a pair empty in one run and not in the other draws differently, as it should).
+    tokenizer = load_tokenizer(tiny_llama)
+    special = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    text = [t for t in range(3, 50) if t not in special][:3]
+
+    def fixed(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids, samples=1):
+        return [list(text) for _ in range(input_ids.shape[0] * samples)]
+
+    runs = {}
+    for mode in ("all", "drawn"):
+        record = RecordDraws(monkeypatch)
+        monkeypatch.setattr(trajectories_module, "_generate_samples", fixed)
+        trainer = make(tiny_llama, tmp_path / mode, trajectories_to_generate=mode, num_train_epochs=3)
+        trainer.train()
+        runs[mode] = (trainer, record.draws)
+        monkeypatch.undo()
+    (every, every_draws), (drawn, drawn_draws) = runs["all"], runs["drawn"]
+    # 24 prompts, batch 4, 3 epochs: 18 steps, 3 snapshots (0, 6, 12); every example fetched once per epoch.
+    assert len(drawn_draws) == 72 and sorted(d[:2] for d in drawn_draws) == sorted(d[:2] for d in every_draws)
+    # The same prompts at the same steps draw the same (prompt, snapshot) pairs or labels; only the sampled text differs.
+    assert drawn_draws == every_draws
+    assert any(step == 12 for _, _, step, _ in drawn_draws)  # the last snapshot is drawn from too
+    pairs = set(zip(drawn.trajectories["prompt_index"], drawn.trajectories["snapshot_step"]))
+    trajectory_draws = {(p, step) for _, p, step, is_label in drawn_draws if not is_label}
+    assert trajectory_draws <= pairs  # every pair drawn was sampled ...
+    assert len(drawn.trajectories) < len(every.trajectories) == 72  # ... and fewer than all of them
+    assert drawn.stats.trajectories == len(drawn.trajectories)
+    assert drawn.stats.not_sampled == 72 - len(drawn.trajectories)
+    sampled = [e["tms_sampled_trajectories"] for e in drawn.state.log_history if "tms_sampled_trajectories" in e]
+    assert len(sampled) == 3 and sum(sampled) == len(drawn.trajectories)
+    assert set(drawn.trajectories.to_pandas().groupby(["prompt_index", "snapshot_step"]).size()) == {1}
+
+
+def test_online_drawn_sampling_with_a_verifier_draws_again_where_a_trajectory_is_rejected(tiny_llama, tmp_path):
+    rejected = set()
+
+    def verifier(prompt, completion, label):  # rejects about half the trajectories, by their text
+        keep = len(completion) % 2 == 0
+        if not keep:
+            rejected.add(completion)
+        return keep
+
+    trainer = make(tiny_llama, tmp_path, trainer_kwargs=dict(verifier=verifier), trajectory_filter="verifier")
+    trainer.train()  # a draw that landed on a pair never sampled would raise
+    assert trainer.state.global_step == 12
+    assert rejected and trainer.stats.kept < trainer.stats.trajectories
+    assert min(trainer.stats.kept_fraction.values()) < 1.0
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -129,8 +196,8 @@ def test_a_finished_online_run_resumed_again_reuses_its_trajectories(tiny_llama,
     first.train()
     history_files = {root: sorted(files) for root, _, files in os.walk(first.history_dir)}
 
-    def no_sampling(self, steps=None):
-        raise AssertionError(f"sampled snapshots {steps} again")
+    def no_sampling(self, steps=None, pairs=None):
+        raise AssertionError(f"sampled snapshots {steps} (pairs {pairs}) again")
 
     monkeypatch.setattr(HotSwapGenerator, "generate", no_sampling)
     again = make(tiny_llama, tmp_path, save_strategy="steps", save_steps=4)

@@ -341,7 +341,8 @@ def test_by_default_only_the_trajectories_the_student_draws_are_sampled(tiny_lla
 def test_drawn_trajectories_by_default_where_the_draw_allows_it(tmp_path):
     assert tms_config(tmp_path).generates_drawn_trajectories_only
     assert tms_config(tmp_path, trajectory_filter="verifier").generates_drawn_trajectories_only
-    for every in (dict(trajectory_choice="pld"), dict(trajectory_choice="curriculum"), dict(tms_mode="online"),
+    assert tms_config(tmp_path, tms_mode="online").generates_drawn_trajectories_only
+    for every in (dict(trajectory_choice="pld"), dict(trajectory_choice="curriculum"),
                   dict(trajectory_filter="self_consistency"), dict(trajectories_to_generate="all")):
         assert not tms_config(tmp_path, **every).generates_drawn_trajectories_only, every
     with pytest.raises(ValueError, match="trajectories_to_generate='all'"):

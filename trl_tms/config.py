@@ -49,10 +49,10 @@ class TMSConfig(SFTConfig):
         tms_mode (`str`, *optional*, defaults to `"two_pass"`):
             `"two_pass"` (the paper): a harvest run on the labels takes the snapshots, then a student restarts from the
             initial adapter and trains on the mixture. `"online"`: one run; every `online_snapshot_every` steps, from
-            step 0, the adapter being trained is snapshotted and samples trajectories for every prompt, and the
-            mixture draws from the last `num_checkpoints` snapshots taken so far (labels only are not needed at the
-            start: step 0's snapshot is the initial model). Training costs one run instead of two; generation the
-            same. Needs `dataloader_num_workers=0` (the mixture grows during an epoch) and
+            step 0, the adapter being trained is snapshotted and samples trajectories (of the prompts the draws until
+            the next snapshot need, see `trajectories_to_generate`), and the mixture draws from the last
+            `num_checkpoints` snapshots taken so far (labels only are not needed at the start: step 0's snapshot is the
+            initial model). Training costs one run instead of two. Needs `dataloader_num_workers=0` (the mixture grows during an epoch) and
             `trajectory_choice="uniform"`.
         online_snapshot_every (`int`, *optional*):
             Online TMS: optimizer steps between snapshots (taken at steps 0, K, 2K, ...; the mixture keeps the last
@@ -148,9 +148,11 @@ class TMSConfig(SFTConfig):
             before generation (they depend on the seed, the epoch and the prompt alone), and a draw that lands on a
             trajectory left out (empty, cut and dropped, rejected by the verifier) draws again, so the student trains
             on the paper's mixture while a prompt samples about `(1 - label_weight) x epochs` of its
-            `num_checkpoints` snapshots instead of all of them. `"all"`: sample every snapshot for every prompt (the
-            paper's procedure; the trajectory statistics then cover every snapshot). Default: `"drawn"` where the
-            draw allows it (`trajectory_choice="uniform"`, no `"self_consistency"` filter, two-pass), else `"all"`.
+            `num_checkpoints` snapshots instead of all of them. Online, each snapshot samples the pairs that the
+            draws until the next snapshot land on (from it or an earlier snapshot in the window). `"all"`: sample
+            every snapshot for every prompt (the paper's procedure; the trajectory statistics then cover every
+            snapshot). Default: `"drawn"` where the draw allows it (`trajectory_choice="uniform"`, no
+            `"self_consistency"` filter), else `"all"`.
 
         > Parameters that control self-rehearsal (beyond the paper)
 
@@ -213,8 +215,8 @@ class TMSConfig(SFTConfig):
         metadata={
             "help": "`two_pass` (the paper: a harvest run takes the snapshots, then a student trains on the mixture) "
             "or `online` (one run: every `online_snapshot_every` steps, from step 0, the adapter being trained is "
-            "snapshotted and samples trajectories for every prompt; the mixture draws from the last `num_checkpoints` "
-            "snapshots). Online needs `dataloader_num_workers=0` and `trajectory_choice='uniform'`.",
+            "snapshotted and samples trajectories (those the draws need, see `trajectories_to_generate`); the mixture "
+            "draws from the last `num_checkpoints` snapshots). Online needs `dataloader_num_workers=0` and `trajectory_choice='uniform'`.",
             "choices": ["two_pass", "online"],
         },
     )
@@ -381,8 +383,9 @@ class TMSConfig(SFTConfig):
         metadata={
             "help": "`drawn`: sample only the (prompt, snapshot) pairs the student's draws land on (planned before "
             "generation; a draw landing on a trajectory left out draws again): the same mixture for a fraction of the "
-            "generation. `all`: every snapshot for every prompt (the paper's procedure). Default: `drawn` where the "
-            "draw allows it (`trajectory_choice='uniform'`, no `self_consistency` filter, two-pass), else `all`.",
+            "generation (online: the pairs the draws until the next snapshot need). `all`: every snapshot for every "
+            "prompt (the paper's procedure). Default: `drawn` where the draw allows it (`trajectory_choice='uniform'`, "
+            "no `self_consistency` filter), else `all`.",
             "choices": ["drawn", "all"],
         },
     )
@@ -587,8 +590,8 @@ class TMSConfig(SFTConfig):
             (
                 self.trajectories_to_generate != "drawn" or not self._draws_need_every_trajectory(),
                 "`trajectories_to_generate='drawn'` samples only the trajectories the draws land on, which needs "
-                "`trajectory_choice='uniform'`, a filter that judges each trajectory on its own (not "
-                "`'self_consistency'`) and `tms_mode='two_pass'`. Set `trajectories_to_generate='all'`.",
+                "`trajectory_choice='uniform'` and a filter that judges each trajectory on its own (not "
+                "`'self_consistency'`). Set `trajectories_to_generate='all'`.",
             ),
             (
                 0.0 <= self.rehearsal_weight < 1.0,
@@ -665,11 +668,8 @@ class TMSConfig(SFTConfig):
         return self.trajectories_to_generate == "drawn"
 
     def _draws_need_every_trajectory(self) -> bool:
-        """Whether the mixture's draw compares a prompt's trajectories (so all must exist before it is known), or
-        generation happens during training (online)."""
-        return (
-            self.trajectory_choice != "uniform" or self.trajectory_filter == "self_consistency" or self.tms_mode != "two_pass"
-        )
+        """Whether the mixture's draw compares a prompt's trajectories (so all must exist before it is known)."""
+        return self.trajectory_choice != "uniform" or self.trajectory_filter == "self_consistency"
 
     def _check_snapshot_weights(self) -> None:
         weights = [float(w) for w in self.snapshot_weights]

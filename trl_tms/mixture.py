@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +122,7 @@ class TrajectoryStats:
     kept: int = 0
     seconds: float = 0.0
     kept_fraction: dict[int, float] = field(default_factory=dict)  # snapshot step -> kept fraction
+    by_snapshot: dict[int, int] = field(default_factory=dict)  # snapshot step -> trajectories (weighs `kept_fraction`)
     rehearsal: int = 0  # rehearsal answers the student may draw (self-rehearsal)
     rehearsal_empty: int = 0
     rehearsal_unfinished: int = 0
@@ -135,7 +136,13 @@ class TrajectoryStats:
         self.unfinished += other.unfinished
         self.kept += other.kept
         self.seconds += other.seconds
-        self.kept_fraction.update(other.kept_fraction)
+        # Online TMS sampling only the drawn pairs meets a snapshot's trajectories over several refreshes.
+        for step, fraction in other.kept_fraction.items():
+            mine, theirs = self.by_snapshot.get(step, 0), other.by_snapshot.get(step, 0)
+            if step in self.kept_fraction and mine + theirs:
+                fraction = (self.kept_fraction[step] * mine + fraction * theirs) / (mine + theirs)
+            self.kept_fraction[step] = fraction
+            self.by_snapshot[step] = mine + theirs
         self.rehearsal += other.rehearsal
         self.rehearsal_empty += other.rehearsal_empty
         self.rehearsal_unfinished += other.rehearsal_unfinished
@@ -198,6 +205,7 @@ class CandidateBuilder:
             unfinished=len(trajectories) - sum(trajectories["finished"]),
             kept=sum(keep),
             kept_fraction=kept_by_snapshot(trajectories, keep),
+            by_snapshot=dict(Counter(trajectories["snapshot_step"])),
         )
         if len(candidates):
             candidates = self._tokenized(candidates, "mixture" if with_labels else "trajectories")
@@ -386,11 +394,32 @@ class MixtureDataset(torch.utils.data.Dataset):
                 index for index in self._label if any((index, step) not in self.sampled for step in universe)
             }
 
-    def extend(self, candidates: Dataset, keep_steps: set[int] | None = None) -> None:
+    def extend(
+        self,
+        candidates: Dataset,
+        keep_steps: set[int] | None = None,
+        snapshot_steps: list[int] | None = None,
+        sampled: set[tuple[int, int]] | None = None,
+    ) -> None:
         """
-        Add tokenized trajectory candidates (online TMS) and draw from those of `keep_steps` only (default: all). The
-        prompts stay the same, so the length of the dataset does not change under the sampler.
+        Add tokenized trajectory candidates (online TMS; there may be none) and draw from those of `keep_steps` only
+        (default: all). The prompts stay the same, so the length of the dataset does not change under the sampler. A
+        mixture that knows which pairs were sampled (`sampled` given to the constructor) takes the snapshots taken so
+        far (`snapshot_steps`) and every pair sampled so far (`sampled`): a new snapshot joins the draw before any of
+        its trajectories exists, so that [`missing_pairs`] can say which to sample.
         """
+        if (snapshot_steps is None) != (sampled is None) or (sampled is not None and self.sampled is None):
+            raise ValueError(
+                "`snapshot_steps` and `sampled` go together, to a mixture made with `sampled` (drawn-only sampling)."
+            )
+        if sampled is not None:
+            unknown = (set(candidates["snapshot_step"]) if len(candidates) else set()) - set(snapshot_steps)
+            if unknown:
+                raise ValueError(f"`snapshot_steps` lacks the steps {sorted(unknown)} of the candidates' trajectories.")
+            self._given_steps, self.sampled = sorted(snapshot_steps), set(sampled)
+        if not len(candidates):
+            self._index(keep_steps)
+            return
         if {LABEL, REHEARSAL} & set(candidates["snapshot_step"]):
             raise ValueError(
                 "`extend` takes trajectories only; the labels are given once, to the constructor, and rehearsal answers "
@@ -521,14 +550,14 @@ class MixtureDataset(torch.utils.data.Dataset):
             if step in by_step or (self.sampled is not None and (index, step) not in self.sampled):
                 return step
 
-    def missing_pairs(self, num_epochs: int) -> set[tuple[int, int]]:
+    def missing_pairs(self, num_epochs: int, first_epoch: int = 0) -> set[tuple[int, int]]:
         """
-        The `(prompt_index, snapshot_step)` pairs that the draws of epochs `0 .. num_epochs - 1` land on and that were
-        not sampled (see `sampled`): sample them (all of the snapshot's samples of the prompt), then ask again with
-        them added, since a draw that lands on a pair left without a trajectory draws again.
+        The `(prompt_index, snapshot_step)` pairs that the draws of epochs `first_epoch .. num_epochs - 1` land on and
+        that were not sampled (see `sampled`): sample them (all of the snapshot's samples of the prompt), then ask again
+        with them added, since a draw that lands on a pair left without a trajectory draws again.
         """
         missing = set()
-        for epoch in range(num_epochs):
+        for epoch in range(first_epoch, num_epochs):
             for index in self.prompt_indices:
                 if self._rehearsal_row(index, epoch) is not None:
                     continue

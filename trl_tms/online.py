@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from datasets import concatenate_datasets, load_from_disk
+from datasets import Dataset, concatenate_datasets, load_from_disk
 from transformers import TrainerCallback
 
 from .mixture import TrajectoryStats
@@ -23,9 +23,11 @@ def online_snapshot_steps(total_steps: int, num_checkpoints: int, every: int | N
 class OnlineTMS(TrainerCallback):
     """
     The online phase of a [`TMSTrainer`]: at each step of its schedule the adapter being trained is snapshotted and
-    samples a trajectory for every prompt, and the mixture draws from the last `num_checkpoints` snapshots taken so far
-    (labels only before step 0's trajectories exist). A callback of the online phase, it drives the run through the
-    trainer's public methods.
+    samples trajectories, and the mixture draws from the last `num_checkpoints` snapshots taken so far (labels only
+    before step 0's trajectories exist). With `trajectories_to_generate="all"` each snapshot samples every prompt; with
+    `"drawn"` each refresh samples only the (prompt, snapshot) pairs that the draws of the batches until the next
+    refresh land on, from the new snapshot or an earlier one still in the window: the same draws for a fraction of the
+    generation. A callback of the online phase, it drives the run through the trainer's public methods.
 
     Args:
         trainer ([`TMSTrainer`]):
@@ -38,8 +40,11 @@ class OnlineTMS(TrainerCallback):
         args = trainer.args
         self.trainer = trainer
         self.run = run
-        self.steps = online_snapshot_steps(run.record["planned_steps"], args.num_checkpoints, args.online_snapshot_every)
-        self.trajectories = []  # one dataset per snapshot, in the order taken
+        self.planned_steps = run.record["planned_steps"]
+        self.steps = online_snapshot_steps(self.planned_steps, args.num_checkpoints, args.online_snapshot_every)
+        self.drawn = args.generates_drawn_trajectories_only and args.label_weight < 1.0
+        self.sampled: set[tuple[int, int]] = set()
+        self.trajectories = []  # one dataset per refresh (and round of drawn sampling), in the order sampled
         # A finished run resumed again: its trajectories are on disk (the parts are removed when a run finishes).
         finished = run.done("trajectories") and os.path.isdir(run.trajectories_dir)
         self.finished = load_from_disk(run.trajectories_dir) if finished else None
@@ -67,40 +72,79 @@ class OnlineTMS(TrainerCallback):
     def refresh(self, step: int, take: bool = True) -> None:
         """
         Snapshot the adapter at `step` and add its trajectories to the mixture. A resumed run passes `take=False` for
-        the snapshots taken before it stopped (on disk, and logged in the checkpoint's log history).
+        the snapshots taken before it stopped (on disk, and logged in the checkpoint's log history); it samples the
+        same pairs again, which the generation backend reads back from its parts on disk.
         """
         trainer = self.trainer
         if take:
             trainer.history.take(trainer.model, step, trainer.adapter_name)
         started = time.perf_counter()
+        counts = TrajectoryStats()
         if not take and self.finished is not None:
-            trajectories = self.finished.filter(
+            counts.add(self._add(step, self.finished.filter(
                 lambda s: s == step, input_columns="snapshot_step", keep_in_memory=True  # no cache file in the history
-            )
+            )))
+        elif self.drawn:
+            epochs = self._epochs_until_next_refresh(step)
+            self._add(step)  # the new snapshot joins the draw, so that the plan sees it
+            while missing := trainer.train_dataset.missing_pairs(epochs.stop, first_epoch=epochs.start):
+                # A draw landing on a pair left without a trajectory (empty, filtered) draws again: ask again.
+                counts.add(self._add(step, trainer.sample_trajectories(pairs=missing), missing))
         else:
-            trajectories = trainer.sample_trajectories(steps=[step])
-        seconds = time.perf_counter() - started
-        self.trajectories.append(trajectories)
-        candidates, counts = trainer.candidate_builder.build(trajectories, with_labels=False)
-        if len(candidates):
-            window = set(trainer.history.steps[-trainer.args.num_checkpoints :])
-            trainer.train_dataset.extend(candidates, keep_steps=window)
-        counts.seconds = seconds
+            counts.add(self._add(step, trainer.sample_trajectories(steps=[step])))
+        counts.seconds = time.perf_counter() - started
         self.stats.add(counts)
         if take:
             trainer.log_event(
                 {
                     "tms_snapshot_step": step,
-                    "tms_trajectory_seconds": seconds,
+                    "tms_trajectory_seconds": counts.seconds,
+                    "tms_sampled_trajectories": counts.trajectories,
                     "tms_empty_trajectories": counts.empty,
                     "tms_unfinished_trajectories": counts.unfinished,
                     "tms_kept_fraction": counts.kept_fraction.get(step, 0.0),
                 }
             )
 
+    def _add(self, step: int, trajectories=None, pairs: set[tuple[int, int]] | None = None) -> TrajectoryStats:
+        """
+        Add `trajectories` (the sampled `pairs`, or all of theirs) to the mixture, which draws from the window of the
+        last `num_checkpoints` snapshots taken up to `step`; returns their counts. Up to `step`, not all those in the
+        history: a resumed run replays its refreshes with every snapshot it had taken already reopened.
+        """
+        trainer = self.trainer
+        taken = [s for s in trainer.history.steps if s <= step]
+        window = set(taken[-trainer.args.num_checkpoints :])
+        counts, candidates = TrajectoryStats(), []
+        if trajectories is not None:
+            self.trajectories.append(trajectories)
+            candidates, counts = trainer.candidate_builder.build(trajectories, with_labels=False)
+            self.sampled |= pairs if pairs is not None else set(zip(trajectories["prompt_index"], trajectories["snapshot_step"]))
+        planning = dict(snapshot_steps=taken, sampled=self.sampled) if self.drawn else {}
+        if len(candidates) or self.drawn:
+            trainer.train_dataset.extend(candidates if len(candidates) else Dataset.from_dict({}), keep_steps=window,
+                                         **planning)
+        return counts
+
+    def _epochs_until_next_refresh(self, step: int) -> range:
+        """
+        The epochs of the batches drawn between the refresh at `step` and the next one: those of optimizer steps
+        `step + 1` to one past the next refresh, since the data loader draws a batch ahead of the step it trains.
+        """
+        later = [s for s in self.steps if s > step]
+        last = min((later[0] if later else self.planned_steps) + 1, self.planned_steps)
+        per_epoch = self.trainer.updates_per_epoch
+        return range(step // per_epoch, max(last - 1, step) // per_epoch + 1)
+
     def finish(self):
         """Save every trajectory of the run in the history, record the phase as done, and return the trajectories."""
+        if not self.trajectories:  # every draw took a label
+            self.trajectories.append(self.trainer.sample_trajectories(pairs=set()))
         trajectories = concatenate_datasets(self.trajectories)
+        if self.drawn:
+            trajectories = trajectories.sort(["prompt_index", "snapshot_step", "sample_index"])
+            every = len(self.trainer.prompts) * len(self.trainer.history) * self.trainer.args.samples_per_checkpoint
+            self.stats.not_sampled = every - len(trajectories)
         if self.run.is_main:
             save_trajectories(trajectories, self.run.trajectories_dir)
         self.run.remove_generation_scratch()

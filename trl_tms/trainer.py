@@ -333,7 +333,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         if self.args.generates_drawn_trajectories_only:
             every = len(self.prompts) * len(self.history) * self.args.samples_per_checkpoint
             self.stats.not_sampled = every - len(self.trajectories)
-        self._use_mixture(candidates)
+        sampled = None
+        if self.args.generates_drawn_trajectories_only:
+            sampled = set(zip(self.trajectories["prompt_index"], self.trajectories["snapshot_step"]))
+        self._use_mixture(candidates, sampled)
         self.stats.add(self._use_rehearsal(rehearsal))
         self._reset_adapter()
         score = partial(score_trajectories, self, self.train_dataset, candidates)
@@ -348,7 +351,8 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
     def _train_online(self, train, resume):
         """Online TMS: one run on its own snapshots (see [`OnlineTMS`])."""
         online = OnlineTMS(self, self.run)
-        self._use_mixture(self.candidate_builder.build(None)[0])
+        # Sampling only the drawn pairs, the mixture knows which were sampled: none yet.
+        self._use_mixture(self.candidate_builder.build(None)[0], sampled=set() if online.drawn else None)
         self.stats = online.stats
         # Before the first step, while the adapter is still the initial one the answers come from.
         self.stats.add(self._use_rehearsal(self._rehearsal_answers()))
@@ -449,9 +453,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         counts.rehearsal_seconds = self.run.record.get("rehearsal_seconds", 0.0)
         return counts
 
-    def sample_trajectories(self, steps: list[int] | None = None):
-        """Trajectories of the snapshots of `steps` (default: all), from the trainer's generation backend."""
-        return self.generator.generate(steps=steps)
+    def sample_trajectories(self, steps: list[int] | None = None, pairs: set[tuple[int, int]] | None = None):
+        """Trajectories of the snapshots of `steps` (default: all), or of the `(prompt_index, snapshot_step)` `pairs`
+        only, from the trainer's generation backend."""
+        return self.generator.generate(steps=steps, pairs=pairs)
 
     def _reset_adapter(self) -> None:
         """The adapter back at its initial weights, with a fresh optimizer and schedule."""
@@ -471,12 +476,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             self.model_wrapped, self.deepspeed = self.model, None
         self._total_train_tokens = 0
 
-    def _use_mixture(self, candidates) -> None:
-        """Train on a `MixtureDataset` of the tokenized `candidates` from now on."""
+    def _use_mixture(self, candidates, sampled: set[tuple[int, int]] | None = None) -> None:
+        """Train on a `MixtureDataset` of the tokenized `candidates` from now on (`sampled`: as for `_mixture`)."""
         self.candidates = candidates
-        sampled = None
-        if self.trajectories is not None and self.args.generates_drawn_trajectories_only:
-            sampled = set(zip(self.trajectories["prompt_index"], self.trajectories["snapshot_step"]))
         self.train_dataset = self._mixture(candidates, sampled)
         if not isinstance(self.data_collator, MixtureCollator):
             self.data_collator = MixtureCollator(self.data_collator)

@@ -254,6 +254,28 @@ class CandidateBuilder:
         return truncate_unfinished(tokenized, self._end_of_turn[conversational])
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer: a 64-bit integer to a well-mixed one."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def snapshot_key(seed: int, epoch: int, index: int, step: int) -> float:
+    """
+    A number uniform in (0, 1) fixed by `(seed, epoch, prompt index, snapshot step)`: the uniform draw picks, among a
+    prompt's snapshots, the one of the largest key. A hash rather than a random stream, so that a key does not depend on
+    which other snapshots exist, and cheap enough to plan millions of draws.
+    """
+    x = 0
+    for part in (seed, epoch, index, step):
+        x = _mix64((x ^ (part & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64)
+    return ((x >> 11) + 0.5) / 2.0**53
+
+
 def _slice(steps: list[int], epoch: int, num_epochs: int) -> list[int]:
     """The `epoch`-th of `num_epochs` consecutive, non-empty slices of `steps` (slices overlap when steps are fewer)."""
     start = epoch * len(steps) // num_epochs
@@ -280,11 +302,12 @@ class MixtureDataset(torch.utils.data.Dataset):
     without rehearsal.
 
     The draw for prompt `i` in epoch `e` depends only on `(seed, e, i)` (and the scores), so it is fresh every epoch,
-    reproducible, and independent of batch order and of the number of dataloader workers. `"uniform"` draws a snapshot
-    among all of them and draws again while the one drawn has no trajectory of the prompt (empty, or left out by a
-    filter): the same distribution as a draw among the prompt's own snapshots, known from the snapshots it lands on
-    alone. So the draws can be planned before any trajectory exists ([`missing_pairs`]), and only the (prompt,
-    snapshot) pairs they land on need sampling (`sampled`).
+    reproducible, and independent of batch order and of the number of dataloader workers. `"uniform"` gives each of
+    the prompt's snapshots a key fixed by `(seed, e, i, snapshot)` ([`snapshot_key`]) and takes the largest among those
+    that left the prompt a trajectory (not empty, not left out by a filter): a uniform draw among them, in which a
+    snapshot that was never sampled for the prompt takes part as if it had one. So the draws can be planned before any
+    trajectory exists ([`missing_pairs`]), only the (prompt, snapshot) pairs they land on need sampling (`sampled`),
+    and a snapshot added later (online TMS) changes a prompt's draw only where its own key is the largest.
 
     Args:
         candidates ([`~datasets.Dataset`]):
@@ -376,16 +399,12 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.snapshot_steps = sorted({step for by_step in self._trajectories.values() for step in by_step})
         if not self.prompt_indices:
             raise ValueError("The mixture is empty: no prompt has a label or a trajectory left after preprocessing.")
-        # The snapshots of the uniform draw, and their probabilities (None: equal).
+        # The snapshots of the uniform draw.
         universe = self.snapshot_steps if self._given_steps is None else self._given_steps
         if keep_steps is not None:
             universe = [step for step in universe if step in keep_steps]
         if self.snapshot_weights is not None:
             universe = [step for step in universe if self.snapshot_weights[step] > 0]
-            weights = np.array([self.snapshot_weights[step] for step in universe], dtype=float)
-            self._draw_probabilities = weights / weights.sum() if len(universe) else None
-        else:
-            self._draw_probabilities = None
         self._draw_steps = universe
         # Prompts that may have a trajectory not sampled yet: they draw as if they had one.
         self._unsampled = set()
@@ -527,7 +546,7 @@ class MixtureDataset(torch.utils.data.Dataset):
             steps = self._curriculum_steps(sorted(by_step), min(epoch, self.num_epochs - 1))
             step = steps[rng.integers(len(steps))]
         else:
-            step = self._uniform_step(index, rng)
+            step = self._uniform_step(index, epoch)
             if step not in by_step:
                 raise RuntimeError(
                     f"Prompt {index} draws its trajectory of the snapshot of step {step} in epoch {epoch}, which was "
@@ -537,18 +556,23 @@ class MixtureDataset(torch.utils.data.Dataset):
         rows = by_step[step]
         return rows[rng.integers(len(rows))], False
 
-    def _uniform_step(self, index: int, rng: np.random.Generator) -> int:
+    def _uniform_step(self, index: int, epoch: int) -> int:
         """
-        The snapshot prompt `index` draws a trajectory of: over all snapshots (by `snapshot_weights` if given), again
-        while the one drawn was sampled but left the prompt no trajectory. Returns the first one that has a trajectory,
-        or that was not sampled.
+        The snapshot prompt `index` draws a trajectory of in `epoch`: among the snapshots that left it a trajectory, or
+        were not sampled for it, the one of the largest key (see [`snapshot_key`]). Keys are independent and uniform, so
+        this draws uniformly over those snapshots (by `snapshot_weights` if given: key `log(u) / weight`), and a snapshot
+        that joins the draw later (online TMS) changes a draw only where its own key is the largest.
         """
         by_step = self._trajectories.get(index, {})
-        steps, probabilities = self._draw_steps, self._draw_probabilities
-        while True:
-            step = steps[rng.integers(len(steps)) if probabilities is None else rng.choice(len(steps), p=probabilities)]
+        weights = self.snapshot_weights
+        best, best_key = None, -math.inf
+        for step in self._draw_steps:
             if step in by_step or (self.sampled is not None and (index, step) not in self.sampled):
-                return step
+                key = snapshot_key(self.seed, epoch, index, step)
+                key = key if weights is None else math.log(key) / weights[step]
+                if key > best_key:
+                    best, best_key = step, key
+        return best
 
     def missing_pairs(self, num_epochs: int, first_epoch: int = 0) -> set[tuple[int, int]]:
         """
@@ -561,9 +585,8 @@ class MixtureDataset(torch.utils.data.Dataset):
             for index in self.prompt_indices:
                 if self._rehearsal_row(index, epoch) is not None:
                     continue
-                is_label, rng = self._draws_label(index, epoch)
-                if not is_label:
-                    step = self._uniform_step(index, rng)
+                if not self._draws_label(index, epoch)[0]:
+                    step = self._uniform_step(index, epoch)
                     if step not in self._trajectories.get(index, {}):
                         missing.add((index, step))
         return missing

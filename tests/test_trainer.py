@@ -725,3 +725,49 @@ def test_samples_of_a_prompt_share_one_pass_over_it(tiny_llama):
     hook.remove()
     assert greedy == [row for row in plain for _ in range(samples)]
     assert shapes[0] == (3, width) and all(s[0] == 3 for s in shapes)
+
+
+def test_generation_rows_by_memory_count_the_kv_cache_a_call_really_holds(tiny_llama):
+    import trl_tms.trajectories as trajectories
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = load_tokenizer(tiny_llama)
+    prompts = [tokenizer(f"what is {a} plus two ?")["input_ids"] for a in ("one", "ten", "five")]
+    input_ids, attention_mask = trajectories._left_pad(prompts, tokenizer.pad_token_id)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5, do_sample=False,
+                                eos_token_id=None, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
+    cache = output.past_key_values
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    positions = cache.get_seq_length()  # the prompt and the new tokens but the last
+    per_token = trajectories.generation_bytes_per_row(model, 1, 0) - trajectories.generation_bytes_per_row(model, 0, 0)
+    assert held == 3 * positions * per_token
+    logits = trajectories.generation_bytes_per_row(model, 0, 0)
+    assert logits == trajectories.LOGIT_COPIES * model.config.vocab_size * 4
+    per_row = trajectories.generation_bytes_per_row(model, 10, 6)
+    assert per_row == 16 * per_token + logits
+    assert trajectories.rows_within_memory(model, 10, 6, budget_mb=7 * per_row / 2**20) == 7
+    with pytest.raises(ValueError, match=r"holds 2 rows.*needs at least 4.*Raise it to at least"):
+        trajectories.rows_within_memory(model, 10, 6, budget_mb=2.5 * per_row / 2**20, min_rows=4)
+
+
+def test_a_memory_budget_sets_the_rows_per_generate_call(tiny_llama, tmp_path):
+    from trl_tms.data import prompt_token_ids
+    from trl_tms.trajectories import generation_bytes_per_row
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer = load_tokenizer(tiny_llama)
+    examples = make_examples(24)
+    longest = max(len(prompt_token_ids(tokenizer, example)) for example in examples)
+    per_row = generation_bytes_per_row(model, longest, 8)
+    trainer = make_trainer(tiny_llama, tmp_path, model=model, train_dataset=examples,
+                           args=tms_config(tmp_path, generation_memory_mb=6.5 * per_row / 2**20))
+    assert trainer.generator.sampling.batch_size == 6  # 6 rows fit; generation_batch_size (16) would be more
+    trainer.train()
+    assert trainer.stats.trajectories > 0
+    roomy = make_trainer(tiny_llama, tmp_path / "roomy", args=tms_config(tmp_path / "roomy", generation_memory_mb=1e4))
+    assert roomy.generator.sampling.batch_size == 16  # never more rows than generation_batch_size
+    with pytest.raises(ValueError, match=r"`generation_memory_mb=0.001` holds 0 rows.*needs at least 3.*Raise it to at least 0.0"):
+        make_trainer(tiny_llama, tmp_path / "tight", args=tms_config(tmp_path / "tight", generation_memory_mb=1e-3))
+    with pytest.raises(ValueError, match="must be positive"):
+        tms_config(tmp_path, generation_memory_mb=0)

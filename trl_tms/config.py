@@ -95,6 +95,12 @@ class TMSConfig(SFTConfig):
         generation_batch_size (`int`, *optional*, defaults to `16`):
             Number of sequences per `generate` call (prompts x resident snapshots x samples). A call holds at least one
             prompt, so it exceeds this when `snapshots_per_generate * samples_per_checkpoint` does.
+        generation_memory_mb (`float`, *optional*):
+            Size the generation calls by memory instead of a row count: as many rows (at most `generation_batch_size`)
+            as fit in this many MiB of KV cache and next-token logits, counted for the longest prompt plus
+            `max_new_tokens` from the model's config (layers, key-value heads, head size, vocabulary), so the same
+            settings always give the same calls. Activations, which come and go within a step, are not counted. For
+            example the headroom between SFT's peak memory and the GPU's. `None`: `generation_batch_size` rows.
         snapshots_per_generate (`int`, *optional*, defaults to `4`):
             Number of snapshots resident at once and served in the same `generate` call, each row routed to its own
             snapshot's LoRA factors. `1` swaps one snapshot at a time. Each resident snapshot costs one
@@ -299,6 +305,15 @@ class TMSConfig(SFTConfig):
         metadata={
             "help": "Number of sequences per `generate` call (prompts x resident snapshots x samples). A call holds at "
             "least one prompt, so it exceeds this when `snapshots_per_generate * samples_per_checkpoint` does."
+        },
+    )
+    generation_memory_mb: float | None = field(
+        default=None,
+        metadata={
+            "help": "Size the generation calls by memory instead: as many rows (at most `generation_batch_size`) as "
+            "fit in this many MiB of KV cache and logits, for the longest prompt plus `max_new_tokens`, by the "
+            "model's config. E.g. the headroom between SFT's peak and the GPU's memory. None: "
+            "`generation_batch_size` rows."
         },
     )
     snapshots_per_generate: int = field(
@@ -522,6 +537,15 @@ class TMSConfig(SFTConfig):
             (
                 self.generation_batch_size >= 1,
                 f"`generation_batch_size` must be at least 1, got {self.generation_batch_size}.",
+            ),
+            (
+                self.generation_memory_mb is None or self.generation_memory_mb > 0,
+                f"`generation_memory_mb` must be positive (MiB), got {self.generation_memory_mb}.",
+            ),
+            (
+                self.generation_memory_mb is None or self.generation_backend == "transformers",
+                "`generation_memory_mb` sizes the transformers backend's calls; vLLM sizes its own by "
+                "`vllm_gpu_memory_utilization`.",
             ),
             (
                 self.snapshots_per_generate >= 1,

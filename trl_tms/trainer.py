@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import textwrap
@@ -24,7 +25,7 @@ from .config import (
     check_parallelism,
     check_trainer_arguments,
 )
-from .data import to_prompt_completion
+from .data import prompt_token_ids, to_prompt_completion
 from .forgetting import RetentionCallback
 from .history import AdapterHistory, SnapshotCallback, adapter_parameters, snapshot_steps
 from .hub import TMSHubMixin
@@ -49,6 +50,7 @@ from .trajectories import (
     HotSwapGenerator,
     SamplingParams,
     fitted_max_new_tokens,
+    rows_within_memory,
     save_trajectories,
     trajectories_dataset,
 )
@@ -255,6 +257,8 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             adapter_name=self.adapter_name, chat_template=self.chat_template, parts_dir=parts_dir or self.run.parts_dir
         )
         prompts = self.prompts if prompts is None else prompts
+        if self.args.generation_memory_mb is not None and self.args.generation_backend == "transformers":
+            sampling = self._within_memory(sampling, prompts)
         inputs = (self.model, self._tokenizer, prompts, self.history if history is None else history, sampling)
         if self.args.generation_backend == "vllm":
             return VLLMGenerator(
@@ -275,6 +279,19 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             num_processes=self.accelerator.num_processes,
             **common,
         )
+
+    def _within_memory(self, sampling: SamplingParams, prompts) -> SamplingParams:
+        """`sampling` with as many rows per call as `generation_memory_mb` holds for the longest of `prompts`."""
+        longest = max(len(prompt_token_ids(self._tokenizer, example, self.chat_template)) for example in prompts)
+        per_prompt = min(sampling.snapshots_per_generate, self.args.num_checkpoints) * sampling.samples_per_checkpoint
+        rows = rows_within_memory(
+            self.model, longest, sampling.max_new_tokens, self.args.generation_memory_mb, min_rows=per_prompt
+        )
+        logger.info(
+            f"generation_memory_mb={self.args.generation_memory_mb}: up to {rows} rows per generate call "
+            f"(longest prompt {longest} tokens + {sampling.max_new_tokens} new)."
+        )
+        return dataclasses.replace(sampling, batch_size=min(sampling.batch_size, rows))
 
     # The algorithm
 

@@ -280,6 +280,45 @@ def fitted_max_new_tokens(tokenizer, dataset: Dataset, factor: float, cap: int) 
     return min(cap, LENGTH_GRAIN * math.ceil(factor * longest / LENGTH_GRAIN))
 
 
+LOGIT_COPIES = 2  # a decode step holds the raw next-token logits and the processed scores of every row
+
+
+def generation_bytes_per_row(model, max_prompt_tokens: int, max_new_tokens: int) -> int:
+    """
+    The memory one row of a `generate` call holds at its longest: its KV cache over `max_prompt_tokens +
+    max_new_tokens` positions (every layer's keys and values, in the activations' dtype, read off the embedding's) and
+    its next-token logits (fp32, `LOGIT_COPIES` of them). Activations of the forward pass come and go within a step and
+    are left out. Derived from the model's config alone, so the same settings always give the same number.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype_bytes = model.get_input_embeddings().weight.element_size()
+    kv_per_token = config.num_hidden_layers * 2 * kv_heads * head_dim * dtype_bytes
+    logits = LOGIT_COPIES * config.vocab_size * 4
+    return kv_per_token * (max_prompt_tokens + max_new_tokens) + logits
+
+
+def rows_within_memory(model, max_prompt_tokens: int, max_new_tokens: int, budget_mb: float, min_rows: int = 1) -> int:
+    """
+    The most rows a `generate` call can hold within `budget_mb` MiB by [`generation_bytes_per_row`]. Raises a
+    `ValueError` saying which budget is needed when fewer than `min_rows` (the rows of one prompt: resident snapshots
+    x samples) fit.
+    """
+    per_row = generation_bytes_per_row(model, max_prompt_tokens, max_new_tokens)
+    rows = int(budget_mb * 2**20 // per_row)
+    if rows < min_rows:
+        needed = math.ceil(min_rows * per_row / 2**20 * 1000) / 1000
+        raise ValueError(
+            f"`generation_memory_mb={budget_mb}` holds {rows} rows of {max_prompt_tokens} prompt + {max_new_tokens} "
+            f"new tokens ({per_row / 2**20:.3f} MiB each), and a call needs at least {min_rows} (one prompt for each "
+            f"resident snapshot and sample). Raise it to at least {needed}, or lower "
+            "`snapshots_per_generate`, `samples_per_checkpoint` or `max_new_tokens`."
+        )
+    return rows
+
+
 def steps_to_sample(history: AdapterHistory, steps: list[int] | None) -> list[int]:
     """The snapshot steps to sample from, sorted (default: all), checked against the history."""
     if len(history) == 0:

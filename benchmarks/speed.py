@@ -144,7 +144,14 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def run_arm(arm: str, model_name: str, workdir: str) -> dict:
+# On a GPU: TMS with its generation calls' KV cache and logits sized to this fraction of SFT's peak GPU memory
+# (`generation_memory_mb`): does a budget keep TMS's peak within 1.05x SFT's? Generation runs after the backward pass's
+# activations are freed, so its calls may take more than 5% without raising the peak; 10% leaves SmolLM2-135M room for
+# one prompt of 4 snapshots (about 15 MB per row at 256 + 64 tokens in fp32).
+MEMORY_BUDGET_FRACTION = 0.10
+
+
+def run_arm(arm: str, model_name: str, workdir: str, generation_memory_mb: float | None = None) -> dict:
     """One training run (SFT or a TMS arm) in this process; returns wall times and peak RSS."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -165,7 +172,10 @@ def run_arm(arm: str, model_name: str, workdir: str) -> dict:
             trainer.train()
         phases = {"train": time.perf_counter() - started}
     else:
-        config = TMSConfig(out, log_pld=False, log_retention=False, **tms_fields(model_name), **ARMS[arm], **settings(model_name))
+        fields = dict(ARMS.get(arm, {}))
+        if arm == "tms_memory":
+            fields["generation_memory_mb"] = generation_memory_mb
+        config = TMSConfig(out, log_pld=False, log_retention=False, **tms_fields(model_name), **fields, **settings(model_name))
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
                              processing_class=tokenizer, peft_config=lora)
         with PeakRSS() as memory:
@@ -474,6 +484,8 @@ def training_rows(results: dict, T: int) -> list[tuple]:
         results["ratios"]["tms_over_sft_train_peak_gpu"] = tms["train_peak_gpu_mb"] / sft["train_peak_gpu_mb"]
         results["ratios"]["tms_online_over_sft_train_peak_gpu"] = (results["tms_online"]["train_peak_gpu_mb"] /
                                                                    sft["train_peak_gpu_mb"])
+        results["ratios"]["tms_memory_over_sft_train_peak_gpu"] = (results["tms_memory"]["train_peak_gpu_mb"] /
+                                                                   sft["train_peak_gpu_mb"])
     return [
         ("TMS / SFT wall time", f"{tms['wall_s']:.1f} s / {sft['wall_s']:.1f} s "
          f"(harvest {tms['harvest']:.1f}, trajectories {tms['trajectories']:.1f}, student {tms['student']:.1f})",
@@ -497,7 +509,10 @@ def training_rows(results: dict, T: int) -> list[tuple]:
         *([("TMS / SFT peak GPU memory during train()", f"{tms['train_peak_gpu_mb']:.0f} MB / "
             f"{sft['train_peak_gpu_mb']:.0f} MB", f"{results['ratios']['tms_over_sft_train_peak_gpu']:.3f}", "<= 1.10"),
            ("online TMS / SFT peak GPU memory during train()", f"{results['tms_online']['train_peak_gpu_mb']:.0f} MB",
-            f"{results['ratios']['tms_online_over_sft_train_peak_gpu']:.3f}", "<= 1.10")] if DEVICE == "cuda" else []),
+            f"{results['ratios']['tms_online_over_sft_train_peak_gpu']:.3f}", "<= 1.10"),
+           (f"TMS, generation within {MEMORY_BUDGET_FRACTION:.0%} of SFT's peak / SFT peak GPU memory during train()",
+            f"{results['tms_memory']['train_peak_gpu_mb']:.0f} MB (wall {results['tms_memory']['wall_s']:.1f} s)",
+            f"{results['ratios']['tms_memory_over_sft_train_peak_gpu']:.3f}", "<= 1.05")] if DEVICE == "cuda" else []),
         ("history disk / T model copies", f"{tms['history_bytes'] / 1e6:.2f} MB / {T * m['full_model_bytes'] / 1e6:.1f} MB",
          f"{results['ratios']['history_disk_over_T_model_copies']:.4f}", "adapters only"),
     ]
@@ -507,7 +522,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny, smollm2, or a folder written by --export_bundle "
                         "(SmolLM2's architecture with random weights, for a machine without the embedded model)")
-    parser.add_argument("--arm", choices=["sft", *ARMS], help=argparse.SUPPRESS)  # one training run, for peak RSS
+    parser.add_argument("--arm", choices=["sft", *ARMS, "tms_memory"], help=argparse.SUPPRESS)  # one run, for peak RSS
+    parser.add_argument("--generation_memory_mb", type=float, help=argparse.SUPPRESS)  # of the tms_memory arm
     parser.add_argument("--output", default=None)
     parser.add_argument("--micro_only", action="store_true", help="Snapshot, swap and generation timings only: skip "
                         "the four training runs (for a short GPU session).")
@@ -523,14 +539,17 @@ def main():
 
     with tempfile.TemporaryDirectory() as workdir:
         if args.arm:
-            print(json.dumps(run_arm(args.arm, args.model, workdir)))
+            print(json.dumps(run_arm(args.arm, args.model, workdir, args.generation_memory_mb)))
             return
         results = {"model": name, "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
                    "threads": torch.get_num_threads(), "micro": micro(args.model, workdir)}
-        for arm in () if args.micro_only else ("sft", *ARMS):
+        for arm in () if args.micro_only else ("sft", *ARMS, *(["tms_memory"] if DEVICE == "cuda" else [])):
             progress(f"training arm {arm}")
-            proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--arm", arm],
-                                  stdout=subprocess.PIPE, text=True, check=True)
+            command = [sys.executable, __file__, "--model", args.model, "--arm", arm]
+            if arm == "tms_memory":
+                budget = MEMORY_BUDGET_FRACTION * results["sft"]["train_peak_gpu_mb"]
+                command += ["--generation_memory_mb", str(budget)]
+            proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
             results[arm] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     m = results["micro"]

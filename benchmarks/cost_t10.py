@@ -1,7 +1,7 @@
 """What TMS costs on top of SFT at the paper's defaults (T = 10, alpha = 0.25), on a run long enough to be realistic:
 wall time by phase against a plain `trl.SFTTrainer` run of the same data, steps and seed (issue #22).
 
-    python benchmarks/cost_t10.py                 # every arm, alone on the machine: about an hour on 2 CPU cores
+    python benchmarks/cost_t10.py                 # every arm, alone on the machine: about two hours on 2 CPU cores
     python benchmarks/cost_t10.py --arms sft,tms  # a subset; arms already in results/cost_t10/arms/ are kept
     python benchmarks/cost_t10.py --report_only   # the table from the saved arms
 
@@ -15,7 +15,9 @@ is its own), one after another:
   worked answers and the forgetting meter logged at TRL's default `logging_steps`);
 - `tms_quiet`: the same without the live signals (`log_pld=False`, `log_retention=False`): what the algorithm costs;
 - `tms_all`: as `tms`, sampling every (prompt, snapshot) pair (`trajectories_to_generate="all"`, the paper's procedure);
-- `tms_online`, `tms_online_quiet`: online TMS (`tms_mode="online"`), with and without the live signals.
+- `tms_online`, `tms_online_quiet`: online TMS (`tms_mode="online"`), with and without the live signals;
+- `tms_memory`: `tms` with `generation_memory_mb` at 5% of the `sft` arm's peak memory (generation calls sized to hold
+  their KV cache and logits within it), against the issue's target of a peak within 1.05x SFT's.
 
 Each arm is saved as it finishes (`results/cost_t10/arms/<arm>.json`, with the machine's load average at both ends: a
 1-minute load well above the thread count flags a run that shared the machine) and skipped by a rerun; the report
@@ -52,10 +54,13 @@ ARMS = {  # TMSConfig fields on top of the defaults; `sft` is a plain SFTTrainer
     "tms_all": {"trajectories_to_generate": "all"},
     "tms_online": {"tms_mode": "online"},
     "tms_online_quiet": {"tms_mode": "online", **SIGNALS_OFF},
+    # `tms` with its generation calls' KV cache and logits held to MEMORY_FRACTION of the `sft` arm's peak memory.
+    "tms_memory": {},
 }
+MEMORY_FRACTION = 0.05
 
 
-def run_arm(arm: str, workdir: str) -> dict:
+def run_arm(arm: str, workdir: str, generation_memory_mb: float | None = None) -> dict:
     """Train one arm in this process; wall time by phase, peak resident memory during `train()`."""
     from trl import SFTConfig, SFTTrainer
 
@@ -78,7 +83,8 @@ def run_arm(arm: str, workdir: str) -> dict:
         trainer = SFTTrainer(model=model, args=SFTConfig(out, **common), train_dataset=train,
                              processing_class=tokenizer, peft_config=lora_config(REGIME))
     else:
-        config = TMSConfig(out, max_new_tokens=TASK_TOKENS, generation_batch_size=64, **ARMS[arm], **common)
+        fields = dict(ARMS[arm], **({"generation_memory_mb": generation_memory_mb} if arm == "tms_memory" else {}))
+        config = TMSConfig(out, max_new_tokens=TASK_TOKENS, generation_batch_size=64, **fields, **common)
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set,
                              processing_class=tokenizer, peft_config=lora_config(REGIME))
     signal_seconds = [0.0]
@@ -109,6 +115,9 @@ def run_arm(arm: str, workdir: str) -> dict:
         phases["pld_seconds"] = signal_seconds[0]
         meter = trainer.retention_callback
         phases["retention_seconds"] = meter.seconds if meter is not None else 0.0
+    if arm == "tms_memory":
+        phases["generation_memory_mb"] = generation_memory_mb
+        phases["rows_per_call"] = trainer.generator.sampling.batch_size
     return {
         "arm": arm, "settings": ARMS[arm], "steps": trainer.state.global_step, "wall_seconds": wall, **phases,
         "train_peak_rss_mb": memory.peak / 2**20,
@@ -138,6 +147,8 @@ def report(output_dir: str) -> dict:
             phases += f"; PLD {record['pld_seconds']:.0f} s, meter {record['retention_seconds']:.0f} s"
         sampled = (f"{record['trajectories_sampled']} of {record['trajectories_sampled'] + record['trajectories_not_sampled']}"
                    if "trajectories_sampled" in record else "")
+        if "rows_per_call" in record:
+            sampled += f" ({record['rows_per_call']} rows per call, {record['generation_memory_mb']:.0f} MiB)"
         load = record["load_average"]
         rows.append((arm, f"{record['wall_seconds']:.0f} s", f"{ratio:.2f}", phases, sampled,
                      f"{record['train_peak_rss_mb']:.0f} MB ({ratios[arm]['train_peak_rss_over_sft']:.2f})",
@@ -161,10 +172,11 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="Train the arms named even if they are saved.")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)  # one arm, in a child process
+    parser.add_argument("--generation_memory_mb", type=float, help=argparse.SUPPRESS)  # of `tms_memory`
     args = parser.parse_args(argv)
     if args.arm:
         with tempfile.TemporaryDirectory() as workdir:
-            print(json.dumps(run_arm(args.arm, workdir)))
+            print(json.dumps(run_arm(args.arm, workdir, args.generation_memory_mb)))
         return
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
@@ -175,7 +187,15 @@ def main(argv=None):
             if os.path.isfile(path) and not args.force:
                 continue
             print(f"training {arm} ({time.strftime('%H:%M:%S')})", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--arm", arm], stdout=subprocess.PIPE, text=True, check=True)
+            command = [sys.executable, __file__, "--arm", arm]
+            if arm == "tms_memory":
+                sft_path = os.path.join(args.output_dir, "arms", "sft.json")
+                if not os.path.isfile(sft_path):
+                    parser.error("`tms_memory` takes its budget from the `sft` arm's peak memory: run `sft` first.")
+                with open(sft_path) as f:
+                    budget = MEMORY_FRACTION * json.load(f)["train_peak_rss_mb"]
+                command += ["--generation_memory_mb", str(budget)]
+            proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
             record = json.loads(proc.stdout.strip().splitlines()[-1])
             write_json_atomically(path, record)
             print(f"{arm}: {record['wall_seconds']:.0f} s", flush=True)

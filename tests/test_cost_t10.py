@@ -63,3 +63,14 @@ def test_report_divides_by_the_sft_arm_and_needs_one(tmp_path, capsys):
     table = (tmp_path / "cost_t10.md").read_text()
     assert "| tms | 250 s | 2.50 | harvest 100 s, trajectories 40 s, student 100 s; PLD 5 s, meter 3 s | 150 of 640 |" in table
     assert json.loads((tmp_path / "cost_t10.json").read_text())["ratios"]["sft"]["wall_over_sft"] == 1.0
+
+
+def test_the_memory_arm_sizes_its_generation_calls_by_the_budget(tiny_cost, tmp_path):
+    from trl_tms.trajectories import generation_bytes_per_row
+
+    record = cost_t10.run_arm("tms_memory", str(tmp_path), generation_memory_mb=0.05)
+    assert record["generation_memory_mb"] == 0.05 and record["steps"] == 4
+    assert 2 <= record["rows_per_call"] < 64  # fewer than the other arms' 64 rows, at least one prompt's two snapshots
+    model, _ = study.load_model()
+    # The longest tiny prompt is a dozen tokens: the rows that fit, at 6 new tokens each, bound those used.
+    assert record["rows_per_call"] <= 0.05 * 2**20 // generation_bytes_per_row(model, 1, cost_t10.TASK_TOKENS)

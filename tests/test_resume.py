@@ -116,7 +116,8 @@ def test_resume_mid_trajectories_reuses_the_sampled_groups(tiny_llama, tmp_path,
     crash, calls[:] = False, []
     resumed = make(tiny_llama, tmp_path)
     resumed.train(resume_from_checkpoint=True)
-    assert calls == [12]  # only the group that had not been sampled
+    # Only the group that had not been sampled (then again if a draw landed on one of its empty trajectories).
+    assert set(calls) == {12}
     assert_same_run(resumed, reference)
     assert not os.path.exists(tmp_path / "out" / "_tms_history" / "trajectory-parts")
 

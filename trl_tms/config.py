@@ -52,8 +52,8 @@ class TMSConfig(SFTConfig):
             step 0, the adapter being trained is snapshotted and samples trajectories (of the prompts the draws until
             the next snapshot need, see `trajectories_to_generate`), and the mixture draws from the last
             `num_checkpoints` snapshots taken so far (labels only are not needed at the start: step 0's snapshot is the
-            initial model). Training costs one run instead of two. Needs `dataloader_num_workers=0` (the mixture grows during an epoch) and
-            `trajectory_choice="uniform"`.
+            initial model). Training costs one run instead of two. Needs `dataloader_num_workers=0` (the mixture
+            grows during an epoch) and `trajectory_choice="uniform"`.
         online_snapshot_every (`int`, *optional*):
             Online TMS: optimizer steps between snapshots (taken at steps 0, K, 2K, ...; the mixture keeps the last
             `num_checkpoints`). By default, `num_checkpoints` snapshots at steps `k * steps // num_checkpoints`,
@@ -222,7 +222,8 @@ class TMSConfig(SFTConfig):
             "help": "`two_pass` (the paper: a harvest run takes the snapshots, then a student trains on the mixture) "
             "or `online` (one run: every `online_snapshot_every` steps, from step 0, the adapter being trained is "
             "snapshotted and samples trajectories (those the draws need, see `trajectories_to_generate`); the mixture "
-            "draws from the last `num_checkpoints` snapshots). Online needs `dataloader_num_workers=0` and `trajectory_choice='uniform'`.",
+            "draws from the last `num_checkpoints` snapshots). Online needs `dataloader_num_workers=0` and "
+            "`trajectory_choice='uniform'`.",
             "choices": ["two_pass", "online"],
         },
     )

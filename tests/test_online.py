@@ -154,6 +154,15 @@ def test_sampling_only_the_drawn_pairs_makes_the_same_draws_from_fewer_trajector
     assert set(drawn.trajectories.to_pandas().groupby(["prompt_index", "snapshot_step"]).size()) == {1}
 
 
+def test_online_tms_on_labels_only_samples_nothing(tiny_llama, tmp_path):
+    trainer = make(tiny_llama, tmp_path, label_weight=1.0)
+    trainer.train()
+    assert trainer.state.global_step == 12 and trainer.history.steps == [0, 4, 8]
+    assert len(trainer.trajectories) == 0 and trainer.stats.not_sampled == 24 * 3
+    fractions = [e["tms_label_fraction"] for e in trainer.state.log_history if "tms_label_fraction" in e]
+    assert fractions and all(f == 1.0 for f in fractions)
+
+
 def test_online_drawn_sampling_with_a_verifier_draws_again_where_a_trajectory_is_rejected(tiny_llama, tmp_path):
     rejected = set()
 

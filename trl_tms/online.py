@@ -42,7 +42,7 @@ class OnlineTMS(TrainerCallback):
         self.run = run
         self.planned_steps = run.record["planned_steps"]
         self.steps = online_snapshot_steps(self.planned_steps, args.num_checkpoints, args.online_snapshot_every)
-        self.drawn = args.generates_drawn_trajectories_only and args.label_weight < 1.0
+        self.drawn = args.generates_drawn_trajectories_only  # at label_weight=1.0 no draw needs a pair: none sampled
         self.sampled: set[tuple[int, int]] = set()
         self.trajectories = []  # one dataset per refresh (and round of drawn sampling), in the order sampled
         # A finished run resumed again: its trajectories are on disk (the parts are removed when a run finishes).

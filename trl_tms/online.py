@@ -143,8 +143,7 @@ class OnlineTMS(TrainerCallback):
         trajectories = concatenate_datasets(self.trajectories)
         if self.drawn:
             trajectories = trajectories.sort(["prompt_index", "snapshot_step", "sample_index"])
-            every = len(self.trainer.prompts) * len(self.trainer.history) * self.trainer.args.samples_per_checkpoint
-            self.stats.not_sampled = every - len(trajectories)
+            self.stats.not_sampled = self.trainer.unsampled_count(trajectories)
         if self.run.is_main:
             save_trajectories(trajectories, self.run.trajectories_dir)
         self.run.remove_generation_scratch()

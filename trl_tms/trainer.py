@@ -347,11 +347,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         # 3. Student: from the initial adapter, as many steps as the harvest, on the mixture.
         candidates, self.stats = self.candidate_builder.build(self.trajectories)
         self.stats.seconds = seconds
-        if self.args.generates_drawn_trajectories_only:
-            every = len(self.prompts) * len(self.history) * self.args.samples_per_checkpoint
-            self.stats.not_sampled = every - len(self.trajectories)
         sampled = None
         if self.args.generates_drawn_trajectories_only:
+            self.stats.not_sampled = self.unsampled_count(self.trajectories)
             sampled = set(zip(self.trajectories["prompt_index"], self.trajectories["snapshot_step"]))
         self._use_mixture(candidates, sampled)
         self.stats.add(self._use_rehearsal(rehearsal))
@@ -474,6 +472,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         """Trajectories of the snapshots of `steps` (default: all), or of the `(prompt_index, snapshot_step)` `pairs`
         only, from the trainer's generation backend."""
         return self.generator.generate(steps=steps, pairs=pairs)
+
+    def unsampled_count(self, trajectories) -> int:
+        """How many of the trajectories of every prompt x snapshot x sample are not among `trajectories`."""
+        return len(self.prompts) * len(self.history) * self.args.samples_per_checkpoint - len(trajectories)
 
     def _reset_adapter(self) -> None:
         """The adapter back at its initial weights, with a fresh optimizer and schedule."""

@@ -28,7 +28,9 @@ optimizer steps, LoRA settings and seed:
 - `tms` (the paper's defaults: T = 10, alpha = 0.25), `tms_online`, `tms_verified` (issue #17's verifier filter, a
   student on the `tms` run's history);
 - `tms_rehearsal_10`, `tms_rehearsal_25` (issue #23, beyond the paper): TMS whose draws are, with probability 0.1 or
-  0.25, the initial model's own answer to one of 64 everyday prompts (students on the `tms` run's history).
+  0.25, the initial model's own answer to one of 64 everyday prompts (students on the `tms` run's history);
+  `sft_rehearsal_10`: plain SFT with those answers added as a tenth of its rows (`trl_tms.mix_in_rehearsal`), at SFT's
+  number of optimizer steps; its wall includes generating them.
 
 Every run is evaluated at `checkpoints` points (25/50/75/100% of its steps) on target accuracy, WikiText NLL, chat
 KL(base || model) and chat NLL over the base's answers to `evaluation.GENERAL_PROMPTS`, and on the candidate
@@ -77,6 +79,9 @@ ARMS = {
     "sft": ("sft", {}),
     "sft_low_lr": ("sft", {"lr_scale": 0.2}),
     "sft_dft": ("sft", {"loss_type": "dft"}),
+    # Self-rehearsal for plain SFT (issue #23): the base model's greedy answers to the 64 built-in everyday prompts
+    # added as a tenth of the rows (`mix_in_rehearsal`), at SFT's number of optimizer steps.
+    "sft_rehearsal_10": ("sft", {"rehearsal_weight": 0.1}),
     "self_sft": ("tms", dict(tms_mode="online", label_weight=0.0, num_checkpoints=1, snapshot_every_epoch=True)),
     "self_sft_verified": ("tms", dict(tms_mode="online", label_weight=0.0, num_checkpoints=1,
                                       snapshot_every_epoch=True, trajectory_filter="verifier")),
@@ -288,9 +293,21 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
     model, tokenizer = load_model()
     out = os.path.join(workdir, arm)
     online = settings.get("tms_mode") == "online"
+    rehearsal_seconds = 0.0
     if kind == "sft":
+        rehearsal_weight, data = settings.pop("rehearsal_weight", 0.0), train
+        if rehearsal_weight:
+            from trl_tms import mix_in_rehearsal, self_rehearsal_dataset
+
+            begun = time.perf_counter()
+            answers = self_rehearsal_dataset(model, tokenizer, max_new_tokens=TASK_TOKENS)
+            data = mix_in_rehearsal(train, answers, rehearsal_weight, seed=seed)
+            rehearsal_seconds = time.perf_counter() - begun
+            # SFT's optimizer steps, a `rehearsal_weight` share of their rows rehearsal answers (TMS's beta does the same).
+            common.pop("num_train_epochs")
+            settings["max_steps"] = steps
         trainer = SFTTrainer(model=model, args=SFTConfig(out, max_length=TASK_TOKENS + 160, **settings, **common),
-                             train_dataset=train, processing_class=tokenizer, peft_config=lora_config(regime))
+                             train_dataset=data, processing_class=tokenizer, peft_config=lora_config(regime))
         phases = {arm: None}
     elif kind == "grpo":
         def reward(completions, answer, **kwargs):
@@ -340,7 +357,9 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
     total = time.perf_counter() - started
     walls = {}
     if kind != "tms":
-        walls[arm] = {"train": output.metrics["train_runtime"], "total": total}
+        walls[arm] = {"train": output.metrics["train_runtime"], "total": total + rehearsal_seconds}
+        if rehearsal_seconds:
+            walls[arm]["rehearsal_answers"] = rehearsal_seconds
     elif online:
         walls[arm] = {"online": output.metrics["train_runtime"], "trajectories": trainer.stats.seconds, "total": total}
     else:
@@ -625,7 +644,7 @@ def summary(output_dir: str) -> dict:
         # here, also logs PLD on the held-out labels at each logging step; it is the reference only where no plain run
         # exists. Runs that had the machine to themselves first (the wall barely depends on the seed).
         plain = [r for arm, records in by_arm.items() if arm != "sft" and ARMS.get(arm, ("",))[0] == "sft"
-                 for r in records]
+                 and "rehearsal_weight" not in ARMS[arm][1] for r in records]
         reference = plain or by_arm.get("sft", [])
         reference_clean = [r["wall_seconds"]["train"] for r in reference if ran_alone(r)]
         sft_wall = statistics.mean(reference_clean or [r["wall_seconds"]["train"] for r in reference] or [float("nan")])

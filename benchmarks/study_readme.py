@@ -35,6 +35,7 @@ LABELS = {
     "sft_early": "SFT stopped at half (the matched-accuracy control)",
     "sft_low_lr": "SFT at a fifth of the learning rate",
     "sft_dft": "SFT with TRL's DFT loss",
+    "sft_rehearsal_10": "SFT + self-rehearsal (a tenth of the rows the base model's own answers)",
     "tms": "**TMS, paper defaults** (T = 10, alpha = 0.25)",
     "tms_drawn": "TMS, paper defaults, sampling only the drawn pairs (the default since 2026-12-04)",
     "tms_online": "online TMS, paper defaults",

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from test_mixture import synthetic_candidates
 from transformers import AutoModelForCausalLM
 
-from trl_tms import METER_PROMPTS, TMSConfig, TMSTrainer
+from trl_tms import METER_PROMPTS, TMSConfig, TMSTrainer, mix_in_rehearsal, self_rehearsal_dataset
 from trl_tms.evaluation import GENERAL_PROMPTS
 from trl_tms.mixture import IS_LABEL, IS_REHEARSAL, LABEL, MixtureCollator, MixtureDataset
 from trl_tms.rehearsal import REHEARSAL, REHEARSAL_PROMPTS, rehearsal_prompts
@@ -289,3 +289,106 @@ def test_online_tms_rehearses_the_base_models_answers(tiny_llama, tmp_path):
     tokenizer = load_tokenizer(tiny_llama)
     assert [c[0]["content"] for c in answers["completion"]] == [greedy(base, tokenizer, p, 5) for p in PROMPTS]
     assert any("tms_rehearsal_fraction" in e for e in online.state.log_history)
+
+
+# Self-rehearsal for a plain SFTTrainer
+
+
+def test_self_rehearsal_dataset_holds_the_models_greedy_answers_and_leaves_out_unfinished_ones(tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    answers = [greedy_ids(model, tokenizer, p, 6, stops=[tokenizer.eos_token_id]) for p in PROMPTS]
+    kept = self_rehearsal_dataset(model, tokenizer, prompts=PROMPTS, max_new_tokens=6, keep_unfinished=True)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in answers]
+    assert kept["prompt"] == [[{"role": "user", "content": p}] for p, t in zip(PROMPTS, texts) if t.strip()]
+    assert [c[0]["content"] for c in kept["completion"]] == [t for t in texts if t.strip()]
+    assert all(c[0]["role"] == "assistant" for c in kept["completion"])
+    # Name a later token of the first answer an end token, one that some unfinished answer does not hold: the first
+    # answer now ends there, and an answer still cut at max_new_tokens is left out by default.
+    stop = next(t for t in answers[0][0][1:] if any(not done and t not in ids for ids, done in answers))
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    answers = [greedy_ids(model, tokenizer, p, 6, stops=[tokenizer.eos_token_id, stop]) for p in PROMPTS]
+    assert answers[0][1] and not all(finished for _, finished in answers)
+    expected = [tokenizer.decode(ids, skip_special_tokens=True) for ids, finished in answers if finished]
+    only_finished = self_rehearsal_dataset(model, tokenizer, prompts=PROMPTS, max_new_tokens=6)
+    assert [c[0]["content"] for c in only_finished["completion"]] == [t for t in expected if t.strip()]
+
+
+def greedy_ids(model, tokenizer, prompt: str, max_new_tokens: int, stops: list[int]) -> tuple[list[int], bool]:
+    """The greedy answer's tokens before its first stop token (or pad), and whether it reached one."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+    new = out[0, ids.shape[1]:].tolist()
+    ends = [k for k, t in enumerate(new) if t in (*stops, tokenizer.pad_token_id)]
+    return (new[: ends[0]], True) if ends else (new, False)
+
+
+def test_self_rehearsal_dataset_text_prompts_stay_text(tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    kept = self_rehearsal_dataset(model, tokenizer, prompts=PROMPTS[:2], max_new_tokens=4, conversational=False,
+                                  keep_unfinished=True)
+    assert all(isinstance(p, str) for p in kept["prompt"]) and all(isinstance(c, str) for c in kept["completion"])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        self_rehearsal_dataset(model, tokenizer, max_new_tokens=0)
+
+
+def rehearsal_answers(n: int, conversational: bool = True) -> Dataset:
+    if conversational:
+        return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"r{i}"}] for i in range(n)],
+                                  "completion": [[{"role": "assistant", "content": f"a{i}"}] for i in range(n)]})
+    return Dataset.from_dict({"prompt": [f"r{i}" for i in range(n)], "completion": [f"a{i}" for i in range(n)]})
+
+
+@pytest.mark.parametrize("fmt", ["conversational", "standard", "messages"])
+def test_mix_in_rehearsal_adds_the_share_asked_for_and_keeps_every_training_row(fmt):
+    train = make_examples(90, seed=0, fmt=fmt)
+    rehearsal = rehearsal_answers(7, conversational=fmt != "standard")
+    mixed = mix_in_rehearsal(train, rehearsal, weight=0.1)
+    assert len(mixed) == 100  # 90 / (1 - 0.1)
+    key = "messages" if fmt == "messages" else "prompt"
+    as_text = (lambda rows: [str(r) for r in rows])
+    train_rows, mixed_rows = as_text(train[key]), as_text(mixed[key])
+    assert sorted(r for r in mixed_rows if r in set(train_rows)) == sorted(train_rows)  # every training row, once
+    added = [r for r in mixed_rows if r not in set(train_rows)]
+    assert len(added) == 10
+    # The 10 rehearsal rows cycle through the 7 answers: each used once or twice.
+    counts = {r: added.count(r) for r in set(added)}
+    assert len(counts) == 7 and set(counts.values()) <= {1, 2}
+    if fmt == "messages":  # prompt and answer joined into one conversation
+        assert mixed.column_names == ["messages"] and {"role": "assistant", "content": "a0"} in [
+            m for row in mixed["messages"] for m in row]
+    assert mixed_rows != train_rows + added  # shuffled
+    assert mix_in_rehearsal(train, rehearsal, weight=0.1)[key] == mixed[key]  # seeded
+    assert len(mix_in_rehearsal(train, rehearsal, weight=0.0)) == 90
+
+
+def test_mix_in_rehearsal_bad_input_gets_a_clear_error():
+    train = make_examples(10, fmt="conversational")
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        mix_in_rehearsal(train, rehearsal_answers(3), weight=1.0)
+    with pytest.raises(ValueError, match="conversational=False"):
+        mix_in_rehearsal(make_examples(10, fmt="standard"), rehearsal_answers(3), weight=0.2)
+    with pytest.raises(ValueError, match="non-empty"):
+        mix_in_rehearsal(train, rehearsal_answers(0), weight=0.2)
+    with pytest.raises(ValueError, match="to_prompt_completion"):
+        mix_in_rehearsal(Dataset.from_dict({"text": ["a b"]}), rehearsal_answers(3), weight=0.2)
+
+
+def test_sft_trainer_trains_on_the_mixed_dataset(tiny_llama, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = load_tokenizer(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    rehearsal = self_rehearsal_dataset(model, tokenizer, prompts=PROMPTS, max_new_tokens=5, keep_unfinished=True)
+    mixed = mix_in_rehearsal(make_examples(12), rehearsal, weight=0.25)
+    trainer = SFTTrainer(model=model, args=SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                                     **QUIET_CPU),
+                         train_dataset=mixed, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trainer.train()
+    assert len(trainer.train_dataset) == 16 and trainer.state.global_step == 2

@@ -91,7 +91,7 @@ def tiny_study(monkeypatch, tiny_llama):
     return train, pld, regime
 
 
-@pytest.mark.parametrize("arm", ["sft_dft", "grpo", "sdft", "self_sft_verified"])
+@pytest.mark.parametrize("arm", ["sft_dft", "sft_rehearsal_10", "grpo", "sdft", "self_sft_verified"])
 def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path, arm):
     train, pld, regime = tiny_study
     runs, model, tokenizer = study.train_run(arm, regime, 0, train, pld, str(tmp_path), str(tmp_path / "history"),
@@ -102,6 +102,10 @@ def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(runs[arm]["weights"][4]) == trainable
     assert runs[arm]["wall_seconds"]["total"] > 0
+    if arm == "sft_rehearsal_10":  # SFT's steps, a tenth of the rows the base model's own answers
+        walls = runs[arm]["wall_seconds"]
+        assert 0 < walls["rehearsal_answers"] < walls["total"]
+        assert sorted(runs[arm]["weights"]) == [2, 4] and max(runs[arm]["weights"]) == study.planned_steps(regime, 16)
 
 
 def test_wall_ratios_are_to_a_plain_sft_run_that_had_the_machine_to_itself(tmp_path):
@@ -122,6 +126,8 @@ def test_wall_ratios_are_to_a_plain_sft_run_that_had_the_machine_to_itself(tmp_p
     assert arms["sft"]["wall_ratio_to_sft"] == pytest.approx(1.0) and not arms["sft"]["wall_shared"]
     write_arm(tmp_path, "sft_dft", 0, last, {"train": 50.0, "total": 50.0})  # no load record: counted as alone
     write_arm(tmp_path, "sft_low_lr", 0, last, {"train": 500.0, "total": 500.0}, shared)
+    # SFT with self-rehearsal also generates its answers: not a reference.
+    write_arm(tmp_path, "sft_rehearsal_10", 0, last, {"train": 60.0, "rehearsal_answers": 10.0, "total": 70.0})
     result = study.summary(str(tmp_path))
     arms = result["regimes"]["zero"]["arms"]
     # A plain SFTTrainer run is the reference (the harvest also logs PLD); the shared one is left out: 50 s.

@@ -6,7 +6,7 @@ from .forgetting import METER_PROMPTS, RetentionCallback
 from .history import AdapterHistory, SnapshotCallback
 from .mixture import MixtureDataset, TrajectoryStats
 from .pld import PLDCallback, policy_label_divergence
-from .rehearsal import REHEARSAL_PROMPTS
+from .rehearsal import REHEARSAL_PROMPTS, mix_in_rehearsal, self_rehearsal_dataset
 from .trainer import TMSTrainer
 from .trajectories import SamplingParams, generate_trajectories
 from .vllm_generation import generate_trajectories_vllm, is_vllm_available
@@ -28,6 +28,8 @@ __all__ = [
     "generate_trajectories",
     "generate_trajectories_vllm",
     "is_vllm_available",
+    "mix_in_rehearsal",
     "policy_label_divergence",
+    "self_rehearsal_dataset",
     "to_prompt_completion",
 ]

@@ -163,6 +163,14 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
                                          return_dict=True)["input_ids"]
 
 
+def end_tokens(model, tokenizer) -> set[int]:
+    """The tokens that end a greedy answer: every end token the tokenizer or the generation config names, and pad."""
+    config_eos = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} | set(config_eos if isinstance(config_eos, list) else [config_eos])
+    eos.discard(None)
+    return eos
+
+
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
                    summarize_logits: Callable[[torch.Tensor, list[int]], Any] | None = None):
@@ -174,10 +182,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     distributions over its own answers without a second forward pass.
     """
     model.eval()
-    # The answer ends at the first end token the tokenizer or the generation config names (the pad token included).
-    config_eos = model.generation_config.eos_token_id
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} | set(config_eos if isinstance(config_eos, list) else [config_eos])
-    eos.discard(None)
+    eos = end_tokens(model, tokenizer)
     kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=sorted(eos),
                   # Whole weights here (see `sharding.whole_model_for_generation`): no process waits.

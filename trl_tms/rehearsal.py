@@ -12,9 +12,12 @@ The answers are generated once, by the same generation backend as the trajectori
 
 from __future__ import annotations
 
-from datasets import Dataset
+import random
 
-from .data import as_prompt_rows, completion_text
+from datasets import Dataset, concatenate_datasets
+
+from .data import as_completion, as_prompt_rows, completion_text, prompt_token_ids
+from .evaluation import end_tokens, greedy_answers
 from .history import AdapterHistory
 from .trajectories import SamplingParams
 
@@ -147,3 +150,136 @@ def rehearsal_candidates(answers: Dataset) -> tuple[Dataset, int]:
     columns = {name: [values[i] for i in keep] for name, values in columns.items()}
     candidates = Dataset.from_dict({**columns, "snapshot_step": [REHEARSAL] * len(keep)})
     return candidates, len(answers) - len(keep)
+
+
+def self_rehearsal_dataset(
+    model,
+    tokenizer,
+    prompts=None,
+    num_prompts: int | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+    conversational: bool = True,
+    keep_unfinished: bool = False,
+) -> Dataset:
+    """
+    Self-rehearsal for a plain [`~trl.SFTTrainer`]: `model`'s own greedy answers to everyday prompts, as a
+    prompt-completion dataset to mix into its training data with [`mix_in_rehearsal`]. Call it before training, on the
+    model about to be fine-tuned (the base model, or a PEFT model whose adapter is still at its initial weights): its
+    answers are what the policy already says, so training on them anchors general behaviour at little cost to the task.
+    [`TMSTrainer`] does the same within its mixture with `rehearsal_weight`.
+
+    Example:
+
+    ```python
+    >>> rehearsal = self_rehearsal_dataset(model, tokenizer)
+    >>> trainer = SFTTrainer(model=model, train_dataset=mix_in_rehearsal(train, rehearsal, weight=0.1), ...)
+    ```
+
+    Args:
+        model ([`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The model about to be fine-tuned, at its initial weights.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            Its tokenizer, with a pad token (and a chat template for conversational prompts).
+        prompts (`list[str]`, `list[list[dict]]` or [`~datasets.Dataset`], *optional*):
+            Texts, conversations, or a dataset with a `prompt` column. Defaults to `REHEARSAL_PROMPTS`.
+        num_prompts (`int`, *optional*):
+            Use the first this many (default: all).
+        max_new_tokens (`int`, *optional*, defaults to `128`):
+            Longest answer, in tokens.
+        batch_size (`int`, *optional*, defaults to `32`):
+            Prompts per `generate` call.
+        conversational (`bool`, *optional*, defaults to `True`):
+            Whether the training set is conversational: text prompts then become a user message, answers an assistant
+            message. With `False`, text prompts and answers stay text.
+        keep_unfinished (`bool`, *optional*, defaults to `False`):
+            Keep answers cut at `max_new_tokens`. Left out by default: SFT appends an end of turn to every completion,
+            and would teach the model to stop mid-answer.
+
+    Returns:
+        [`~datasets.Dataset`]: Columns `prompt` and `completion`, one row per kept answer, in the prompts' order.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` before generating rehearsal answers.")
+    rows = rehearsal_prompts(prompts, num_prompts, conversational)
+    ids = [prompt_token_ids(tokenizer, row) for row in rows]
+    answers = greedy_answers(model, tokenizer, ids, max_new_tokens, batch_size)
+    eos = end_tokens(model, tokenizer)
+    kept_prompts, completions = [], []
+    for row, answer in zip(rows, answers):
+        finished = answer[-1] in eos  # an answer ends at its first end token, which it keeps
+        if not (finished or keep_unfinished):
+            continue
+        text = tokenizer.decode(answer[:-1] if finished else answer, skip_special_tokens=True)
+        if not text.strip():
+            continue
+        kept_prompts.append(row["prompt"])
+        completions.append(as_completion(text, not isinstance(row["prompt"], str)))
+    if not completions:
+        raise ValueError(
+            f"None of the {len(rows)} rehearsal answers ended within `max_new_tokens={max_new_tokens}` with any text: "
+            "raise `max_new_tokens`, or pass `keep_unfinished=True`."
+        )
+    return Dataset.from_dict({"prompt": kept_prompts, "completion": completions})
+
+
+def mix_in_rehearsal(train_dataset: Dataset, rehearsal: Dataset, weight: float, seed: int = 0) -> Dataset:
+    """
+    `train_dataset` with rehearsal rows added so that a fraction `weight` of the result are rehearsal answers, shuffled.
+    Every training row is kept; the rehearsal rows cycle through `rehearsal` in a seeded random order (each answer used
+    as evenly as the count allows). The result has `len(train_dataset) / (1 - weight)` rows (rounded), so an epoch
+    takes that many more optimizer steps; to compare with a run without rehearsal at the same steps, set `max_steps`.
+
+    Args:
+        train_dataset ([`~datasets.Dataset`]):
+            Prompt-completion (`prompt`, `completion`) or conversational language-modeling (`messages`) data. Only
+            those columns are kept.
+        rehearsal ([`~datasets.Dataset`]):
+            From [`self_rehearsal_dataset`] (`prompt`, `completion`), in the same form (text or conversational).
+        weight (`float`):
+            The rehearsal share of the result, in [0, 1).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the rehearsal rows' order and of the shuffle.
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"`weight` is the rehearsal share of the training rows, in [0, 1); got {weight}.")
+    if not {"prompt", "completion"} <= set(rehearsal.column_names) or len(rehearsal) == 0:
+        raise ValueError(
+            "`rehearsal` must be a non-empty dataset with `prompt` and `completion` columns, as "
+            f"`self_rehearsal_dataset` returns; got {len(rehearsal)} rows with columns {rehearsal.column_names}."
+        )
+    columns = set(train_dataset.column_names)
+    if {"prompt", "completion"} <= columns:
+        keep = ["prompt", "completion"]
+        rows = rehearsal.select_columns(keep)
+        if isinstance(train_dataset[0]["prompt"], str) != isinstance(rows[0]["prompt"], str):
+            form = "text" if isinstance(train_dataset[0]["prompt"], str) else "conversational"
+            raise ValueError(
+                f"The training set is {form} and the rehearsal answers are not: generate them with "
+                f"`self_rehearsal_dataset(..., conversational={form == 'conversational'})`."
+            )
+    elif "messages" in columns:
+        keep = ["messages"]
+        if isinstance(rehearsal[0]["prompt"], str):
+            raise ValueError("The training set is conversational (`messages`): generate the rehearsal answers with "
+                             "`self_rehearsal_dataset(..., conversational=True)`.")
+        rows = Dataset.from_dict({"messages": [p + c for p, c in zip(rehearsal["prompt"], rehearsal["completion"])]})
+    else:
+        raise ValueError(
+            "`mix_in_rehearsal` takes prompt-completion (`prompt`, `completion`) or `messages` training data; got "
+            f"columns {train_dataset.column_names}. `trl_tms.to_prompt_completion` converts other forms."
+        )
+    train = train_dataset.select_columns(keep)
+    count = round(weight * len(train) / (1.0 - weight))
+    if count == 0:
+        return train
+    rng = random.Random(seed)
+    order = []
+    while len(order) < count:
+        cycle = list(range(len(rows)))
+        rng.shuffle(cycle)
+        order += cycle
+    added = rows.select(order[:count]).cast(train.features)
+    return concatenate_datasets([train, added]).shuffle(seed=seed)

@@ -43,6 +43,7 @@ LABELS = {
     "self_sft": "self-training, unfiltered",
     "self_sft_verified": "self-training + verifier (needs a verifier)",
     "grpo": "GRPO, verifier as reward (lr 1e-3)",
+    "sdft": "TRL's SDFT (self-distillation from the base shown the worked answer)",
 }
 # Arms whose own run met a slower machine than the arms they are compared with: their wall is read against their
 # own harvest (the same work as `tms`'s) and scaled by `tms`'s harvest / SFT.
@@ -73,7 +74,7 @@ def harvest_normalised_wall(regime: str, arm: str, sft_seconds: float) -> tuple[
 def headline(summary: dict) -> str:
     lines = ["<!-- study-headline: generated from benchmarks/results/study/summary.json by "
              "benchmarks/study_readme.py -->", ""]
-    notes = []
+    notes, shared = [], False
     for regime, title in REGIME_TITLES.items():
         if regime not in summary["regimes"]:
             continue
@@ -104,11 +105,17 @@ def headline(summary: dict) -> str:
                 wall = f"{estimate:.1f}x" + "\\*" * len(notes)
             else:
                 wall = f"{ratio:.1f}x"
+                if s.get("wall_shared"):
+                    wall += " (shared)"
+                    shared = True
             lines.append(f"| {label} | {seeds} | {s['target_acc']:.2f} | {s['chat_kl']['value']:.2f} | "
                          f"{s['wiki_nll']['delta']:+.2f} | {follow} | {wall} |")
         lines.append("")
     for note in notes:
         lines += [note, ""]
+    if shared:
+        lines += ["(shared): no run of the arm had the machine to itself (the load average rose above its 2 cores), so "
+                  "its wall may read high.", ""]
     lines.append(END)
     return "\n".join(lines)
 

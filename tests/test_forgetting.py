@@ -1,11 +1,13 @@
 """The forgetting meter (RetentionCallback): its value, where it is logged, its alarm, its reference, bad input."""
 
+import os
+
 import pytest
 import torch
 from conftest import QUIET_CPU, WeightsAtStep, load_tokenizer, make_examples
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
@@ -239,6 +241,40 @@ def test_full_fine_tuning_measures_from_step_0_weights_and_refuses_a_resume(tiny
     late = RetentionCallback(trainer, prompts=PROMPTS)
     with pytest.raises(ValueError, match="resumes at step 8.*LoRA adapter"):
         late.start(trainer.state)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_full_fine_tuning_keeps_the_reference_in_its_checkpoints_and_resumes_with_it(tiny_llama, tmp_path):
+    settings = dict(peft=False, learning_rate=1e-2, max_steps=4, logging_steps=1, save_strategy="steps", save_steps=2)
+
+    def run(folder: str, stop_at: int | None = None, resume: bool = False, **meter):
+        trainer = sft_trainer(tiny_llama, tmp_path, output_dir=str(tmp_path / folder), **settings)
+        trainer.add_callback(RetentionCallback(trainer, prompts=PROMPTS, max_new_tokens=6, **meter))
+        if stop_at is not None:
+            trainer.add_callback(StopAt(stop_at))
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        return {e["step"]: e["retention_kl"] for e in meter_entries(trainer.state.log_history)}
+
+    whole = run("whole")
+    assert whole[4] > 1e-3
+    assert os.path.isfile(tmp_path / "whole" / "checkpoint-2" / "retention_reference-0.safetensors")
+    first = run("split", stop_at=2)
+    assert first == {step: whole[step] for step in (0, 1, 2)}
+    resumed = run("split", resume=True)
+    # The resumed run measures against the initial weights' reference, not against the weights it resumes from.
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-4)
+    # A checkpoint's reference is not reused by a meter with other settings.
+    with pytest.raises(ValueError, match="other prompts or settings"):
+        run("split", resume=True, top_k=8)
 
 
 def test_built_in_prompts_are_64_and_disjoint_from_the_benchmarks_chat_probe():

@@ -17,12 +17,17 @@ Both are 0 / the initial NLL at step 0 and rise as the model's everyday behaviou
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel
+from safetensors import safe_open
+from safetensors.torch import save_file
 from peft.tuners.lora import LoraLayer
 from transformers.utils import logging
 
@@ -126,6 +131,40 @@ class MeterReference:
     @property
     def num_tokens(self) -> int:
         return sum(map(len, self.answers))
+
+    def save(self, path: str, fingerprint: str) -> None:
+        """Write the reference to a safetensors file at `path` (atomically), tagged with `fingerprint`."""
+        tensors = {}
+        for i, (prompt, answer) in enumerate(zip(self.prompts, self.answers)):
+            tensors[f"prompt.{i}"] = torch.tensor(prompt, dtype=torch.int64)
+            tensors[f"answer.{i}"] = torch.tensor(answer, dtype=torch.int64)
+            tensors[f"top_logprobs.{i}"] = self.top_logprobs[i].contiguous()
+            tensors[f"top_ids.{i}"] = self.top_ids[i].contiguous()
+        metadata = {"count": str(len(self.prompts)), "answer_nll": repr(self.answer_nll), "prefix": str(self.prefix),
+                    "fingerprint": fingerprint}
+        save_file(tensors, f"{path}.tmp", metadata=metadata)
+        os.replace(f"{path}.tmp", path)
+
+    @classmethod
+    def load(cls, path: str, fingerprint: str) -> MeterReference:
+        """The reference saved at `path`; an error if it was taken with other prompts or settings than `fingerprint`."""
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+            if metadata.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"The forgetting meter's reference in {path} was taken with other prompts or settings than this "
+                    "run's: resume with the meter settings of the run that saved the checkpoint."
+                )
+            count = int(metadata["count"])
+            get = f.get_tensor
+            return cls(
+                prompts=[get(f"prompt.{i}").tolist() for i in range(count)],
+                answers=[get(f"answer.{i}").tolist() for i in range(count)],
+                top_logprobs=[get(f"top_logprobs.{i}") for i in range(count)],
+                top_ids=[get(f"top_ids.{i}") for i in range(count)],
+                answer_nll=float(metadata["answer_nll"]),
+                prefix=int(metadata["prefix"]),
+            )
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
@@ -291,8 +330,9 @@ class RetentionCallback(SignalCallback):
     The initial model's answers and its top-`top_k` next-token log-probabilities over them are computed once, when the
     first training run starts (a few hundred kB; no model copy): for a PEFT model with the adapter disabled (so a
     resumed run, or [`TMSTrainer`]'s student, which restarts from the initial adapter, is compared with the same
-    reference), for any other model from its weights at step 0. Under several processes, each process measures its
-    share of the prompts and the sums are reduced.
+    reference), for any other model from its weights at step 0, and then kept in every checkpoint, so that a resumed
+    run measures against it. Under several processes, each process measures its share of the prompts and the sums are
+    reduced.
 
     Example:
 
@@ -365,6 +405,10 @@ class RetentionCallback(SignalCallback):
             [tokenizer(completion_text(row["completion"]), add_special_tokens=False)["input_ids"] for row in share]
             if given else None
         )
+        # What the reference depends on: a checkpoint's reference is reused only by a run that would take the same one.
+        self.fingerprint = hashlib.sha256(json.dumps(
+            [self._prompts, self._answers, max_new_tokens, top_k, state.process_index, state.num_processes]
+        ).encode()).hexdigest()[:16]
         self.reference: MeterReference | None = None
         self.reference_seconds = 0.0
         self.seconds = 0.0  # everything the meter took: reference and measurements
@@ -378,17 +422,28 @@ class RetentionCallback(SignalCallback):
             prompt = [{"role": "user", "content": prompt}]
         return {"prompt": prompt}
 
+    def reference_path(self, checkpoint: str) -> str:
+        """Where a checkpoint keeps this process's reference (full fine-tuning only)."""
+        return os.path.join(checkpoint, f"retention_reference-{self.trainer.accelerator.process_index}.safetensors")
+
     def start(self, state) -> None:
         if self.reference is not None:
             return
         model = self.trainer.model
         disable_adapter = model.disable_adapter if isinstance(model, PeftModel) else None
         if disable_adapter is None and state.global_step > 0:
-            raise ValueError(
-                f"RetentionCallback takes the reference of a model without a PEFT adapter from its weights at step 0, "
-                f"but this run resumes at step {state.global_step}. Train with a LoRA adapter (`peft_config=`), whose "
-                "reference is the base model with the adapter disabled, or start the run with the callback from step 0."
-            )
+            # The initial weights are gone: the reference comes from the checkpoint this run resumes from.
+            checkpoint = os.path.join(self.trainer.args.output_dir, f"checkpoint-{state.global_step}")
+            if not os.path.isfile(self.reference_path(checkpoint)):
+                raise ValueError(
+                    "RetentionCallback takes the reference of a model without a PEFT adapter from its weights at step "
+                    f"0, but this run resumes at step {state.global_step} and {checkpoint} holds no meter reference "
+                    "(it is saved with each checkpoint of a run that had the meter on from step 0). Train with a LoRA "
+                    "adapter (`peft_config=`), whose reference is the base model with the adapter disabled, or start "
+                    "the run with the callback from step 0."
+                )
+            self.reference = MeterReference.load(self.reference_path(checkpoint), self.fingerprint)
+            return
         started = time.perf_counter()
         logger.info(f"Forgetting meter: the initial model answers {self.num_prompts} everyday prompts.")
         was_training = model.training
@@ -402,6 +457,14 @@ class RetentionCallback(SignalCallback):
         self._model_is_reference = disable_adapter is None
         self.reference_seconds = time.perf_counter() - started
         self.seconds += self.reference_seconds
+
+    def on_save(self, args, state, control, **kwargs):
+        # A PEFT model's reference is the base with the adapter disabled, there on resume; a fully fine-tuned
+        # model's initial weights are not, so its checkpoints keep the reference (a few hundred kB).
+        if self.reference is not None and not isinstance(self.trainer.model, PeftModel):
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(checkpoint):
+                self.reference.save(self.reference_path(checkpoint), self.fingerprint)
 
     def _whole_weights(self):
         """

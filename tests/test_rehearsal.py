@@ -377,6 +377,8 @@ def test_mix_in_rehearsal_bad_input_gets_a_clear_error():
         mix_in_rehearsal(train, rehearsal_answers(0), weight=0.2)
     with pytest.raises(ValueError, match="to_prompt_completion"):
         mix_in_rehearsal(Dataset.from_dict({"text": ["a b"]}), rehearsal_answers(3), weight=0.2)
+    with pytest.raises(ValueError, match="is empty"):
+        mix_in_rehearsal(train.select([]), rehearsal_answers(3), weight=0.2)
 
 
 def test_sft_trainer_trains_on_the_mixed_dataset(tiny_llama, tmp_path):

@@ -250,6 +250,8 @@ def mix_in_rehearsal(train_dataset: Dataset, rehearsal: Dataset, weight: float, 
             "`rehearsal` must be a non-empty dataset with `prompt` and `completion` columns, as "
             f"`self_rehearsal_dataset` returns; got {len(rehearsal)} rows with columns {rehearsal.column_names}."
         )
+    if len(train_dataset) == 0:
+        raise ValueError("`train_dataset` is empty: there is nothing to mix rehearsal answers into.")
     columns = set(train_dataset.column_names)
     if {"prompt", "completion"} <= columns:
         keep = ["prompt", "completion"]

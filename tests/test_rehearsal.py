@@ -330,8 +330,10 @@ def greedy_ids(model, tokenizer, prompt: str, max_new_tokens: int, stops: list[i
 def test_self_rehearsal_dataset_text_prompts_stay_text(tiny_llama):
     tokenizer = load_tokenizer(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model.train()
     kept = self_rehearsal_dataset(model, tokenizer, prompts=PROMPTS[:2], max_new_tokens=4, conversational=False,
                                   keep_unfinished=True)
+    assert model.training  # left in the mode it was given in
     assert all(isinstance(p, str) for p in kept["prompt"]) and all(isinstance(c, str) for c in kept["completion"])
     with pytest.raises(ValueError, match="max_new_tokens"):
         self_rehearsal_dataset(model, tokenizer, max_new_tokens=0)

@@ -205,7 +205,11 @@ def self_rehearsal_dataset(
         raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` before generating rehearsal answers.")
     rows = rehearsal_prompts(prompts, num_prompts, conversational)
     ids = [prompt_token_ids(tokenizer, row) for row in rows]
-    answers = greedy_answers(model, tokenizer, ids, max_new_tokens, batch_size)
+    was_training = model.training
+    try:
+        answers = greedy_answers(model, tokenizer, ids, max_new_tokens, batch_size)
+    finally:
+        model.train(was_training)
     eos = end_tokens(model, tokenizer)
     kept_prompts, completions = [], []
     for row, answer in zip(rows, answers):

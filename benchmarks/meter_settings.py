@@ -33,7 +33,7 @@ from forgetting_meter import spearman  # noqa: E402
 from trl_tms.atomic import write_json_atomically  # noqa: E402
 
 OUTPUT = os.path.join(HERE, "results", "forgetting_meter")
-SIZES = [(16, 32), (8, 32), (8, 24), (6, 24), (4, 32), (4, 24)]
+SIZES = [(16, 32), (8, 32), (8, 24), (6, 24), (4, 32), (4, 24), (8, 16), (6, 16), (4, 16)]
 
 
 def main() -> None:

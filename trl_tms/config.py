@@ -205,7 +205,7 @@ class TMSConfig(SFTConfig):
         retention_num_prompts (`int`, *optional*, defaults to `6`):
             How many of the prompts (the first ones) the meter uses. Each measurement costs one forward pass over them
             and their answers.
-        retention_max_new_tokens (`int`, *optional*, defaults to `24`):
+        retention_max_new_tokens (`int`, *optional*, defaults to `16`):
             Longest answer of the initial model to a meter prompt, in tokens.
         retention_kl_threshold (`float`, *optional*):
             Forgetting alarm on the meter: warn (and log `retention_alarm`) when `retention_kl` passes this many nats
@@ -489,7 +489,7 @@ class TMSConfig(SFTConfig):
         },
     )
     retention_max_new_tokens: int = field(
-        default=24,
+        default=16,
         metadata={"help": "Longest answer of the initial model to a meter prompt, in tokens."},
     )
     retention_kl_threshold: float | None = field(

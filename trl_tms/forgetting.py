@@ -350,7 +350,7 @@ class RetentionCallback(SignalCallback):
             column of reference answers (then none is generated). Defaults to the built-in `METER_PROMPTS`.
         num_prompts (`int`, *optional*, defaults to `6`):
             Use the first this many prompts. Each measurement costs one forward pass over them and their answers.
-        max_new_tokens (`int`, *optional*, defaults to `24`):
+        max_new_tokens (`int`, *optional*, defaults to `16`):
             Longest generated reference answer, in tokens.
         top_k (`int`, *optional*, defaults to `256`):
             Reference log-probabilities kept per answer token; the rest of the vocabulary is one bucket.
@@ -371,7 +371,7 @@ class RetentionCallback(SignalCallback):
         trainer,
         prompts=None,
         num_prompts: int = 6,
-        max_new_tokens: int = 24,
+        max_new_tokens: int = 16,
         top_k: int = 256,
         batch_size: int = 16,
         kl_threshold: float | None = None,

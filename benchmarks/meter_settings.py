@@ -4,9 +4,11 @@ does each size cost per measurement?
     python benchmarks/meter_settings.py --histories /work/study/history-partly-s1,/work/study/history-partly-s2
 
 Reads the adapter snapshots of saved TMS harvests (plain SFT runs; e.g. the study's `--work_dir` histories, whose
-snapshots drift more and more from the base) and measures at every snapshot the meter (`trl_tms.forgetting`, the
-initial model's greedy answers to the first N `METER_PROMPTS`, at most M tokens each) for several N x M, and the study's
-chat probe: KL(base || model) over the base's greedy answers to `probes.CHAT_PROMPTS` (prompts the meter never sees).
+snapshots drift more and more from the base: `python benchmarks/study.py --regimes partly --arms tms --seeds 1,2
+--work_dir W` leaves them in W as `history-partly-s1`, `-s2`; the harvest alone is all this needs) and measures at
+every snapshot the meter (`trl_tms.forgetting`, the initial model's greedy answers to the first N `METER_PROMPTS`, at
+most M tokens each) for several N x M, and the study's chat probe: KL(base || model) over the base's greedy answers to
+`probes.CHAT_PROMPTS` (prompts the meter never sees).
 Reports, per size, Spearman's rho against the chat probe and against the largest size over all snapshots, and the
 seconds one measurement takes (median over snapshots; run it alone on the machine for the timings). Resumes from the
 snapshots already measured (`settings_points.json`). Writes

@@ -329,8 +329,7 @@ def greedy_ids(model, tokenizer, prompt: str, max_new_tokens: int, stops: list[i
 
 def test_self_rehearsal_dataset_text_prompts_stay_text(tiny_llama):
     tokenizer = load_tokenizer(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    model.train()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).train()
     kept = self_rehearsal_dataset(model, tokenizer, prompts=PROMPTS[:2], max_new_tokens=4, conversational=False,
                                   keep_unfinished=True)
     assert model.training  # left in the mode it was given in

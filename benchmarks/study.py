@@ -39,7 +39,10 @@ meter's `retention_kl` (8 prompts x 32 tokens, the meter's default when the stud
 probe's). PIQA, SIQA and instruction following (`instruction_following.py`: 48 format instructions checked on the
 greedy answer, a generative ability of another kind) are scored at the end. Each run's final adapter is kept under
 `<work_dir>/finals/`, so that a probe added later can be measured on past runs (`--backfill`) without training them again.
-Wall times are of training only (evaluation runs after it).
+Wall times are of training only (evaluation runs after it). A TMS run also records what its student drew from
+(`trajectory_quality.py`, issue #17): per snapshot, the share of trajectories whose final number is right, cut at
+`max_new_tokens`, and kept by the filters; `study.md` tabulates it for the runs that recorded it (those from
+2026-12-05 on).
 
 Writes under `benchmarks/results/study[_quick]/`: `arms/<regime>/<arm>_s<seed>.json` (every item, so runs resume and
 are compared item by item), `summary.json`, `study.md`, `pareto_<regime>.png` and `signals.png`.
@@ -67,6 +70,7 @@ import probes  # noqa: E402
 from instruction_following import instruction_following  # noqa: E402
 from forgetting_meter import pearson, spearman, with_interval  # noqa: E402
 from study_tasks import CANDIDATES, load_task  # noqa: E402
+from trajectory_quality import trajectory_quality  # noqa: E402
 from trl_tms.atomic import write_json_atomically  # noqa: E402
 
 REGIMES = {
@@ -374,7 +378,18 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
                 walls["sft"] = {"train": harvest, "total": harvest}
             walls[arm] = {"harvest": harvest, "trajectories": trainer.stats.seconds, "student": student, "total": total}
     runs = {name: {"wall_seconds": walls[name], "weights": capture.weights[name]} for name in phases}
+    if kind == "tms" and "answer" in train.column_names:
+        runs[arm]["trajectory_quality"] = trained_on(trainer, train["answer"])
     return runs, trainer.model, tokenizer
+
+
+def trained_on(trainer, answers: list[str]) -> dict:
+    """What a TMS arm's student drew from: per snapshot, the share of trajectories right, cut off, and kept."""
+    quality = trajectory_quality(trainer.trajectories, answers)
+    for step, q in quality["by_step"].items():
+        q["kept"] = trainer.stats.kept_fraction.get(int(step))
+    quality["all"]["kept"] = trainer.stats.kept / trainer.stats.trajectories if trainer.stats.trajectories else None
+    return quality
 
 
 # The study
@@ -468,6 +483,8 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
                       "settings": {**regime, **ARMS[name][1]} if name in ARMS else regime,
                       "steps": steps, "wall_seconds": run["wall_seconds"], "load_average": load,
                       "checkpoints": checkpoints}
+            if "trajectory_quality" in run:
+                record["trajectory_quality"] = run["trajectory_quality"]
             write_json_atomically(arm_path(output_dir, regime_name, name, seed), record)
             save_final(scratch, regime_name, name, seed, run["weights"][capture[-1]])
         del model
@@ -663,12 +680,37 @@ def summary(output_dir: str) -> dict:
                                                           else rows["sft"]["wall_ratio_to_sft"] / 2)
                 rows["sft_early"]["note"] = "the sft run's checkpoint at 50% of its steps"
         task = next(r["task"] for arm, records in by_arm.items() if arm != "base" for r in records)
-        result["regimes"][regime] = {"task": task, "base": {
+        quality = {arm: trajectory_summary(records) for arm, records in sorted(by_arm.items())
+                   if any("trajectory_quality" in r for r in records)}
+        result["regimes"][regime] = {"task": task, "trajectory_quality": quality, "base": {
             k: base[k] for k in ("target_accuracy", "wikitext_nll", "chat_nll", "pld", "piqa_acc", "siqa_acc", "ifeval_acc")
             if k in base},
             "arms": rows, "wall_reference": {"arms": sorted({r["arm"] for r in reference}), "seconds": sft_wall}}
     result["pld_correlation"] = correlations(arms)
     return result
+
+
+def trajectory_summary(records: list[dict]) -> dict:
+    """
+    Mean over the seeds that recorded it of what a TMS arm's student drew from: the share of trajectories that are
+    right, cut at `max_new_tokens` and kept by the filters, overall and from the first and the last snapshot, and the
+    lowest and highest share right among its snapshots (online TMS: among its refreshes).
+    """
+    qualities = [r["trajectory_quality"] for r in records if "trajectory_quality" in r]
+    out = {"seeds": [r["seed"] for r in records if "trajectory_quality" in r]}
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+
+    for key in ("correct", "unfinished", "kept"):
+        out[key] = mean(q["all"].get(key) for q in qualities)
+    steps = [sorted(q["by_step"].items(), key=lambda item: int(item[0])) for q in qualities]
+    out["first_correct"] = mean(s[0][1]["correct"] for s in steps)
+    out["last_correct"] = mean(s[-1][1]["correct"] for s in steps)
+    out["lowest_correct"] = mean(min(q["correct"] for _, q in s) for s in steps)
+    out["highest_correct"] = mean(max(q["correct"] for _, q in s) for s in steps)
+    return out
 
 
 def signal_points(arms: dict) -> list[dict]:
@@ -725,6 +767,19 @@ def table(result: dict) -> str:
                          f"{s['chat_kl']['value']:.3f} ± {s['chat_kl']['se']:.3f} | {cell('wiki_nll')} | "
                          f"{cell('piqa')} | {cell('siqa')} | {ifeval} | {wall} |")
         lines.append("")
+        if r.get("trajectory_quality"):
+            lines += [f"What the TMS students drew from (regime `{regime}`; share of the trajectories, mean over the "
+                      "seeds that recorded it):", "",
+                      "| arm | seeds | right | right, first snapshot | right, last snapshot | right, lowest / highest "
+                      "snapshot | cut at max_new_tokens | kept by the filters |", "|---|---|---|---|---|---|---|---|"]
+            for arm, q in r["trajectory_quality"].items():
+                def share(value):
+                    return "-" if value is None else f"{value:.2f}"
+                lines.append(f"| {arm} | {','.join(map(str, q['seeds']))} | {share(q['correct'])} | "
+                             f"{share(q['first_correct'])} | {share(q['last_correct'])} | "
+                             f"{share(q['lowest_correct'])} / {share(q['highest_correct'])} | "
+                             f"{share(q['unfinished'])} | {share(q['kept'])} |")
+            lines.append("")
     if result.get("pld_correlation"):
         lines += ["## Do the live signals predict forgetting? (every checkpoint of every run)", "",
                   "| signal | points | Spearman vs chat KL [95% CI] | Spearman vs WikiText change [95% CI] | "

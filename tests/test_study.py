@@ -74,6 +74,41 @@ def test_summary_pairs_against_the_base_and_reads_sft_early_off_the_sft_run(tmp_
     drift = {(p["arm"], p["step"]): p["pld_drift"] for p in points}
     assert drift[("sft", 8)] == 0.0 and drift[("tms", 8)] == 0.0  # PLD fell at every checkpoint
     assert "| sft_early |" in study.table(result)
+    assert result["regimes"]["zero"]["trajectory_quality"] == {}  # no TMS record carries it: no table
+    assert "What the TMS students drew from" not in study.table(result)
+
+
+def test_trajectory_quality_is_averaged_over_the_seeds_that_recorded_it(tmp_path):
+    base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
+    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "base", 0),
+                                {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base})
+    late = [checkpoint(8, 0.5, 0.2, 5.0, 1.0, 0.1, [1, 1, 0, 0])]
+
+    def quality(by_step, kept):
+        steps = {str(step): {"n": 4, "correct": c, "unfinished": u, "mean_tokens": 9.0, "kept": kept}
+                 for step, (c, u) in by_step.items()}
+        n = 4 * len(by_step)
+        return {"by_step": steps, "all": {"n": n, "correct": sum(c for c, _ in by_step.values()) / len(by_step),
+                                          "unfinished": sum(u for _, u in by_step.values()) / len(by_step),
+                                          "mean_tokens": 9.0, "kept": kept}}
+
+    for seed, by_step in ((0, {0: (0.0, 0.5), 10: (1.0, 0.0), 2: (0.5, 0.25)}), (1, {0: (0.5, 0.0), 10: (0.5, 0.0)})):
+        write_arm(tmp_path, "tms_online", seed, late, {"total": 1.0})
+        path = study.arm_path(str(tmp_path), "zero", "tms_online", seed)
+        record = json.load(open(path))
+        record["trajectory_quality"] = quality(by_step, kept=0.5 + 0.25 * seed)
+        study.write_json_atomically(path, record)
+    write_arm(tmp_path, "tms_online", 2, late, {"total": 1.0})  # measured before the report existed
+    result = study.summary(str(tmp_path))
+    q = result["regimes"]["zero"]["trajectory_quality"]["tms_online"]
+    assert q["seeds"] == [0, 1]
+    assert q["correct"] == pytest.approx((0.5 + 0.5) / 2)
+    assert q["first_correct"] == pytest.approx(0.25)  # snapshots in step order, not as the JSON keys sort
+    assert q["last_correct"] == pytest.approx(0.75)
+    assert q["lowest_correct"] == pytest.approx(0.25) and q["highest_correct"] == pytest.approx(0.75)
+    assert q["unfinished"] == pytest.approx((0.25 + 0.0) / 2)
+    assert q["kept"] == pytest.approx(0.625)
+    assert "| tms_online | 0,1 | 0.50 | 0.25 | 0.75 | 0.25 / 0.75 | 0.12 | 0.62 |" in study.table(result)
 
 
 @pytest.fixture
@@ -102,6 +137,11 @@ def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(runs[arm]["weights"][4]) == trainable
     assert runs[arm]["wall_seconds"]["total"] > 0
+    assert ("trajectory_quality" in runs[arm]) == (arm == "self_sft_verified")  # TMS runs only
+    if arm == "self_sft_verified":  # online: the snapshot of every epoch, the verifier keeping exactly the right ones
+        quality = runs[arm]["trajectory_quality"]
+        assert sorted(quality["by_step"], key=int) == ["0", "2"] and quality["all"]["n"] == 2 * len(train)
+        assert quality["all"]["kept"] == pytest.approx(quality["all"]["correct"])
     if arm == "sft_rehearsal_10":  # SFT's steps, a tenth of the rows the base model's own answers
         walls = runs[arm]["wall_seconds"]
         assert 0 < walls["rehearsal_answers"] < walls["total"]
@@ -162,9 +202,19 @@ def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_
     # The harvest's weights at its end are the last snapshot of the history; the student's differ from them.
     harvest_end, student_end = runs["sft"]["weights"][4], runs["tms"]["weights"][4]
     assert any(not torch.equal(harvest_end[n], student_end[n]) for n in harvest_end)
+    # The report of what the student drew from: every snapshot's trajectories, scored against the answers.
+    quality = runs["tms"]["trajectory_quality"]
+    assert "trajectory_quality" not in runs["sft"]
+    assert sorted(quality["by_step"], key=int) == ["2", "4"]  # the harvest's two snapshots
+    assert quality["all"]["n"] == 2 * len(train)
+    assert all(0.0 <= q["correct"] <= 1.0 and q["kept"] == 1.0 for q in quality["by_step"].values())  # no filter
+    assert quality["all"]["kept"] == 1.0
     again, _, _ = study.train_run("tms_verified", regime, 0, train, pld, str(tmp_path / "b"), history, [2, 4],
                                   {"num_checkpoints": 2})
     assert set(again) == {"tms_verified"} and again["tms_verified"]["wall_seconds"]["reused_history"]
+    # The verifier keeps exactly the trajectories the report counts as right (same final number as the answer).
+    checked = again["tms_verified"]["trajectory_quality"]["all"]
+    assert checked["n"] == quality["all"]["n"] and checked["kept"] == pytest.approx(checked["correct"])
     rehearsed, _, _ = study.train_run("tms_rehearsal_25", regime, 0, train, pld, str(tmp_path / "c"), history, [2, 4],
                                       {"num_checkpoints": 2})
     walls = rehearsed["tms_rehearsal_25"]["wall_seconds"]

@@ -104,6 +104,10 @@ ARMS = {
     # steady it, and at what cost in drift?
     "tms_online_verified": ("tms", dict(tms_mode="online", label_weight=0.25, num_checkpoints=10,
                                         trajectory_filter="verifier")),
+    # Online TMS's label share alpha, the paper's knob between its own text (retention) and the labels (the task): the
+    # trade-off curve between `tms_online` (0.25) and plain SFT (1.0).
+    "tms_online_alpha_50": ("tms", dict(tms_mode="online", label_weight=0.5, num_checkpoints=10)),
+    "tms_online_alpha_75": ("tms", dict(tms_mode="online", label_weight=0.75, num_checkpoints=10)),
     # Issue #23: self-rehearsal (the initial model's greedy answers to the 64 built-in everyday prompts, disjoint from
     # the chat probe's and the meter's prompts) drawn with probability beta; students on the `tms` run's history.
     "tms_rehearsal_10": ("tms", dict(label_weight=0.25, num_checkpoints=10, rehearsal_weight=0.1)),

@@ -26,7 +26,8 @@ optimizer steps, LoRA settings and seed:
   student samples one answer per prompt and is distilled (top-100 logits) towards the base model shown the worked
   answer in context (`SDFT_TEMPLATE`); TRL's defaults otherwise, the same steps and prompts;
 - `tms` (the paper's defaults: T = 10, alpha = 0.25), `tms_online`, `tms_verified` (issue #17's verifier filter, a
-  student on the `tms` run's history);
+  student on the `tms` run's history), `tms_online_verified`; `tms_online_alpha_50` and `_75` (online TMS at a label
+  share of 0.5 and 0.75: the curve between `tms_online` and SFT);
 - `tms_rehearsal_10`, `tms_rehearsal_25` (issue #23, beyond the paper): TMS whose draws are, with probability 0.1 or
   0.25, the initial model's own answer to one of 64 everyday prompts (students on the `tms` run's history);
   `sft_rehearsal_10`: plain SFT with those answers added as a tenth of its rows (`trl_tms.mix_in_rehearsal`), at SFT's
@@ -41,8 +42,8 @@ greedy answer, a generative ability of another kind) are scored at the end. Each
 `<work_dir>/finals/`, so that a probe added later can be measured on past runs (`--backfill`) without training them again.
 Wall times are of training only (evaluation runs after it). A TMS run also records what its student drew from
 (`trajectory_quality.py`, issue #17): per snapshot, the share of trajectories whose final number is right, cut at
-`max_new_tokens`, and kept by the filters; `study.md` tabulates it for the runs that recorded it (those from
-2026-12-05 on).
+`max_new_tokens`, kept by the filters, and word-for-word copies of its label; `study.md` tabulates it for the runs
+that recorded it (those from 2026-12-05 on).
 
 Writes under `benchmarks/results/study[_quick]/`: `arms/<regime>/<arm>_s<seed>.json` (every item, so runs resume and
 are compared item by item), `summary.json`, `study.md`, `pareto_<regime>.png` and `signals.png`.
@@ -383,13 +384,16 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
             walls[arm] = {"harvest": harvest, "trajectories": trainer.stats.seconds, "student": student, "total": total}
     runs = {name: {"wall_seconds": walls[name], "weights": capture.weights[name]} for name in phases}
     if kind == "tms" and "answer" in train.column_names:
-        runs[arm]["trajectory_quality"] = trained_on(trainer, train["answer"])
+        runs[arm]["trajectory_quality"] = trained_on(trainer, train["answer"], train["completion"])
     return runs, trainer.model, tokenizer
 
 
-def trained_on(trainer, answers: list[str]) -> dict:
-    """What a TMS arm's student drew from: per snapshot, the share of trajectories right, cut off, and kept."""
-    quality = trajectory_quality(trainer.trajectories, answers)
+def trained_on(trainer, answers: list[str], labels: list) -> dict:
+    """
+    What a TMS arm's student drew from: per snapshot, the share of trajectories right, cut off, kept, and copies of
+    their label.
+    """
+    quality = trajectory_quality(trainer.trajectories, answers, labels)
     for step, q in quality["by_step"].items():
         q["kept"] = trainer.stats.kept_fraction.get(int(step))
     quality["all"]["kept"] = trainer.stats.kept / trainer.stats.trajectories if trainer.stats.trajectories else None
@@ -707,7 +711,7 @@ def trajectory_summary(records: list[dict]) -> dict:
         values = [v for v in values if v is not None]
         return statistics.mean(values) if values else None
 
-    for key in ("correct", "unfinished", "kept"):
+    for key in ("correct", "unfinished", "kept", "label_copy"):
         out[key] = mean(q["all"].get(key) for q in qualities)
     steps = [sorted(q["by_step"].items(), key=lambda item: int(item[0])) for q in qualities]
     out["first_correct"] = mean(s[0][1]["correct"] for s in steps)
@@ -775,14 +779,15 @@ def table(result: dict) -> str:
             lines += [f"What the TMS students drew from (regime `{regime}`; share of the trajectories, mean over the "
                       "seeds that recorded it):", "",
                       "| arm | seeds | right | right, first snapshot | right, last snapshot | right, lowest / highest "
-                      "snapshot | cut at max_new_tokens | kept by the filters |", "|---|---|---|---|---|---|---|---|"]
+                      "snapshot | cut at max_new_tokens | kept by the filters | copies of the label |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for arm, q in r["trajectory_quality"].items():
                 def share(value):
                     return "-" if value is None else f"{value:.2f}"
                 lines.append(f"| {arm} | {','.join(map(str, q['seeds']))} | {share(q['correct'])} | "
                              f"{share(q['first_correct'])} | {share(q['last_correct'])} | "
                              f"{share(q['lowest_correct'])} / {share(q['highest_correct'])} | "
-                             f"{share(q['unfinished'])} | {share(q['kept'])} |")
+                             f"{share(q['unfinished'])} | {share(q['kept'])} | {share(q['label_copy'])} |")
             lines.append("")
     if result.get("pld_correlation"):
         lines += ["## Do the live signals predict forgetting? (every checkpoint of every run)", "",

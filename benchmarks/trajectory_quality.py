@@ -14,24 +14,37 @@ import json
 from collections import defaultdict
 
 
-def trajectory_quality(trajectories, answers: list[str]) -> dict:
-    """`{"by_step": {step: {...}}, "all": {...}}` with `n`, `correct`, `unfinished` (fractions) and `mean_tokens`."""
+def text_of(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def trajectory_quality(trajectories, answers: list[str], labels: list | None = None) -> dict:
+    """
+    `{"by_step": {step: {...}}, "all": {...}}` with `n`, `correct`, `unfinished` (fractions) and `mean_tokens`; given
+    the prompts' `labels` (completions), also `label_copy`: the share of trajectories that are their prompt's label word
+    for word (whitespace aside), i.e. teach nothing the label would not.
+    """
     from trl_tms.embedded import is_correct
 
-    sums = defaultdict(lambda: {"n": 0, "correct": 0, "unfinished": 0, "tokens": 0})
+    sums = defaultdict(lambda: {"n": 0, "correct": 0, "unfinished": 0, "tokens": 0, "label_copy": 0})
+    words = None if labels is None else [text_of(label).split() for label in labels]
     for row in trajectories:
-        completion = row["completion"]
-        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        text = text_of(row["completion"])
         for key in (row["snapshot_step"], "all"):
             s = sums[key]
             s["n"] += 1
             s["correct"] += int(is_correct(text, answers[row["prompt_index"]]))
             s["unfinished"] += int(not row["finished"])
             s["tokens"] += row["num_tokens"]
+            if words is not None:
+                s["label_copy"] += int(text.split() == words[row["prompt_index"]])
 
     def rates(s):
-        return {"n": s["n"], "correct": s["correct"] / s["n"], "unfinished": s["unfinished"] / s["n"],
-                "mean_tokens": s["tokens"] / s["n"]}
+        out = {"n": s["n"], "correct": s["correct"] / s["n"], "unfinished": s["unfinished"] / s["n"],
+               "mean_tokens": s["tokens"] / s["n"]}
+        if words is not None:
+            out["label_copy"] = s["label_copy"] / s["n"]
+        return out
 
     return {"by_step": {str(k): rates(v) for k, v in sorted((k, v) for k, v in sums.items() if k != "all")},
             "all": rates(sums["all"])}

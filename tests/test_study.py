@@ -85,10 +85,10 @@ def test_trajectory_quality_is_averaged_over_the_seeds_that_recorded_it(tmp_path
     late = [checkpoint(8, 0.5, 0.2, 5.0, 1.0, 0.1, [1, 1, 0, 0])]
 
     def quality(by_step, kept):
-        steps = {str(step): {"n": 4, "correct": c, "unfinished": u, "mean_tokens": 9.0, "kept": kept}
+        steps = {str(step): {"n": 4, "correct": c, "unfinished": u, "mean_tokens": 9.0, "kept": kept, "label_copy": c}
                  for step, (c, u) in by_step.items()}
-        n = 4 * len(by_step)
-        return {"by_step": steps, "all": {"n": n, "correct": sum(c for c, _ in by_step.values()) / len(by_step),
+        n, correct = 4 * len(by_step), sum(c for c, _ in by_step.values()) / len(by_step)
+        return {"by_step": steps, "all": {"n": n, "correct": correct, "label_copy": correct / 2,
                                           "unfinished": sum(u for _, u in by_step.values()) / len(by_step),
                                           "mean_tokens": 9.0, "kept": kept}}
 
@@ -108,7 +108,30 @@ def test_trajectory_quality_is_averaged_over_the_seeds_that_recorded_it(tmp_path
     assert q["lowest_correct"] == pytest.approx(0.25) and q["highest_correct"] == pytest.approx(0.75)
     assert q["unfinished"] == pytest.approx((0.25 + 0.0) / 2)
     assert q["kept"] == pytest.approx(0.625)
-    assert "| tms_online | 0,1 | 0.50 | 0.25 | 0.75 | 0.25 / 0.75 | 0.12 | 0.62 |" in study.table(result)
+    assert q["label_copy"] == pytest.approx(0.25)
+    assert "| tms_online | 0,1 | 0.50 | 0.25 | 0.75 | 0.25 / 0.75 | 0.12 | 0.62 | 0.25 |" in study.table(result)
+
+
+def test_trajectory_quality_counts_right_cut_and_copied_trajectories_per_snapshot():
+    from trajectory_quality import trajectory_quality
+
+    labels = ["3 + 4 = 7\n#### 7", [{"role": "assistant", "content": "2 * 2 = 4\n#### 4"}]]
+    rows = [  # (prompt, snapshot, text, finished)
+        (0, 0, "3 + 4 = 7\n#### 7", True),    # right, the label itself
+        (0, 0, "3 +  4 = 7 #### 7", True),     # right, the label up to whitespace
+        (1, 0, "2 * 2 = 5\n#### 5", True),    # wrong
+        (1, 5, "2 times 2 is 4\n#### 4", True),  # right in its own words
+        (0, 5, "3 + 4 =", False),  # cut off (its last number is 4)
+    ]
+    trajectories = [{"prompt_index": p, "snapshot_step": s, "completion": [{"role": "assistant", "content": t}],
+                     "finished": f, "num_tokens": 10} for p, s, t, f in rows]
+    quality = trajectory_quality(trajectories, ["7", "4"], labels)
+    assert quality["by_step"]["0"] == pytest.approx(
+        {"n": 3, "correct": 2 / 3, "unfinished": 0.0, "mean_tokens": 10.0, "label_copy": 2 / 3})
+    assert quality["by_step"]["5"]["correct"] == 0.5 and quality["by_step"]["5"]["label_copy"] == 0.0
+    assert quality["by_step"]["5"]["unfinished"] == 0.5
+    assert quality["all"]["label_copy"] == pytest.approx(2 / 5)
+    assert "label_copy" not in trajectory_quality(trajectories, ["7", "4"])["all"]  # no labels given
 
 
 @pytest.fixture
@@ -209,6 +232,7 @@ def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_
     assert quality["all"]["n"] == 2 * len(train)
     assert all(0.0 <= q["correct"] <= 1.0 and q["kept"] == 1.0 for q in quality["by_step"].values())  # no filter
     assert quality["all"]["kept"] == 1.0
+    assert 0.0 <= quality["all"]["label_copy"] <= quality["all"]["correct"]  # a copy of the label is right
     again, _, _ = study.train_run("tms_verified", regime, 0, train, pld, str(tmp_path / "b"), history, [2, 4],
                                   {"num_checkpoints": 2})
     assert set(again) == {"tms_verified"} and again["tms_verified"]["wall_seconds"]["reused_history"]

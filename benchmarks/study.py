@@ -829,12 +829,15 @@ def plots(result: dict, arms: dict, output_dir: str) -> list[str]:
                               and not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points.values()))
             ax.plot(*zip(*frontier), "--", color="grey", lw=1, label="frontier")
             if "sft" in r["arms"]:
+                # Issue #17's bar: at least 0.9x SFT's gain with at most a third of its drift (up and left of both).
                 ax.axhline(0.9 * r["arms"]["sft"]["target_gain"], color="grey", lw=0.6, alpha=0.6,
                            label="0.9x SFT's gain")
+                ax.axvline(r["arms"]["sft"][key]["delta"] / 3, color="grey", lw=0.6, alpha=0.6, ls="-.",
+                           label="1/3 of SFT's drift")
             for arm, (x, y) in points.items():
                 ax.scatter([x], [y], s=55, color=colours[arm], marker="o" if arm.startswith("sft") else "s",
                            label=arm, zorder=3)
-            for arm in ("sft", "tms"):  # the paths through their checkpoints (seed 0)
+            for arm in ("sft", "tms", "tms_online"):  # the paths through their checkpoints (seed 0)
                 for record in arms[regime].get(arm, [])[:1]:
                     xs = [0.0] + [(c["chat_kl"] if key == "chat_kl" else c["wikitext_nll"] - base["wikitext_nll"])
                                   for c in record["checkpoints"]]

@@ -127,19 +127,28 @@ def replace_block(text: str, block: str) -> str:
     return text[:start] + block + text[end + len(END):]
 
 
+QUALITY = "What the TMS students drew from"
+
+
 def regime_tables(study_md: str) -> dict:
-    """`regime name -> table lines` from study.md."""
+    """`regime name -> table lines` from study.md; `(regime name, "quality") -> ...` for its trajectory-quality table."""
     tables = {}
     for match in re.finditer(r"^## Regime `(\w+)`.*?\n\n((?:\|.*\n)+)", study_md, flags=re.M):
         tables[match.group(1)] = match.group(2)
+    for match in re.finditer(r"^" + QUALITY + r" \(regime `(\w+)`.*?\n\n((?:\|.*\n)+)", study_md, flags=re.M):
+        tables[(match.group(1), "quality")] = match.group(2)
     return tables
 
 
 def sync_docs(docs: str, tables: dict) -> str:
-    for regime, table in tables.items():
-        pattern = re.compile(r"(^### Regime `" + regime + r"`.*?\n\n)((?:\|.*\n)+)", flags=re.M)
+    """Each table under its heading in the docs: `### Regime `zero``, and `#### What the TMS students drew from
+    (regime `zero`)` for the trajectory-quality one."""
+    for key, table in tables.items():
+        regime, quality = (key[0], True) if isinstance(key, tuple) else (key, False)
+        heading = f"#### {QUALITY} (regime `{regime}`" if quality else f"### Regime `{regime}`"
+        pattern = re.compile(r"(^" + re.escape(heading) + r".*?\n\n)((?:\|.*\n)+)", flags=re.M)
         if not pattern.search(docs):
-            raise SystemExit(f"docs/results.md has no `### Regime `{regime}`` heading followed by a table.")
+            raise SystemExit(f"docs/results.md has no `{heading}...` heading followed by a table.")
         docs = pattern.sub(lambda m: m.group(1) + table, docs, count=1)
     return docs
 

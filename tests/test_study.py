@@ -317,3 +317,14 @@ def test_readme_refresh_replaces_only_the_marked_block_and_refuses_a_readme_with
     docs = "### Regime `zero` (task)\n\n| a |\n|---|\n| 1 |\n\nprose stays\n"
     assert study_readme.sync_docs(docs, {"zero": "| a |\n|---|\n| 2 |\n"}) == (
         "### Regime `zero` (task)\n\n| a |\n|---|\n| 2 |\n\nprose stays\n")
+    # The trajectory-quality table, under its own heading (the regime's main table is not touched by it).
+    study_md = ("## Regime `zero` (x)\n\n| a |\n|---|\n| 3 |\n\nWhat the TMS students drew from (regime `zero`; y):"
+                "\n\n| q |\n|---|\n| 4 |\n")
+    tables = study_readme.regime_tables(study_md)
+    assert tables == {"zero": "| a |\n|---|\n| 3 |\n", ("zero", "quality"): "| q |\n|---|\n| 4 |\n"}
+    docs = docs + "#### What the TMS students drew from (regime `zero`)\n\n| q |\n|---|\n| 0 |\n"
+    assert study_readme.sync_docs(docs, tables) == (
+        "### Regime `zero` (task)\n\n| a |\n|---|\n| 3 |\n\nprose stays\n"
+        "#### What the TMS students drew from (regime `zero`)\n\n| q |\n|---|\n| 4 |\n")
+    with pytest.raises(SystemExit, match="What the TMS students drew from"):
+        study_readme.sync_docs("### Regime `zero` (task)\n\n| a |\n", tables)

@@ -239,7 +239,7 @@ def test_a_verifier_that_rejects_everything_leaves_the_labels(tiny_llama, tmp_pa
     assert trainer.train_dataset.trajectory_rows == []
     log = trainer.state.log_history
     counts = next(e for e in log if "tms_kept_trajectories" in e)
-    assert counts["tms_kept_trajectories"] == 0
+    assert counts["tms_kept_trajectories"] == 0 and counts["tms_label_copy_trajectories"] == 0
     assert sorted(k for k in counts if k.startswith("tms_kept_fraction_step_")) == [
         f"tms_kept_fraction_step_{s}" for s in sorted(trainer.history.steps, key=str)
     ]

@@ -312,9 +312,10 @@ def test_extend_checks_the_planning_arguments():
 def test_kept_fractions_of_a_snapshot_met_in_several_parts_are_weighted_by_their_trajectories():
     from trl_tms.mixture import TrajectoryStats
 
-    total = TrajectoryStats(kept_fraction={10: 1.0}, by_snapshot={10: 3})
-    total.add(TrajectoryStats(kept_fraction={10: 0.0, 20: 0.5}, by_snapshot={10: 1, 20: 2}))
+    total = TrajectoryStats(kept_fraction={10: 1.0}, by_snapshot={10: 3}, label_copies=2)
+    total.add(TrajectoryStats(kept_fraction={10: 0.0, 20: 0.5}, by_snapshot={10: 1, 20: 2}, label_copies=1))
     assert total.kept_fraction == {10: 0.75, 20: 0.5} and total.by_snapshot == {10: 4, 20: 2}
+    assert total.label_copies == 3
 
 
 def test_a_snapshot_that_joins_the_draw_changes_only_the_draws_it_wins():
@@ -328,3 +329,37 @@ def test_a_snapshot_that_joins_the_draw_changes_only_the_draws_it_wins():
     assert all(after[key] == 30 for key in changed)  # a draw moves only to the new snapshot ...
     fraction = len(changed) / len(before)  # ... and about a quarter of them do (uniform over four)
     assert abs(fraction - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(before))
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_label_copies_count_the_kept_trajectories_that_are_their_label_word_for_word(conversational):
+    from trl_tms.data import as_completion
+    from trl_tms.mixture import CandidateBuilder
+
+    def form(text):
+        return as_completion(text, conversational)
+
+    prompts = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": q}] if conversational else q for q in ("2+2?", "3+3?")],
+        "completion": [form("2 + 2 = 4\n#### 4"), form("3 + 3 = 6\n#### 6")],
+    })
+    texts = [
+        (0, "2 + 2 = 4\n#### 4", True),     # the label
+        (0, " 2 + 2  = 4 #### 4 ", True),   # the label, whitespace aside
+        (1, "2 + 2 = 4\n#### 4", True),     # another prompt's label
+        (1, "3 + 3 = 6, so #### 6", True),  # right, in other words
+        (1, "3 + 3 = 6\n#### 6", False),    # the label's words, cut short: left out by "drop"
+        (0, "   ", True),                   # empty: never kept
+    ]
+    trajectories = Dataset.from_dict({
+        "prompt_index": [i for i, _, _ in texts], "snapshot_step": [5] * len(texts),
+        "completion": [form(t) for _, t, _ in texts], "finished": [f for _, _, f in texts],
+    })
+    for unfinished, copies in (("keep", 3), ("drop", 2)):
+        builder = CandidateBuilder(prompts, lambda candidates, name: candidates, unfinished=unfinished)
+        _, stats = builder.build(trajectories)
+        assert stats.label_copies == copies and stats.as_dict()["label_copy_trajectories"] == copies
+    # A filter that rejects everything keeps no copy either.
+    builder = CandidateBuilder(prompts, lambda candidates, name: candidates, unfinished="keep",
+                               trajectory_filter="verifier", verifier=lambda *args: False)
+    assert builder.build(trajectories)[1].label_copies == 0

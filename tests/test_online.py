@@ -66,6 +66,9 @@ def test_one_run_snapshots_itself_from_step_0_and_trains_on_what_it_has_sampled(
     assert sorted(os.listdir(trainer.history_dir)) == ["step-0", "step-4", "step-8", "tms_run.json", "trajectories"]
     assert {e.get("tms_phase") for e in trainer.state.log_history} == {3}
     assert [e["tms_snapshot_step"] for e in trainer.state.log_history if "tms_snapshot_step" in e] == [0, 4, 8]
+    # Each refresh logs how many of its kept trajectories are their label word for word; in all, the run's count.
+    copies = [e["tms_label_copy_trajectories"] for e in trainer.state.log_history if "tms_snapshot_step" in e]
+    assert len(copies) == 3 and sum(copies) == trainer.stats.label_copies
     # Before step s+1 the mixture holds the trajectories of the snapshots taken at steps <= s, never later ones.
     assert watch.pools == {s: [t for t in (0, 4, 8) if t <= s] for s in range(12)}
     assert len(trainer.trajectories) == 24 * 3

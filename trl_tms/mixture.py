@@ -71,6 +71,18 @@ def mixture_candidates(
     return Dataset.from_dict(dict(rows)), empty
 
 
+def label_copies(trajectories: Dataset, dataset: Dataset, keep: list[bool]) -> int:
+    """
+    How many of the kept trajectories are their prompt's label word for word (whitespace aside). Where most are, the
+    student trains on what SFT trains on, and drifts as SFT does: the policy that wrote them has learned the labels.
+    """
+    labels = [completion_text(c).split() for c in dataset["completion"]]
+    return sum(
+        kept and completion_text(completion).split() == labels[index]
+        for index, completion, kept in zip(trajectories["prompt_index"], trajectories["completion"], keep)
+    )
+
+
 def end_of_turn_ids(tokenize, prompt) -> list[int]:
     """
     The tokens the SFT preprocessing appends after a completion's text (end of turn, EOS): the common tail of two
@@ -120,6 +132,7 @@ class TrajectoryStats:
     empty: int = 0
     unfinished: int = 0
     kept: int = 0
+    label_copies: int = 0  # kept trajectories that are their prompt's label word for word: SFT's target, not the policy's
     seconds: float = 0.0
     kept_fraction: dict[int, float] = field(default_factory=dict)  # snapshot step -> kept fraction
     by_snapshot: dict[int, int] = field(default_factory=dict)  # snapshot step -> trajectories (weighs `kept_fraction`)
@@ -135,6 +148,7 @@ class TrajectoryStats:
         self.empty += other.empty
         self.unfinished += other.unfinished
         self.kept += other.kept
+        self.label_copies += other.label_copies
         self.seconds += other.seconds
         # Online TMS sampling only the drawn pairs meets a snapshot's trajectories over several refreshes.
         for step, fraction in other.kept_fraction.items():
@@ -156,6 +170,7 @@ class TrajectoryStats:
             "empty_trajectories": self.empty,
             "unfinished_trajectories": self.unfinished,
             "kept_trajectories": self.kept,
+            "label_copy_trajectories": self.label_copies,
             "trajectory_seconds": self.seconds,
             **{f"kept_fraction_step_{step}": fraction for step, fraction in self.kept_fraction.items()},
             **({"trajectories_not_sampled": self.not_sampled} if self.not_sampled else {}),
@@ -204,6 +219,7 @@ class CandidateBuilder:
             empty=empty,
             unfinished=len(trajectories) - sum(trajectories["finished"]),
             kept=sum(keep),
+            label_copies=label_copies(trajectories, self.prompts, keep),
             kept_fraction=kept_by_snapshot(trajectories, keep),
             by_snapshot=dict(Counter(trajectories["snapshot_step"])),
         )

@@ -103,6 +103,7 @@ class OnlineTMS(TrainerCallback):
                     "tms_empty_trajectories": counts.empty,
                     "tms_unfinished_trajectories": counts.unfinished,
                     "tms_kept_fraction": counts.kept_fraction.get(step, 0.0),
+                    "tms_label_copy_trajectories": counts.label_copies,
                 }
             )
 

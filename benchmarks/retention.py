@@ -251,7 +251,7 @@ def train_arm(arm: str, tms: dict | None, regime: dict, seed: int, model, tokeni
         if fractions:
             stats["label_fraction"] = sum(fractions) / len(fractions)  # labels actually trained on
         if "answer" in train.column_names:
-            quality = trajectory_quality(trainer.trajectories, train["answer"])
+            quality = trajectory_quality(trainer.trajectories, train["answer"], train["completion"])
             for step, q in quality["by_step"].items():
                 q["kept"] = trainer.stats.kept_fraction.get(step)
             stats["trajectory_quality"] = quality

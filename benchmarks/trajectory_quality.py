@@ -1,5 +1,5 @@
 """How good are the trajectories a TMS student trains on? Per snapshot: the share that reach the right final number,
-the share cut at `max_new_tokens`, and their mean length.
+the share cut at `max_new_tokens`, the share that are their prompt's label word for word, and their mean length.
 
     python benchmarks/trajectory_quality.py <history_dir>/trajectories --num_train 64 [--output quality.json]
 
@@ -51,11 +51,13 @@ def trajectory_quality(trajectories, answers: list[str], labels: list | None = N
 
 
 def format_quality(quality: dict) -> str:
-    lines = ["| snapshot step | trajectories | correct | cut at max_new_tokens | mean tokens | kept for the student |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| snapshot step | trajectories | correct | cut at max_new_tokens | mean tokens | kept for the student | "
+             "copies of the label |", "|---|---|---|---|---|---|---|"]
     for step, q in list(quality["by_step"].items()) + [("all", quality["all"])]:
         kept = "-" if q.get("kept") is None else f"{q['kept']:.3f}"
-        lines.append(f"| {step} | {q['n']} | {q['correct']:.3f} | {q['unfinished']:.3f} | {q['mean_tokens']:.1f} | {kept} |")
+        copies = "-" if q.get("label_copy") is None else f"{q['label_copy']:.3f}"
+        lines.append(f"| {step} | {q['n']} | {q['correct']:.3f} | {q['unfinished']:.3f} | {q['mean_tokens']:.1f} | {kept} | "
+                     f"{copies} |")
     return "\n".join(lines)
 
 
@@ -71,7 +73,7 @@ def main():
     from trl_tms.embedded import load_leg_counting
 
     train, _ = load_leg_counting(args.num_train, 1, seed=0)
-    quality = trajectory_quality(load_from_disk(args.trajectories), train["answer"])
+    quality = trajectory_quality(load_from_disk(args.trajectories), train["answer"], train["completion"])
     print(format_quality(quality))
     if args.output:
         with open(args.output, "w") as f:

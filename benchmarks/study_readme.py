@@ -39,6 +39,8 @@ LABELS = {
     "tms": "**TMS, paper defaults** (T = 10, alpha = 0.25)",
     "tms_drawn": "TMS, paper defaults, sampling only the drawn pairs (the default since 2026-12-04)",
     "tms_online": "online TMS, paper defaults",
+    "tms_online_alpha_50": "online TMS, alpha = 0.5",
+    "tms_online_alpha_75": "online TMS, alpha = 0.75",
     "tms_online_verified": "online TMS + verifier filter (needs a verifier)",
     "self_sft": "self-training, unfiltered",
     "self_sft_verified": "self-training + verifier (needs a verifier)",

@@ -25,9 +25,9 @@ def trajectory_quality(trajectories, answers: list[str], labels: list | None = N
     for word (whitespace aside), i.e. teach nothing the label would not.
     """
     from trl_tms.embedded import is_correct
+    from trl_tms.mixture import is_label_copy
 
     sums = defaultdict(lambda: {"n": 0, "correct": 0, "unfinished": 0, "tokens": 0, "label_copy": 0})
-    words = None if labels is None else [text_of(label).split() for label in labels]
     for row in trajectories:
         text = text_of(row["completion"])
         for key in (row["snapshot_step"], "all"):
@@ -36,13 +36,13 @@ def trajectory_quality(trajectories, answers: list[str], labels: list | None = N
             s["correct"] += int(is_correct(text, answers[row["prompt_index"]]))
             s["unfinished"] += int(not row["finished"])
             s["tokens"] += row["num_tokens"]
-            if words is not None:
-                s["label_copy"] += int(text.split() == words[row["prompt_index"]])
+            if labels is not None:
+                s["label_copy"] += int(is_label_copy(text, labels[row["prompt_index"]]))
 
     def rates(s):
         out = {"n": s["n"], "correct": s["correct"] / s["n"], "unfinished": s["unfinished"] / s["n"],
                "mean_tokens": s["tokens"] / s["n"]}
-        if words is not None:
+        if labels is not None:
             out["label_copy"] = s["label_copy"] / s["n"]
         return out
 

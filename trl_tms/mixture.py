@@ -71,14 +71,19 @@ def mixture_candidates(
     return Dataset.from_dict(dict(rows)), empty
 
 
+def is_label_copy(completion, label) -> bool:
+    """Whether a completion is the label word for word (whitespace aside); either may be a string or chat messages."""
+    return completion_text(completion).split() == completion_text(label).split()
+
+
 def label_copies(trajectories: Dataset, dataset: Dataset, keep: list[bool]) -> int:
     """
-    How many of the kept trajectories are their prompt's label word for word (whitespace aside). Where most are, the
+    How many of the kept trajectories are their prompt's label word for word ([`is_label_copy`]). Where most are, the
     student trains on what SFT trains on, and drifts as SFT does: the policy that wrote them has learned the labels.
     """
-    labels = [completion_text(c).split() for c in dataset["completion"]]
+    labels = dataset["completion"]
     return sum(
-        kept and completion_text(completion).split() == labels[index]
+        kept and is_label_copy(completion, labels[index])
         for index, completion, kept in zip(trajectories["prompt_index"], trajectories["completion"], keep)
     )
 

@@ -26,8 +26,8 @@ optimizer steps, LoRA settings and seed:
   student samples one answer per prompt and is distilled (top-100 logits) towards the base model shown the worked
   answer in context (`SDFT_TEMPLATE`); TRL's defaults otherwise, the same steps and prompts;
 - `tms` (the paper's defaults: T = 10, alpha = 0.25), `tms_online`, `tms_verified` (issue #17's verifier filter, a
-  student on the `tms` run's history), `tms_online_verified`; `tms_online_alpha_50` and `_75` (online TMS at a label
-  share of 0.5 and 0.75: the curve between `tms_online` and SFT);
+  student on the `tms` run's history), `tms_online_verified`; `tms_online_alpha_50`, `_75` and `_90` (online TMS at a
+  label share of 0.5, 0.75 and 0.9: the curve between `tms_online` and SFT);
 - `tms_rehearsal_10`, `tms_rehearsal_25` (issue #23, beyond the paper): TMS whose draws are, with probability 0.1 or
   0.25, the initial model's own answer to one of 64 everyday prompts (students on the `tms` run's history);
   `sft_rehearsal_10`: plain SFT with those answers added as a tenth of its rows (`trl_tms.mix_in_rehearsal`), at SFT's
@@ -109,6 +109,7 @@ ARMS = {
     # trade-off curve between `tms_online` (0.25) and plain SFT (1.0).
     "tms_online_alpha_50": ("tms", dict(tms_mode="online", label_weight=0.5, num_checkpoints=10)),
     "tms_online_alpha_75": ("tms", dict(tms_mode="online", label_weight=0.75, num_checkpoints=10)),
+    "tms_online_alpha_90": ("tms", dict(tms_mode="online", label_weight=0.9, num_checkpoints=10)),
     # Issue #23: self-rehearsal (the initial model's greedy answers to the 64 built-in everyday prompts, disjoint from
     # the chat probe's and the meter's prompts) drawn with probability beta; students on the `tms` run's history.
     "tms_rehearsal_10": ("tms", dict(label_weight=0.25, num_checkpoints=10, rehearsal_weight=0.1)),

@@ -41,6 +41,7 @@ LABELS = {
     "tms_online": "online TMS, paper defaults",
     "tms_online_alpha_50": "online TMS, alpha = 0.5",
     "tms_online_alpha_75": "online TMS, alpha = 0.75",
+    "tms_online_alpha_90": "online TMS, alpha = 0.9",
     "tms_online_verified": "online TMS + verifier filter (needs a verifier)",
     "self_sft": "self-training, unfiltered",
     "self_sft_verified": "self-training + verifier (needs a verifier)",

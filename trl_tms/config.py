@@ -120,7 +120,9 @@ class TMSConfig(SFTConfig):
         label_weight (`float`, *optional*, defaults to `0.25`):
             Probability (alpha) of training on the reference label each time an example is drawn; otherwise a
             trajectory is drawn uniformly over the snapshots (then uniformly over that snapshot's samples). `1.0`
-            reduces TMS to plain SFT, `0.0` trains on trajectories only.
+            reduces TMS to plain SFT, `0.0` trains on trajectories only. The default is the paper's; with
+            `tms_mode="online"` a higher value (0.5 to 0.75) learns more of the task for a little more drift: see the
+            how-to guide, "Choose `label_weight`".
         trajectory_choice (`str`, *optional*, defaults to `"uniform"`):
             Which trajectory a prompt trains on when it does not draw its label. `"uniform"` (the paper): uniformly over
             the snapshots, then over that snapshot's samples. `"curriculum"`: uniformly within a slice of the snapshots
@@ -349,7 +351,8 @@ class TMSConfig(SFTConfig):
         metadata={
             "help": "Probability (alpha) of training on the reference label each time an example is drawn; otherwise "
             "a trajectory is drawn uniformly over the snapshots. `1.0` reduces TMS to plain SFT, `0.0` trains on "
-            "trajectories only."
+            "trajectories only. The default is the paper's; with `tms_mode='online'` a higher value (0.5 to 0.75) learns "
+            "more of the task for a little more drift (docs/how-to.md, 'Choose label_weight')."
         },
     )
     trajectory_choice: str = field(

@@ -1,4 +1,4 @@
-"""The retention dial: the adapter-scale curve, the choice of a scale, and the scaled adapter saved, reloaded, pushed."""
+"""The retention dial: the adapter-scale curve, the choice of a scale, the scaled adapter saved, reloaded and pushed."""
 
 import json
 import math

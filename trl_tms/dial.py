@@ -117,7 +117,9 @@ class AdapterScaleCurve:
         if min_score is not None and not self.greater_is_better:
             raise ValueError(f"`{self.score_name}` is better when lower: bound it with `max_score=`, not `min_score=`.")
         if max_score is not None and self.greater_is_better:
-            raise ValueError(f"`{self.score_name}` is better when higher: bound it with `min_score=`, not `max_score=`.")
+            raise ValueError(
+                f"`{self.score_name}` is better when higher: bound it with `min_score=`, not `max_score=`."
+            )
         conditions = []
         if max_retention_kl is not None:
             conditions.append((f"retention_kl <= {max_retention_kl}", lambda p: p.retention_kl <= max_retention_kl))
@@ -219,7 +221,9 @@ def check_scalable(model) -> None:
     for name in model.active_adapters:
         config = model.peft_config[name]
         if not isinstance(config, LoraConfig):
-            raise ValueError(f"The adapter-scale dial scales LoRA adapters; adapter {name!r} is {type(config).__name__}.")
+            raise ValueError(
+                f"The adapter-scale dial scales LoRA adapters; adapter {name!r} is {type(config).__name__}."
+            )
         unscaled = [what for what, present in (
             ("use_dora=True", config.use_dora),
             (f"bias={config.bias!r}", config.bias != "none"),
@@ -305,7 +309,9 @@ def trace_adapter_scale(
     check_scalable(model)
     scales = [float(s) for s in scales]
     if not scales or any(not math.isfinite(s) or s < 0 for s in scales):
-        raise ValueError(f"`scales` must be non-empty, finite and >= 0 (0 = base model, 1 = the adapter); got {scales}.")
+        raise ValueError(
+            f"`scales` must be non-empty, finite and >= 0 (0 = base model, 1 = the adapter); got {scales}."
+        )
     if score_fn is None:
         score_fn, score_name, greater_is_better = _default_score(trainer, eval_dataset), DEFAULT_SCORE, False
         if score_fn is None:

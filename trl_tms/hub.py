@@ -91,11 +91,18 @@ def add_adapter_scale_to_card(path: str, scale: float, summary: dict[str, object
         "## Adapter scale",
         "",
         f"This adapter is the trained LoRA delta scaled by **{scale:g}** (0 = the base model, 1 = the adapter as "
-        f"trained): its `lora_alpha` in `adapter_config.json` is the trained value times {scale:g}, so PEFT loads it at "
-        "this scale. The curve it was chosen from, if saved, is `adapter_scale.json` (plot: `adapter_scale.png`).",
+        f"trained): its `lora_alpha` in `adapter_config.json` is the trained value times {scale:g}, so PEFT loads it "
+        "at this scale.",
     ]
     if summary:
-        lines += ["", "| at this scale | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in summary.items())]
+        lines += [
+            "",
+            "The curve it was chosen from is `adapter_scale.json` (plot: `adapter_scale.png`, with matplotlib):",
+            "",
+            "| at this scale | value |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in summary.items()),
+        ]
     card.text = card.text.rstrip() + "\n" + "\n".join(lines) + "\n"
     card.save(path)
     return card

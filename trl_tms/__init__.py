@@ -2,6 +2,7 @@
 
 from .config import TMSConfig
 from .data import to_prompt_completion
+from .dial import AdapterScaleCurve, ScalePoint, apply_adapter_scale, trace_adapter_scale
 from .forgetting import METER_PROMPTS, RetentionCallback
 from .history import AdapterHistory, SnapshotCallback
 from .mixture import MixtureDataset, TrajectoryStats
@@ -15,16 +16,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterHistory",
+    "AdapterScaleCurve",
     "METER_PROMPTS",
     "MixtureDataset",
     "PLDCallback",
     "REHEARSAL_PROMPTS",
     "RetentionCallback",
     "SamplingParams",
+    "ScalePoint",
     "SnapshotCallback",
     "TMSConfig",
     "TMSTrainer",
     "TrajectoryStats",
+    "apply_adapter_scale",
     "generate_trajectories",
     "generate_trajectories_vllm",
     "is_vllm_available",
@@ -32,4 +36,5 @@ __all__ = [
     "policy_label_divergence",
     "self_rehearsal_dataset",
     "to_prompt_completion",
+    "trace_adapter_scale",
 ]

@@ -80,6 +80,34 @@ def complete_model_card(
     return card
 
 
+def add_adapter_scale_to_card(path: str, scale: float, summary: dict[str, object]) -> ModelCard:
+    """
+    Add to the card at `path` that the adapter is its trained LoRA delta times `scale` (the retention dial, WiSE-FT
+    for LoRA), with what `summary` says of that scale (its measured values, why it was chosen).
+    """
+    card = ModelCard.load(path)
+    lines = [
+        "",
+        "## Adapter scale",
+        "",
+        f"This adapter is the trained LoRA delta scaled by **{scale:g}** (0 = the base model, 1 = the adapter as "
+        f"trained): its `lora_alpha` in `adapter_config.json` is the trained value times {scale:g}, so PEFT loads it "
+        "at this scale.",
+    ]
+    if summary:
+        lines += [
+            "",
+            "The curve it was chosen from is `adapter_scale.json` (plot: `adapter_scale.png`, with matplotlib):",
+            "",
+            "| at this scale | value |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in summary.items()),
+        ]
+    card.text = card.text.rstrip() + "\n" + "\n".join(lines) + "\n"
+    card.save(path)
+    return card
+
+
 def push_history(history_dir: str, repo_id: str, folder: str, **kwargs):
     """Upload the snapshot folders (`step-<N>/`, complete ones only) of a history to `repo_id` under `folder`."""
     return upload_folder(

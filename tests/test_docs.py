@@ -293,8 +293,9 @@ def test_python_code_blocks_parse(path):
 def test_defaults_written_elsewhere_in_the_docs_are_the_real_ones():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     problems = readme_default_problems(readme, tms_fields())
-    problems += [f"{path.name}: {p}" for path in markdown_files() for p in signature_problems(path.read_text("utf-8"))]
-    problems += [f"{path.name}: {p}" for path in markdown_files() for p in meter_share_problems(path.read_text("utf-8"))]
+    for path in markdown_files():
+        text = path.read_text(encoding="utf-8")
+        problems += [f"{path.name}: {p}" for p in signature_problems(text) + meter_share_problems(text)]
     assert not problems, "defaults out of date:\n" + "\n".join(problems)
 
 

@@ -128,7 +128,8 @@ def test_resolve_base_model(tmp_path):
 
 
 def test_the_card_of_an_online_run_describes_one_run_and_its_mode(tiny_llama, tmp_path, hub):
-    trainer = run(tiny_llama, tmp_path, tms_mode="online", num_checkpoints=2, online_snapshot_every=1, push_history=True)
+    trainer = run(tiny_llama, tmp_path, tms_mode="online", num_checkpoints=2, online_snapshot_every=1,
+                  push_history=True)
     trainer.push_to_hub()
     _, text = front_matter(os.path.join(trainer.args.output_dir, "README.md"))
     assert "| tms_mode | online |" in text and "| online_snapshot_every | 1 |" in text

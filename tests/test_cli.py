@@ -194,3 +194,32 @@ def test_resume_flag(value, expected):
     from trl_tms.cli import resume_argument
 
     assert resume_argument(value) == expected
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--trust_remote_code"], True)], ids=["default", "flag"])
+def test_trust_remote_code_reaches_the_model_and_tokenizer_loading(tiny_llama, tmp_path, monkeypatch, flag, expected):
+    import transformers
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def recording(name, real, stop=False):
+        def from_pretrained(cls, *args, **kwargs):
+            seen[name] = kwargs.get("trust_remote_code")
+            if stop:
+                raise Stop
+            return real.__func__(cls, *args, **kwargs)
+
+        return classmethod(from_pretrained)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
+                        recording("model", transformers.PreTrainedModel.from_pretrained))
+    # The tokenizer is loaded after the model: nothing more is needed from the run.
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        recording("tokenizer", transformers.AutoProcessor.from_pretrained, stop=True))
+    with pytest.raises(Stop):
+        main(["--model_name_or_path", tiny_llama, "--dataset_name", qa_file(tmp_path), "--prompt_column", "question",
+              "--completion_column", "answer", "--output_dir", str(tmp_path / "out"), "--report_to", "none", *flag])
+    assert seen == {"model": expected, "tokenizer": expected}

@@ -114,6 +114,81 @@ def config_doc_problems(markdown: str, fields: list[dataclasses.Field]) -> list[
     return problems
 
 
+def readme_default_problems(markdown: str, fields: list[dataclasses.Field]) -> list[str]:
+    """
+    Rows of a `field | default` table (the README's TMS settings) whose defaults, one per named field and written as
+    Python literals, differ from TMSConfig's. Values that are not literals (`<output_dir>/...`) are not checked.
+    """
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    problems = []
+    for row in table_rows(markdown):
+        names = re.findall(r"`([^`]+)`", row.get("field", ""))
+        if "default" not in row or not names or not all(name in defaults for name in names):
+            continue
+        values = [value.strip() for value in row["default"].split(",")]
+        if len(values) != len(names):
+            problems.append(f"{', '.join(names)}: {len(names)} fields but {len(values)} defaults ({row['default']!r})")
+            continue
+        for name, value in zip(names, values):
+            try:
+                written = ast.literal_eval(value.split(" (")[0].strip("`"))
+            except (ValueError, SyntaxError):
+                continue
+            if type(written) is not type(defaults[name]) or written != defaults[name]:
+                problems.append(f"`{name}`: default written as {value!r}, real default {defaults[name]!r}")
+    return problems
+
+
+def signature_problems(markdown: str) -> list[str]:
+    """
+    Code spans that write out a public callable's whole parameter list, `Name(arg, key=value, ...)`, with a default
+    other than the real one. A call that names only some parameters is an example, not a signature, and is skipped.
+    """
+    import inspect
+
+    import trl_tms
+
+    problems = []
+    for match in _CODE_SPAN.finditer(_FENCE.sub("", markdown)):
+        try:
+            call = ast.parse(" ".join(match.group(2).split()), mode="eval").body
+        except SyntaxError:
+            continue
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
+            continue
+        target = getattr(trl_tms, call.func.id, None)
+        if not callable(target):
+            continue
+        parameters = inspect.signature(target).parameters
+        written = [arg.id for arg in call.args if isinstance(arg, ast.Name)] + [k.arg for k in call.keywords]
+        if written != list(parameters):
+            continue
+        for keyword in call.keywords:
+            try:
+                value = ast.literal_eval(keyword.value)
+            except ValueError:
+                continue
+            default = parameters[keyword.arg].default
+            if type(value) is not type(default) or value != default:
+                problems.append(f"{call.func.id}({keyword.arg}={value!r}): the real default is {default!r}")
+    return problems
+
+
+# "<n> of the <N> built in by default": only the forgetting meter uses a default share of its built-in prompts.
+_METER_SHARE = re.compile(r"(\d+) of the (\d+) built in by default")
+
+
+def meter_share_problems(markdown: str) -> list[str]:
+    from trl_tms import METER_PROMPTS
+
+    default = TMSConfig.__dataclass_fields__["retention_num_prompts"].default
+    return [
+        f"{match.group(0)!r}: the meter uses {default} of the {len(METER_PROMPTS)} built-in prompts by default"
+        for match in _METER_SHARE.finditer(" ".join(markdown.split()))
+        if (int(match.group(1)), int(match.group(2))) != (default, len(METER_PROMPTS))
+    ]
+
+
 _FENCE = re.compile(r"^([ \t]*)(```|~~~).*?^\1\2[ \t]*$", re.S | re.M)
 _INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
 _REFERENCE = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$", re.M)
@@ -213,3 +288,23 @@ def test_python_code_blocks_parse(path):
     blocks = re.findall(r"^([ \t]*)```python\n(.*?)^\1```", path.read_text(encoding="utf-8"), re.S | re.M)
     for _, block in blocks:
         ast.parse(textwrap.dedent(block))
+
+
+def test_defaults_written_elsewhere_in_the_docs_are_the_real_ones():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    problems = readme_default_problems(readme, tms_fields())
+    for path in markdown_files():
+        text = path.read_text(encoding="utf-8")
+        problems += [f"{path.name}: {p}" for p in signature_problems(text) + meter_share_problems(text)]
+    assert not problems, "defaults out of date:\n" + "\n".join(problems)
+
+
+def test_default_checks_catch_a_wrong_meter_default():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    how_to = (DOCS / "how-to.md").read_text(encoding="utf-8")
+    assert "| True, 6, 16 |" in readme and "max_new_tokens=16, top_k" in how_to and "6 of the 64 built in" in readme
+    wrong_table = readme_default_problems(readme.replace("| True, 6, 16 |", "| True, 8, 16 |"), tms_fields())
+    assert wrong_table == ["`retention_num_prompts`: default written as '8', real default 6"]
+    wrong_signature = signature_problems(how_to.replace("max_new_tokens=16, top_k", "max_new_tokens=24, top_k"))
+    assert wrong_signature == ["RetentionCallback(max_new_tokens=24): the real default is 16"]
+    assert len(meter_share_problems(readme.replace("6 of the 64 built in", "8 of the 64 built in"))) == 1

@@ -85,6 +85,7 @@ def test_push_sends_the_student_adapter_and_a_tms_card(tiny_llama, tmp_path, hub
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert meta["library_name"] == "peft"
     assert {"trl", "sft", "tms"} <= set(meta["tags"])
+    assert "| tms_mode | two_pass |" in text and "online_snapshot_every" not in text and "a harvest SFT run" in text
     assert "| num_checkpoints (T) | 2 |" in text and "| label_weight (alpha) | 0.25 |" in text
     assert "| temperature | 1.0 |" in text and "| snapshot steps | 1, 2 |" in text
     final = [e for e in trainer.state.log_history if e.get("tms_phase") == 2 and "pld" in e][-1]
@@ -124,3 +125,16 @@ def test_resolve_base_model(tmp_path):
     assert resolve_base_model(str(tmp_path)) is None
     assert resolve_base_model(str(tmp_path), override="org/model") == "org/model"
     assert resolve_base_model(None) is None
+
+
+def test_the_card_of_an_online_run_describes_one_run_and_its_mode(tiny_llama, tmp_path, hub):
+    trainer = run(tiny_llama, tmp_path, tms_mode="online", num_checkpoints=2, online_snapshot_every=1,
+                  push_history=True)
+    trainer.push_to_hub()
+    _, text = front_matter(os.path.join(trainer.args.output_dir, "README.md"))
+    assert "| tms_mode | online |" in text and "| online_snapshot_every | 1 |" in text
+    assert "one run (online TMS)" in text and "The adapter snapshots taken during the run are in `history/" in text
+    # Nothing of the two-pass run: no harvest, no student restarted from the initial adapter.
+    assert "harvest" not in text and "student" not in text
+    final = [e for e in trainer.state.log_history if e.get("tms_phase") == 3 and "pld" in e][-1]
+    assert f"| online TMS | {final['pld']:.4f} | {final['pld_drift']:.4f} |" in text

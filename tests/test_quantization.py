@@ -162,3 +162,61 @@ def test_8bit_with_a_non_lora_adapter_raises(tiny_llama, tmp_path):
             peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
             quantization_config=BitsAndBytesConfig(load_in_8bit=True),
         )
+
+
+# Run before `import trl_tms` in a fresh interpreter: every network connection raises and is recorded (bitsandbytes
+# swallows the error, so only the record shows it), and bitsandbytes is told the CPU has AVX512-BF16, the CPUs on which
+# its import looks a kernel up on the Hub, so that the check does not depend on the machine.
+NO_NETWORK_PRELUDE = """
+import importlib.abc, importlib.machinery, socket, sys, traceback
+attempts, claimed = [], []
+
+def refuse(*args, **kwargs):
+    attempts.append("".join(traceback.format_stack(limit=12)))
+    raise RuntimeError("network")
+
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = socket.getaddrinfo = refuse
+
+class ClaimAvx512Bf16(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.has_avx512bf16 = lambda: True
+            claimed.append(name)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, ClaimAvx512Bf16())
+"""
+
+
+def test_importing_trl_tms_makes_no_network_request():
+    import json
+    import subprocess
+    import sys
+
+    check = NO_NETWORK_PRELUDE + (
+        "import json, os\n"
+        "import trl_tms\n"
+        "from huggingface_hub import constants\n"
+        "print(json.dumps({'attempts': attempts, 'claimed': claimed, 'offline_after': constants.HF_HUB_OFFLINE,"
+        " 'env': os.environ.get('HF_HUB_OFFLINE')}))\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["claimed"] == ["bitsandbytes.functional"]  # the Hub lookup's code path did run
+    assert result["attempts"] == [], result["attempts"][0]
+    # The offline switch was on only while bitsandbytes was imported; the user's settings are as they were.
+    assert result["offline_after"] is False and result["env"] is None
+    assert "gemm_4bit_forward" not in done.stderr

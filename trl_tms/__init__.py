@@ -1,5 +1,12 @@
 """Trajectory-Mixed Supervision (TMS) for Hugging Face TRL: reward-free, on-policy SFT that forgets less."""
 
+# First, before PEFT (imported by TRL and by our modules) imports bitsandbytes and, on some CPUs, asks the Hub for a
+# kernel: importing trl_tms must make no network request.
+from .quantization import import_bitsandbytes_offline
+
+
+import_bitsandbytes_offline()
+
 from .config import TMSConfig
 from .data import to_prompt_completion
 from .dial import AdapterScaleCurve, ScalePoint, apply_adapter_scale, trace_adapter_scale

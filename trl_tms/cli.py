@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             "revision": model_args.model_revision,
             "attn_implementation": model_args.attn_implementation,
             "dtype": model_args.dtype,
+            # TRL's SFTTrainer also passes it to the tokenizer's `from_pretrained`.
+            "trust_remote_code": training_args.trust_remote_code,
             **(training_args.model_init_kwargs or {}),
         }
 

@@ -10,6 +10,14 @@ from trl.trainer.utils import get_config_model_id
 
 _HUB_CACHE_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")
 _TRL_BASE_SENTENCE = re.compile(r"This model is a fine-tuned version of \[[^\]]*\]\(https://huggingface\.co/[^)]*\)")
+# What the card says of the run, and of where its snapshots come from, for each `tms_mode`.
+_RUN_DESCRIPTIONS = {
+    "two_pass": "a harvest SFT run on the labels, trajectories sampled from its adapter snapshots, and a student "
+    "trained from the initial adapter on a mixture of labels and trajectories.",
+    "online": "one run (online TMS) that snapshots the adapter it trains as it goes, from step 0, samples trajectories "
+    "from each snapshot, and trains on a mixture of labels and the trajectories of its latest snapshots.",
+}
+_SNAPSHOTS_TAKEN = {"two_pass": "of the harvest run", "online": "taken during the run"}
 
 
 def resolve_base_model(name_or_path: str | None, override: str | None = None) -> str | None:
@@ -36,10 +44,12 @@ def complete_model_card(
     settings: dict[str, object],
     pld: dict[str, float],
     history_repo_folder: str | None,
+    tms_mode: str = "two_pass",
 ) -> ModelCard:
     """
     Turn TRL's card at `path` into the card of a TMS adapter: PEFT front matter (`library_name: peft`, the base model,
-    a `tms` tag) and a section with the TMS settings, the final PLD and PLD drift, and where the snapshots are.
+    a `tms` tag) and a section with the TMS settings, the final PLD and PLD drift, and where the snapshots are. The
+    section describes the run `tms_mode` names: two passes (a harvest and a student) or one online run.
     """
     card = ModelCard.load(path)
     card.data.base_model = base_model
@@ -51,9 +61,8 @@ def complete_model_card(
         "",
         "## Trajectory-Mixed Supervision",
         "",
-        "This LoRA adapter was trained with [TMS](https://huggingface.co/papers/2602.03073) (trl-tms): a harvest SFT "
-        "run on the labels, trajectories sampled from its adapter snapshots, and a student trained from the initial "
-        "adapter on a mixture of labels and trajectories.",
+        "This LoRA adapter was trained with [TMS](https://huggingface.co/papers/2602.03073) (trl-tms): "
+        + _RUN_DESCRIPTIONS[tms_mode],
         "",
         "| setting | value |",
         "|---|---|",
@@ -72,7 +81,8 @@ def complete_model_card(
     if history_repo_folder:
         lines += [
             "",
-            f"The adapter snapshots of the harvest run are in `{history_repo_folder}/step-<N>/`; load one with "
+            f"The adapter snapshots {_SNAPSHOTS_TAKEN[tms_mode]} are in `{history_repo_folder}/step-<N>/`; load one "
+            "with "
             f'`PeftModel.from_pretrained(base_model, repo_id, subfolder="{history_repo_folder}/step-<N>")`.',
         ]
     card.text = card.text.rstrip() + "\n" + "\n".join(lines) + "\n"
@@ -122,7 +132,10 @@ def push_history(history_dir: str, repo_id: str, folder: str, **kwargs):
 
 def card_settings(args, snapshot_steps: list[int], max_new_tokens: int) -> dict[str, object]:
     """The TMS settings a model card lists."""
+    online = {"online_snapshot_every": args.online_snapshot_every or "default"} if args.tms_mode == "online" else {}
     return {
+        "tms_mode": args.tms_mode,
+        **online,
         "num_checkpoints (T)": args.num_checkpoints,
         "label_weight (alpha)": args.label_weight,
         "snapshot steps": ", ".join(map(str, snapshot_steps)) or "none yet",
@@ -163,6 +176,7 @@ class TMSHubMixin:
             settings=card_settings(self.args, self.history.steps, self.max_new_tokens),
             pld=final_pld(self.state.log_history),
             history_repo_folder="history" if self.args.push_history else None,
+            tms_mode=self.args.tms_mode,
         )
 
     def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **kwargs):

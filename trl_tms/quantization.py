@@ -2,6 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
+import sys
+
+# The loggers that report the Hub kernel lookup bitsandbytes makes at import, which `import_bitsandbytes_offline` skips.
+_KERNEL_LOOKUP_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Turn huggingface_hub's offline switch on for the block only, and drop what the skipped lookup logs."""
+    from huggingface_hub import constants
+
+    def drop(record):
+        return False
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    loggers = [logging.getLogger(name) for name in _KERNEL_LOOKUP_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+def import_bitsandbytes_offline() -> None:
+    """
+    Import bitsandbytes, if it is installed and not imported yet, with the Hugging Face Hub switched off meanwhile.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes asks the Hub (`kernels.get_kernel`) for an optional CPU inference
+    kernel, and PEFT imports bitsandbytes whenever it is installed: without this, `import trl_tms` would make a network
+    request for every user, quantized or not. `kernels` honours huggingface_hub's offline switch, so the import runs
+    with it on, and the switch is restored afterwards. A kernel already in the local Hub cache is still used; none is
+    downloaded, and without one bitsandbytes uses the CPU kernel built into its own library. Importing bitsandbytes
+    before `trl_tms` keeps its own behaviour (the download included).
+    """
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    with _hub_offline():
+        import bitsandbytes  # noqa: F401
 
 def keep_4bit_layers_trainable(model) -> int:
     """

@@ -5,8 +5,8 @@ wall time by phase against a plain `trl.SFTTrainer` run of the same data, steps 
     python benchmarks/cost_t10.py --arms sft,tms  # a subset; arms already in results/cost_t10/arms/ are kept
     python benchmarks/cost_t10.py --report_only   # the table from the saved arms
 
-The run is the study's learn-from-zero regime (`harness/registry.py`, `zero`): the embedded SmolLM2-135M-Instruct, LoRA r=64 on
-every linear layer, lr 1e-3, 64 `leg_counting` problems with worked answers, batch 8, 4 epochs (32 optimizer steps),
+The run is the study's learn-from-zero regime (`harness/registry.py`, `zero`): the embedded SmolLM2-135M-Instruct,
+LoRA r=64 on every linear layer, lr 1e-3, 64 `leg_counting` problems with worked answers, batch 8, 4 epochs (32 optimizer steps),
 trajectories of at most 128 new tokens, 64 rows per `generate` call. Arms, each in its own process (so its peak memory
 is its own), one after another:
 
@@ -63,7 +63,8 @@ def run_arm(arm: str, workdir: str, generation_memory_mb: float | None = None) -
     model, tokenizer = training.load_model()
     out = os.path.join(workdir, arm)
     common = dict(
-        per_device_train_batch_size=registry.BATCH_SIZE, num_train_epochs=REGIME["epochs"], learning_rate=REGIME["learning_rate"],
+        per_device_train_batch_size=registry.BATCH_SIZE, num_train_epochs=REGIME["epochs"],
+        learning_rate=REGIME["learning_rate"],
         lr_scheduler_type="linear", warmup_steps=0, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), bf16=False, max_length=TASK_TOKENS + 160,
     )
@@ -73,7 +74,9 @@ def run_arm(arm: str, workdir: str, generation_memory_mb: float | None = None) -
         trainer = SFTTrainer(model=model, args=SFTConfig(out, **common), train_dataset=train,
                              processing_class=tokenizer, peft_config=training.lora_config(REGIME))
     else:
-        fields = dict(ARMS[arm].settings, **({"generation_memory_mb": generation_memory_mb} if arm == "tms_memory" else {}))
+        fields = dict(ARMS[arm].settings)
+        if arm == "tms_memory":
+            fields["generation_memory_mb"] = generation_memory_mb
         config = TMSConfig(out, max_new_tokens=TASK_TOKENS, generation_batch_size=64, **fields, **common)
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set,
                              processing_class=tokenizer, peft_config=training.lora_config(REGIME))
@@ -109,7 +112,8 @@ def run_arm(arm: str, workdir: str, generation_memory_mb: float | None = None) -
         phases["generation_memory_mb"] = generation_memory_mb
         phases["rows_per_call"] = trainer.generator.sampling.batch_size
     return {
-        "arm": arm, "settings": None if plain else dict(ARMS[arm].settings), "steps": trainer.state.global_step, "wall_seconds": wall, **phases,
+        "arm": arm, "settings": None if plain else dict(ARMS[arm].settings), "steps": trainer.state.global_step,
+        "wall_seconds": wall, **phases,
         "train_peak_rss_mb": memory.peak / 2**20,
         "load_average": load_average(load_before),
     }

@@ -9,8 +9,9 @@
     python benchmarks/study.py --backfill --work_dir DIR   # add later probes to saved runs (from DIR's adapters)
     python benchmarks/study.py --mode retention  # retention.py's arms (zero and mild regimes) on the same harness
 
-A driver over `harness/`: the arms are declared in `harness/registry.py`, trained by `harness/training.py`, measured
-by `harness/probes.py`, saved as `harness/records.py` records and reported by `harness/report.py` and `harness/plots.py`.
+A driver over `harness/`: the arms are declared in `harness/registry.py`, trained by `harness/training.py`,
+measured by `harness/probes.py`, saved as `harness/records.py` records and reported by `harness/report.py` and
+`harness/plots.py`.
 
 Model: the embedded SmolLM2-135M-Instruct with LoRA (r=64 on every linear layer). Regimes (`harness/tasks.py`):
 `zero`, `leg_counting`, which the base model cannot do and plain SFT learns while forgetting measurably; `partly`, a
@@ -109,8 +110,8 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
     evaluation = ProbeSuite(mode, model, tokenizer, test, pld_set)
     if not os.path.isfile(base_path):
         print(f"[{regime_name}] base", flush=True)
-        write_json_atomically(base_path, {"arm": "base", "regime": regime_name, "seed": 0,
-                                          "final": evaluation.evaluate(model, full=True)})
+        write_record(output_dir, {"arm": "base", "regime": regime_name, "seed": 0,
+                                  "final": evaluation.evaluate(model, full=True)})
     del model
     steps = training.planned_steps(regime, mode["num_train"])
     capture = [round(steps * k / mode["checkpoints"]) for k in range(1, mode["checkpoints"] + 1)]
@@ -133,7 +134,7 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
         workdir = tempfile.mkdtemp(prefix=f"{arm}-s{seed}-", dir=scratch)
         load_before = os.getloadavg()[0]
         runs, model, _ = training.train_run(arm, regime, seed, train, pld_set, workdir, history, capture,
-                                   mode.get("tms_overrides", {}))
+                                            mode.get("tms_overrides", {}))
         # Wall times are comparable only when the run had the machine to itself: a 1-minute load average well
         # above the torch thread count at either end flags a run that shared it.
         load = load_average(load_before)
@@ -194,7 +195,7 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
         if "ifeval_acc" not in record["final"]:
             model, tokenizer = training.load_model()
             measure(model, tokenizer, record["final"], "the base model")
-            write_json_atomically(base_path, record)
+            write_record(output_dir, record)
     for arm in arms:
         for seed in mode["seeds"]:
             path = arm_path(output_dir, regime_name, arm, seed)
@@ -227,8 +228,9 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
                     print(f"[{regime_name}] backfill tms s{seed}: training its student again on the saved history",
                           flush=True)
                     with tempfile.TemporaryDirectory(prefix=f"tms-s{seed}-", dir=scratch) as workdir:
-                        runs, model, tokenizer = training.train_run("tms", regime, seed, train, pld_set, workdir, history,
-                                                           [steps], mode.get("tms_overrides", {}), reuse=True)
+                        runs, model, tokenizer = training.train_run(
+                            "tms", regime, seed, train, pld_set, workdir, history, [steps],
+                            mode.get("tms_overrides", {}), reuse=True)
                     training.load_weights(model, runs["tms"]["weights"][steps])
                     training.save_final(scratch, regime_name, arm, seed, runs["tms"]["weights"][steps])
                     source = "student trained again on the saved tms history"
@@ -238,7 +240,7 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
                     continue
                 # The half-way snapshot comes from the same history as the final one, which is checked.
                 measure(model, tokenizer, checkpoint, source, verify=checkpoint is final(record))
-                write_json_atomically(path, record)
+                write_record(output_dir, record)
                 del model
 
 
@@ -305,7 +307,8 @@ def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float
         started = time.perf_counter()
         train, test = load_task(name, 64, num_items, seed=0)
         with tempfile.TemporaryDirectory() as workdir:
-            _, model, tokenizer = training.train_run("sft", regime, 0, train, test.select(range(8)), workdir, "", [], {})
+            _, model, tokenizer = training.train_run("sft", regime, 0, train, test.select(range(8)), workdir, "", [],
+                                                     {})
         target = probes.target_accuracy(model, tokenizer, test, registry.TASK_TOKENS, is_correct)
         row.update(sft_accuracy=target["accuracy"], sft_epochs=epochs, sft_example=target["texts"][0],
                    sft_seconds=time.perf_counter() - started)
@@ -337,7 +340,8 @@ def main(argv=None):
 
     mode_name = args.mode or ("quick" if args.quick else "full")
     mode = dict(MODES[mode_name])
-    output_dir = args.output_dir or os.path.join(HERE, "results", "study" + ("" if mode_name == "full" else f"_{mode_name}"))
+    suffix = "" if mode_name == "full" else f"_{mode_name}"
+    output_dir = args.output_dir or os.path.join(HERE, "results", "study" + suffix)
     if args.screen:
         os.makedirs(output_dir, exist_ok=True)
         learn = None if args.screen_learn is None else [t for t in args.screen_learn.split(",") if t != "none"] or ["-"]

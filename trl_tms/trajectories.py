@@ -380,7 +380,8 @@ def pairs_digest(pairs) -> int:
 
 
 DROP_FINISHED_EVERY = 16  # new tokens between two checks for rows that reached EOS
-# `False` encodes a prompt once per sample, as rows of their own: the reference a benchmark times the shared pass against.
+# `False` encodes a prompt once per sample, as rows of their own: the reference a benchmark times the shared prompt
+# pass against.
 SHARE_PROMPT_PASS = True
 
 

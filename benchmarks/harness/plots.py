@@ -1,5 +1,5 @@
 """The plots: target gain against forgetting per arm with the Pareto frontier (a `pareto_<regime>.png` per regime), and
-the live signals against forgetting at every checkpoint (`signals.png`, and forgetting_meter.py's `meter_vs_probes.png`).
+the live signals against forgetting at every checkpoint (`signals.png`; forgetting_meter.py's `meter_vs_probes.png`).
 """
 
 from __future__ import annotations

@@ -69,9 +69,9 @@ def ran_alone(record: dict) -> bool:
 def from_retention_layout(root: str) -> dict:
     """
     `retention.py`'s records as this format's: each run's probe values (measured once, after training) become its one
-    final checkpoint (`final_only`: the report reads no `sft_early` off it); the logged PLD curve is kept as `pld_curve`, what a TMS student drew from as
-    `trajectory_quality`; a student on another arm's history has `reused_history` in its wall times. The one base
-    record is every regime's base.
+    final checkpoint (`final_only`: the report reads no `sft_early` off it); the logged PLD curve is kept as
+    `pld_curve`, what a TMS student drew from as `trajectory_quality`; a student on another arm's history has
+    `reused_history` in its wall times. The one base record is every regime's base.
     """
     base, found = None, {}
     for name in sorted(os.listdir(root)):

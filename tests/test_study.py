@@ -315,6 +315,35 @@ def test_backfill_adds_the_new_probe_from_the_history_and_a_student_trained_agai
     assert "ifeval" not in summary["sft_dft"]
 
 
+def test_a_regime_runs_end_to_end_into_records_and_resumes(tiny_study, tmp_path, monkeypatch):
+    """Base, then an arm measured at each checkpoint by the probe suite, saved as records; a rerun trains nothing."""
+    from harness import probes
+
+    train, pld, regime = tiny_study
+    monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (train, pld))
+    follow = probes.instruction_following
+    monkeypatch.setattr(probes, "instruction_following", lambda model, tok: follow(model, tok, max_new_tokens=4))
+    mode = dict(study.MODES["quick"], regimes={"zero": regime}, num_train=16, num_test=4, num_pld=4, mc_items=3,
+                wiki_items=6, chat_prompts=2, chat_tokens=4, checkpoints=2)
+    out, scratch = str(tmp_path / "results"), str(tmp_path / "scratch")
+    os.makedirs(scratch)
+    study.run_regime(mode, "zero", ["sft_dft"], out, scratch)
+    saved = records.load_arms(out)["zero"]
+    base = saved["base"][0]["final"]
+    assert len(base["items"]["piqa"]) == len(base["items"]["siqa"]) == 3 and len(base["items"]["ifeval"]) == 48
+    (record,) = saved["sft_dft"]
+    assert record["settings"] == {**regime, "loss_type": "dft"} and record["steps"] == 4
+    assert set(record["load_average"]) == {"before", "after", "threads"}
+    first, last = record["checkpoints"]
+    assert (first["step"], first["fraction"], last["step"], last["fraction"]) == (2, 0.5, 4, 1.0)
+    assert len(last["items"]["target"]) == 4 and len(last["items"]["chat_kl"]) == 2
+    assert "piqa_acc" not in first and 0 <= last["piqa_acc"] <= 1 and 0 <= last["ifeval_acc"] <= 1
+    assert first["chat_kl"] > 0 and first["pld"] > 0 and first["retention_kl"] >= 0
+    assert os.path.isfile(training.final_path(scratch, "zero", "sft_dft", 0))
+    monkeypatch.setattr(training, "train_run", lambda *a, **k: pytest.fail("trained a finished arm again"))
+    study.run_regime(mode, "zero", ["sft_dft"], out, scratch)
+
+
 def test_readme_and_docs_show_the_committed_study_results():
     # After `study.py --report_only`, run `python benchmarks/study_readme.py` and commit the README and docs with it.
     import study_readme

@@ -5,8 +5,8 @@ wall time by phase against a plain `trl.SFTTrainer` run of the same data, steps 
     python benchmarks/cost_t10.py --arms sft,tms  # a subset; arms already in results/cost_t10/arms/ are kept
     python benchmarks/cost_t10.py --report_only   # the table from the saved arms
 
-The run is the study's learn-from-zero regime (`study.py`, `zero`): the embedded SmolLM2-135M-Instruct, LoRA r=64 on
-every linear layer, lr 1e-3, 64 `leg_counting` problems with worked answers, batch 8, 4 epochs (32 optimizer steps),
+The run is the study's learn-from-zero regime (`harness/registry.py`, `zero`): the embedded SmolLM2-135M-Instruct,
+LoRA r=64 on every linear layer, lr 1e-3, 64 `leg_counting` problems with worked answers, batch 8, 4 epochs (32 optimizer steps),
 trajectories of at most 128 new tokens, 64 rows per `generate` call. Arms, each in its own process (so its peak memory
 is its own), one after another:
 
@@ -40,53 +40,46 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from harness import registry, tasks, training  # noqa: E402
+from harness.measure import PeakRSS, load_average  # noqa: E402
 from trl_tms.atomic import write_json_atomically  # noqa: E402
 
 OUTPUT_DIR = os.path.join(HERE, "results", "cost_t10")
 NUM_TRAIN, NUM_PLD = 64, 48
-REGIME = dict(task="leg_counting", lora_r=64, learning_rate=1e-3, epochs=4)
-TASK_TOKENS = 128
-SIGNALS_OFF = dict(log_pld=False, log_retention=False)
-ARMS = {  # TMSConfig fields on top of the defaults; `sft` is a plain SFTTrainer
-    "sft": None,
-    "tms": {},
-    "tms_quiet": SIGNALS_OFF,
-    "tms_all": {"trajectories_to_generate": "all"},
-    "tms_online": {"tms_mode": "online"},
-    "tms_online_quiet": {"tms_mode": "online", **SIGNALS_OFF},
-    # `tms` with its generation calls' KV cache and logits held to MEMORY_FRACTION of the `sft` arm's peak memory.
-    "tms_memory": {},
-}
-MEMORY_FRACTION = 0.05
+REGIME = registry.REGIMES["zero"]
+TASK_TOKENS = registry.TASK_TOKENS
+ARMS = registry.COST_ARMS  # TMSConfig fields on top of the package's defaults; `sft` is a plain SFTTrainer
+MEMORY_FRACTION = 0.05  # `tms_memory`'s generation budget, a share of the `sft` arm's peak memory
 
 
 def run_arm(arm: str, workdir: str, generation_memory_mb: float | None = None) -> dict:
     """Train one arm in this process; wall time by phase, peak resident memory during `train()`."""
     from trl import SFTConfig, SFTTrainer
 
-    from speed import PeakRSS
-    from study import BATCH_SIZE, lora_config, load_model
-    from study_tasks import load_task
     from trl_tms import TMSConfig, TMSTrainer
 
-    train, test = load_task(REGIME["task"], NUM_TRAIN, 100, seed=0)
+    train, test = tasks.load_task(REGIME["task"], NUM_TRAIN, 100, seed=0)
     pld_set = test.select(range(NUM_PLD))
-    model, tokenizer = load_model()
+    model, tokenizer = training.load_model()
     out = os.path.join(workdir, arm)
     common = dict(
-        per_device_train_batch_size=BATCH_SIZE, num_train_epochs=REGIME["epochs"], learning_rate=REGIME["learning_rate"],
+        per_device_train_batch_size=registry.BATCH_SIZE, num_train_epochs=REGIME["epochs"],
+        learning_rate=REGIME["learning_rate"],
         lr_scheduler_type="linear", warmup_steps=0, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), bf16=False, max_length=TASK_TOKENS + 160,
     )
     load_before = os.getloadavg()[0]
-    if ARMS[arm] is None:
+    plain = ARMS[arm].method == "sft"
+    if plain:
         trainer = SFTTrainer(model=model, args=SFTConfig(out, **common), train_dataset=train,
-                             processing_class=tokenizer, peft_config=lora_config(REGIME))
+                             processing_class=tokenizer, peft_config=training.lora_config(REGIME))
     else:
-        fields = dict(ARMS[arm], **({"generation_memory_mb": generation_memory_mb} if arm == "tms_memory" else {}))
+        fields = dict(ARMS[arm].settings)
+        if arm == "tms_memory":
+            fields["generation_memory_mb"] = generation_memory_mb
         config = TMSConfig(out, max_new_tokens=TASK_TOKENS, generation_batch_size=64, **fields, **common)
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set,
-                             processing_class=tokenizer, peft_config=lora_config(REGIME))
+                             processing_class=tokenizer, peft_config=training.lora_config(REGIME))
     signal_seconds = [0.0]
     if getattr(trainer, "pld_callback", None) is not None:  # PLD keeps no timer of its own: time its measurements
         measure = trainer.pld_callback.measure
@@ -104,7 +97,7 @@ def run_arm(arm: str, workdir: str, generation_memory_mb: float | None = None) -
         output = trainer.train()
     wall = time.perf_counter() - started
     phases = {"train": output.metrics["train_runtime"]}
-    if ARMS[arm] is not None:
+    if not plain:
         if trainer.args.tms_mode == "online":
             phases = {"online": output.metrics["train_runtime"], "trajectories": trainer.stats.seconds}
         else:
@@ -119,9 +112,10 @@ def run_arm(arm: str, workdir: str, generation_memory_mb: float | None = None) -
         phases["generation_memory_mb"] = generation_memory_mb
         phases["rows_per_call"] = trainer.generator.sampling.batch_size
     return {
-        "arm": arm, "settings": ARMS[arm], "steps": trainer.state.global_step, "wall_seconds": wall, **phases,
+        "arm": arm, "settings": None if plain else dict(ARMS[arm].settings), "steps": trainer.state.global_step,
+        "wall_seconds": wall, **phases,
         "train_peak_rss_mb": memory.peak / 2**20,
-        "load_average": {"before": load_before, "after": os.getloadavg()[0], "threads": torch.get_num_threads()},
+        "load_average": load_average(load_before),
     }
 
 

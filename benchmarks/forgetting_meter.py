@@ -28,18 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
 import torch
-from transformers import TrainerCallback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import probes  # noqa: E402
+from harness import probes, registry  # noqa: E402
+from harness.plots import meter_vs_probes  # noqa: E402
+from harness.report import pearson, spearman, with_interval  # noqa: E402
+from harness.training import CaptureAdapter  # noqa: E402
 from trl_tms.atomic import write_json_atomically  # noqa: E402
 
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "forgetting_meter")
@@ -132,26 +133,7 @@ def cost(output_dir: str) -> dict:
 
 # Correlation
 
-RUNS = {
-    # name: (trainer kind, settings over the main job's)
-    "tms": ("tms", {}),
-    "sft_long": ("sft", {"epochs": 4.0}),
-    "sft_low_lr": ("sft", {"learning_rate": 2e-4}),
-    "sft_dft": ("sft", {"loss_type": "dft"}),
-}
-
-
-class CaptureAdapter(TrainerCallback):
-    """Keeps a copy of the trainable weights at chosen steps (of the TMS phase `phase`, or of a plain run)."""
-
-    def __init__(self, trainer, steps, phase=None):
-        self.trainer, self.steps, self.phase, self.weights = trainer, set(steps), phase, {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.steps and getattr(self.trainer, "phase", None) == self.phase:
-            self.weights[state.global_step] = {
-                n: p.detach().to("cpu", copy=True) for n, p in self.trainer.model.named_parameters() if p.requires_grad
-            }
+RUNS = registry.METER_ARMS  # settings over the main job's (`trl_tms.quickstart`'s arguments)
 
 
 def run_correlation_arm(name: str, work_dir: str) -> tuple[list[dict], object, object, list[dict]]:
@@ -162,7 +144,7 @@ def run_correlation_arm(name: str, work_dir: str) -> tuple[list[dict], object, o
     from trl_tms import PLDCallback, RetentionCallback
     from trl_tms.quickstart import build_trainer
 
-    kind, overrides = RUNS[name]
+    kind, overrides = RUNS[name].method, dict(RUNS[name].settings)
     args = quickstart_args(output_dir=os.path.join(work_dir, name))
     loss_type = overrides.pop("loss_type", None) if kind == "sft" else None
     for key, value in overrides.items():
@@ -186,9 +168,8 @@ def run_correlation_arm(name: str, work_dir: str) -> tuple[list[dict], object, o
         phases = {None: None}
     total = trainer.get_train_dataloader().__len__() * int(args.epochs)
     steps = [round(total * k / 4) for k in range(1, 5)]
-    captures = {phase: CaptureAdapter(trainer, steps, phase) for phase in phases}
-    for capture in captures.values():
-        trainer.add_callback(capture)
+    capture = CaptureAdapter(trainer, steps, {phase: phase for phase in phases})
+    trainer.add_callback(capture)
     trainer.train()
     log = trainer.state.log_history
     checkpoints = []
@@ -199,7 +180,7 @@ def run_correlation_arm(name: str, work_dir: str) -> tuple[list[dict], object, o
             for key in ("retention_kl", "retention_nll", "pld", "pld_drift"):
                 if key in e:
                     live.setdefault(e["step"], {})[key] = e[key]
-        for step, weights in sorted(captures[phase].weights.items()):
+        for step, weights in sorted(capture.weights[phase].items()):
             checkpoints.append({"run": name, "phase": phase or "sft", "step": step, "live": live.get(step, {}),
                                 "start": live.get(0, {}), "weights": weights})
     return checkpoints, trainer.model, tokenizer, log
@@ -252,46 +233,6 @@ def probe_data_for(model, tokenizer, args) -> dict:
         "piqa": probes.load_piqa(args.piqa_items),
         "meters": meters,
     }
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        r = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    return pearson(ranks(x), ranks(y))
-
-
-def pearson(x: list[float], y: list[float]) -> float:
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else float("nan")
-
-
-def with_interval(fn, x, y, rounds: int = 2000, seed: int = 0) -> dict:
-    rng = random.Random(seed)
-    values = []
-    for _ in range(rounds):
-        idx = [rng.randrange(len(x)) for _ in x]
-        value = fn([x[i] for i in idx], [y[i] for i in idx])
-        if value == value:  # not NaN
-            values.append(value)
-    values.sort()
-    if not values:  # a constant series has no correlation
-        return {"value": float("nan"), "low": float("nan"), "high": float("nan")}
-    return {"value": fn(x, y), "low": values[int(0.025 * len(values))], "high": values[int(0.975 * len(values)) - 1]}
 
 
 def correlation(output_dir: str, options) -> dict:
@@ -369,39 +310,8 @@ def correlation(output_dir: str, options) -> dict:
                      f"{r['pld_drift']:.3f} | {r['chat_kl']:.4f} | {r['wikitext_nll']:+.4f} | {r['piqa_drop']:+.3f} |")
     _write(os.path.join(output_dir, "correlation.md"), "\n".join(lines))
     print("\n".join(lines))
-    _plot(rows, os.path.join(output_dir, "meter_vs_probes.png"))
+    meter_vs_probes(rows, os.path.join(output_dir, "meter_vs_probes.png"))
     return result
-
-
-def _plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    runs = sorted({r["run"] for r in rows})
-    colors = dict(zip(runs, ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]))
-    for axis, (x_key, y_key, x_label, y_label) in zip(axes, [
-        ("retention_kl", "chat_kl", "meter: retention_kl", "chat KL to base, other prompts"),
-        ("retention_kl", "wikitext_nll", "meter: retention_kl", "WikiText NLL change"),
-        ("pld", "chat_kl", "PLD (held-out labels' NLL)", "chat KL to base, other prompts"),
-    ]):
-        for r in rows:
-            marker = "s" if r["phase"] == "student" else "o"
-            axis.scatter(r[x_key], r[y_key], color=colors[r["run"]], marker=marker, s=30)
-        for run in runs:
-            axis.scatter([], [], color=colors[run], label=run)
-        axis.set_xlabel(x_label)
-        axis.set_ylabel(y_label)
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title="run (square: TMS student)")
-    figure.suptitle("Live signals against forgetting measured by other probes, at every checkpoint")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def _write(path: str, text: str) -> None:

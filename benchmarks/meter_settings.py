@@ -30,8 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import probes  # noqa: E402
-from forgetting_meter import spearman  # noqa: E402
+from harness import probes  # noqa: E402
+from harness.report import spearman  # noqa: E402
 from trl_tms.atomic import write_json_atomically  # noqa: E402
 
 OUTPUT = os.path.join(HERE, "results", "forgetting_meter")

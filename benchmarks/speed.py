@@ -35,13 +35,15 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from harness import registry  # noqa: E402
+from harness.measure import PeakRSS  # noqa: E402
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,34 +116,7 @@ def tms_fields(model_name: str) -> dict:
     return dict(num_checkpoints=4, max_new_tokens=16 if model_name == "tiny" else 64, generation_batch_size=32)
 
 
-ARMS = {  # TMS arms: their fields on top of `tms_fields`
-    "tms": {},  # the default: only the trajectories the student draws are sampled
-    "tms_all": {"trajectories_to_generate": "all"},  # every trajectory, as the paper (and this package before 2026-12-04)
-    "tms_pld": {"trajectory_choice": "pld"},
-    "tms_online": {"tms_mode": "online"},
-}
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every 10 ms."""
-
-    def __enter__(self):
-        import psutil
-
-        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self._stop.wait(0.01)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
+ARMS = registry.SPEED_ARMS  # TMS arms: their fields on top of `tms_fields`
 
 
 # On a GPU: TMS with its generation calls' KV cache and logits sized to this fraction of SFT's peak GPU memory
@@ -172,7 +147,7 @@ def run_arm(arm: str, model_name: str, workdir: str, generation_memory_mb: float
             trainer.train()
         phases = {"train": time.perf_counter() - started}
     else:
-        fields = dict(ARMS.get(arm, {}))
+        fields = dict(ARMS[arm].settings) if arm in ARMS else {}
         if arm == "tms_memory":
             fields["generation_memory_mb"] = generation_memory_mb
         config = TMSConfig(out, log_pld=False, log_retention=False, **tms_fields(model_name), **fields, **settings(model_name))
@@ -267,16 +242,14 @@ def micro(model_name: str, workdir: str) -> dict:
     # a snapshot still in the CPU caches, as a run never does; a history that keeps its snapshots in memory is the
     # reference.
     kept = AdapterHistory(history.peft_config, keep_in_memory=True)
-    for s in history.steps:
-        kept._snapshots[s] = {key: t.clone() for key, t in history[s].items()}
+    kept.adopt(history, history.steps)  # read from the files: copies of their own
 
     def swap_time(serve, read_ahead: bool = False) -> float:
         total = 0.0
         for i in range(12):
             s = history.steps[i % len(history.steps)]
             if read_ahead:
-                history.prefetch([s])
-                history._prefetched[s].result()
+                history.prefetch([s], wait=True)
             sync()
             start = time.perf_counter()
             serve.load_into(model, s, "probe", slot)
@@ -323,7 +296,7 @@ def micro(model_name: str, workdir: str) -> dict:
     for s in history.steps:
         fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), history.path(s)).to(DEVICE)
         sampling = SamplingParams(max_new_tokens=new_tokens, batch_size=32, snapshots_per_generate=1)
-        single = _one_snapshot(history, s)
+        single = one_snapshot(history, s)
         tokens += sum(generate_trajectories(fresh, tokenizer, prompts, single, sampling, disable_tqdm=True)["num_tokens"])
         sync()
     rates["reload_per_snapshot"] = tokens / (time.perf_counter() - start)
@@ -431,12 +404,11 @@ def peft_routing():
     """Route rows through PEFT's `adapter_names` instead of RowRouter's stacked LoRA factors (the reference arm)."""
     from trl_tms.routing import RowRouter
 
-    stackable = RowRouter._stackable
-    RowRouter._stackable = lambda self: False
+    RowRouter.stack_factors = False
     try:
         yield
     finally:
-        RowRouter._stackable = stackable
+        RowRouter.stack_factors = True
 
 
 @contextlib.contextmanager
@@ -444,24 +416,18 @@ def prompt_pass_per_sample():
     """Encode each prompt once per sample, as rows of their own (the reference arm for the shared prompt pass)."""
     from trl_tms import trajectories
 
-    shared = trajectories._generate_samples
-
-    def per_sample(model, input_ids, attention_mask, row_slots, route, kwargs, eos_ids, samples=1):
-        return shared(model, input_ids.repeat_interleave(samples, dim=0), attention_mask.repeat_interleave(samples, dim=0),
-                      [slot for slot in row_slots for _ in range(samples)], route, kwargs, eos_ids)
-
-    trajectories._generate_samples = per_sample
+    trajectories.SHARE_PROMPT_PASS = False
     try:
         yield
     finally:
-        trajectories._generate_samples = shared
+        trajectories.SHARE_PROMPT_PASS = True
 
 
-def _one_snapshot(history, step):
+def one_snapshot(history, step):
     from trl_tms import AdapterHistory
 
     single = AdapterHistory(history.peft_config)
-    single._snapshots[step] = history[step]
+    single.adopt(history, [step])
     return single
 
 

@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import cost_t10  # noqa: E402
-import study  # noqa: E402
-import study_tasks  # noqa: E402
+from harness import tasks, training  # noqa: E402
+from harness.registry import Arm  # noqa: E402
 
 
 @pytest.fixture
@@ -17,16 +17,17 @@ def tiny_cost(monkeypatch, tiny_llama):
     from conftest import load_tokenizer, make_examples
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(study, "load_model", lambda: (AutoModelForCausalLM.from_pretrained(tiny_llama),
-                                                      load_tokenizer(tiny_llama)))
+    monkeypatch.setattr(training, "load_model", lambda: (AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                                         load_tokenizer(tiny_llama)))
     train, test = make_examples(16, seed=0), make_examples(8, seed=1)
-    monkeypatch.setattr(study_tasks, "load_task", lambda task, n_train, n_test, seed=0: (train, test))
+    monkeypatch.setattr(tasks, "load_task", lambda task, n_train, n_test, seed=0: (train, test))
     monkeypatch.setattr(cost_t10, "REGIME", dict(task="tiny", lora_r=4, learning_rate=1e-2, epochs=2))
     monkeypatch.setattr(cost_t10, "TASK_TOKENS", 6)
     monkeypatch.setattr(cost_t10, "NUM_PLD", 4)
     # 4 optimizer steps allow at most 4 snapshots (the benchmark's T = 10 needs 10 steps).
-    monkeypatch.setattr(cost_t10, "ARMS", {arm: None if settings is None else {**settings, "num_checkpoints": 2}
-                                           for arm, settings in cost_t10.ARMS.items()})
+    monkeypatch.setattr(cost_t10, "ARMS", {name: arm if arm.method == "sft" else
+                                           Arm(arm.method, {**arm.settings, "num_checkpoints": 2})
+                                           for name, arm in cost_t10.ARMS.items()})
 
 
 @pytest.mark.parametrize("arm", ["sft", "tms", "tms_online_quiet"])
@@ -71,6 +72,6 @@ def test_the_memory_arm_sizes_its_generation_calls_by_the_budget(tiny_cost, tmp_
     record = cost_t10.run_arm("tms_memory", str(tmp_path), generation_memory_mb=0.05)
     assert record["generation_memory_mb"] == 0.05 and record["steps"] == 4
     assert 2 <= record["rows_per_call"] < 64  # fewer than the other arms' 64 rows, at least one prompt's two snapshots
-    model, _ = study.load_model()
+    model, _ = training.load_model()
     # The longest tiny prompt is a dozen tokens: the rows that fit, at 6 new tokens each, bound those used.
     assert record["rows_per_call"] <= 0.05 * 2**20 // generation_bytes_per_row(model, 1, cost_t10.TASK_TOKENS)

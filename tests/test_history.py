@@ -266,3 +266,26 @@ def test_prefetch_reads_ahead_and_never_serves_a_stale_snapshot(tiny_llama, tmp_
     assert all(torch.equal(history[3][k], now[k]) for k in now)
     history.prefetch([])
     assert history._prefetched == {}
+
+
+def test_prefetch_can_wait_until_the_snapshots_are_read(tiny_llama, tmp_path, monkeypatch):
+    import time
+
+    import trl_tms.history as module
+
+    model = peft_model(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"], str(tmp_path / "h"))
+    for step in (1, 2):
+        history.take(model, step=step)
+    reads = []
+    read = module._read_weights
+
+    def slow_read(folder, step):
+        time.sleep(0.2)
+        reads.append(step)
+        return read(folder, step)
+
+    monkeypatch.setattr(module, "_read_weights", slow_read)
+    history.prefetch([1, 2], wait=True)
+    assert sorted(reads) == [1, 2]  # read before `prefetch` returned
+    assert history[1].keys() == read(history.path(1), 1).keys() and sorted(reads) == [1, 2]

@@ -1,4 +1,4 @@
-"""The study's instruction-following probe (benchmarks/instruction_following.py): prompts and checkers."""
+"""The study's instruction-following probe (benchmarks/harness/instruction_following.py): prompts and checkers."""
 
 import os
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import instruction_following as probe  # noqa: E402
+from harness import instruction_following as probe  # noqa: E402
 
 from trl_tms import METER_PROMPTS, REHEARSAL_PROMPTS
 from trl_tms.evaluation import GENERAL_PROMPTS

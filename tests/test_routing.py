@@ -109,6 +109,23 @@ def test_adapters_the_stacked_form_cannot_express_go_through_peft(tiny_llama):
         torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_stacking_can_be_switched_off_for_peft_routing(tiny_llama, monkeypatch):
+    # The reference benchmarks/speed.py times stacked routing against.
+    model = model_with_slots(tiny_llama)
+    monkeypatch.setattr(RowRouter, "stack_factors", False)
+    router = RowRouter(model, SLOTS)
+    assert not router.stacked
+    row_slots = [SLOTS[0], SLOTS[2]]
+    inputs = batch(tiny_llama, 2)
+    with torch.no_grad(), router(row_slots) as routing:
+        assert routing == {"adapter_names": row_slots}
+        routed = model(**inputs, **routing).logits
+        expected = logits_one_slot_per_row(model, inputs, row_slots)
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    assert RowRouter(model, SLOTS).stacked
+
+
 def test_weights_copied_into_the_slots_are_routed_at_once(tiny_llama):
     # Snapshots are hot-swapped into the slots (in-place copies) after the router stacked them: the stacks must see them.
     model = model_with_slots(tiny_llama)

@@ -1,4 +1,5 @@
-"""The study's tasks and report (benchmarks/study.py): labels that score as right, disjoint splits, and statistics."""
+"""The study's tasks, training and report (benchmarks/study.py over benchmarks/harness/): labels that score as right,
+disjoint splits, every kind of arm, and statistics."""
 
 import json
 import os
@@ -8,8 +9,10 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import study  # noqa: E402
-from study_tasks import CANDIDATES, load_task  # noqa: E402
+from harness import plots, records, registry, report, training  # noqa: E402
+from harness.tasks import CANDIDATES, load_task  # noqa: E402
 
+from trl_tms.atomic import write_json_atomically
 from trl_tms.embedded import is_correct
 
 
@@ -45,18 +48,18 @@ def write_arm(tmp_path, arm, seed, checkpoints, wall, load=None):
               "wall_seconds": wall, "checkpoints": checkpoints}
     if load is not None:
         record["load_average"] = load
-    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", arm, seed), record)
+    write_json_atomically(records.arm_path(str(tmp_path), "zero", arm, seed), record)
 
 
 def test_summary_pairs_against_the_base_and_reads_sft_early_off_the_sft_run(tmp_path):
     base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
-    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "base", 0),
+    write_json_atomically(records.arm_path(str(tmp_path), "zero", "base", 0),
                                 {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base})
     write_arm(tmp_path, "sft", 0, [checkpoint(4, 0.25, 0.2, 5.1, 1.0, 0.1, [1, 0, 0, 0]),
                                    checkpoint(8, 0.5, 0.4, 5.2, 0.5, 0.3, [1, 1, 0, 0])], {"train": 100.0, "total": 100.0})
     write_arm(tmp_path, "tms", 0, [checkpoint(4, 0.25, 0.1, 5.0, 1.2, 0.05, [1, 0, 0, 0]),
                                    checkpoint(8, 0.25, 0.2, 5.05, 0.9, 0.1, [0, 1, 0, 0])], {"total": 250.0})
-    result = study.summary(str(tmp_path))
+    result = report.summary(str(tmp_path))
     arms = result["regimes"]["zero"]["arms"]
     assert arms["sft"]["target_gain"] == pytest.approx(0.5)
     assert arms["sft_early"]["target_gain"] == pytest.approx(0.25)  # its checkpoint at half the steps
@@ -70,17 +73,17 @@ def test_summary_pairs_against_the_base_and_reads_sft_early_off_the_sft_run(tmp_
     assert correlation["retention_kl"]["points"] == 4
     assert correlation["retention_kl"]["chat_kl"]["spearman"]["value"] == pytest.approx(1.0)
     assert correlation["pld"]["chat_kl"]["spearman"]["value"] < 0
-    points = study.signal_points(study.load_arms(str(tmp_path)))
+    points = report.signal_points(records.load_arms(str(tmp_path)))
     drift = {(p["arm"], p["step"]): p["pld_drift"] for p in points}
     assert drift[("sft", 8)] == 0.0 and drift[("tms", 8)] == 0.0  # PLD fell at every checkpoint
-    assert "| sft_early |" in study.table(result)
+    assert "| sft_early |" in report.table(result)
     assert result["regimes"]["zero"]["trajectory_quality"] == {}  # no TMS record carries it: no table
-    assert "What the TMS students drew from" not in study.table(result)
+    assert "What the TMS students drew from" not in report.table(result)
 
 
 def test_trajectory_quality_is_averaged_over_the_seeds_that_recorded_it(tmp_path):
     base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
-    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "base", 0),
+    write_json_atomically(records.arm_path(str(tmp_path), "zero", "base", 0),
                                 {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base})
     late = [checkpoint(8, 0.5, 0.2, 5.0, 1.0, 0.1, [1, 1, 0, 0])]
 
@@ -94,12 +97,12 @@ def test_trajectory_quality_is_averaged_over_the_seeds_that_recorded_it(tmp_path
 
     for seed, by_step in ((0, {0: (0.0, 0.5), 10: (1.0, 0.0), 2: (0.5, 0.25)}), (1, {0: (0.5, 0.0), 10: (0.5, 0.0)})):
         write_arm(tmp_path, "tms_online", seed, late, {"total": 1.0})
-        path = study.arm_path(str(tmp_path), "zero", "tms_online", seed)
+        path = records.arm_path(str(tmp_path), "zero", "tms_online", seed)
         record = json.load(open(path))
         record["trajectory_quality"] = quality(by_step, kept=0.5 + 0.25 * seed)
-        study.write_json_atomically(path, record)
+        write_json_atomically(path, record)
     write_arm(tmp_path, "tms_online", 2, late, {"total": 1.0})  # measured before the report existed
-    result = study.summary(str(tmp_path))
+    result = report.summary(str(tmp_path))
     q = result["regimes"]["zero"]["trajectory_quality"]["tms_online"]
     assert q["seeds"] == [0, 1]
     assert q["correct"] == pytest.approx((0.5 + 0.5) / 2)
@@ -109,11 +112,11 @@ def test_trajectory_quality_is_averaged_over_the_seeds_that_recorded_it(tmp_path
     assert q["unfinished"] == pytest.approx((0.25 + 0.0) / 2)
     assert q["kept"] == pytest.approx(0.625)
     assert q["label_copy"] == pytest.approx(0.25)
-    assert "| tms_online | 0,1 | 0.50 | 0.25 | 0.75 | 0.25 / 0.75 | 0.12 | 0.62 | 0.25 |" in study.table(result)
+    assert "| tms_online | 0,1 | 0.50 | 0.25 | 0.75 | 0.25 / 0.75 | 0.12 | 0.62 | 0.25 |" in report.table(result)
 
 
 def test_trajectory_quality_counts_right_cut_and_copied_trajectories_per_snapshot():
-    from trajectory_quality import trajectory_quality
+    from harness.trajectory_quality import trajectory_quality
 
     labels = ["3 + 4 = 7\n#### 7", [{"role": "assistant", "content": "2 * 2 = 4\n#### 4"}]]
     rows = [  # (prompt, snapshot, text, finished)
@@ -140,9 +143,9 @@ def tiny_study(monkeypatch, tiny_llama):
     from conftest import load_tokenizer, make_examples
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(study, "load_model", lambda: (AutoModelForCausalLM.from_pretrained(tiny_llama),
-                                                      load_tokenizer(tiny_llama)))
-    monkeypatch.setattr(study, "TASK_TOKENS", 6)
+    monkeypatch.setattr(training, "load_model", lambda: (AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                                         load_tokenizer(tiny_llama)))
+    monkeypatch.setattr(registry, "TASK_TOKENS", 6)
     train = make_examples(16, seed=0).add_column("answer", ["3"] * 16)
     pld = make_examples(4, seed=1).add_column("answer", ["3"] * 4)
     regime = dict(task="tiny", lora_r=4, learning_rate=1e-2, epochs=2)
@@ -152,7 +155,7 @@ def tiny_study(monkeypatch, tiny_llama):
 @pytest.mark.parametrize("arm", ["sft_dft", "sft_rehearsal_10", "grpo", "sdft", "self_sft_verified"])
 def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path, arm):
     train, pld, regime = tiny_study
-    runs, model, tokenizer = study.train_run(arm, regime, 0, train, pld, str(tmp_path), str(tmp_path / "history"),
+    runs, model, tokenizer = training.train_run(arm, regime, 0, train, pld, str(tmp_path), str(tmp_path / "history"),
                                              [2, 4], {})
     assert tokenizer.pad_token_id is not None
     assert list(runs) == [arm]
@@ -168,22 +171,22 @@ def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path
     if arm == "sft_rehearsal_10":  # SFT's steps, a tenth of the rows the base model's own answers
         walls = runs[arm]["wall_seconds"]
         assert 0 < walls["rehearsal_answers"] < walls["total"]
-        assert sorted(runs[arm]["weights"]) == [2, 4] and max(runs[arm]["weights"]) == study.planned_steps(regime, 16)
+        assert sorted(runs[arm]["weights"]) == [2, 4] and max(runs[arm]["weights"]) == training.planned_steps(regime, 16)
 
 
 def test_wall_ratios_are_to_a_plain_sft_run_that_had_the_machine_to_itself(tmp_path):
     base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
-    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "base", 0),
+    write_json_atomically(records.arm_path(str(tmp_path), "zero", "base", 0),
                                 {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base})
     alone, shared = {"before": 2.0, "after": 2.1, "threads": 2}, {"before": 1.5, "after": 3.5, "threads": 2}
     last = [checkpoint(8, 0.5, 0.4, 5.2, 0.5, 0.3, [1, 1, 0, 0])]
     write_arm(tmp_path, "sft", 0, last, {"train": 300.0, "total": 300.0}, shared)
     write_arm(tmp_path, "tms", 0, last, {"total": 900.0}, shared)
-    arms = study.summary(str(tmp_path))["regimes"]["zero"]["arms"]
+    arms = report.summary(str(tmp_path))["regimes"]["zero"]["arms"]
     # Only shared runs so far: a ratio, flagged.
     assert arms["tms"]["wall_ratio_to_sft"] == pytest.approx(3.0) and arms["tms"]["wall_shared"]
     write_arm(tmp_path, "sft", 1, last, {"train": 100.0, "total": 100.0}, alone)
-    arms = study.summary(str(tmp_path))["regimes"]["zero"]["arms"]
+    arms = report.summary(str(tmp_path))["regimes"]["zero"]["arms"]
     # No plain SFT run yet: the harvest is the reference, and the shared one (seed 0) is left out: 900 / 100.
     assert arms["tms"]["wall_ratio_to_sft"] == pytest.approx(9.0) and arms["tms"]["wall_shared"]
     assert arms["sft"]["wall_ratio_to_sft"] == pytest.approx(1.0) and not arms["sft"]["wall_shared"]
@@ -191,7 +194,7 @@ def test_wall_ratios_are_to_a_plain_sft_run_that_had_the_machine_to_itself(tmp_p
     write_arm(tmp_path, "sft_low_lr", 0, last, {"train": 500.0, "total": 500.0}, shared)
     # SFT with self-rehearsal also generates its answers: not a reference.
     write_arm(tmp_path, "sft_rehearsal_10", 0, last, {"train": 60.0, "rehearsal_answers": 10.0, "total": 70.0})
-    result = study.summary(str(tmp_path))
+    result = report.summary(str(tmp_path))
     arms = result["regimes"]["zero"]["arms"]
     # A plain SFTTrainer run is the reference (the harvest also logs PLD); the shared one is left out: 50 s.
     assert result["regimes"]["zero"]["wall_reference"] == {"arms": ["sft_dft", "sft_low_lr"], "seconds": 50.0}
@@ -199,15 +202,15 @@ def test_wall_ratios_are_to_a_plain_sft_run_that_had_the_machine_to_itself(tmp_p
     assert arms["sft"]["wall_ratio_to_sft"] == pytest.approx(2.0) and not arms["sft"]["wall_shared"]
     assert arms["sft_early"]["wall_ratio_to_sft"] == pytest.approx(1.0)
     assert arms["sft_low_lr"]["wall_ratio_to_sft"] == pytest.approx(10.0) and arms["sft_low_lr"]["wall_shared"]
-    rows = [line for line in study.table(result).splitlines() if line.startswith("| sft |")]
+    rows = [line for line in report.table(result).splitlines() if line.startswith("| sft |")]
     assert rows[0].endswith("| 2.00 |")
     # A run marked by hand as contended (another job ran during its training, its load average fine at both ends)
     # is left out like a shared one: no plain run is clean any more, so the reference is the mean of both (275 s).
-    with open(study.arm_path(str(tmp_path), "zero", "sft_dft", 0)) as f:
+    with open(records.arm_path(str(tmp_path), "zero", "sft_dft", 0)) as f:
         record = json.load(f)
-    study.write_json_atomically(study.arm_path(str(tmp_path), "zero", "sft_dft", 0),
+    write_json_atomically(records.arm_path(str(tmp_path), "zero", "sft_dft", 0),
                                 {**record, "contended": "tests ran during its training"})
-    result = study.summary(str(tmp_path))
+    result = report.summary(str(tmp_path))
     assert result["regimes"]["zero"]["wall_reference"]["seconds"] == pytest.approx(275.0)
     assert result["regimes"]["zero"]["arms"]["sft_dft"]["wall_shared"]
 
@@ -217,7 +220,7 @@ def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_
 
     train, pld, regime = tiny_study
     history = str(tmp_path / "history")
-    runs, _, _ = study.train_run("tms", regime, 0, train, pld, str(tmp_path / "a"), history, [2, 4],
+    runs, _, _ = training.train_run("tms", regime, 0, train, pld, str(tmp_path / "a"), history, [2, 4],
                                  {"num_checkpoints": 2})
     assert set(runs) == {"sft", "tms"}
     assert set(runs["tms"]["wall_seconds"]) == {"harvest", "trajectories", "student", "total"}
@@ -233,28 +236,41 @@ def test_the_tms_run_yields_the_sft_arm_from_its_harvest_and_students_reuse_its_
     assert all(0.0 <= q["correct"] <= 1.0 and q["kept"] == 1.0 for q in quality["by_step"].values())  # no filter
     assert quality["all"]["kept"] == 1.0
     assert 0.0 <= quality["all"]["label_copy"] <= quality["all"]["correct"]  # a copy of the label is right
-    again, _, _ = study.train_run("tms_verified", regime, 0, train, pld, str(tmp_path / "b"), history, [2, 4],
+    again, _, _ = training.train_run("tms_verified", regime, 0, train, pld, str(tmp_path / "b"), history, [2, 4],
                                   {"num_checkpoints": 2})
     assert set(again) == {"tms_verified"} and again["tms_verified"]["wall_seconds"]["reused_history"]
     # The verifier keeps exactly the trajectories the report counts as right (same final number as the answer).
     checked = again["tms_verified"]["trajectory_quality"]["all"]
     assert checked["n"] == quality["all"]["n"] and checked["kept"] == pytest.approx(checked["correct"])
-    rehearsed, _, _ = study.train_run("tms_rehearsal_25", regime, 0, train, pld, str(tmp_path / "c"), history, [2, 4],
+    rehearsed, _, _ = training.train_run("tms_rehearsal_25", regime, 0, train, pld, str(tmp_path / "c"), history, [2, 4],
                                       {"num_checkpoints": 2})
     walls = rehearsed["tms_rehearsal_25"]["wall_seconds"]
     assert walls["reused_history"] and 0 < walls["rehearsal_answers"] < walls["total"]
     assert os.path.isdir(os.path.join(history, "rehearsal"))
     # TMS at a lower learning rate harvests at that rate too: its own history, not the `tms` run's.
-    low, _, _ = study.train_run("tms_low_lr", regime, 0, train, pld, str(tmp_path / "d"), history, [2, 4],
+    low, _, _ = training.train_run("tms_low_lr", regime, 0, train, pld, str(tmp_path / "d"), history, [2, 4],
                                 {"num_checkpoints": 2})
     assert set(low) == {"tms_low_lr"} and {"harvest", "trajectories", "student"} <= set(low["tms_low_lr"]["wall_seconds"])
     assert sorted(low["tms_low_lr"]["weights"]) == [2, 4]
 
 
+def test_a_dial_declares_one_arm_per_value_and_the_frontier_keeps_the_undominated_points():
+    arms = registry.dial(registry.ARMS["tms_online"], "label_weight", [0.5, 0.9])
+    assert list(arms) == ["label_weight=0.5", "label_weight=0.9"]
+    assert arms["label_weight=0.9"].settings == {**registry.ARMS["tms_online"].settings, "label_weight": 0.9}
+    assert all(arm.method == "tms" and not arm.in_study for arm in arms.values())
+    # (forgetting, gain): b does worse than a on both, d learned nothing.
+    points = {"a": (0.1, 0.5), "b": (0.2, 0.4), "c": (0.3, 0.6), "d": (0.0, 0.0)}
+    assert plots.frontier(points) == [(0.1, 0.5), (0.3, 0.6)]
+
+
 def test_students_on_the_tms_history_are_trained_right_after_it():
-    assert [arm for arm in study.ARMS if study.reuses_history(arm)] == [
-        "tms_verified", "tms_rehearsal_10", "tms_rehearsal_25"]
-    assert not study.reuses_history("tms") and not study.reuses_history("tms_online")
+    students = [arm for arm in study.MODES["full"]["arms"] if registry.reuses_history(arm)]
+    assert students == ["tms_verified", "tms_rehearsal_10", "tms_rehearsal_25"]
+    assert not registry.reuses_history("tms") and not registry.reuses_history("tms_online")
+    # retention.py's arms, folded in: students on the same history but for the online run.
+    assert [arm for arm in study.MODES["retention"]["arms"] if registry.reuses_history(arm)] == [
+        "tms_alpha0.5", "tms_curriculum", "tms_pld"]
 
 
 def test_backfill_adds_the_new_probe_from_the_history_and_a_student_trained_again(tiny_study, tmp_path, monkeypatch):
@@ -265,38 +281,67 @@ def test_backfill_adds_the_new_probe_from_the_history_and_a_student_trained_agai
     train, pld, regime = tiny_study
     scratch = str(tmp_path / "scratch")
     history = os.path.join(scratch, "history-zero-s0")
-    runs, _, _ = study.train_run("tms", regime, 0, train, pld, str(tmp_path / "a"), history, [2, 4],
+    runs, _, _ = training.train_run("tms", regime, 0, train, pld, str(tmp_path / "a"), history, [2, 4],
                                  {"num_checkpoints": 2})
     monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (train, pld))
     out = str(tmp_path / "results")
     base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
-    study.write_json_atomically(study.arm_path(out, "zero", "base", 0),
+    write_json_atomically(records.arm_path(out, "zero", "base", 0),
                                 {"arm": "base", "regime": "zero", "seed": 0, "task": "tiny", "final": base})
     for arm in ("sft", "tms", "sft_dft"):
-        study.write_json_atomically(study.arm_path(out, "zero", arm, 0), {
+        write_json_atomically(records.arm_path(out, "zero", arm, 0), {
             "arm": arm, "regime": "zero", "seed": 0, "task": "tiny", "steps": 4, "wall_seconds": {"train": 1.0, "total": 1.0},
             "checkpoints": [dict(checkpoint(2, 0.0, 0.1, 5.0, 1.0, 0.1, [0, 0, 0, 0]), fraction=0.5),
                             dict(checkpoint(4, 0.0, 0.1, 5.0, 1.0, 0.1, [0, 0, 0, 0]), fraction=1.0)]})
     mode = dict(study.MODES["full"], regimes={"zero": regime}, seeds=[0], num_train=16, num_test=4, num_pld=4,
                 tms_overrides={"num_checkpoints": 2})
     study.backfill(mode, "zero", ["sft", "tms", "sft_dft"], out, scratch)
-    records = study.load_arms(out)["zero"]
-    assert 0 <= records["base"][0]["final"]["ifeval_acc"] <= 1
-    sft = records["sft"][0]["checkpoints"]
+    saved = records.load_arms(out)["zero"]
+    assert 0 <= saved["base"][0]["final"]["ifeval_acc"] <= 1
+    sft = saved["sft"][0]["checkpoints"]
     assert [c["backfilled"]["weights"] for c in sft] == ["tms history step-2", "tms history step-4"]
     assert all(len(c["items"]["ifeval"]) == 48 for c in sft)
     assert sft[1]["backfilled"]["target_items"] == 4 and "target_items_matching" not in sft[0]["backfilled"]
-    tms = records["tms"][0]["checkpoints"]
+    tms = saved["tms"][0]["checkpoints"]
     assert "ifeval_acc" in tms[1] and "ifeval_acc" not in tms[0]
     assert tms[1]["backfilled"]["weights"] == "student trained again on the saved tms history"
-    again = load_file(study.final_path(scratch, "zero", "tms", 0))
+    again = load_file(training.final_path(scratch, "zero", "tms", 0))
     assert set(again) == set(runs["tms"]["weights"][4])
     assert all(torch.allclose(again[n], runs["tms"]["weights"][4][n], atol=1e-6) for n in again)
     # No saved weights for the arm: left as it was, with a message.
-    assert "ifeval_acc" not in records["sft_dft"][0]["checkpoints"][-1]
-    summary = study.summary(out)["regimes"]["zero"]["arms"]
+    assert "ifeval_acc" not in saved["sft_dft"][0]["checkpoints"][-1]
+    summary = report.summary(out)["regimes"]["zero"]["arms"]
     assert summary["sft"]["ifeval"]["seeds"] == 1 and "ifeval" in summary["sft_early"]
     assert "ifeval" not in summary["sft_dft"]
+
+
+def test_a_regime_runs_end_to_end_into_records_and_resumes(tiny_study, tmp_path, monkeypatch):
+    """Base, then an arm measured at each checkpoint by the probe suite, saved as records; a rerun trains nothing."""
+    from harness import probes
+
+    train, pld, regime = tiny_study
+    monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (train, pld))
+    follow = probes.instruction_following
+    monkeypatch.setattr(probes, "instruction_following", lambda model, tok: follow(model, tok, max_new_tokens=4))
+    mode = dict(study.MODES["quick"], regimes={"zero": regime}, num_train=16, num_test=4, num_pld=4, mc_items=3,
+                wiki_items=6, chat_prompts=2, chat_tokens=4, checkpoints=2)
+    out, scratch = str(tmp_path / "results"), str(tmp_path / "scratch")
+    os.makedirs(scratch)
+    study.run_regime(mode, "zero", ["sft_dft"], out, scratch)
+    saved = records.load_arms(out)["zero"]
+    base = saved["base"][0]["final"]
+    assert len(base["items"]["piqa"]) == len(base["items"]["siqa"]) == 3 and len(base["items"]["ifeval"]) == 48
+    (record,) = saved["sft_dft"]
+    assert record["settings"] == {**regime, "loss_type": "dft"} and record["steps"] == 4
+    assert set(record["load_average"]) == {"before", "after", "threads"}
+    first, last = record["checkpoints"]
+    assert (first["step"], first["fraction"], last["step"], last["fraction"]) == (2, 0.5, 4, 1.0)
+    assert len(last["items"]["target"]) == 4 and len(last["items"]["chat_kl"]) == 2
+    assert "piqa_acc" not in first and 0 <= last["piqa_acc"] <= 1 and 0 <= last["ifeval_acc"] <= 1
+    assert first["chat_kl"] > 0 and first["pld"] > 0 and first["retention_kl"] >= 0
+    assert os.path.isfile(training.final_path(scratch, "zero", "sft_dft", 0))
+    monkeypatch.setattr(training, "train_run", lambda *a, **k: pytest.fail("trained a finished arm again"))
+    study.run_regime(mode, "zero", ["sft_dft"], out, scratch)
 
 
 def test_readme_and_docs_show_the_committed_study_results():

@@ -120,7 +120,7 @@ def test_snapshots_equal_the_adapter_at_their_step_and_differ(trained):
 
 def test_the_harvest_is_plain_sft(trained, tiny_llama, tmp_path):
     """The last harvest snapshot is what `trl.SFTTrainer` (with a PLD callback) trains from the same settings and
-    seed, and the harvest's PLD curve is its PLD curve: `benchmarks/retention.py --quick` reports the harvest as its
+    seed, and the harvest's PLD curve is its PLD curve: the study (`benchmarks/study.py`) reports the harvest as its
     SFT arm on the strength of this."""
     from trl import SFTConfig, SFTTrainer
 
@@ -725,6 +725,35 @@ def test_samples_of_a_prompt_share_one_pass_over_it(tiny_llama):
     hook.remove()
     assert greedy == [row for row in plain for _ in range(samples)]
     assert shapes[0] == (3, width) and all(s[0] == 3 for s in shapes)
+
+
+def test_without_the_shared_prompt_pass_each_sample_encodes_its_prompt(tiny_llama, monkeypatch):
+    """`SHARE_PROMPT_PASS = False`: the reference `benchmarks/speed.py` times the shared prompt pass against."""
+    import contextlib
+
+    import trl_tms.trajectories as trajectories
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = load_tokenizer(tiny_llama)
+    prompts = [tokenizer(text)["input_ids"] for text in ["what is one plus two ?", "name a color", "ten"]]
+    input_ids, attention_mask = trajectories._left_pad(prompts, tokenizer.pad_token_id)
+    shapes = []
+    hook = model.model.register_forward_pre_hook(lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+
+    @contextlib.contextmanager
+    def route(row_slots):
+        yield {}
+
+    monkeypatch.setattr(trajectories, "SHARE_PROMPT_PASS", False)
+    sampled = dict(max_new_tokens=6, pad_token_id=tokenizer.pad_token_id, use_cache=True, eos_token_id=None,
+                   do_sample=True, temperature=1.0, top_p=1.0, top_k=None)
+    with torch.no_grad():
+        tokens = trajectories._generate_samples(model, input_ids, attention_mask, ["s"] * 3, route, sampled, set(),
+                                                samples=4)
+    hook.remove()
+    assert shapes[0] == (12, input_ids.shape[1])  # every sample a row of its own, its whole prompt encoded
+    assert len(tokens) == 12 and all(len(t) == 6 for t in tokens)
 
 
 def test_generation_rows_by_memory_count_the_kv_cache_a_call_really_holds(tiny_llama):

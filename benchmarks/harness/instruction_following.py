@@ -8,7 +8,7 @@ this project, wrapping everyday requests disjoint from `trl_tms.evaluation.GENER
 the rehearsal's prompts. Each check is a plain function of the answer text, so a score is reproducible without a judge
 model.
 
-    python benchmarks/instruction_following.py          # the base model's score, item by item
+    python benchmarks/harness/instruction_following.py          # the base model's score, item by item
 """
 
 from __future__ import annotations

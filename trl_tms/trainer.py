@@ -419,6 +419,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             trajectories = self._drawn_trajectories(epochs, rehearsal=rehearsal)
         else:
             trajectories = self.generator.generate()
+        self.generator.close()  # before the student trains: a vLLM engine gives its memory back
         if self.is_world_process_zero():
             save_trajectories(trajectories, self.run.trajectories_dir)
         self.run.remove_generation_scratch()
@@ -456,6 +457,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             return load_from_disk(self.run.rehearsal_dir)
         started = time.perf_counter()
         answers = self.rehearsal_generator.generate()
+        self.rehearsal_generator.close()
         if self.is_world_process_zero():
             save_trajectories(answers, self.run.rehearsal_dir)
         self.run.finish("rehearsal", rehearsal_seconds=time.perf_counter() - started)

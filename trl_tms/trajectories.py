@@ -127,7 +127,8 @@ class HotSwapGenerator:
     """
     The default generation backend, built once by the trainer (as TRL's GRPO trainer builds its generation object):
     the snapshots of `history` are hot-swapped into spare adapter slots of `model` and sampled with its `generate`.
-    Every backend has this interface: `generate(steps)` returns the trajectories of those snapshots.
+    Every backend has this interface: `generate(steps)` returns the trajectories of those snapshots, and `close()` frees
+    what the backend holds for generation once the trainer is done sampling.
 
     Args:
         model, tokenizer, prompts, history, sampling:
@@ -148,6 +149,9 @@ class HotSwapGenerator:
             self.model, self.tokenizer, self.prompts, self.history, self.sampling, steps=steps, pairs=pairs,
             **self.options,
         )
+
+    def close(self) -> None:
+        """Nothing to free: the model is the one being trained (a backend with an engine of its own shuts it down)."""
 
 
 def generate_trajectories(

@@ -114,7 +114,7 @@ class StopAt(TrainerCallback):
 
 
 class RankVerifier:
-    """A verifier that answers differently on each process: keeps completions whose length has the parity of its rank."""
+    """A verifier answering differently on each process: it keeps the completions whose length has its rank's parity."""
 
     def __init__(self):
         self.calls = 0

@@ -781,7 +781,8 @@ def test_trajectories_ignore_the_sampling_settings_of_the_model_generation_confi
     from trl_tms import SamplingParams, generate_trajectories
     from trl_tms.data import prompt_token_ids
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules="all-linear"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, target_modules="all-linear"))
     tokenizer = load_tokenizer(tiny_llama)
     history = AdapterHistory(model.peft_config["default"])
     history.take(model, 1)  # LoRA B at zero: the snapshot samples as the base model does
@@ -802,8 +803,8 @@ def test_trajectories_ignore_the_sampling_settings_of_the_model_generation_confi
     model.eval()
     prompt_ids = [prompt_token_ids(tokenizer, example, None) for example in prompts]
     expected = [argmax_decode(ids) for ids in prompt_ids]
-    extras = dict(repetition_penalty=5.0, no_repeat_ngram_size=1, suppress_tokens=[tokenizer.convert_tokens_to_ids("the")],
-                  top_k=1)
+    extras = dict(repetition_penalty=5.0, no_repeat_ngram_size=1, top_k=1,
+                  suppress_tokens=[tokenizer.convert_tokens_to_ids("the")])
     for key, value in extras.items():
         setattr(model.generation_config, key, value)
     with torch.no_grad():  # the model's own `generate` applies them: they change these greedy answers

@@ -179,7 +179,8 @@ class VLLMGenerator:
     ):
         check_vllm_available()
         check_vllm_servable(model, adapter_name)
-        self.model, self.tokenizer, self.prompts, self.history, self.sampling = model, tokenizer, prompts, history, sampling
+        self.model, self.tokenizer, self.prompts, self.history = model, tokenizer, prompts, history
+        self.sampling = sampling
         self.work_dir, self.adapter_name, self.gpu_memory_utilization = work_dir, adapter_name, gpu_memory_utilization
         self.disable_tqdm, self.parts_dir, self.api = disable_tqdm, parts_dir, None
         self.prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
@@ -207,12 +208,15 @@ class VLLMGenerator:
         missing = [group for group in groups if parts[group] is None]
         if missing:
             engine, api = self._engine(), self.api
-            folders = _adapter_folders(self.history, [s for g in missing for s in g], os.path.join(self.work_dir, "adapters"))
+            steps_missing = [step for group in missing for step in group]
+            folders = _adapter_folders(self.history, steps_missing, os.path.join(self.work_dir, "adapters"))
             eos_ids = eos_token_ids(sampling.generate_kwargs(self.tokenizer, self.model)["eos_token_id"])
             for group in tqdm(missing, desc="Generating trajectories (vLLM)", disable=self.disable_tqdm):
                 requests = wanted[group]
-                params = [_vllm_sampling(api.SamplingParams, sampling, eos_ids, seed=batch_seed(sampling.seed, step, index))
-                          for index, step in requests]
+                params = [
+                    _vllm_sampling(api.SamplingParams, sampling, eos_ids, seed=batch_seed(sampling.seed, step, index))
+                    for index, step in requests
+                ]
                 adapters = {step: self._lora_request(step, folders[step]) for step in group}
                 outputs = engine.generate(
                     [{"prompt_token_ids": self.prompt_ids[index]} for index, _ in requests],

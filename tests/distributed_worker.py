@@ -8,6 +8,7 @@
     distributed_worker.py fsdp2 MODEL OUT      `train` under FSDP2 (and fsdp2-online)
     distributed_worker.py one-process-batch-8 MODEL OUT   `train` in one process on the global batch of two
     distributed_worker.py generate MODEL OUT   trajectories of the snapshots in OUT/history, into OUT/regenerated.json
+    distributed_worker.py rank-verifier MODEL OUT   `drawn` with a verifier whose answers depend on the process
 """
 
 import hashlib
@@ -112,14 +113,26 @@ class StopAt(TrainerCallback):
             raise Interrupt(f"{self.phase} stopped at step {self.step}")
 
 
-def train(model_path: str, out: str, resume: bool = False, stop_at: tuple[str, int] | None = None, **overrides) -> None:
+class RankVerifier:
+    """A verifier answering differently on each process: it keeps the completions whose length has its rank's parity."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prompt, completion: str, label: str) -> bool:
+        self.calls += 1
+        return (len(completion) + PartialState().process_index) % 2 == 0
+
+
+def train(model_path: str, out: str, resume: bool = False, stop_at: tuple[str, int] | None = None, verifier=None,
+          **overrides) -> None:
     sampled_here = count_sampled_rows()
     live = LiveWeights()
     stop = StopAt(*stop_at) if stop_at else None
     trainer = TMSTrainer(
         model=model_path, args=config(out, **overrides), train_dataset=TRAIN, eval_dataset=EVAL,
         processing_class=load_tokenizer(model_path), peft_config=LoraConfig(**LORA),
-        callbacks=[live] + ([stop] if stop else []),
+        callbacks=[live] + ([stop] if stop else []), verifier=verifier,
     )
     live.trainer = trainer
     if stop:
@@ -142,6 +155,7 @@ def train(model_path: str, out: str, resume: bool = False, stop_at: tuple[str, i
         "history_steps": trainer.history.steps,
         "history_directory": trainer.history.directory,
         "snapshot_differences": snapshot_differences(trainer, live),
+        "verifier_calls": getattr(verifier, "calls", None),
     }
     if trainer.is_deepspeed_enabled:
         engine = trainer.model_wrapped
@@ -221,6 +235,8 @@ if __name__ == "__main__":
         "drawn": partial(train, trajectories_to_generate="drawn"),
         "online-drawn": partial(train, tms_mode="online", trajectories_to_generate="drawn"),
         "generate": generate,
+        "rank-verifier": partial(train, trajectories_to_generate="drawn", trajectory_filter="verifier",
+                                 verifier=RankVerifier()),
         "zero2": deepspeed_train,
         "zero2-online": partial(deepspeed_train, tms_mode="online"),
         # Two-pass TMS under ZeRO-3 needs gradient checkpointing off (TMSTrainer says so); online TMS keeps it on.

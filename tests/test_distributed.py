@@ -5,6 +5,7 @@ import re
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from peft import LoraConfig
 from datasets import Dataset
 
 from trl_tms import TMSTrainer
+from trl_tms.data import completion_text
 from trl_tms.mixture import MixtureDataset
 from trl_tms.pld import policy_label_divergence
 from trl_tms.history import snapshot_steps
@@ -26,20 +28,35 @@ import distributed_worker as worker  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
 
 
-def run(args: list[str], processes: int) -> None:
+def run(args: list[str], processes: int, timeout: int = 600) -> None:
     # One thread per process, as `accelerate launch` sets for CPU processes, so both runs do the same arithmetic.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_LOG_LEVEL": "error"}
     if processes > 1:
         args = ["-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", str(processes), *args]
-    result = subprocess.run(
-        [sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    # Output to a file, not a pipe: a process left behind would keep a pipe open.
+    with tempfile.TemporaryFile("w+") as output:
+        launched = subprocess.Popen([sys.executable, *args], cwd=HERE, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                    text=True)
+        try:
+            launched.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # Terminated, the launcher ends the processes it started (each in a session of its own) before it exits.
+            launched.terminate()
+            try:
+                launched.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                launched.kill()
+                launched.wait()
+            output.seek(0)
+            pytest.fail(f"{args} did not finish within {timeout} s (processes waiting for each other?):\n"
+                        f"{output.read()[-4000:]}")
+        output.seek(0)
+        assert launched.returncode == 0, output.read()[-4000:]
 
 
-def run_ranks(mode: str, model: str, out: str) -> list[dict]:
+def run_ranks(mode: str, model: str, out: str, timeout: int = 600) -> list[dict]:
     """The worker's `mode` on two processes; what each process wrote."""
-    run(["distributed_worker.py", mode, model, out], processes=2)
+    run(["distributed_worker.py", mode, model, out], processes=2, timeout=timeout)
     ranks = []
     for rank in range(2):
         with open(os.path.join(out, f"rank-{rank}.json")) as f:
@@ -83,6 +100,23 @@ def test_two_processes_sample_each_drawn_pair_once_and_share_them(tiny_llama, tm
     pairs = {key[:2] for key in keys}
     assert plan.missing_pairs(2) <= pairs and len(pairs) < len(worker.TRAIN) * 3
     assert {k for *_, k in keys} == {0, 1}  # both samples of each pair
+
+
+def test_a_verifier_answering_differently_on_each_process_is_asked_on_the_main_one_only(tiny_llama, tmp_path):
+    """
+    Each process plans the pairs to sample from the verifier's verdicts, and sampling is a collective: verdicts that
+    differ between processes (here by design: the verifier keeps completions whose length has its rank's parity) would
+    leave them waiting for each other. The main process's verdicts hold on every process.
+    """
+    main, other = run_ranks("rank-verifier", tiny_llama, str(tmp_path), timeout=300)
+    assert main["verifier_calls"] > 0 and other["verifier_calls"] == 0
+    assert main["trajectories_digest"] == other["trajectories_digest"]
+    texts = [completion_text(row[3]) for row in main["trajectories"]]
+    kept_by_main = sum(bool(text.strip()) and len(text) % 2 == 0 for text in texts)
+    assert 0 < kept_by_main < len(texts)
+    kept = [next(e["tms_kept_trajectories"] for e in rank["log_history"] if "tms_kept_trajectories" in e)
+            for rank in (main, other)]
+    assert kept == [kept_by_main, kept_by_main]
 
 
 def test_history_is_written_by_the_main_process_only(two_process_run):

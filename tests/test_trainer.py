@@ -800,3 +800,56 @@ def test_a_memory_budget_sets_the_rows_per_generate_call(tiny_llama, tmp_path):
         make_trainer(tiny_llama, tmp_path / "tight", args=tms_config(tmp_path / "tight", generation_memory_mb=1e-3))
     with pytest.raises(ValueError, match="must be positive"):
         tms_config(tmp_path, generation_memory_mb=0)
+
+
+def test_trajectories_ignore_the_sampling_settings_of_the_model_generation_config(tiny_llama):
+    """
+    TMS samples from `SamplingParams` alone (the distribution the vLLM backend samples too), not from whatever a
+    model's `generation_config` adds: a repetition penalty, n-gram blocking, suppressed tokens, a top-k of its own.
+    """
+    from trl_tms import SamplingParams, generate_trajectories
+    from trl_tms.data import prompt_token_ids
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    tokenizer = load_tokenizer(tiny_llama)
+    history = AdapterHistory(model.peft_config["default"])
+    history.take(model, 1)  # LoRA B at zero: the snapshot samples as the base model does
+    prompts = make_examples(4, seed=5)
+    eos, new_tokens = tokenizer.eos_token_id, 8
+
+    def argmax_decode(ids: list[int]) -> str:
+        ids, new = list(ids), []
+        with torch.no_grad():
+            while len(new) < new_tokens:
+                token = model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item()
+                if token == eos:
+                    break
+                ids.append(token)
+                new.append(token)
+        return tokenizer.decode(new, skip_special_tokens=True)
+
+    model.eval()
+    prompt_ids = [prompt_token_ids(tokenizer, example, None) for example in prompts]
+    expected = [argmax_decode(ids) for ids in prompt_ids]
+    extras = dict(repetition_penalty=5.0, no_repeat_ngram_size=1, top_k=1,
+                  suppress_tokens=[tokenizer.convert_tokens_to_ids("the")])
+    for key, value in extras.items():
+        setattr(model.generation_config, key, value)
+    with torch.no_grad():  # the model's own `generate` applies them: they change these greedy answers
+        plain = [model.generate(input_ids=torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)[0, len(ids):]
+                 for ids in prompt_ids]
+    assert [tokenizer.decode(t[t != eos] if eos not in t else t[: t.tolist().index(eos)], skip_special_tokens=True)
+            for t in plain] != expected
+
+    greedy = generate_trajectories(model, tokenizer, prompts, history,
+                                   SamplingParams(temperature=0.0, max_new_tokens=new_tokens), disable_tqdm=True)
+    assert [row["completion"][0]["content"] for row in greedy] == expected
+    # Sampled at temperature 1 without top-k (`top_k=0`), not with the model's `top_k=1`, which makes samples greedy.
+    sampled = generate_trajectories(model, tokenizer, prompts, history, SamplingParams(
+        temperature=1.0, top_k=0, samples_per_checkpoint=4, max_new_tokens=new_tokens), disable_tqdm=True)
+    for index in range(len(prompts)):
+        samples = [row["completion"][0]["content"] for row in sampled if row["prompt_index"] == index]
+        assert len(set(samples)) > 1, samples
+    # The model's settings are its own again.
+    assert {key: getattr(model.generation_config, key) for key in extras} == extras

@@ -3,6 +3,8 @@ build on CPU: see docs/how-to.md); the checks of configuration, weights and samp
 
 import importlib.util
 import os
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,7 +100,8 @@ def test_vllm_sampling_settings():
 
     sampled = _vllm_sampling(record, SamplingParams(samples_per_checkpoint=3, temperature=0.7, top_p=0.9, top_k=5,
                                                     max_new_tokens=12), {3, 7}, seed=11)
-    assert sampled == dict(n=3, temperature=0.7, top_p=0.9, top_k=5, max_tokens=12, seed=11, stop_token_ids=[3, 7],
+    assert sampled == dict(n=3, temperature=0.7, top_p=0.9, top_k=5, max_tokens=12, min_p=0.0, repetition_penalty=1.0,
+                           presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0, seed=11, stop_token_ids=[3, 7],
                            detokenize=False)
     greedy = _vllm_sampling(record, SamplingParams(samples_per_checkpoint=3, temperature=0.0, top_k=0), {3}, seed=0)
     assert (greedy["n"], greedy["top_k"], greedy["top_p"]) == (1, -1, 1.0)
@@ -181,3 +184,116 @@ def test_tms_trainer_generates_with_vllm(vllm_tiny, tmp_path):
     assert trainer.stats.trajectories == len(trainer.trajectories)
     # vLLM read the base from the model's own folder; nothing but adapters and trajectories stays in the history.
     assert sorted(os.listdir(trainer.history_dir)) == ["step-1", "step-2", "tms_run.json", "trajectories"]
+
+
+def test_both_backends_sample_the_one_distribution_of_the_sampling_params(tiny_llama):
+    """What `generate` resolves on the hot-swap path (with a model whose `generation_config` holds sampling settings of
+    its own) and what vLLM is asked for are the same distribution: `SamplingParams`' and nothing else."""
+    from trl_tms.trajectories import sampling_params_only
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    for key, value in dict(repetition_penalty=1.3, no_repeat_ngram_size=3, min_p=0.05, top_k=20, top_p=0.8,
+                           temperature=0.6, typical_p=0.9, do_sample=True).items():
+        setattr(model.generation_config, key, value)
+    tokenizer = load_tokenizer(tiny_llama)
+    for sampling in (SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=12),
+                     SamplingParams(temperature=1.0, top_p=1.0, top_k=5, max_new_tokens=7)):
+        served = _vllm_sampling(lambda **kwargs: kwargs, sampling, {3}, seed=0)
+        with sampling_params_only(model):
+            resolved, _ = model._prepare_generation_config(None, **sampling.generate_kwargs(tokenizer, model))
+        # vLLM's neutral values (-1: no top-k, 0.0: no min-p) against transformers' (0 and None).
+        assert (resolved.temperature, resolved.top_p, resolved.top_k or -1, resolved.max_new_tokens) == (
+            served["temperature"], served["top_p"], served["top_k"], served["max_tokens"])
+        assert (resolved.repetition_penalty, resolved.min_p or 0.0) == (
+            served["repetition_penalty"], served["min_p"]) == (1.0, 0.0)
+        assert (resolved.no_repeat_ngram_size, resolved.typical_p, resolved.num_beams) == (0, 1.0, 1)
+        assert served["presence_penalty"] == served["frequency_penalty"] == 0.0 and served["min_tokens"] == 0
+    assert model.generation_config.repetition_penalty == 1.3  # the model's own settings are left as they were
+
+
+class FakeEngine:
+    """Stands in for vLLM's `LLM`: answers each request with the token after its LoRA id, then EOS."""
+
+    started = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls = kwargs, []
+        FakeEngine.started.append(self)
+
+    def generate(self, prompts, params, lora_request, use_tqdm):
+        self.calls.append(lora_request)
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[4 + request.lora_int_id, 3], finish_reason="stop")]
+                                * p["n"]) for p, request in zip(params, lora_request)]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A `vllm` package of stand-ins: the backend's engine lifecycle is tested where vLLM is not installed."""
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
+    FakeEngine.started = []
+    modules = {name: ModuleType(name) for name in ("vllm", "vllm.lora", "vllm.lora.request")}
+    for name, module in modules.items():
+        module.__spec__ = ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    modules["vllm"].LLM, modules["vllm"].SamplingParams = FakeEngine, lambda **kwargs: kwargs
+    modules["vllm.lora.request"].LoRARequest = lambda name, lora_id, path: SimpleNamespace(
+        lora_name=name, lora_int_id=lora_id, lora_path=path)
+    return FakeEngine.started
+
+
+def test_the_vllm_backend_keeps_one_engine_and_serves_each_snapshot_as_its_own_lora(fake_vllm, tmp_path):
+    from trl_tms.vllm_generation import VLLMGenerator
+
+    path = save_tiny(str(tmp_path / "tiny"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=4, target_modules="all-linear"))
+    tokenizer = load_tokenizer(path)
+    history = AdapterHistory(model.peft_config["default"], directory=str(tmp_path / "history"))
+    history.take(model, 1)
+    sampling = SamplingParams(samples_per_checkpoint=2, max_new_tokens=4, snapshots_per_generate=2)
+    generator = VLLMGenerator(model, tokenizer, make_examples(3), history, sampling, work_dir=str(tmp_path / "vllm"))
+    assert fake_vllm == []  # started by the first call that samples
+    first = generator.generate()
+    history.take(model, 2)  # a later snapshot, as online TMS takes them
+    second = generator.generate(steps=[2])
+    third = generator.generate(pairs={(0, 1), (2, 2)})
+    assert len(fake_vllm) == 1
+    engine = fake_vllm[0]
+    assert engine.kwargs["model"] == path and engine.kwargs["enable_lora"] and engine.kwargs["max_loras"] == 2
+    served = {(r.lora_name, r.lora_int_id, r.lora_path) for call in engine.calls for r in call}
+    assert served == {("step-1-1", 1, history.path(1)), ("step-2-2", 2, history.path(2))}
+    # Each row came from its own snapshot's adapter (the stand-in answers the token after the adapter's id).
+    assert set(first["completion"][0][0]["content"].split()) == {tokenizer.convert_ids_to_tokens(5)}
+    assert len(first) == 3 * 2 and len(second) == 3 * 2 and len(third) == 2 * 2
+    from_second = {r["completion"][0]["content"] for r in third if r["snapshot_step"] == 2}
+    assert from_second == {tokenizer.convert_ids_to_tokens(6)}
+    # A snapshot written again at the same step (a new run) is a new adapter to vLLM, not its stale cached one.
+    history.take(model, 2)
+    generator.generate(steps=[2])
+    assert engine.calls[-1][0].lora_int_id == 3
+    generator.close()
+    assert generator.engine is None
+    generator.generate(steps=[1])  # after `close`, a new engine
+    assert len(fake_vllm) == 2
+    generator.close()
+
+
+def test_a_tms_run_with_vllm_starts_one_engine_and_shuts_it_down_before_the_student_trains(fake_vllm, tiny_llama,
+                                                                                           tmp_path):
+    from transformers import TrainerCallback
+
+    engines_in_student = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if trainer.phase == "student":
+                engines_in_student.append(trainer.generator.engine)
+
+    trainer = TMSTrainer(model=tiny_llama, args=config(tmp_path, samples_per_checkpoint=2, label_weight=0.0),
+                         train_dataset=make_examples(8), processing_class=load_tokenizer(tiny_llama),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), callbacks=[Watch()])
+    trainer.train()
+    assert len(fake_vllm) == 1 and fake_vllm[0].calls
+    assert engines_in_student and all(engine is None for engine in engines_in_student)
+    assert trainer.stats.trajectories == len(trainer.trajectories) > 0

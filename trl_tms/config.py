@@ -561,8 +561,8 @@ class TMSConfig(SFTConfig):
             ),
             (
                 self.generation_backend != "vllm" or self.tms_mode == "two_pass",
-                "`generation_backend='vllm'` works with `tms_mode='two_pass'`: online TMS samples a few prompts at "
-                "every snapshot, where starting an engine would cost more than it saves. Use "
+                "`generation_backend='vllm'` works with `tms_mode='two_pass'`: online TMS would keep the engine and "
+                "its memory beside the training for the whole run, which has not been verified. Use "
                 "`generation_backend='transformers'` for online TMS.",
             ),
             (

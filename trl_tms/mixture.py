@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset, concatenate_datasets
 from transformers import TrainerCallback
 
@@ -205,12 +206,25 @@ class CandidateBuilder:
             `tokenize(candidates, name) -> tokenized candidates`: the trainer's SFT preprocessing.
         unfinished, trajectory_filter, verifier, min_verifier_score, answer_extractor:
             As for [`keep_flags`].
+        process_index (`int`, *optional*, defaults to `0`) and num_processes (`int`, *optional*, defaults to `1`):
+            With several processes, the main one (`process_index == 0`) alone runs the filters (the verifier, the answer
+            extractor) and sends its flags to the others, so that every process keeps the same trajectories.
     """
 
-    def __init__(self, prompts: Dataset, tokenize, *, unfinished: str = "truncate", **filter_options):
+    def __init__(
+        self,
+        prompts: Dataset,
+        tokenize,
+        *,
+        unfinished: str = "truncate",
+        process_index: int = 0,
+        num_processes: int = 1,
+        **filter_options,
+    ):
         self.prompts = prompts
         self.tokenize = tokenize
         self.unfinished = unfinished
+        self.process_index, self.num_processes = process_index, num_processes
         self.filter_options = filter_options
         self._end_of_turn: dict[bool, list[int]] = {}  # by conversational form
 
@@ -239,9 +253,21 @@ class CandidateBuilder:
         return self._candidates(trajectories, with_labels=True)[0]
 
     def _candidates(self, trajectories: Dataset, with_labels: bool) -> tuple[Dataset, int, list[bool]]:
-        keep = keep_flags(trajectories, self.prompts, unfinished=self.unfinished, **self.filter_options)
+        keep = self.keep_flags(trajectories)
         candidates, empty = mixture_candidates(self.prompts, trajectories, with_labels=with_labels, keep=keep)
         return candidates, empty, keep
+
+    def keep_flags(self, trajectories: Dataset) -> list[bool]:
+        """[`keep_flags`] of `trajectories`, decided by the main process for every process."""
+        keep = None
+        if self.process_index == 0:
+            keep = keep_flags(trajectories, self.prompts, unfinished=self.unfinished, **self.filter_options)
+        if self.num_processes > 1:
+            # A verifier may not answer the same everywhere (a sampled judge, a remote call that times out). Every
+            # process plans the pairs to sample from these flags, and sampling is a collective: flags that differ would
+            # leave the processes waiting for each other. One process decides.
+            keep = broadcast_object_list([keep])[0]
+        return keep
 
     def build_rehearsal(self, answers: Dataset) -> tuple[Dataset, TrajectoryStats]:
         """

@@ -222,6 +222,8 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             verifier=verifier,
             min_verifier_score=args.min_verifier_score,
             answer_extractor=answer_extractor,
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
         )
         self.trajectories = None
         self.stats = TrajectoryStats()
@@ -417,6 +419,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             trajectories = self._drawn_trajectories(epochs, rehearsal=rehearsal)
         else:
             trajectories = self.generator.generate()
+        self.generator.close()  # before the student trains: a vLLM engine gives its memory back
         if self.is_world_process_zero():
             save_trajectories(trajectories, self.run.trajectories_dir)
         self.run.remove_generation_scratch()
@@ -454,6 +457,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             return load_from_disk(self.run.rehearsal_dir)
         started = time.perf_counter()
         answers = self.rehearsal_generator.generate()
+        self.rehearsal_generator.close()
         if self.is_world_process_zero():
             save_trajectories(answers, self.run.rehearsal_dir)
         self.run.finish("rehearsal", rehearsal_seconds=time.perf_counter() - started)

@@ -13,7 +13,9 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
 from trl.data_utils import is_conversational
 
 from .atomic import atomic_folder, write_json_atomically
@@ -25,11 +27,27 @@ SLOT_PREFIX = "tms_slot_"
 # transformers 5.24 renamed `generate`'s `past_key_values` (argument and output) to `cache`; the old name warns.
 CACHE = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 PART_KEYS = ("prompt_index", "snapshot_step", "sample_index", "completion_ids", "finished")
+# What a model's `generation_config` keeps while trajectories are sampled: token ids and how the cache is held, none of
+# which changes the distribution sampled from.
+KEPT_GENERATION_SETTINGS = (
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache", "cache_implementation",
+    "cache_config", "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size",
+)
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
 class SamplingParams:
-    """How each snapshot samples its trajectories."""
+    """
+    How each snapshot samples its trajectories, and the whole definition of the distribution they are sampled from,
+    the same for every generation backend: the snapshot's next-token distribution at `temperature` (`0`: greedy),
+    restricted to the `top_k` most likely tokens (`0`: no limit) and to the nucleus of mass `top_p`, for at most
+    `max_new_tokens` tokens, until an end-of-sequence token. Nothing else: the sampling settings of a model's
+    `generation_config` (e.g. the `repetition_penalty` of many instruct models, `no_repeat_ngram_size`, `min_p`, a
+    `top_k` of its own) do not apply (see [`sampling_params_only`]), so that the trajectories are the policy's own
+    samples, whichever backend draws them.
+    """
 
     samples_per_checkpoint: int = 1
     temperature: float = 1.0
@@ -75,11 +93,42 @@ class SamplingParams:
         return kwargs
 
 
+@contextlib.contextmanager
+def sampling_params_only(model):
+    """
+    Within the block, `model.generate` samples from the distribution its arguments define and from nothing else: the
+    model's `generation_config` keeps only its `KEPT_GENERATION_SETTINGS`, so that the sampling settings it may hold
+    (repetition penalty, n-gram blocking, min-p, suppressed or forced tokens, beams, ...) are not applied. They are
+    named in a warning, once.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = target.generation_config
+    outputs = ("max_length", "max_new_tokens", "output_attentions", "output_hidden_states", "transformers_version")
+    ignored = {
+        key: value
+        for key, value in original.to_diff_dict().items()
+        if key not in KEPT_GENERATION_SETTINGS + outputs and not key.startswith("_")
+    }
+    if ignored:
+        logger.warning_once(
+            f"The model's `generation_config` sets {ignored}. TMS samples trajectories from `temperature`, `top_p`, "
+            "`top_k` and `max_new_tokens` alone, whichever the generation backend, and leaves these out."
+        )
+    target.generation_config = GenerationConfig(
+        **{key: value for key, value in original.to_dict().items() if key in KEPT_GENERATION_SETTINGS}
+    )
+    try:
+        yield
+    finally:
+        target.generation_config = original
+
+
 class HotSwapGenerator:
     """
     The default generation backend, built once by the trainer (as TRL's GRPO trainer builds its generation object):
     the snapshots of `history` are hot-swapped into spare adapter slots of `model` and sampled with its `generate`.
-    Every backend has this interface: `generate(steps)` returns the trajectories of those snapshots.
+    Every backend has this interface: `generate(steps)` returns the trajectories of those snapshots, and `close()` frees
+    what the backend holds for generation once the trainer is done sampling.
 
     Args:
         model, tokenizer, prompts, history, sampling:
@@ -100,6 +149,9 @@ class HotSwapGenerator:
             self.model, self.tokenizer, self.prompts, self.history, self.sampling, steps=steps, pairs=pairs,
             **self.options,
         )
+
+    def close(self) -> None:
+        """Nothing to free: the model is the one being trained (a backend with an engine of its own shuts it down)."""
 
 
 def generate_trajectories(
@@ -205,7 +257,7 @@ def generate_trajectories(
     try:
         # Seeded sampling that leaves the caller's random streams (CPU and GPU) as they were.
         with torch.random.fork_rng(devices=devices), generation_context(model) as gen_model, torch.no_grad(), \
-                _slots(model, slots, peft_config, adapter_name):
+                _slots(model, slots, peft_config, adapter_name), sampling_params_only(gen_model):
             # The slots live inside the generation context only: under ZeRO-3 it gathers the weights the engine
             # partitioned, and the slots are none of them.
             slot_parameters = {slot: history.slot_parameters(model, slot) for slot in slots}

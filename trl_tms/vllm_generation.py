@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import torch
 from datasets import Dataset
@@ -106,57 +107,32 @@ def _lora_rank(peft_config) -> int:
     raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; this adapter has rank {rank}.")
 
 
+def _vllm_api() -> SimpleNamespace:
+    """vLLM's engine, sampling parameters and LoRA request classes, imported when the first engine starts."""
+    check_vllm_available()
+    # The engine runs in this process: no `if __name__ == "__main__":` needed in the user's script, and its memory
+    # is freed when it is deleted.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.lora.request import LoRARequest
+
+    return SimpleNamespace(LLM=LLM, SamplingParams=VLLMSamplingParams, LoRARequest=LoRARequest)
+
+
 class VLLMGenerator:
     """
-    The vLLM generation backend (`generation_backend="vllm"`), with the interface of [`HotSwapGenerator`]: each
-    `generate(steps)` starts one engine that serves those snapshots as LoRA adapters, samples, and shuts it down (the
-    student then has the accelerator's memory back).
+    The vLLM generation backend (`generation_backend="vllm"`), with the interface of [`HotSwapGenerator`]: samples the
+    trajectories of [`generate_trajectories`] with vLLM instead of PEFT's `generate`.
 
-    Args:
-        model, tokenizer, prompts, history, sampling:
-            As for [`generate_trajectories_vllm`].
-        **options:
-            Its other arguments (`work_dir`, `gpu_memory_utilization`, `adapter_name`, `chat_template`,
-            `disable_tqdm`, `parts_dir`).
-    """
-
-    def __init__(self, model, tokenizer, prompts: Dataset, history: AdapterHistory, sampling: SamplingParams, **options):
-        check_vllm_available()
-        check_vllm_servable(model, options.get("adapter_name", "default"))
-        self.model, self.tokenizer, self.prompts, self.history, self.sampling = model, tokenizer, prompts, history, sampling
-        self.options = options
-
-    def generate(self, steps: list[int] | None = None, pairs: set[tuple[int, int]] | None = None) -> Dataset:
-        return generate_trajectories_vllm(
-            self.model, self.tokenizer, self.prompts, self.history, self.sampling, steps=steps, pairs=pairs,
-            **self.options,
-        )
-
-
-def generate_trajectories_vllm(
-    model,
-    tokenizer,
-    prompts: Dataset,
-    history: AdapterHistory,
-    sampling: SamplingParams,
-    *,
-    work_dir: str,
-    adapter_name: str = "default",
-    chat_template: str | None = None,
-    gpu_memory_utilization: float = 0.3,
-    disable_tqdm: bool = False,
-    parts_dir: str | None = None,
-    steps: list[int] | None = None,
-    pairs: set[tuple[int, int]] | None = None,
-) -> Dataset:
-    """
-    Sample the trajectories of [`generate_trajectories`] with vLLM instead of PEFT's `generate`.
-
-    One vLLM engine loads the base model once and serves every snapshot as a LoRA adapter (`LoRARequest`), so each
-    request runs its prompt against its own snapshot without any weight merging. A request is one (prompt, snapshot)
-    pair asking for `samples_per_checkpoint` completions: vLLM encodes the prompt once for all of them. Each request is
-    seeded from (`sampling.seed`, snapshot, prompt), so the result does not depend on how requests are batched. The
-    engine is shut down before this returns, giving its memory back to training.
+    It owns one vLLM engine, as TRL's GRPO trainer owns its: the engine loads the base model once, at the first
+    `generate` call with something to sample, and serves every snapshot as a LoRA adapter (`LoRARequest`, no weight
+    merging); later calls (further rounds of drawn pairs, new snapshots) reuse it, each snapshot joining as a LoRA
+    request of its own id. `close()` shuts it down and gives its memory back (the trainer closes it once the
+    trajectories are sampled, before the student trains); a later `generate` starts a new one. A request is one (prompt,
+    snapshot) pair asking for `samples_per_checkpoint` completions: vLLM encodes the prompt once for all of them. Each
+    request is seeded from (`sampling.seed`, snapshot, prompt), so the result does not depend on how requests are
+    batched.
 
     Args:
         model ([`~peft.PeftModel`]):
@@ -169,7 +145,8 @@ def generate_trajectories_vllm(
             The snapshots to sample from.
         sampling ([`SamplingParams`]):
             Sampling settings; `batch_size` does not apply (vLLM schedules its own batches) and
-            `snapshots_per_generate` sets how many snapshots each `generate` call (and each saved part) covers.
+            `snapshots_per_generate` sets how many snapshots each `generate` call of the engine (and each saved part)
+            covers, and how many LoRA adapters the engine holds at once.
 
         > Parameters specific to vLLM
 
@@ -182,67 +159,67 @@ def generate_trajectories_vllm(
 
         > Parameters shared with [`generate_trajectories`]
 
-        adapter_name, chat_template, disable_tqdm, parts_dir, steps, pairs: as there (a pair's trajectories are the
-        same whether it is sampled alone or with all the others).
-
-    Returns:
-        [`~datasets.Dataset`]: The same columns as [`generate_trajectories`].
+        adapter_name, chat_template, disable_tqdm, parts_dir: as there.
     """
-    check_vllm_available()
-    # The engine runs in this process: no `if __name__ == "__main__":` needed in the user's script, and its memory
-    # is freed when it is deleted.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-    from vllm import SamplingParams as VLLMSamplingParams
-    from vllm.lora.request import LoRARequest
 
-    if pairs is not None:
-        steps = steps_of_pairs(pairs, steps, len(prompts))
-        if not steps:
-            return trajectories_dataset(tokenizer, prompts, {key: [] for key in PART_KEYS})
-    steps = steps_to_sample(history, steps)
-    check_vllm_servable(model, adapter_name)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompts: Dataset,
+        history: AdapterHistory,
+        sampling: SamplingParams,
+        *,
+        work_dir: str,
+        adapter_name: str = "default",
+        chat_template: str | None = None,
+        gpu_memory_utilization: float = 0.3,
+        disable_tqdm: bool = False,
+        parts_dir: str | None = None,
+    ):
+        check_vllm_available()
+        check_vllm_servable(model, adapter_name)
+        self.model, self.tokenizer, self.prompts, self.history = model, tokenizer, prompts, history
+        self.sampling = sampling
+        self.work_dir, self.adapter_name, self.gpu_memory_utilization = work_dir, adapter_name, gpu_memory_utilization
+        self.disable_tqdm, self.parts_dir, self.api = disable_tqdm, parts_dir, None
+        self.prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
+        self.engine = None
+        self._lora_requests = {}  # (step, adapter folder, its inode and mtime) -> the snapshot's LoRA request
 
-    prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
-    groups = [steps[i : i + sampling.snapshots_per_generate] for i in range(0, len(steps), sampling.snapshots_per_generate)]
-    wanted = {
-        tuple(group): [(i, step) for step in group for i in range(len(prompt_ids)) if pairs is None or (i, step) in pairs]
-        for group in groups
-    }
-    salts = {group: None if pairs is None else pairs_digest(requests) for group, requests in wanted.items()}
-    store = PartStore(parts_dir)
-    parts = {tuple(group): store.read(group, salts[tuple(group)]) for group in groups}
-    if any(part is None for part in parts.values()):
-        folders = _adapter_folders(history, steps, os.path.join(work_dir, "adapters"))
-        adapters = {step: LoRARequest(f"step-{step}", index + 1, folders[step]) for index, step in enumerate(steps)}
-        eos_ids = eos_token_ids(sampling.generate_kwargs(tokenizer, model)["eos_token_id"])
-        # A quantized model's parameters are stored as integers: vLLM reads the dtype from the folder's config.
-        dtype = "auto" if is_quantized(model) else str(next(model.parameters()).dtype)
-        llm = LLM(
-            model=base_model_folder(model, os.path.join(work_dir, "base")),
-            # Prompts go in as token ids and completions come out as token ids, decoded by `trajectories_dataset`
-            # with the trainer's tokenizer: vLLM needs none of its own.
-            skip_tokenizer_init=True,
-            dtype=dtype.replace("torch.", ""),
-            enable_lora=True,
-            max_loras=min(len(steps), sampling.snapshots_per_generate),
-            max_lora_rank=_lora_rank(model.peft_config[adapter_name]),
-            max_model_len=max(map(len, prompt_ids)) + sampling.max_new_tokens,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=sampling.seed,
-            # A prompt prefilled in chunks rewinds its request's seeded generator, which vLLM can do on CUDA only
-            # ("CPU Generator does not use offset"): on CPU every prompt is prefilled whole.
-            **({} if torch.cuda.is_available() else {"enable_chunked_prefill": False}),
-        )
-        try:
-            for group in tqdm(groups, desc="Generating trajectories (vLLM)", disable=disable_tqdm):
-                if parts[tuple(group)] is not None:
-                    continue
-                requests = wanted[tuple(group)]
-                params = [_vllm_sampling(VLLMSamplingParams, sampling, eos_ids, seed=batch_seed(sampling.seed, step, index))
-                          for index, step in requests]
-                outputs = llm.generate(
-                    [{"prompt_token_ids": prompt_ids[index]} for index, _ in requests],
+    def generate(self, steps: list[int] | None = None, pairs: set[tuple[int, int]] | None = None) -> Dataset:
+        """The trajectories of the snapshots of `steps` (default: all of the history), or of the `(prompt_index,
+        snapshot_step)` `pairs` only (a pair's trajectories are the same whether it is sampled alone or with others)."""
+        prompts, sampling = self.prompts, self.sampling
+        if pairs is not None:
+            steps = steps_of_pairs(pairs, steps, len(prompts))
+            if not steps:
+                return trajectories_dataset(self.tokenizer, prompts, {key: [] for key in PART_KEYS})
+        steps = steps_to_sample(self.history, steps)
+        per_call = sampling.snapshots_per_generate
+        groups = [tuple(steps[i : i + per_call]) for i in range(0, len(steps), per_call)]
+        wanted = {
+            group: [(i, step) for step in group for i in range(len(prompts)) if pairs is None or (i, step) in pairs]
+            for group in groups
+        }
+        salts = {group: None if pairs is None else pairs_digest(requests) for group, requests in wanted.items()}
+        store = PartStore(self.parts_dir)
+        parts = {group: store.read(list(group), salts[group]) for group in groups}
+        missing = [group for group in groups if parts[group] is None]
+        if missing:
+            engine, api = self._engine(), self.api
+            steps_missing = [step for group in missing for step in group]
+            folders = _adapter_folders(self.history, steps_missing, os.path.join(self.work_dir, "adapters"))
+            eos_ids = eos_token_ids(sampling.generate_kwargs(self.tokenizer, self.model)["eos_token_id"])
+            for group in tqdm(missing, desc="Generating trajectories (vLLM)", disable=self.disable_tqdm):
+                requests = wanted[group]
+                params = [
+                    _vllm_sampling(api.SamplingParams, sampling, eos_ids, seed=batch_seed(sampling.seed, step, index))
+                    for index, step in requests
+                ]
+                adapters = {step: self._lora_request(step, folders[step]) for step in group}
+                outputs = engine.generate(
+                    [{"prompt_token_ids": self.prompt_ids[index]} for index, _ in requests],
                     params,
                     lora_request=[adapters[step] for _, step in requests],
                     use_tqdm=False,
@@ -253,21 +230,99 @@ def generate_trajectories_vllm(
                         completion = output.outputs[min(k, len(output.outputs) - 1)]  # greedy asks for one
                         tokens, found_eos = until_eos(list(completion.token_ids), eos_ids)
                         rows.append((index, step, k, tokens, found_eos or completion.finish_reason == "stop"))
-                part = store.write(group, rows, salts[tuple(group)])
-                parts[tuple(group)] = part
-        finally:
-            del llm
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    records = {}
-    for group in groups:
-        for key, values in parts[tuple(group)].items():
-            records.setdefault(key, []).extend(values)
-    return trajectories_dataset(tokenizer, prompts, records)
+                parts[group] = store.write(list(group), rows, salts[group])
+        records = {}
+        for group in groups:
+            for key, values in parts[group].items():
+                records.setdefault(key, []).extend(values)
+        return trajectories_dataset(self.tokenizer, prompts, records)
+
+    def _engine(self):
+        """The engine, started at the first call that needs it."""
+        if self.engine is None:
+            self.api = _vllm_api()
+            model = self.model
+            # A quantized model's parameters are stored as integers: vLLM reads the dtype from the folder's config.
+            dtype = "auto" if is_quantized(model) else str(next(model.parameters()).dtype)
+            self.engine = self.api.LLM(
+                model=base_model_folder(model, os.path.join(self.work_dir, "base")),
+                # Prompts go in as token ids and completions come out as token ids, decoded by `trajectories_dataset`
+                # with the trainer's tokenizer: vLLM needs none of its own.
+                skip_tokenizer_init=True,
+                dtype=dtype.replace("torch.", ""),
+                enable_lora=True,
+                max_loras=self.sampling.snapshots_per_generate,
+                max_lora_rank=_lora_rank(model.peft_config[self.adapter_name]),
+                max_model_len=max(map(len, self.prompt_ids)) + self.sampling.max_new_tokens,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                seed=self.sampling.seed,
+                # A prompt prefilled in chunks rewinds its request's seeded generator, which vLLM can do on CUDA only
+                # ("CPU Generator does not use offset"): on CPU every prompt is prefilled whole.
+                **({} if torch.cuda.is_available() else {"enable_chunked_prefill": False}),
+            )
+        return self.engine
+
+    def _lora_request(self, step: int, folder: str):
+        """The LoRA request of the snapshot of `step` in `folder`. vLLM keeps an adapter by its id: a snapshot written
+        again (a new run, an in-memory history written out again) is a new folder on disk, so it gets a new id."""
+        status = os.stat(folder)
+        key = (step, folder, status.st_ino, status.st_mtime_ns)
+        if key not in self._lora_requests:
+            lora_id = len(self._lora_requests) + 1  # vLLM's ids start at 1
+            self._lora_requests[key] = self.api.LoRARequest(f"step-{step}-{lora_id}", lora_id, folder)
+        return self._lora_requests[key]
+
+    def close(self) -> None:
+        """Shut the engine down (if one runs) and give its memory back."""
+        if self.engine is None:
+            return
+        self.engine = None
+        self._lora_requests.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> VLLMGenerator:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def generate_trajectories_vllm(
+    model,
+    tokenizer,
+    prompts: Dataset,
+    history: AdapterHistory,
+    sampling: SamplingParams,
+    *,
+    work_dir: str,
+    steps: list[int] | None = None,
+    pairs: set[tuple[int, int]] | None = None,
+    **options,
+) -> Dataset:
+    """
+    Sample the trajectories of [`generate_trajectories`] with vLLM instead of PEFT's `generate`: one
+    [`VLLMGenerator`] call, its engine shut down before this returns (giving its memory back to training).
+
+    Args:
+        model, tokenizer, prompts, history, sampling, work_dir:
+            As for [`VLLMGenerator`].
+        steps, pairs:
+            As for [`generate_trajectories`].
+        **options:
+            The other arguments of [`VLLMGenerator`] (`gpu_memory_utilization`, `adapter_name`, `chat_template`,
+            `disable_tqdm`, `parts_dir`).
+
+    Returns:
+        [`~datasets.Dataset`]: The same columns as [`generate_trajectories`].
+    """
+    with VLLMGenerator(model, tokenizer, prompts, history, sampling, work_dir=work_dir, **options) as generator:
+        return generator.generate(steps=steps, pairs=pairs)
 
 
 def _vllm_sampling(cls, sampling: SamplingParams, eos_ids: set[int], seed: int):
+    """vLLM's sampling parameters for the distribution `sampling` defines: its settings, and every other one neutral."""
     greedy = sampling.temperature == 0
     return cls(
         n=1 if greedy else sampling.samples_per_checkpoint,
@@ -275,6 +330,12 @@ def _vllm_sampling(cls, sampling: SamplingParams, eos_ids: set[int], seed: int):
         top_p=1.0 if greedy else sampling.top_p,
         top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,
         max_tokens=sampling.max_new_tokens,
+        # vLLM's defaults, said outright: as on the hot-swap path, no penalty or cut-off beyond `SamplingParams`.
+        min_p=0.0,
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        min_tokens=0,
         seed=seed,
         stop_token_ids=sorted(eos_ids),
         detokenize=False,

@@ -215,6 +215,11 @@ class TMSConfig(SFTConfig):
         retention_stop_on_kl (`bool`, *optional*, defaults to `False`):
             When that alarm goes off, stop the current phase and restore the adapter of its last measurement within
             the threshold.
+        retention_kl_budget (`float`, *optional*):
+            Keep the best checkpoint by `metric_for_best_model` among those whose `retention_kl` is at most this many
+            nats per token ([`DriftBudgetCallback`], in the student's or the online run's evaluations): checkpoints
+            over the budget never become `best_model_checkpoint`, so `load_best_model_at_end=True` ends on the best one
+            within it. Needs the meter, `eval_strategy` and `metric_for_best_model`. `None`: the Trainer's usual choice.
     """
 
     # Parameters that control the adapter history
@@ -509,6 +514,14 @@ class TMSConfig(SFTConfig):
             "measurement within `retention_kl_threshold`."
         },
     )
+    retention_kl_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the best checkpoint by `metric_for_best_model` among those whose `retention_kl` is at most "
+            "this many nats per token (student or online run): with `load_best_model_at_end=True` training ends on it. "
+            "Needs `log_retention`, `eval_strategy` and `metric_for_best_model`. `None`: the Trainer's usual choice."
+        },
+    )
 
     def __post_init__(self):
         # SFTConfig turns bf16 on by default, which stops a run on a machine without a bf16 accelerator unless
@@ -670,6 +683,21 @@ class TMSConfig(SFTConfig):
             (
                 not self.retention_stop_on_kl or self.log_retention,
                 "`retention_stop_on_kl=True` needs the forgetting meter: leave `log_retention=True`.",
+            ),
+            (
+                self.retention_kl_budget is None or self.retention_kl_budget > 0,
+                f"`retention_kl_budget` must be positive (nats per token; typical values 0.1 to 0.3), got "
+                f"{self.retention_kl_budget}.",
+            ),
+            (
+                self.retention_kl_budget is None or self.log_retention,
+                "`retention_kl_budget` is a budget on the forgetting meter: leave `log_retention=True`.",
+            ),
+            (
+                self.retention_kl_budget is None or (self.eval_strategy != "no" and self.metric_for_best_model),
+                "`retention_kl_budget` keeps the best evaluated checkpoint within the budget: set `eval_strategy` (with "
+                "an `eval_dataset`), `metric_for_best_model` (e.g. 'eval_loss'), and `load_best_model_at_end=True` to "
+                "end on it.",
             ),
         ]
         for ok, message in checks:

@@ -24,6 +24,7 @@ def tms_config(tmp_path, **overrides) -> TMSConfig:
         learning_rate=1e-2,
         max_new_tokens=8,
         logging_steps=2,
+        tms_mode="two_pass",
         **QUIET_CPU,
     )
     values.update(overrides)

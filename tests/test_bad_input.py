@@ -20,7 +20,7 @@ from trl_tms import AdapterHistory, TMSConfig, TMSTrainer
 
 def make(path, tmp_path, train=None, tokenizer=None, **overrides):
     values = dict(output_dir=str(tmp_path / "out"), num_checkpoints=2, per_device_train_batch_size=4,
-                  num_train_epochs=1, max_new_tokens=4, **QUIET_CPU)
+                  num_train_epochs=1, max_new_tokens=4, tms_mode="two_pass", **QUIET_CPU)
     values.update(overrides)
     return TMSTrainer(
         model=path, args=TMSConfig(**values), train_dataset=train if train is not None else make_examples(8),
@@ -176,4 +176,4 @@ def test_full_disk_at_a_snapshot_keeps_the_work_and_resumes(tiny_llama, tmp_path
 )
 def test_refused_config_fields(fields, match, tmp_path):
     with pytest.raises(ValueError, match=match):
-        TMSConfig(output_dir=str(tmp_path), **QUIET_CPU, **fields)
+        TMSConfig(recipe="paper", output_dir=str(tmp_path), **QUIET_CPU, **fields)

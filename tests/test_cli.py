@@ -42,6 +42,14 @@ def test_yaml_config_and_flags_combine(tmp_path):
     assert script_args.dataset_name is None
 
 
+@pytest.mark.parametrize("argv, mode, alpha", [
+    ([], "online", 0.75), (["--recipe", "paper"], "two_pass", 0.25), (["--tms_mode", "two_pass"], "two_pass", 0.25),
+])
+def test_the_recipe_is_a_flag(argv, mode, alpha):
+    _, training_args, _ = parse(["--output_dir", "x", *argv])
+    assert (training_args.tms_mode, training_args.label_weight) == (mode, alpha)
+
+
 @pytest.mark.parametrize("name", ["cpu_quickstart", "qlora_24gb", "qlora_8gb"])
 def test_shipped_configs_parse(name):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", f"{name}.yaml")
@@ -129,7 +137,7 @@ def test_main_runs_a_tms_job_end_to_end(tiny_llama, tmp_path, capsys):
     main(
         [
             "--model_name_or_path", tiny_llama, "--dataset_name", data, "--prompt_column", "question",
-            "--completion_column", "answer", "--output_dir", str(out), "--num_checkpoints", "2",
+            "--completion_column", "answer", "--output_dir", str(out), "--num_checkpoints", "2", "--recipe", "paper",
             "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--max_new_tokens", "4", "--report_to", "none",
             "--save_strategy", "no", "--lora_r", "4", "--disable_tqdm", "true",
         ]
@@ -151,7 +159,7 @@ def test_main_runs_online_tms_with_trajectory_settings(tiny_llama, tmp_path, cap
         [
             "--model_name_or_path", tiny_llama, "--dataset_name", qa_file(tmp_path, n=8), "--prompt_column", "question",
             "--completion_column", "answer", "--output_dir", str(out), "--num_checkpoints", "2", "--tms_mode", "online",
-            "--per_device_train_batch_size", "4", "--num_train_epochs", "2", "--max_new_tokens", "4",
+            "--per_device_train_batch_size", "4", "--num_train_epochs", "2", "--max_new_tokens", "4", "--label_weight", "0.25",
             "--unfinished_trajectories", "drop", "--trajectory_filter", "verifier", "--report_to", "none",
             "--save_strategy", "no", "--lora_r", "4", "--disable_tqdm", "true",
         ]
@@ -177,7 +185,7 @@ def test_main_with_a_messages_eval_split(tiny_llama, tmp_path, capsys, monkeypat
         lambda script_args, seed: (make_examples(8, fmt="messages"), make_examples(2, seed=1, fmt="messages")),
     )
     main(["--model_name_or_path", tiny_llama, "--dataset_name", "chat.jsonl", "--output_dir", str(tmp_path / "out"),
-          "--num_checkpoints", "2", "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
+          "--num_checkpoints", "2", "--recipe", "paper", "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
           "--max_new_tokens", "4", "--report_to", "none", "--save_strategy", "no", "--lora_r", "4",
           "--disable_tqdm", "true", "--retention_num_prompts", "3", "--retention_max_new_tokens", "4"])
     printed = capsys.readouterr().out

@@ -253,13 +253,13 @@ def test_config_check_catches_a_missing_field_and_a_wrong_default():
     fields = tms_fields()
     good = CONFIG_PAGE.read_text(encoding="utf-8")
     assert config_doc_problems(good, fields) == []
-    row = next(line for line in good.splitlines() if line.startswith("| `label_weight` |"))
-    wrong_default = good.replace(row, row.replace("`0.25`", "`0.5`", 1))
-    assert any("label_weight" in p for p in config_doc_problems(wrong_default, fields))
-    int_for_float = good.replace(row, row.replace("`0.25`", "`0`", 1))
-    assert any("label_weight" in p for p in config_doc_problems(int_for_float, fields))
+    row = next(line for line in good.splitlines() if line.startswith("| `temperature` |"))
+    wrong_default = good.replace(row, row.replace("`1.0`", "`0.5`", 1))
+    assert any("temperature" in p for p in config_doc_problems(wrong_default, fields))
+    int_for_float = good.replace(row, row.replace("`1.0`", "`1`", 1))
+    assert any("temperature" in p for p in config_doc_problems(int_for_float, fields))
     missing = good.replace(row + "\n", "")
-    assert any("label_weight" in p and "no row" in p for p in config_doc_problems(missing, fields))
+    assert any("temperature" in p and "no row" in p for p in config_doc_problems(missing, fields))
 
 
 def test_relative_links_point_to_existing_files():

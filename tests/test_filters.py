@@ -167,7 +167,7 @@ def test_snapshot_weights_need_a_weight_for_every_snapshot():
 )
 def test_bad_trajectory_settings_raise(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
-        TMSConfig(output_dir=str(tmp_path), num_checkpoints=3, **QUIET_CPU, **overrides)
+        TMSConfig(recipe="paper", output_dir=str(tmp_path), num_checkpoints=3, **QUIET_CPU, **overrides)
 
 
 # In the trainer, on a tiny model
@@ -176,7 +176,7 @@ def test_bad_trajectory_settings_raise(overrides, match, tmp_path):
 def run(tiny_llama, tmp_path, verifier=None, **overrides):
     values = dict(
         output_dir=str(tmp_path / "out"), num_checkpoints=2, per_device_train_batch_size=4, num_train_epochs=1,
-        learning_rate=1e-2, max_new_tokens=3, logging_steps=1, **QUIET_CPU,
+        learning_rate=1e-2, max_new_tokens=3, logging_steps=1, tms_mode="two_pass", **QUIET_CPU,
     )
     values.update(overrides)
     trainer = TMSTrainer(
@@ -263,7 +263,7 @@ def test_max_new_tokens_from_labels_fits_the_length_budget(tiny_llama, tmp_path)
     assert max(trainer.trajectories["num_tokens"]) <= trainer.max_new_tokens
     capped = TMSTrainer(
         model=tiny_llama,
-        args=TMSConfig(output_dir=str(tmp_path / "capped"), num_checkpoints=2, max_new_tokens=5,
+        args=TMSConfig(recipe="paper", output_dir=str(tmp_path / "capped"), num_checkpoints=2, max_new_tokens=5,
                        max_new_tokens_from_labels=2.5, per_device_train_batch_size=4, **QUIET_CPU),
         train_dataset=make_examples(8, seed=0),
         processing_class=tokenizer,
@@ -275,7 +275,7 @@ def test_max_new_tokens_from_labels_fits_the_length_budget(tiny_llama, tmp_path)
 def test_a_verifier_must_be_callable(tiny_llama, tmp_path):
     with pytest.raises(TypeError, match="`verifier` must be a callable"):
         TMSTrainer(
-            model=tiny_llama, args=TMSConfig(output_dir=str(tmp_path), num_checkpoints=1, **QUIET_CPU),
+            model=tiny_llama, args=TMSConfig(recipe="paper", output_dir=str(tmp_path), num_checkpoints=1, **QUIET_CPU),
             train_dataset=make_examples(8), processing_class=load_tokenizer(tiny_llama),
             peft_config=LoraConfig(r=4, target_modules="all-linear"), verifier="exact_match",
         )

@@ -155,7 +155,7 @@ def test_compact_kl_of_two_known_distributions():
 
 
 def test_meter_in_both_tms_phases_restarts_at_zero_for_the_student(tiny_llama, tmp_path):
-    config = TMSConfig(output_dir=str(tmp_path / "tms"), num_checkpoints=2, per_device_train_batch_size=4,
+    config = TMSConfig(recipe="paper", output_dir=str(tmp_path / "tms"), num_checkpoints=2, per_device_train_batch_size=4,
                        num_train_epochs=1, learning_rate=3e-2, logging_steps=2, max_new_tokens=4,
                        retention_prompts=PROMPTS, retention_max_new_tokens=6, **QUIET_CPU)
     trainer = TMSTrainer(model=tiny_llama, args=config, train_dataset=make_examples(16, seed=0),
@@ -174,8 +174,8 @@ def test_meter_can_be_turned_off_and_sized(tiny_llama, tmp_path):
                   num_train_epochs=1, max_new_tokens=4, **QUIET_CPU)
     args = dict(model=tiny_llama, train_dataset=make_examples(8, seed=0), processing_class=load_tokenizer(tiny_llama),
                 peft_config=LoraConfig(r=4, target_modules="all-linear"))
-    assert TMSTrainer(args=TMSConfig(log_retention=False, **common), **args).retention_callback is None
-    meter = TMSTrainer(args=TMSConfig(retention_num_prompts=5, retention_max_new_tokens=3, **common), **args).retention_callback
+    assert TMSTrainer(args=TMSConfig(recipe="paper", log_retention=False, **common), **args).retention_callback is None
+    meter = TMSTrainer(args=TMSConfig(recipe="paper", retention_num_prompts=5, retention_max_new_tokens=3, **common), **args).retention_callback
     assert meter.num_prompts == 5 and meter.max_new_tokens == 3
 
 
@@ -315,7 +315,7 @@ def test_bad_meter_input_is_refused_clearly(tiny_llama, tmp_path, prompts, kwarg
 )
 def test_bad_meter_settings_are_refused_by_the_config(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
-        TMSConfig(output_dir=str(tmp_path), **fields, **QUIET_CPU)
+        TMSConfig(recipe="paper", output_dir=str(tmp_path), **fields, **QUIET_CPU)
 
 
 def test_meter_runs_in_online_tms(tiny_llama, tmp_path):

@@ -50,6 +50,7 @@ def run(path, tmp_path, **overrides):
         num_train_epochs=1,
         max_new_tokens=6,
         logging_steps=1,
+        tms_mode="two_pass",
         **QUIET_CPU,
     )
     values.update(overrides)

@@ -38,7 +38,7 @@ class Watch(TrainerCallback):
 def make(path, tmp_path, watch=None, trainer_kwargs=None, **overrides):
     values = dict(
         output_dir=str(tmp_path / "out"), tms_mode="online", num_checkpoints=3, per_device_train_batch_size=4,
-        num_train_epochs=2, learning_rate=1e-2, max_new_tokens=6, logging_steps=2, seed=5, **QUIET_CPU,
+        num_train_epochs=2, learning_rate=1e-2, max_new_tokens=6, logging_steps=2, seed=5, label_weight=0.25, **QUIET_CPU,
     )
     values.update(overrides)
     trainer = TMSTrainer(

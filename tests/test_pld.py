@@ -137,7 +137,7 @@ def test_forgetting_alarm_settings_are_checked(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="needs a `drift_threshold`"):
         PLDCallback(trainer, stop_on_drift=True)
     with pytest.raises(ValueError, match="pld_stop_on_drift=True` needs `pld_drift_threshold`"):
-        TMSConfig(output_dir=str(tmp_path), pld_stop_on_drift=True, **QUIET_CPU)
+        TMSConfig(recipe="paper", output_dir=str(tmp_path), pld_stop_on_drift=True, **QUIET_CPU)
 
 
 def test_snapshot_callback_on_plain_sft_trainer(tiny_llama, tmp_path):

@@ -76,7 +76,7 @@ def test_a_model_repacked_before_training_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="Load the model afresh"):
         TMSTrainer(
             model=model,
-            args=TMSConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False),
+            args=TMSConfig(recipe="paper", output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False),
             train_dataset=make_examples(8),
             processing_class=tokenizer,
         )
@@ -86,6 +86,7 @@ def test_tms_runs_all_phases_on_a_4bit_base(tiny_qwen2, tmp_path):
     trainer = TMSTrainer(
         model=tiny_qwen2,
         args=TMSConfig(
+            recipe="paper",
             output_dir=str(tmp_path / "out"),
             num_checkpoints=2,
             per_device_train_batch_size=4,
@@ -121,6 +122,7 @@ def test_tms_runs_all_phases_on_a_model_already_loaded_in_4bit(tiny_llama, tmp_p
     trainer = TMSTrainer(
         model=model,
         args=TMSConfig(
+            recipe="paper",
             output_dir=str(tmp_path / "out"), num_checkpoints=2, per_device_train_batch_size=4, num_train_epochs=1,
             max_new_tokens=4, save_strategy="no", report_to="none", bf16=False, use_cpu=DEVICE == "cpu",
             disable_tqdm=True,
@@ -144,7 +146,7 @@ def test_4bit_without_bitsandbytes_raises(tiny_llama, tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install"):
         TMSTrainer(
             model=tiny_llama,
-            args=TMSConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
+            args=TMSConfig(recipe="paper", output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
             train_dataset=make_examples(8),
             processing_class=load_tokenizer(tiny_llama),
             peft_config=LoraConfig(r=4, target_modules="all-linear"),
@@ -156,7 +158,7 @@ def test_8bit_with_a_non_lora_adapter_raises(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="LoraConfig"):
         TMSTrainer(
             model=tiny_llama,
-            args=TMSConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
+            args=TMSConfig(recipe="paper", output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
             train_dataset=make_examples(8),
             processing_class=load_tokenizer(tiny_llama),
             peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),

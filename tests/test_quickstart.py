@@ -24,6 +24,7 @@ def heldout(n=6):
 
 def tms_trainer(path, tmp_path, **overrides):
     config = TMSConfig(
+        recipe="paper",
         output_dir=str(tmp_path / "out"), num_checkpoints=2, max_new_tokens=8, per_device_train_batch_size=4,
         learning_rate=5e-2, logging_steps=1, pld_num_samples=4, **QUIET_CPU, **overrides,
     )

@@ -175,7 +175,7 @@ def test_bad_rehearsal_prompts_are_refused_clearly(prompts, message):
 )
 def test_bad_rehearsal_settings_are_refused(field, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        TMSConfig(str(tmp_path), **{field: value}, **QUIET_CPU)
+        TMSConfig(str(tmp_path), recipe="paper", **{field: value}, **QUIET_CPU)
 
 
 # End to end
@@ -188,7 +188,7 @@ def make_trainer(tiny_llama, tmp_path, model=None, **overrides):
     values = dict(
         output_dir=str(tmp_path / "out"), num_checkpoints=2, per_device_train_batch_size=4, num_train_epochs=2,
         learning_rate=1e-2, max_new_tokens=6, logging_steps=2, rehearsal_weight=0.5, rehearsal_prompts=PROMPTS,
-        rehearsal_max_new_tokens=5, seed=3, **QUIET_CPU,
+        rehearsal_max_new_tokens=5, seed=3, tms_mode="two_pass", label_weight=0.25, **QUIET_CPU,
     )
     values.update(overrides)
     return TMSTrainer(

@@ -24,6 +24,7 @@ def tms_config(tmp_path, **overrides) -> TMSConfig:
         learning_rate=1e-2,
         max_new_tokens=8,
         logging_steps=2,
+        tms_mode="two_pass",
         **QUIET_CPU,
     )
     values.update(overrides)
@@ -504,7 +505,8 @@ def test_sft_config_is_converted(tiny_llama, tmp_path):
     trainer = make_trainer(tiny_llama, tmp_path, args=args)
     assert isinstance(trainer.args, TMSConfig)
     assert (trainer.args.eos_token, trainer.args.max_length, trainer.args.output_dir) == ("</s>", 64, str(tmp_path / "o"))
-    assert trainer.args.num_checkpoints == 10 and trainer.args.label_weight == 0.25
+    # With the TMS defaults: the default recipe (online TMS at label_weight 0.75), T = 10.
+    assert (trainer.args.num_checkpoints, trainer.args.tms_mode, trainer.args.label_weight) == (10, "online", 0.75)
 
 
 class LogSink(TrainerCallback):

@@ -29,7 +29,7 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 def config(tmp_path, **overrides) -> TMSConfig:
     values = dict(
         output_dir=str(tmp_path / "out"), num_checkpoints=2, per_device_train_batch_size=4, num_train_epochs=1,
-        learning_rate=1e-2, max_new_tokens=6, generation_backend="vllm", **QUIET_CPU,
+        learning_rate=1e-2, max_new_tokens=6, generation_backend="vllm", tms_mode="two_pass", **QUIET_CPU,
     )
     values.update(overrides)
     return TMSConfig(**values)

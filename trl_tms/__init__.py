@@ -15,6 +15,7 @@ from .history import AdapterHistory, SnapshotCallback
 from .mixture import MixtureDataset, TrajectoryStats
 from .pld import PLDCallback, policy_label_divergence
 from .rehearsal import REHEARSAL_PROMPTS, mix_in_rehearsal, self_rehearsal_dataset
+from .selection import DriftBudgetCallback
 from .trainer import TMSTrainer
 from .trajectories import SamplingParams, generate_trajectories
 from .vllm_generation import generate_trajectories_vllm, is_vllm_available
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterHistory",
     "AdapterScaleCurve",
+    "DriftBudgetCallback",
     "METER_PROMPTS",
     "MixtureDataset",
     "PLDCallback",

@@ -32,6 +32,16 @@ def cpu_has_native_bf16() -> bool | None:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags)) if flags else None
 
 
+# The named settings of `TMSConfig.recipe`; the evidence for each is in docs/results.md. When the study's evidence
+# changes, the recipe follows it (and the docs' "Choose a recipe" says so).
+RECIPES = {
+    "retention": {"tms_mode": "online", "label_weight": 0.75},
+    "paper": {"tms_mode": "two_pass", "label_weight": 0.25},
+}
+# The label share a mode defaults to when a recipe of the other mode is named (each mode's recipe's).
+MODE_LABEL_WEIGHTS = {recipe["tms_mode"]: recipe["label_weight"] for recipe in RECIPES.values()}
+
+
 @dataclass
 class TMSConfig(SFTConfig):
     r"""
@@ -44,9 +54,20 @@ class TMSConfig(SFTConfig):
     is `False` (fp32 on CPU) rather than an error.
 
     Parameters:
+        > The recipe
+
+        recipe (`str`, *optional*, defaults to `"retention"`):
+            The settings TMS starts from, by name; a field you set yourself keeps your value. `"retention"` (the
+            default): online TMS with `label_weight=0.75`, the setting that learned about as much as SFT at a lower
+            learning rate with less drift in both regimes of our study (see the how-to guide, "Choose a recipe").
+            `"paper"`: the paper's two-pass TMS with `label_weight=0.25`. A recipe sets `tms_mode` and, where it is
+            not set, the `label_weight` of that mode (two-pass 0.25, online 0.75), so `tms_mode="two_pass"` alone is
+            the paper's setting.
+
         > Parameters that control the adapter history (harvest phase)
 
-        tms_mode (`str`, *optional*, defaults to `"two_pass"`):
+        tms_mode (`str`, *optional*):
+            Defaults to the recipe's (`"online"` for `"retention"`, `"two_pass"` for `"paper"`).
             `"two_pass"` (the paper): a harvest run on the labels takes the snapshots, then a student restarts from the
             initial adapter and trains on the mixture. `"online"`: one run; every `online_snapshot_every` steps, from
             step 0, the adapter being trained is snapshotted and samples trajectories (of the prompts the draws until
@@ -117,12 +138,12 @@ class TMSConfig(SFTConfig):
 
         > Parameters that control the mixture (student phase)
 
-        label_weight (`float`, *optional*, defaults to `0.25`):
+        label_weight (`float`, *optional*):
             Probability (alpha) of training on the reference label each time an example is drawn; otherwise a
             trajectory is drawn uniformly over the snapshots (then uniformly over that snapshot's samples). `1.0`
-            reduces TMS to plain SFT, `0.0` trains on trajectories only. The default is the paper's; with
-            `tms_mode="online"` a higher value (0.5 to 0.75) learns more of the task for a little more drift: see the
-            how-to guide, "Choose `label_weight`".
+            reduces TMS to plain SFT, `0.0` trains on trajectories only. Defaults to the mode's: the paper's 0.25 for
+            `tms_mode="two_pass"`; 0.75 for `"online"`, where the paper's alpha learned less and unsteadily in our
+            study and 0.5 to 0.75 learned about as much as SFT (see the how-to guide, "Choose `label_weight`").
         trajectory_choice (`str`, *optional*, defaults to `"uniform"`):
             Which trajectory a prompt trains on when it does not draw its label. `"uniform"` (the paper): uniformly over
             the snapshots, then over that snapshot's samples. `"curriculum"`: uniformly within a slice of the snapshots
@@ -215,13 +236,29 @@ class TMSConfig(SFTConfig):
         retention_stop_on_kl (`bool`, *optional*, defaults to `False`):
             When that alarm goes off, stop the current phase and restore the adapter of its last measurement within
             the threshold.
+        retention_kl_budget (`float`, *optional*):
+            Keep the best checkpoint by `metric_for_best_model` among those whose `retention_kl` is at most this many
+            nats per token ([`DriftBudgetCallback`], in the student's or the online run's evaluations): checkpoints
+            over the budget never become `best_model_checkpoint`, so `load_best_model_at_end=True` ends on the best one
+            within it. Needs the meter, `eval_strategy` and `metric_for_best_model`. `None`: the Trainer's usual choice.
     """
 
-    # Parameters that control the adapter history
-    tms_mode: str = field(
-        default="two_pass",
+    # The recipe
+    recipe: str = field(
+        default="retention",
         metadata={
-            "help": "`two_pass` (the paper: a harvest run takes the snapshots, then a student trains on the mixture) "
+            "help": "The settings TMS starts from, by name; a field you set keeps your value. `retention` (default): "
+            "online TMS with `label_weight=0.75`, which learned about as much as SFT at a lower learning rate with less "
+            "drift in both regimes of our study. `paper`: the paper's two-pass TMS with `label_weight=0.25`.",
+            "choices": ["retention", "paper"],
+        },
+    )
+
+    # Parameters that control the adapter history
+    tms_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "Default: the recipe's (`online` for `retention`, `two_pass` for `paper`). `two_pass` (the paper: a harvest run takes the snapshots, then a student trains on the mixture) "
             "or `online` (one run: every `online_snapshot_every` steps, from step 0, the adapter being trained is "
             "snapshotted and samples trajectories (those the draws need, see `trajectories_to_generate`); the mixture "
             "draws from the last `num_checkpoints` snapshots). Online needs `dataloader_num_workers=0` and "
@@ -346,13 +383,13 @@ class TMSConfig(SFTConfig):
     )
 
     # Parameters that control the mixture
-    label_weight: float = field(
-        default=0.25,
+    label_weight: float | None = field(
+        default=None,
         metadata={
             "help": "Probability (alpha) of training on the reference label each time an example is drawn; otherwise "
             "a trajectory is drawn uniformly over the snapshots. `1.0` reduces TMS to plain SFT, `0.0` trains on "
-            "trajectories only. The default is the paper's; with `tms_mode='online'` a higher value (0.5 to 0.75) learns "
-            "more of the task for a little more drift (docs/how-to.md, 'Choose label_weight')."
+            "trajectories only. Default: the mode's, the paper's 0.25 for `two_pass`, 0.75 for `online` "
+            "(docs/how-to.md, 'Choose label_weight')."
         },
     )
     trajectory_choice: str = field(
@@ -509,6 +546,14 @@ class TMSConfig(SFTConfig):
             "measurement within `retention_kl_threshold`."
         },
     )
+    retention_kl_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the best checkpoint by `metric_for_best_model` among those whose `retention_kl` is at most "
+            "this many nats per token (student or online run): with `load_best_model_at_end=True` training ends on it. "
+            "Needs `log_retention`, `eval_strategy` and `metric_for_best_model`. `None`: the Trainer's usual choice."
+        },
+    )
 
     def __post_init__(self):
         # SFTConfig turns bf16 on by default, which stops a run on a machine without a bf16 accelerator unless
@@ -524,6 +569,13 @@ class TMSConfig(SFTConfig):
                 "or AMX): every bf16 operation is emulated, and training ran about 15x slower than in fp32 in our "
                 "measurements (SmolLM2-135M, 2 cores). Pass `bf16=False` to train in fp32."
             )
+        if self.recipe not in RECIPES:
+            raise ValueError(f"`recipe` must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
+        mode_from_recipe = self.tms_mode is None
+        if mode_from_recipe:
+            self.tms_mode = RECIPES[self.recipe]["tms_mode"]
+        if self.label_weight is None:
+            self.label_weight = MODE_LABEL_WEIGHTS.get(self.tms_mode, RECIPES["paper"]["label_weight"])
         checks = [
             (self.num_checkpoints >= 1, f"`num_checkpoints` must be at least 1, got {self.num_checkpoints}."),
             (
@@ -671,12 +723,30 @@ class TMSConfig(SFTConfig):
                 not self.retention_stop_on_kl or self.log_retention,
                 "`retention_stop_on_kl=True` needs the forgetting meter: leave `log_retention=True`.",
             ),
+            (
+                self.retention_kl_budget is None or self.retention_kl_budget > 0,
+                f"`retention_kl_budget` must be positive (nats per token; typical values 0.1 to 0.3), got "
+                f"{self.retention_kl_budget}.",
+            ),
+            (
+                self.retention_kl_budget is None or self.log_retention,
+                "`retention_kl_budget` is a budget on the forgetting meter: leave `log_retention=True`.",
+            ),
+            (
+                self.retention_kl_budget is None or (self.eval_strategy != "no" and self.metric_for_best_model),
+                "`retention_kl_budget` keeps the best evaluated checkpoint within the budget: set `eval_strategy` (with "
+                "an `eval_dataset`), `metric_for_best_model` (e.g. 'eval_loss'), and `load_best_model_at_end=True` to "
+                "end on it.",
+            ),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ValueError(message + self._recipe_hint(mode_from_recipe, message))
         if self.snapshot_weights is not None:
-            self._check_snapshot_weights()
+            try:
+                self._check_snapshot_weights()
+            except ValueError as error:
+                raise ValueError(str(error) + self._recipe_hint(mode_from_recipe, str(error))) from None
         if self.dataloader_persistent_workers and self.dataloader_num_workers > 0:
             raise ValueError(
                 "`dataloader_persistent_workers=True` is not supported by TMSTrainer: persistent workers keep copies of "
@@ -687,6 +757,15 @@ class TMSConfig(SFTConfig):
                 "`packing=True` is not supported by TMSTrainer: the mixture draws one completion per prompt each time "
                 "an example is drawn, which needs one example per sequence. Set `packing=False`."
             )
+
+    def _recipe_hint(self, mode_from_recipe: bool, message: str) -> str:
+        """Where a mode the user did not choose is what a check refuses, say where it came from."""
+        if not mode_from_recipe or "tms_mode" not in message:
+            return ""
+        return (
+            f" (`tms_mode={self.tms_mode!r}` comes from `recipe={self.recipe!r}`: set `tms_mode` yourself, or "
+            "`recipe='paper'` for the paper's two-pass TMS.)"
+        )
 
     @property
     def generates_drawn_trajectories_only(self) -> bool:

@@ -162,6 +162,8 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, train_dataset, pld
     on_gpu = torch.cuda.is_available()
     settings = dict(
         output_dir=args.output_dir,
+        # Two-pass: the side-by-side comparison reads plain SFT off the harvest.
+        recipe="paper",
         num_checkpoints=args.num_checkpoints,
         label_weight=args.label_weight,
         max_new_tokens=args.max_new_tokens,

@@ -44,6 +44,7 @@ from .pld import PLDCallback, score_trajectories
 from .quantization import is_quantized, keep_4bit_layers_trainable
 from .rehearsal import initial_history, rehearsal_candidates, rehearsal_prompts, rehearsal_sampling
 from .resume import TMSRun, checkpoint_step, run_settings
+from .selection import DriftBudgetCallback
 from .sharding import assign, gathered, whole_model_for_generation
 from .trajectories import (
     PART_KEYS,
@@ -251,6 +252,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
                 stop_on_kl=args.retention_stop_on_kl,
             )
             self.add_callback(self.retention_callback)
+        # The best-checkpoint choice is the student's (or the online run's): the harvest only feeds the snapshots.
+        self.drift_budget = None
+        if args.retention_kl_budget is not None:
+            self.drift_budget = DriftBudgetCallback(self.retention_callback, args.retention_kl_budget)
 
     def _make_generator(self, sampling: SamplingParams, prompts=None, history=None, parts_dir: str | None = None):
         """The generation backend for `prompts` and the snapshots of `history` (default: the training prompts and the
@@ -360,7 +365,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         mixture = MixtureCallback(self.train_dataset, self.log_event, begin_logs={
             f"tms_{key}": float(value) for key, value in self.stats.as_dict().items()
         }, score=score if self.args.trajectory_choice == "pld" else None)
-        with self._phase("student", [mixture], max_steps=run.record["harvest_steps"]):
+        with self._phase("student", [mixture, *self._choice()], max_steps=run.record["harvest_steps"]):
             output = train(resume_from_checkpoint=run.checkpoint_for(resume, self.args.output_dir))
         self.state.log_history = run.record["harvest_log"] + self.state.log_history
         return output
@@ -374,11 +379,14 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         # Before the first step, while the adapter is still the initial one the answers come from.
         self.stats.add(self._use_rehearsal(self._rehearsal_answers()))
         callbacks = [online, SnapshotCallback(self.history, self.model, self.adapter_name),
-                     MixtureCallback(self.train_dataset, self.log_event)]
+                     MixtureCallback(self.train_dataset, self.log_event), *self._choice()]
         with self._phase("online", callbacks):
             output = train(resume_from_checkpoint=self.run.checkpoint_for(resume, self.args.output_dir))
         self.trajectories = online.finish()
         return output
+
+    def _choice(self) -> list[TrainerCallback]:
+        return [] if self.drift_budget is None else [self.drift_budget]
 
     @contextlib.contextmanager
     def _phase(self, name: str, callbacks: list[TrainerCallback] = (), **overrides):

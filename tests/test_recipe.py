@@ -1,0 +1,57 @@
+"""`TMSConfig.recipe`: the recommended setting by default, the paper's by name, explicit fields kept."""
+
+import pytest
+from conftest import QUIET_CPU, load_tokenizer, make_examples
+from peft import LoraConfig
+from trl import SFTConfig
+
+from trl_tms import TMSConfig, TMSTrainer
+from trl_tms.config import RECIPES
+
+
+def config(**fields) -> TMSConfig:
+    return TMSConfig(output_dir="out", **QUIET_CPU, **fields)
+
+
+@pytest.mark.parametrize("fields, mode, alpha", [
+    ({}, "online", 0.75),                                   # the recommended setting by default
+    ({"recipe": "retention"}, "online", 0.75),
+    ({"recipe": "paper"}, "two_pass", 0.25),                # the paper's, by name
+    ({"tms_mode": "two_pass"}, "two_pass", 0.25),           # an explicit mode keeps meaning the paper's setting
+    ({"tms_mode": "online"}, "online", 0.75),
+    ({"recipe": "paper", "tms_mode": "online"}, "online", 0.75),
+    ({"label_weight": 0.5}, "online", 0.5),                 # explicit fields keep the user's value
+    ({"recipe": "paper", "label_weight": 1.0}, "two_pass", 1.0),
+    ({"tms_mode": "two_pass", "label_weight": 0.0}, "two_pass", 0.0),
+])
+def test_a_recipe_fills_only_the_fields_left_unset(fields, mode, alpha):
+    args = config(**fields)
+    assert (args.tms_mode, args.label_weight) == (mode, alpha)
+
+
+def test_the_recipes_are_the_settings_the_docs_name():
+    assert RECIPES == {"retention": {"tms_mode": "online", "label_weight": 0.75},
+                       "paper": {"tms_mode": "two_pass", "label_weight": 0.25}}
+
+
+def test_an_unknown_recipe_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"`recipe` must be one of \['paper', 'retention'\], got 'best'"):
+        config(recipe="best")
+
+
+def test_a_two_pass_only_setting_under_the_default_recipe_says_where_the_mode_came_from():
+    with pytest.raises(ValueError, match="comes from `recipe='retention'`: set `tms_mode` yourself, or `recipe='paper'`"):
+        config(trajectory_choice="pld")
+    # A mode the user chose: no hint about the recipe.
+    with pytest.raises(ValueError) as error:
+        config(tms_mode="online", trajectory_choice="pld")
+    assert "recipe" not in str(error.value)
+    config(recipe="paper", trajectory_choice="pld")  # the paper's two-pass mode takes it
+
+
+def test_an_sft_config_converted_by_the_trainer_gets_the_default_recipe(tiny_llama, tmp_path):
+    sft = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=1,
+**QUIET_CPU)
+    trainer = TMSTrainer(model=tiny_llama, args=sft, train_dataset=make_examples(40),
+                         processing_class=load_tokenizer(tiny_llama), peft_config=LoraConfig(r=2, target_modules="all-linear"))
+    assert (trainer.args.recipe, trainer.args.tms_mode, trainer.args.label_weight) == ("retention", "online", 0.75)

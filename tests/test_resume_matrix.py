@@ -201,6 +201,23 @@ def test_the_generation_scratch_outlives_an_interruption_before_the_phase_is_rec
     assert not os.path.exists(tmp_path / "out" / "_tms_history" / "trajectory-parts")
 
 
+def test_a_history_of_every_pair_serves_a_student_that_samples_its_draws(tiny_llama, tmp_path, monkeypatch):
+    shared = str(tmp_path / "history")
+    first = make(tiny_llama, tmp_path, history_dir=shared, output_dir=str(tmp_path / "a"), trajectories_to_generate="all")
+    first.train()
+    sampled = []
+    original = trajectories_module.AdapterHistory.load_into
+    monkeypatch.setattr(
+        trajectories_module.AdapterHistory, "load_into",
+        lambda self, model, step, *args, **kwargs: sampled.append(step) or original(self, model, step, *args, **kwargs),
+    )
+    student = make(tiny_llama, tmp_path, history_dir=shared, output_dir=str(tmp_path / "b"), label_weight=0.25)
+    student.train(resume_from_checkpoint=True)
+    assert sampled == []  # nothing deleted, nothing sampled again
+    assert student.trajectories.to_list() == first.trajectories.to_list()
+    assert student.state.global_step == STEPS
+
+
 def test_changed_rehearsal_settings_discard_the_rehearsal_parts(tmp_path):
     """A rehearsal generation interrupted with a part on disk: other rehearsal settings never read that part."""
     settings = {"harvest": {"tms_mode": "two_pass"}, "trajectories": {"temperature": 1.0}, "mixture": {},

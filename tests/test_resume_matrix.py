@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -157,16 +158,16 @@ def test_a_change_the_interrupted_work_depends_on_is_refused(tiny_llama, tmp_pat
 
 
 def test_a_checkpoint_of_another_run_in_output_dir_is_passed_over(tiny_llama, tmp_path, monkeypatch, references):
-    # An older run (other settings) left its final student checkpoint in the same output_dir.
+    # An older run (other settings) left its student checkpoints in the same output_dir; the last is a final one.
     make(tiny_llama, tmp_path, label_weight=0.25).train()
     interrupt(tiny_llama, tmp_path, "student", monkeypatch)  # a new run, stopped after its own checkpoint-4
-    older = str(tmp_path / "out" / f"checkpoint-{STEPS}")
-    assert os.path.isdir(older)
-    with pytest.raises(ValueError, match="is not a checkpoint of the run recorded"):
-        make(tiny_llama, tmp_path).train(resume_from_checkpoint=older)
+    older = tmp_path / "out" / "checkpoint-100"
+    shutil.copytree(tmp_path / "out" / f"checkpoint-{STEPS}", older)  # an older run's, the latest by far
     resumed = make(tiny_llama, tmp_path)
     resumed.train(resume_from_checkpoint=True)
     assert_same_run(resumed, references("unchanged"))
+    with pytest.raises(ValueError, match="is not a checkpoint of the run recorded"):
+        make(tiny_llama, tmp_path).train(resume_from_checkpoint=str(older))
 
 
 def test_train_runs_once_per_trainer(tiny_llama, tmp_path, monkeypatch):

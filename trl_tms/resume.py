@@ -275,8 +275,8 @@ class TMSRun:
             self.save()
             return
         record.setdefault("run_id", fresh["run_id"])  # a record of an older version: none of its checkpoints is taken
-        kinds = [kind for kind in settings if online or kind == "harvest"]
-        changed = differences({k: record["settings"].get(k) for k in kinds}, {k: settings[k] for k in kinds})
+        kinds = set(settings) | set(record["settings"]) if online else {"harvest"}
+        changed = differences({k: record["settings"].get(k) for k in kinds}, {k: settings.get(k) for k in kinds})
         if changed:
             raise ValueError(
                 f"The history in {self.history_dir} comes from a run with other settings, so its snapshots cannot be "

@@ -265,8 +265,8 @@ class TMSRun:
             if resume_from_checkpoint and isinstance(resume_from_checkpoint, str):
                 raise ValueError(
                     f"Cannot resume from {resume_from_checkpoint!r}: {self.history_dir} holds no record of a TMS run "
-                    f"({RUN_FILE}). Pass the same `history_dir` (or `output_dir`) as the interrupted run, or start again "
-                    "without `resume_from_checkpoint`."
+                    f"({RUN_FILE}). Pass the same `history_dir` (or `output_dir`) as the interrupted run, or start "
+                    "again without `resume_from_checkpoint`."
                 )
             if resume_from_checkpoint:
                 logger.warning(f"No interrupted TMS run in {self.history_dir}: starting from the beginning.")

@@ -305,8 +305,8 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
                 that finished are reused from the history folder (snapshots, trajectories), an interrupted generation
                 keeps the groups of snapshots it had sampled, and the harvest and the student restart from their last
                 Trainer checkpoint of this run (`<history_dir>/harvest/checkpoint-*` and `<output_dir>/checkpoint-*`,
-                written according to `save_strategy`). `True` finds all of this on disk; a checkpoint path resumes that phase
-                from that checkpoint.
+                written according to `save_strategy`). `True` finds all of this on disk; a checkpoint path resumes that
+                phase from that checkpoint.
         """
         run = self.run
         sampling = SamplingParams.from_config(self.args, self.max_new_tokens)

@@ -220,8 +220,9 @@ def test_a_finished_online_run_resumed_again_reuses_its_trajectories(tiny_llama,
     # Nothing added to the history (no dataset cache files next to the saved trajectories).
     assert {root: sorted(files) for root, _, files in os.walk(again.history_dir)} == history_files
 
-    # Changed sampling settings: the snapshots are reused and their trajectories sampled again.
-    monkeypatch.undo()
-    changed = make(tiny_llama, tmp_path, save_strategy="steps", save_steps=4, max_new_tokens=3)
-    changed.train(resume_from_checkpoint=True)
-    assert max(changed.trajectories["num_tokens"]) <= 3 < max(first.trajectories["num_tokens"])
+    # Online, every snapshot after step 0 was trained on trajectories of the recorded settings: other ones are refused.
+    for change, name in [(dict(max_new_tokens=3), "max_new_tokens"), (dict(label_weight=0.5), "label_weight"),
+                         (dict(trajectory_filter="verifier"), "trajectory_filter")]:
+        with pytest.raises(ValueError, match=f"{name}: .* there, .* now"):
+            make(tiny_llama, tmp_path, save_strategy="steps", save_steps=4, **change).train(resume_from_checkpoint=True)
+    assert {root: sorted(files) for root, _, files in os.walk(first.history_dir)} == history_files

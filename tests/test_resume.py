@@ -159,7 +159,12 @@ def test_finished_history_is_reused_by_another_student(tiny_llama, tmp_path, ref
 
 def test_changed_sampling_regenerates_only_the_trajectories(tiny_llama, tmp_path, reference, caplog):
     make(tiny_llama, tmp_path).train()
-    resumed = make(tiny_llama, tmp_path, temperature=0.0)
+    # The finished student's checkpoints were trained on the old trajectories: not continued on new ones.
+    with pytest.raises(ValueError, match="trajectories.temperature: 1.0 there, 0.0 now"):
+        make(tiny_llama, tmp_path, temperature=0.0).train(resume_from_checkpoint=True)
+    # A new student (another output_dir) on the same history: the snapshots are reused, the trajectories sampled again.
+    history = str(tmp_path / "out" / "_tms_history")
+    resumed = make(tiny_llama, tmp_path, temperature=0.0, history_dir=history, output_dir=str(tmp_path / "b"))
     resumed.train(resume_from_checkpoint=True)
     assert resumed.harvest_output is None
     assert resumed.trajectories.to_list() != reference["trajectories"]
@@ -232,6 +237,36 @@ def test_checkpoints_never_get_ahead_of_the_snapshots_written_in_the_background(
     trainer.train()
     assert trainer.history.steps == [2, 4, 6]
     assert recorder.seen == {2: [2], 4: [2, 4], 6: [2, 4, 6]}
+
+
+@pytest.mark.parametrize("strategy", ["epoch", "best"])
+def test_epoch_and_best_checkpoints_never_get_ahead_of_the_snapshots(tiny_llama, tmp_path, monkeypatch, strategy):
+    # These strategies decide to save after `on_step_end` (at the epoch's end, after evaluating).
+    import time
+
+    from safetensors.torch import save_file
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        save_file(*args, **kwargs)
+
+    class SnapshotsOnDiskAtSave(TrainerCallback):
+        seen: dict[int, list[int]] = {}
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.trainer.phase == "harvest":
+                history = self.trainer.history_dir
+                self.seen[state.global_step] = sorted(int(n[5:]) for n in os.listdir(history) if n.startswith("step-"))
+
+    monkeypatch.setattr("trl_tms.history.save_file", slow)
+    recorder = SnapshotsOnDiskAtSave()
+    best = dict(eval_strategy="epoch", metric_for_best_model="eval_loss") if strategy == "best" else {}
+    # 12 steps, 2 epochs, snapshots at 6 and 12: each epoch ends on a snapshot.
+    trainer = make(tiny_llama, tmp_path, callbacks=[recorder], num_checkpoints=2, save_strategy=strategy,
+                   log_retention=False, log_pld=False, **best)
+    trainer.train()
+    assert 6 in recorder.seen
+    assert recorder.seen == {step: [s for s in (6, 12) if s <= step] for step in recorder.seen}
 
 
 @pytest.mark.parametrize("main_process", [True, False])

@@ -424,5 +424,14 @@ class SnapshotCallback(TrainerCallback):
         if control.should_save:
             self.history.flush()
 
+    # `save_strategy="epoch"` decides to save at the epoch's end, after `on_step_end`; `"best"` after evaluating.
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.history.flush()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if args.save_strategy == "best":
+            self.history.flush()
+
     def on_train_end(self, args, state, control, **kwargs):
         self.history.flush()

@@ -147,8 +147,7 @@ class OnlineTMS(TrainerCallback):
             self.stats.not_sampled = self.trainer.unsampled_count(trajectories)
         if self.run.is_main:
             save_trajectories(trajectories, self.run.trajectories_dir)
-        self.run.remove_generation_scratch()
-        self.run.finish(
+        self.run.finish(  # then the generation's scratch is removed
             "online",
             trajectories_done=True,
             snapshot_steps=self.trainer.history.steps,

@@ -1,8 +1,9 @@
 """What a TMS run leaves in its history folder so that an interrupted run can continue instead of starting over.
 
 `<history_dir>/tms_run.json` records what the snapshots and the trajectories depend on (model, LoRA, data, schedule,
-sampling), the harvest's log and, once each phase ends, that it is complete. A resumed run reuses a phase only when
-its record matches the current settings.
+sampling, and for online TMS the mixture), the harvest's log and, once each phase ends, that it is complete. A resumed
+run reuses a phase only when its record matches the current settings. Every Trainer checkpoint of a phase carries the
+run's id (and the student's, the settings it trained under), so that a run never resumes from another run's checkpoint.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import json
 import os
 import re
 import shutil
+import uuid
 
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .atomic import write_json_atomically
@@ -28,6 +30,8 @@ TRAJECTORY_PARTS = "trajectory-parts"
 REHEARSAL_DIR = "rehearsal"
 REHEARSAL_PARTS = "rehearsal-parts"
 VLLM_DIR = "vllm"
+# The key of a checkpoint's `trainer_state.json` (`stateful_callbacks`) that names the run and phase that wrote it.
+CHECKPOINT_KEY = "TMSRun"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -105,19 +109,35 @@ def differences(recorded: dict, current: dict) -> list[str]:
     ]
 
 
-def latest_checkpoint(folder: str) -> str | None:
-    """The last complete Trainer checkpoint in `folder` (one that holds its `trainer_state.json`)."""
+def checkpoints(folder: str) -> list[str]:
+    """The complete Trainer checkpoints in `folder` (those that hold their `trainer_state.json`), the latest first."""
     if not os.path.isdir(folder):
+        return []
+    steps = sorted((int(m.group(1)) for m in map(_CHECKPOINT.match, os.listdir(folder)) if m), reverse=True)
+    paths = [os.path.join(folder, f"checkpoint-{step}") for step in steps]
+    return [path for path in paths if os.path.isfile(os.path.join(path, "trainer_state.json"))]
+
+
+def checkpoint_identity(checkpoint: str) -> dict | None:
+    """The run id, phase and settings a checkpoint was written under ([`RunIdentity`]); None if it has none."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            return json.load(f).get("stateful_callbacks", {}).get(CHECKPOINT_KEY)
+    except (OSError, json.JSONDecodeError):
         return None
-    steps = sorted(
-        (int(m.group(1)) for m in map(_CHECKPOINT.match, os.listdir(folder)) if m),
-        reverse=True,
-    )
-    for step in steps:
-        path = os.path.join(folder, f"checkpoint-{step}")
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
-            return path
-    return get_last_checkpoint(folder)
+
+
+class RunIdentity(TrainerCallback):
+    """
+    Writes which run and phase a Trainer checkpoint belongs to, and the settings it trained under, into the
+    `trainer_state.json` of every checkpoint of that phase (written with it, so never without it).
+    """
+
+    def __init__(self, run_id: str, phase: str, settings: dict):
+        self.identity = {"run_id": run_id, "phase": phase, "settings": settings}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.stateful_callbacks[CHECKPOINT_KEY] = self.identity
 
 
 def is_inside(path: str, folder: str) -> bool:
@@ -132,8 +152,9 @@ def checkpoint_step(checkpoint: str) -> int:
 
 def run_settings(model, peft_config, prompts, args, planned_steps: int, sampling, rehearsal=None) -> dict:
     """
-    What the snapshots (`harvest`), the trajectories (`trajectories`, from `SamplingParams`) and, with `rehearsal` (the
-    rehearsal prompts and their `SamplingParams`), the rehearsal answers (`rehearsal`) depend on.
+    What the snapshots (`harvest`), the trajectories (`trajectories`, from `SamplingParams`), the mixture the student
+    draws from (`mixture`; online, the snapshots too) and, with `rehearsal` (the rehearsal prompts and their
+    `SamplingParams`), the rehearsal answers (`rehearsal`) depend on.
     """
     harvest = {
         "model": model_summary(model),
@@ -156,7 +177,18 @@ def run_settings(model, peft_config, prompts, args, planned_steps: int, sampling
         # Which pairs were sampled followed the draws of the run that sampled them; a student with other mixture
         # settings samples the pairs it lacks (`TMSTrainer`), so those settings need not match.
         trajectories["trajectories_to_generate"] = "drawn"
-    settings = {"harvest": harvest, "trajectories": trajectories}
+    weights = args.snapshot_weights
+    mixture = {
+        "label_weight": args.label_weight,
+        "trajectory_choice": args.trajectory_choice,
+        "snapshot_weights": None if weights is None else list(weights),
+        "trajectory_filter": args.trajectory_filter,
+        "min_verifier_score": args.min_verifier_score,
+        "unfinished_trajectories": args.unfinished_trajectories,
+        "trajectories_to_generate": "drawn" if args.generates_drawn_trajectories_only else "all",
+        "rehearsal_weight": args.rehearsal_weight,
+    }
+    settings = {"harvest": harvest, "trajectories": trajectories, "mixture": mixture}
     if rehearsal is not None:
         rehearsal_prompts, rehearsal_sampling = rehearsal
         settings["rehearsal"] = {
@@ -166,6 +198,18 @@ def run_settings(model, peft_config, prompts, args, planned_steps: int, sampling
             "generation_backend": args.generation_backend,
         }
     return settings
+
+
+def sampling_changes(recorded: dict, current: dict) -> list[str]:
+    """
+    The differences between the sampling settings the trajectories on disk were `recorded` with and the `current` ones
+    that make them unusable: any but `trajectories_to_generate` from every pair (`"all"`) to the drawn ones, which a
+    student that samples only what it draws finds among them.
+    """
+    changed = differences(recorded, current)
+    if recorded.get("trajectories_to_generate") != "drawn":
+        changed = [change for change in changed if not change.startswith("trajectories_to_generate:")]
+    return changed
 
 
 class TMSRun:
@@ -185,6 +229,8 @@ class TMSRun:
         self.history_dir = history_dir
         self.is_main = is_main
         self.record: dict = {}
+        self.checkpoints: dict[str, str | None] = {}  # the Trainer checkpoint each phase resumes from
+        self.started = False  # one run per trainer: a second `start` would train on the first one's state
         # The harvest's Trainer checkpoints are not the result: beside the history, out of `output_dir` and the Hub.
         self.harvest_dir = os.path.join(history_dir, HARVEST_DIR)
         self.trajectories_dir = os.path.join(history_dir, TRAJECTORIES_DIR)
@@ -197,58 +243,92 @@ class TMSRun:
 
     # The record
 
-    def start(self, settings: dict, planned_steps: int, resume_from_checkpoint) -> None:
+    def start(self, settings: dict, planned_steps: int, resume_from_checkpoint, output_dir: str) -> None:
         """
         Begin a run: a fresh one replaces what a previous run left in the folder; a resumed one checks that the record
-        has the same harvest settings (and samples again if the sampling settings changed).
+        has the same harvest settings (online: the same settings of every kind, since every snapshot after step 0
+        depends on the mixture and the sampling) and that the checkpoints it resumes from belong to it, and samples
+        again what was sampled under other settings. `output_dir` holds the checkpoints of the student (or of the
+        online run).
         """
-        fresh = {"settings": settings, "planned_steps": planned_steps}
-        if not resume_from_checkpoint:
-            self.clear()
-            self.record = fresh
-            self.save()
-            return
-        record = read_run(self.history_dir)
+        if self.started:
+            raise RuntimeError(
+                "This `TMSTrainer` has already run `train()`: its model, training data and history are those of that "
+                "run. Create a new `TMSTrainer` for another run (with `train(resume_from_checkpoint=True)` to continue "
+                "an interrupted one)."
+            )
+        self.checkpoints = {}
+        online = settings["harvest"]["tms_mode"] == "online"
+        fresh = {"run_id": uuid.uuid4().hex, "settings": settings, "planned_steps": planned_steps}
+        record = read_run(self.history_dir) if resume_from_checkpoint else None
         if record is None:
-            if isinstance(resume_from_checkpoint, str):
+            if resume_from_checkpoint and isinstance(resume_from_checkpoint, str):
                 raise ValueError(
                     f"Cannot resume from {resume_from_checkpoint!r}: {self.history_dir} holds no record of a TMS run "
-                    f"({RUN_FILE}). Pass the same `history_dir` (or `output_dir`) as the interrupted run, or start again "
-                    "without `resume_from_checkpoint`."
+                    f"({RUN_FILE}). Pass the same `history_dir` (or `output_dir`) as the interrupted run, or start "
+                    "again without `resume_from_checkpoint`."
                 )
-            logger.warning(f"No interrupted TMS run in {self.history_dir}: starting from the beginning.")
+            if resume_from_checkpoint:
+                logger.warning(f"No interrupted TMS run in {self.history_dir}: starting from the beginning.")
             self.clear()
-            self.record = fresh
+            self.record, self.started = fresh, True
             self.save()
             return
-        changed = differences(record["settings"]["harvest"], settings["harvest"])
+        record.setdefault("run_id", fresh["run_id"])  # a record of an older version: none of its checkpoints is taken
+        kinds = set(settings) | set(record["settings"]) if online else {"harvest"}
+        changed = differences({k: record["settings"].get(k) for k in kinds}, {k: settings.get(k) for k in kinds})
         if changed:
             raise ValueError(
                 f"The history in {self.history_dir} comes from a run with other settings, so its snapshots cannot be "
                 f"reused: {'; '.join(changed)}. Resume with the settings of that run, pass another `history_dir`, or "
                 "start again without `resume_from_checkpoint` (the history is then replaced)."
             )
-        if record.get("trajectories_done") and record["settings"]["trajectories"] != settings["trajectories"]:
-            logger.warning(
-                "Sampling settings changed since the trajectories were generated "
-                f"({'; '.join(differences(record['settings']['trajectories'], settings['trajectories']))}): the "
-                "snapshots are reused and the trajectories sampled again."
-            )
-            record["trajectories_done"] = False
-            record.pop("trajectory_seconds", None)
-            if self.is_main:
-                for folder in (self.trajectories_dir, self.parts_dir):
-                    shutil.rmtree(folder, ignore_errors=True)
-        if record.get("rehearsal_done") and record["settings"].get("rehearsal") != settings.get("rehearsal"):
-            logger.warning("Rehearsal settings changed since the rehearsal answers were generated: they are generated "
-                           "again.")
-            record["rehearsal_done"] = False
-            if self.is_main:
-                for folder in (self.rehearsal_dir, self.rehearsal_parts_dir):
-                    shutil.rmtree(folder, ignore_errors=True)
-        record["settings"] = settings
         self.record = record
+        resampled = sampling_changes(record["settings"]["trajectories"], settings["trajectories"])
+        if not resampled:  # the trajectories on disk keep the settings they were sampled with (every pair serves all)
+            settings = {**settings, "trajectories": record["settings"]["trajectories"]}
+        # Found (and checked) before anything is deleted: a refused resume leaves the run as it was.
+        last = "online" if online else "student"
+        self.checkpoints = {
+            "harvest": self._checkpoint(resume_from_checkpoint, self.harvest_dir, "harvest"),
+            last: self._checkpoint(resume_from_checkpoint, output_dir, last, self.phase_settings(last, settings)),
+        }
+        if resampled:
+            self._discard("trajectories", (self.trajectories_dir, self.parts_dir), resampled)
+            record.pop("trajectory_seconds", None)
+        if record["settings"].get("rehearsal") != settings.get("rehearsal"):
+            changed = differences(record["settings"].get("rehearsal") or {}, settings.get("rehearsal") or {})
+            self._discard("rehearsal", (self.rehearsal_dir, self.rehearsal_parts_dir), changed)
+        record["settings"] = settings
+        self.started = True
         self.save()
+
+    def _discard(self, phase: str, folders: tuple[str, ...], changed: list[str]) -> None:
+        """Delete what `phase` generated (finished, or in parts), because the settings it depends on `changed`."""
+        if self.done(phase) or any(os.path.isdir(folder) for folder in folders):
+            logger.warning(
+                f"Settings of the {phase} changed since it was generated ({'; '.join(changed)}): the snapshots are "
+                f"reused and the {phase} generated again."
+            )
+        self.record[f"{phase}_done"] = False
+        if self.is_main:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def phase_settings(self, phase: str, settings: dict | None = None) -> dict:
+        """
+        What a phase's training depends on beyond the run (written into its checkpoints): for the student, the
+        mixture, the trajectories and the rehearsal answers it draws from; the harvest and the online run depend on
+        nothing the record does not hold.
+        """
+        if phase != "student":
+            return {}
+        settings = self.record["settings"] if settings is None else settings
+        return {kind: settings.get(kind) for kind in ("mixture", "trajectories", "rehearsal")}
+
+    def identity(self, phase: str) -> RunIdentity:
+        """The callback that marks each Trainer checkpoint of `phase` as this run's."""
+        return RunIdentity(self.record["run_id"], phase, self.phase_settings(phase))
 
     def done(self, phase: str) -> bool:
         """
@@ -258,9 +338,15 @@ class TMSRun:
         return bool(self.record.get(f"{phase}_done"))
 
     def finish(self, phase: str, **fields) -> None:
-        """Record that `phase` finished, with what a resumed run needs of it."""
+        """
+        Record that `phase` finished, with what a resumed run needs of it. Once the generation is recorded as done
+        (`"trajectories"`, `"online"`), its scratch is removed: never before, so that an interruption in between
+        loses no sampled part.
+        """
         self.record.update({f"{phase}_done": True, **fields})
         self.save()
+        if phase in ("trajectories", "online"):
+            self.remove_generation_scratch()
 
     def save(self) -> None:
         if self.is_main:
@@ -307,13 +393,50 @@ class TMSRun:
             )
         history.adopt(reopened, expected)
 
-    @staticmethod
-    def checkpoint_for(resume_from_checkpoint, folder: str) -> str | None:
-        """The Trainer checkpoint a phase writing to `folder` resumes from: the one named if it lies there, else the last."""
-        if not resume_from_checkpoint:
+    def checkpoint(self, phase: str) -> str | None:
+        """The Trainer checkpoint `phase` resumes from (None: from its first step), as found by `start`."""
+        return self.checkpoints.get(phase)
+
+    def _checkpoint(self, resume_from_checkpoint, folder: str, phase: str, settings: dict | None = None) -> str | None:
+        """
+        The checkpoint of this run's `phase` in `folder` to resume from: the one named if it lies there, else the
+        latest one of this run (those of another run, e.g. an older run in the same `output_dir`, are passed over).
+        Raises if the named one is another run's, or if the one found was trained under other `settings`.
+        """
+        named = isinstance(resume_from_checkpoint, str)
+        if named and not os.path.isdir(resume_from_checkpoint):
+            raise ValueError(f"`resume_from_checkpoint` {resume_from_checkpoint!r} is not a folder.")
+        if named and not is_inside(resume_from_checkpoint, folder):
             return None
-        if isinstance(resume_from_checkpoint, str):
-            if not os.path.isdir(resume_from_checkpoint):
-                raise ValueError(f"`resume_from_checkpoint` {resume_from_checkpoint!r} is not a folder.")
-            return resume_from_checkpoint if is_inside(resume_from_checkpoint, folder) else None
-        return latest_checkpoint(folder)
+        others = []
+        for path in [resume_from_checkpoint] if named else checkpoints(folder):
+            identity = checkpoint_identity(path) or {}
+            if identity.get("run_id") == self.record["run_id"] and identity.get("phase") != phase:
+                if named:  # a checkpoint of another phase of this run (the harvest's lie under `output_dir` too)
+                    return None
+                continue
+            if identity.get("run_id") != self.record["run_id"]:
+                if named:
+                    raise ValueError(
+                        f"{path} is not a checkpoint of the run recorded in {self.history_dir} (it was written by "
+                        "another run, or by an older version). Resume from one of this run's checkpoints, or start "
+                        "again without `resume_from_checkpoint`."
+                    )
+                others.append(os.path.basename(path))
+                continue
+            changed = differences(identity.get("settings") or {}, settings or {})
+            if changed:
+                raise ValueError(
+                    f"The {phase} checkpoint {path} was trained with other settings: {'; '.join(changed)}. Resume with "
+                    f"the settings of that run, or train this {phase} from its first step: delete its checkpoints or "
+                    "pass another `output_dir`."
+                )
+            break
+        else:
+            path = None
+        if others:
+            logger.warning(
+                f"Passing over {', '.join(others)} in {folder}: written by another run, not the one recorded in "
+                f"{self.history_dir}."
+            )
+        return path

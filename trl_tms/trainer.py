@@ -304,39 +304,40 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """
-        Run harvest, trajectories and student; returns the student run's `TrainOutput`.
+        Run harvest, trajectories and student; returns the student run's `TrainOutput`. Once per trainer.
 
         Args:
             resume_from_checkpoint (`bool` or `str`, *optional*):
                 Continue an interrupted run of the same settings (same `history_dir`) instead of starting over: phases
                 that finished are reused from the history folder (snapshots, trajectories), an interrupted generation
                 keeps the groups of snapshots it had sampled, and the harvest and the student restart from their last
-                Trainer checkpoint (`<history_dir>/harvest/checkpoint-*` and `<output_dir>/checkpoint-*`, written
-                according to `save_strategy`). `True` finds all of this on disk; a checkpoint path resumes that phase
-                from that checkpoint.
+                Trainer checkpoint of this run (`<history_dir>/harvest/checkpoint-*` and `<output_dir>/checkpoint-*`,
+                written according to `save_strategy`). `True` finds all of this on disk; a checkpoint path resumes that
+                phase from that checkpoint.
         """
-        run, resume = self.run, resume_from_checkpoint
+        run = self.run
         sampling = SamplingParams.from_config(self.args, self.max_new_tokens)
         rehearsal = None if self.rehearsal_prompts is None else (self.rehearsal_prompts, rehearsal_sampling(self.args))
         settings = run_settings(self.model, self.model.peft_config[self.adapter_name], self.prompts, self.args,
                                 self.planned_steps, sampling, rehearsal)
-        run.start(settings, self.planned_steps, resume)
+        run.start(settings, self.planned_steps, resume_from_checkpoint, self.args.output_dir)
         train = partial(super().train, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         if self.args.tms_mode == "online":
-            return self._train_online(train, resume)
+            return self._train_online(train)
 
         # 1. Harvest: plain SFT on the labels, taking the snapshots.
         self.harvest_output = None  # the harvest's `TrainOutput`, when it runs
         if run.done("harvest"):
             run.reopen_snapshots(self.history, run.record["snapshot_steps"])
         else:
-            checkpoint = run.checkpoint_for(resume, run.harvest_dir)
+            checkpoint = run.checkpoint("harvest")
             if checkpoint is not None:
                 planned = snapshot_steps(run.record["planned_steps"], self.args.num_checkpoints)
                 run.reopen_snapshots(self.history, [s for s in planned if s <= checkpoint_step(checkpoint)])
             schedule = partial(snapshot_steps, num_checkpoints=self.args.num_checkpoints)
             snapshots = SnapshotCallback(self.history, self.model, self.adapter_name, schedule)
-            with self._phase("harvest", [snapshots], output_dir=run.harvest_dir, push_to_hub=False):
+            with self._phase("harvest", [snapshots, run.identity("harvest")], output_dir=run.harvest_dir,
+                             push_to_hub=False):
                 self.harvest_output = train(resume_from_checkpoint=checkpoint)
             run.finish("harvest", harvest_steps=self.state.global_step, harvest_log=self.state.log_history,
                        snapshot_steps=self.history.steps)
@@ -348,8 +349,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             started = time.perf_counter()
             self.trajectories = self._trajectories(reuse=run.done("trajectories"), rehearsal=rehearsal)
             seconds = run.record.get("trajectory_seconds", time.perf_counter() - started)
-            if not run.done("trajectories"):
-                run.finish("trajectories", trajectory_seconds=seconds)
+            run.finish("trajectories", trajectory_seconds=seconds)  # then the generation's scratch is removed
 
         # 3. Student: from the initial adapter, as many steps as the harvest, on the mixture.
         candidates, self.stats = self.candidate_builder.build(self.trajectories)
@@ -365,12 +365,13 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         mixture = MixtureCallback(self.train_dataset, self.log_event, begin_logs={
             f"tms_{key}": float(value) for key, value in self.stats.as_dict().items()
         }, score=score if self.args.trajectory_choice == "pld" else None)
-        with self._phase("student", [mixture, *self._choice()], max_steps=run.record["harvest_steps"]):
-            output = train(resume_from_checkpoint=run.checkpoint_for(resume, self.args.output_dir))
+        with self._phase("student", [mixture, run.identity("student"), *self._choice()],
+                         max_steps=run.record["harvest_steps"]):
+            output = train(resume_from_checkpoint=run.checkpoint("student"))
         self.state.log_history = run.record["harvest_log"] + self.state.log_history
         return output
 
-    def _train_online(self, train, resume):
+    def _train_online(self, train):
         """Online TMS: one run on its own snapshots (see [`OnlineTMS`])."""
         online = OnlineTMS(self, self.run)
         # Sampling only the drawn pairs, the mixture knows which were sampled: none yet.
@@ -379,9 +380,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         # Before the first step, while the adapter is still the initial one the answers come from.
         self.stats.add(self._use_rehearsal(self._rehearsal_answers()))
         callbacks = [online, SnapshotCallback(self.history, self.model, self.adapter_name),
-                     MixtureCallback(self.train_dataset, self.log_event), *self._choice()]
+                     MixtureCallback(self.train_dataset, self.log_event), self.run.identity("online"), *self._choice()]
         with self._phase("online", callbacks):
-            output = train(resume_from_checkpoint=self.run.checkpoint_for(resume, self.args.output_dir))
+            output = train(resume_from_checkpoint=self.run.checkpoint("online"))
         self.trajectories = online.finish()
         return output
 
@@ -430,7 +431,6 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         self.generator.close()  # before the student trains: a vLLM engine gives its memory back
         if self.is_world_process_zero():
             save_trajectories(trajectories, self.run.trajectories_dir)
-        self.run.remove_generation_scratch()
         return trajectories
 
     def _drawn_trajectories(self, num_epochs: int, start=None, rehearsal=None):

@@ -37,7 +37,8 @@ def make(path, tmp_path, callbacks=(), **overrides):
     values = dict(
         output_dir=str(tmp_path / "out"), num_checkpoints=2, per_device_train_batch_size=4, num_train_epochs=2,
         learning_rate=1e-2, max_new_tokens=6, logging_steps=2, snapshots_per_generate=1, generation_batch_size=8,
-        seed=7, label_weight=0.5, log_retention=False, **{**QUIET_CPU, "save_strategy": "steps"}, save_steps=2,
+        seed=7, label_weight=0.5, log_retention=False, tms_mode="two_pass", **{**QUIET_CPU, "save_strategy": "steps"},
+        save_steps=2,
     )
     values.update(overrides)
     trainer = TMSTrainer(

@@ -66,8 +66,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
     """
     Trainer for Trajectory-Mixed Supervision (TMS): reward-free, on-policy SFT (arXiv 2602.03073).
 
-    A drop-in replacement for [`~trl.SFTTrainer`] (same constructor, same dataset formats that carry a prompt) whose
-    `train()` runs the three phases of TMS:
+    A drop-in replacement for [`~trl.SFTTrainer`] (same constructor, same dataset formats that carry a prompt). With
+    the default recipe (`TMSConfig.recipe="retention"`) `train()` is online TMS: one run whose adapter is snapshotted as
+    it trains and mixes its own recent trajectories into the labels ([`OnlineTMS`]). With `recipe="paper"` (or
+    `tms_mode="two_pass"`) it runs the paper's three phases:
 
     1. **harvest**: ordinary SFT of a LoRA adapter on the labels, taking `num_checkpoints` adapter snapshots evenly
        over the run into an [`AdapterHistory`] (written under `history_dir`);
@@ -83,8 +85,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
 
     With an `eval_dataset`, Policy-Label Divergence (`pld`, `pld_drift`) is logged in both phases, and the forgetting
     meter ([`RetentionCallback`]: `retention_kl`, `retention_nll`) in every phase unless `log_retention=False`. Log
-    entries carry `tms_phase` (1 = harvest, 2 = student); `trainer.state.log_history` holds both phases after
-    `train()`.
+    entries carry `tms_phase` (1 = harvest, 2 = student, 3 = online); `trainer.state.log_history` holds both phases
+    after a two-pass `train()`. With `retention_kl_budget`, the best checkpoint of the student (or the online run) is
+    chosen among those within that drift budget ([`DriftBudgetCallback`]).
 
     Args:
         model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):

@@ -2,12 +2,13 @@
 Refresh the study's tables in the README and in `docs/results.md` from `benchmarks/results/study/`.
 
     python benchmarks/study.py --report_only      # summary.json and study.md from the arm records
-    python benchmarks/study_readme.py             # then this: the README's headline tables and the docs' full tables
+    python benchmarks/study_readme.py             # then this: the README's compact table and the docs' tables
 
-The README block between `<!-- study-headline ... -->` and `<!-- /study-headline -->` is rewritten from
-`summary.json` (a selection of arms, in the order a reader compares them); each `### Regime` table in
-`docs/results.md`'s study section is replaced by the same regime's table in `study.md`. Prose around them is left
-alone: read the new numbers and update it by hand.
+From `summary.json`: the README block between `<!-- study-compact ... -->` and `<!-- /study-compact -->` (five arms,
+both regimes in each cell), and the block between `<!-- study-headline ... -->` and `<!-- /study-headline -->` in
+`docs/results.md` (per regime, a selection of arms in the order a reader compares them, with footnotes). From
+`study.md`: each `### Regime` table in `docs/results.md`'s study section. Prose around them is left alone: read the
+new numbers and update it by hand.
 """
 
 import argparse
@@ -53,6 +54,18 @@ LABELS = {
 HARVEST_NORMALISED = {"tms_drawn"}
 START = "<!-- study-headline"
 END = "<!-- /study-headline -->"
+# The README's table: the five arms a newcomer compares first, each cell "partly-solved / learn-from-zero".
+COMPACT_LABELS = {
+    "sft": "plain SFT",
+    "sft_low_lr": "SFT at a fifth of the learning rate",
+    "sft_early": "SFT stopped at half its steps",
+    "tms": 'TMS, paper defaults (`recipe="paper"`)',
+    "tms_online_alpha_75": "**online TMS, alpha 0.75 (the default recipe)**",
+}
+COMPACT_REGIMES = {"partly": "partly solved, the paper's situation", "zero": "learned from zero"}
+COMPACT_START = "<!-- study-compact"
+COMPACT_END = "<!-- /study-compact -->"
+GENERATED = "generated from benchmarks/results/study/summary.json by benchmarks/study_readme.py -->"
 
 
 def load_records(regime: str, arm: str) -> list[dict]:
@@ -74,9 +87,30 @@ def harvest_normalised_wall(regime: str, arm: str, sft_seconds: float) -> tuple[
     return estimate, note
 
 
+def wall_cell(regime: str, arm: str, s: dict, r: dict) -> tuple[str, str | None, bool]:
+    """The arm's wall / SFT as the tables write it, the footnote where it is an estimate, and whether it ran shared."""
+    ratio = s.get("wall_ratio_to_sft")
+    if arm == "sft":
+        return "1x", None, False
+    if arm == "sft_early":
+        return "0.5x", None, False
+    if ratio is None:
+        return "-", None, False
+    if arm in HARVEST_NORMALISED:
+        estimate, note = harvest_normalised_wall(regime, arm, r["wall_reference"]["seconds"])
+        return f"{estimate:.1f}x", note, False
+    if s.get("wall_shared"):
+        return f"{ratio:.1f}x (shared)", None, True
+    return f"{ratio:.1f}x", None, False
+
+
+SHARED_NOTE = ("(shared): no run of the arm had the machine to itself (the load average rose above its 2 cores), so "
+               "its wall may read high.")
+
+
 def headline(summary: dict) -> str:
-    lines = ["<!-- study-headline: generated from benchmarks/results/study/summary.json by "
-             "benchmarks/study_readme.py -->", ""]
+    """docs/results.md's headline tables: per regime, every arm of `LABELS` that ran, with footnotes."""
+    lines = [f"{START}: {GENERATED}", ""]
     notes, shared = [], False
     for regime, title in REGIME_TITLES.items():
         if regime not in summary["regimes"]:
@@ -95,39 +129,71 @@ def headline(summary: dict) -> str:
                 follow = f"{s['ifeval']['delta']:+.2f} ± {s['ifeval']['se']:.2f}"
                 if s["ifeval"]["seeds"] < seeds:
                     follow += f" ({s['ifeval']['seeds']} seed{'s' if s['ifeval']['seeds'] > 1 else ''})"
-            ratio = s.get("wall_ratio_to_sft")
-            if arm == "sft":
-                wall = "1x"
-            elif arm == "sft_early":
-                wall = "0.5x"
-            elif ratio is None:
-                wall = "-"
-            elif arm in HARVEST_NORMALISED:
-                estimate, note = harvest_normalised_wall(regime, arm, r["wall_reference"]["seconds"])
+            wall, note, arm_shared = wall_cell(regime, arm, s, r)
+            shared |= arm_shared
+            if note:
                 notes.append("\\" + "*" * (len(notes) + 1) + " " + note)
-                wall = f"{estimate:.1f}x" + "\\*" * len(notes)
-            else:
-                wall = f"{ratio:.1f}x"
-                if s.get("wall_shared"):
-                    wall += " (shared)"
-                    shared = True
+                wall += "\\*" * len(notes)
             lines.append(f"| {label} | {seeds} | {s['target_acc']:.2f} | {s['chat_kl']['value']:.2f} | "
                          f"{s['wiki_nll']['delta']:+.2f} | {follow} | {wall} |")
         lines.append("")
     for note in notes:
         lines += [note, ""]
     if shared:
-        lines += ["(shared): no run of the arm had the machine to itself (the load average rose above its 2 cores), so "
-                  "its wall may read high.", ""]
+        lines += [SHARED_NOTE, ""]
     lines.append(END)
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str) -> str:
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        raise SystemExit(f"README.md has no `{START} ... {END}` block to refresh: add the two markers first.")
-    return text[:start] + block + text[end + len(END):]
+def compact(summary: dict) -> str:
+    """The README's table: the arms of `COMPACT_LABELS`, one row each, every cell "partly-solved / from zero"."""
+    regimes = {name: summary["regimes"][name] for name in COMPACT_REGIMES if name in summary["regimes"]}
+    if not regimes:
+        raise SystemExit(f"summary.json has none of the regimes {', '.join(COMPACT_REGIMES)}: nothing to show.")
+    where = " / ".join(f"{COMPACT_REGIMES[name]} (`{r['task']}`, base accuracy {r['base']['target_accuracy']:.2f})"
+                       for name, r in regimes.items())
+    lines = [f"{COMPACT_START}: {GENERATED}", "", f"Each cell: {where}.", "",
+             "| arm | target accuracy | chat KL to the base | WikiText NLL change | wall / SFT | seeds |",
+             "|---|---|---|---|---|---|"]
+    shared = False
+    for arm, label in COMPACT_LABELS.items():
+        stats = {name: r["arms"].get(arm) for name, r in regimes.items()}
+        if all(s is None for s in stats.values()):
+            continue
+        walls = {}
+        for name, s in stats.items():
+            if s is None:
+                continue
+            wall, note, arm_shared = wall_cell(name, arm, s, regimes[name])
+            if note:
+                raise SystemExit(f"The README's table cannot show `{arm}`: its wall is an estimate with a footnote.")
+            walls[name], shared = wall, shared or arm_shared
+
+        def cells(write) -> str:
+            return " / ".join("-" if s is None else write(name, s) for name, s in stats.items())
+
+        # One wall where every regime has the same (plain SFT's 1x), so that the cell reads as a ratio, not a pair.
+        if len(walls) == len(stats) and len(set(walls.values())) == 1:
+            wall = next(iter(walls.values()))
+        else:
+            wall = cells(lambda name, s: walls[name])
+        lines.append(f"| {label} | {cells(lambda name, s: format(s['target_acc'], '.2f'))} | "
+                     f"{cells(lambda name, s: format(s['chat_kl']['value'], '.2f'))} | "
+                     f"{cells(lambda name, s: format(s['wiki_nll']['delta'], '+.2f'))} | {wall} | "
+                     f"{cells(lambda name, s: str(len(s['seeds'])))} |")
+    lines.append("")
+    if shared:
+        lines += [SHARED_NOTE, ""]
+    lines.append(COMPACT_END)
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str, start: str = START, end: str = END, where: str = "docs/results.md") -> str:
+    """`text` with its `start ... end` block (both markers included) replaced by `block`."""
+    first, last = text.find(start), text.find(end)
+    if first < 0 or last < first:
+        raise SystemExit(f"{where} has no `{start} ... {end}` block to refresh: add the two markers first.")
+    return text[:first] + block + text[last + len(end):]
 
 
 QUALITY = "What the TMS students drew from"
@@ -164,8 +230,9 @@ def main(argv=None):
         summary = json.load(f)
     with open(os.path.join(RESULTS, "study.md")) as f:
         tables = regime_tables(f.read())
-    paths = {"README.md": lambda t: replace_block(t, headline(summary)),
-             os.path.join("docs", "results.md"): lambda t: sync_docs(t, tables)}
+    results = os.path.join("docs", "results.md")
+    paths = {"README.md": lambda t: replace_block(t, compact(summary), COMPACT_START, COMPACT_END, "README.md"),
+             results: lambda t: sync_docs(replace_block(t, headline(summary), where=results), tables)}
     stale = []
     for path, refresh in paths.items():
         with open(os.path.join(ROOT, path)) as f:
@@ -174,8 +241,11 @@ def main(argv=None):
         if new != old:
             stale.append(path)
             if not args.check:
-                with open(os.path.join(ROOT, path), "w") as f:
+                # Written beside and renamed over, so that an interrupted refresh leaves the old page whole.
+                target = os.path.join(ROOT, path)
+                with open(target + ".tmp", "w") as f:
                     f.write(new)
+                os.replace(target + ".tmp", target)
     print(("out of date: " if args.check else "refreshed: ") + (", ".join(stale) or "nothing"))
     return 1 if args.check and stale else 0
 

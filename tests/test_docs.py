@@ -114,10 +114,11 @@ def config_doc_problems(markdown: str, fields: list[dataclasses.Field]) -> list[
     return problems
 
 
-def readme_default_problems(markdown: str, fields: list[dataclasses.Field]) -> list[str]:
+def default_table_problems(markdown: str, fields: list[dataclasses.Field]) -> list[str]:
     """
-    Rows of a `field | default` table (the README's TMS settings) whose defaults, one per named field and written as
-    Python literals, differ from TMSConfig's. Values that are not literals (`<output_dir>/...`) are not checked.
+    Rows of any `field | default` table (a row may name several fields, `a`, `b` | 1, 2) whose defaults, one per named
+    field and written as Python literals, differ from TMSConfig's. Values that are not literals (`<output_dir>/...`)
+    are not checked.
     """
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     problems = []
@@ -283,7 +284,7 @@ def test_link_check_catches_a_broken_link(tmp_path, monkeypatch):
     assert {p.split(": ", 1)[1].split(" ->")[0] for p in problems} == {"missing.md", "other.md#nowhere", "gone/file.md"}
 
 
-@pytest.mark.parametrize("path", sorted(DOCS.glob("*.md")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: p.name)
 def test_python_code_blocks_parse(path):
     blocks = re.findall(r"^([ \t]*)```python\n(.*?)^\1```", path.read_text(encoding="utf-8"), re.S | re.M)
     for _, block in blocks:
@@ -291,20 +292,31 @@ def test_python_code_blocks_parse(path):
 
 
 def test_defaults_written_elsewhere_in_the_docs_are_the_real_ones():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    problems = readme_default_problems(readme, tms_fields())
+    problems = []
     for path in markdown_files():
         text = path.read_text(encoding="utf-8")
-        problems += [f"{path.name}: {p}" for p in signature_problems(text) + meter_share_problems(text)]
+        checks = default_table_problems(text, tms_fields()) + signature_problems(text) + meter_share_problems(text)
+        problems += [f"{path.name}: {p}" for p in checks]
     assert not problems, "defaults out of date:\n" + "\n".join(problems)
 
 
 def test_default_checks_catch_a_wrong_meter_default():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    config = CONFIG_PAGE.read_text(encoding="utf-8")
     how_to = (DOCS / "how-to.md").read_text(encoding="utf-8")
-    assert "| True, 6, 16 |" in readme and "max_new_tokens=16, top_k" in how_to and "6 of the 64 built in" in readme
-    wrong_table = readme_default_problems(readme.replace("| True, 6, 16 |", "| True, 8, 16 |"), tms_fields())
-    assert wrong_table == ["`retention_num_prompts`: default written as '8', real default 6"]
+    row = next(line for line in config.splitlines() if line.startswith("| `retention_num_prompts` |"))
+    assert "| `6` |" in row and "max_new_tokens=16, top_k" in how_to
+    assert default_table_problems(config, tms_fields()) == []
+    wrong_row = default_table_problems(config.replace(row, row.replace("| `6` |", "| `8` |")), tms_fields())
+    assert wrong_row == ["`retention_num_prompts`: default written as '`8`', real default 6"]
+    # A row naming several fields, one default each, in order.
+    combined = "| field | default |\n|---|---|\n| `log_retention`, `retention_num_prompts`, `retention_max_new_tokens` | {} |\n"
+    assert default_table_problems(combined.format("True, 6, 16"), tms_fields()) == []
+    assert default_table_problems(combined.format("True, 16, 6"), tms_fields()) == [
+        "`retention_num_prompts`: default written as '16', real default 6",
+        "`retention_max_new_tokens`: default written as '6', real default 16"]
+    assert default_table_problems(combined.format("True, 6"), tms_fields()) == [
+        "log_retention, retention_num_prompts, retention_max_new_tokens: 3 fields but 2 defaults ('True, 6')"]
     wrong_signature = signature_problems(how_to.replace("max_new_tokens=16, top_k", "max_new_tokens=24, top_k"))
     assert wrong_signature == ["RetentionCallback(max_new_tokens=24): the real default is 16"]
-    assert len(meter_share_problems(readme.replace("6 of the 64 built in", "8 of the 64 built in"))) == 1
+    assert meter_share_problems("the meter answers 6 of the 64 built in by default") == []
+    assert len(meter_share_problems("the meter answers 8 of the 64\nbuilt in by default")) == 1

@@ -351,6 +351,86 @@ def test_readme_and_docs_show_the_committed_study_results():
     assert study_readme.main(["--check"]) == 0
 
 
+def _arm(acc, kl, wiki, wall, seeds, shared=False):
+    return {"seeds": list(range(seeds)), "target_acc": acc, "chat_kl": {"value": kl}, "wiki_nll": {"delta": wiki},
+            "wall_ratio_to_sft": wall, "wall_shared": shared}
+
+
+def test_readme_compact_table_shows_the_five_arms_with_both_regimes_in_each_cell():
+    import study_readme
+
+    partly = {"task": "letters", "base": {"target_accuracy": 0.43}, "wall_reference": {"seconds": 100.0}, "arms": {
+        "sft": _arm(0.805, 0.716, 0.8651, 1.22, 4), "sft_early": _arm(0.80, 0.65, 0.78, 0.61, 4),
+        "sft_low_lr": _arm(0.807, 0.298, 0.297, 1.09, 3), "tms": _arm(0.823, 0.442, 0.334, 4.67, 3),
+        "tms_online_alpha_75": _arm(0.785, 0.132, -0.064, 3.0, 2), "grpo": _arm(0.77, 1.62, 0.79, 9.2, 1)}}
+    zero = {"task": "legs", "base": {"target_accuracy": 0.0}, "wall_reference": {"seconds": 90.0}, "arms": {
+        "sft": _arm(0.57, 0.32, 0.14, 1.3, 3), "sft_low_lr": _arm(0.47, 0.19, 0.03, 1.04, 2),
+        "tms": _arm(0.37, 0.28, 0.06, 4.4, 3, shared=True), "tms_online_alpha_75": _arm(0.47, 0.11, -0.04, 3.04, 2)}}
+    block = study_readme.compact({"regimes": {"zero": zero, "partly": partly}})
+    lines = block.splitlines()
+    assert lines[0].startswith(study_readme.COMPACT_START) and lines[-1] == study_readme.COMPACT_END
+    assert ("Each cell: partly solved, the paper's situation (`letters`, base accuracy 0.43) / learned from zero "
+            "(`legs`, base accuracy 0.00).") in lines
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| arm |")]
+    # The partly-solved regime first whatever summary.json's order; an arm missing from one regime shows "-" there;
+    # GRPO is not one of the five; a wall that is the same in both regimes is written once.
+    assert rows == [
+        "| plain SFT | 0.81 / 0.57 | 0.72 / 0.32 | +0.87 / +0.14 | 1x | 4 / 3 |",
+        "| SFT at a fifth of the learning rate | 0.81 / 0.47 | 0.30 / 0.19 | +0.30 / +0.03 | 1.1x / 1.0x | 3 / 2 |",
+        "| SFT stopped at half its steps | 0.80 / - | 0.65 / - | +0.78 / - | 0.5x / - | 4 / - |",
+        '| TMS, paper defaults (`recipe="paper"`) | 0.82 / 0.37 | 0.44 / 0.28 | +0.33 / +0.06 | 4.7x / 4.4x (shared) '
+        "| 3 / 3 |",
+        "| **online TMS, alpha 0.75 (the default recipe)** | 0.79 / 0.47 | 0.13 / 0.11 | -0.06 / -0.04 | 3.0x | 2 / 2 |",
+    ]
+    assert study_readme.SHARED_NOTE in lines
+    # One regime only: one value per cell, no footnote without a shared wall.
+    alone = study_readme.compact({"regimes": {"partly": partly}})
+    assert "| plain SFT | 0.81 | 0.72 | +0.87 | 1x | 4 |" in alone and study_readme.SHARED_NOTE not in alone
+    with pytest.raises(SystemExit, match="none of the regimes"):
+        study_readme.compact({"regimes": {"other": zero}})
+
+
+def test_readme_shows_the_compact_table_and_results_page_the_full_headline_tables():
+    import study_readme
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    with open(os.path.join(root, "docs", "results.md"), encoding="utf-8") as f:
+        results = f.read()
+    block = readme[readme.index(study_readme.COMPACT_START):readme.index(study_readme.COMPACT_END)]
+    rows = [line.split(" | ")[0][2:] for line in block.splitlines() if line.startswith("| ")]
+    assert rows == ["arm"] + list(study_readme.COMPACT_LABELS.values())
+    assert study_readme.START not in readme and readme.count(study_readme.COMPACT_START) == 1
+    headline = results[results.index(study_readme.START):results.index(study_readme.END)]
+    assert "**Partly solved (the paper's situation)**" in headline and "**Learn from zero**" in headline
+    assert "\\* Estimated:" in headline and "(shared): no run of the arm" in headline
+
+
+def test_readme_check_fails_when_the_readme_or_the_results_page_is_stale(tmp_path, monkeypatch, capsys):
+    import study_readme
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    os.makedirs(tmp_path / "docs")
+    for name in ("README.md", os.path.join("docs", "results.md")):
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            (tmp_path / name).write_text(f.read(), encoding="utf-8")
+    monkeypatch.setattr(study_readme, "ROOT", str(tmp_path))
+    assert study_readme.main(["--check"]) == 0
+    readme = (tmp_path / "README.md").read_text(encoding="utf-8")
+    (tmp_path / "README.md").write_text(readme.replace("| plain SFT | 0.81 /", "| plain SFT | 0.79 /"), "utf-8")
+    results = (tmp_path / "docs" / "results.md").read_text(encoding="utf-8")
+    (tmp_path / "docs" / "results.md").write_text(results.replace("| plain SFT | 4 | 0.81 |", "| plain SFT | 4 | 0.7 |"),
+                                                  "utf-8")
+    capsys.readouterr()
+    assert study_readme.main(["--check"]) == 1
+    assert capsys.readouterr().out.strip() == f"out of date: README.md, {os.path.join('docs', 'results.md')}"
+    assert study_readme.main([]) == 0 and study_readme.main(["--check"]) == 0
+    assert (tmp_path / "README.md").read_text(encoding="utf-8") == readme
+    assert (tmp_path / "docs" / "results.md").read_text(encoding="utf-8") == results
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "docs"]
+
+
 def test_readme_refresh_replaces_only_the_marked_block_and_refuses_a_readme_without_markers():
     import study_readme
 

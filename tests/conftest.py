@@ -60,3 +60,18 @@ class WeightsAtStep(TrainerCallback):
         self.weights[state.global_step] = {
             n: p.detach().clone() for n, p in self.trainer.model.named_parameters() if p.requires_grad
         }
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    """Raises after optimizer step `step` of `phase`, as a crash or a kill would stop the run."""
+
+    def __init__(self, phase: str, step: int):
+        self.phase, self.step, self.trainer = phase, step, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.phase == self.phase and state.global_step == self.step:
+            raise Interrupt(f"{self.phase} stopped at step {self.step}")

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import QUIET_CPU, load_tokenizer, make_examples
+from conftest import QUIET_CPU, Interrupt, StopAt, load_tokenizer, make_examples
 from peft import LoraConfig
 from transformers import TrainerCallback
 
@@ -15,21 +15,6 @@ from trl_tms.history import adapter_parameters
 from trl_tms.resume import RUN_FILE, TMSRun
 
 TOTAL_STEPS = 12  # 24 prompts, batch 4, 2 epochs
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAt(TrainerCallback):
-    """Raises after optimizer step `step` of `phase`, as a crash or a kill would stop the run."""
-
-    def __init__(self, phase: str, step: int):
-        self.phase, self.step, self.trainer = phase, step, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.phase == self.phase and state.global_step == self.step:
-            raise Interrupt(f"{self.phase} stopped at step {self.step}")
 
 
 def config(tmp_path, **overrides) -> TMSConfig:
@@ -214,7 +199,20 @@ def test_a_fresh_run_replaces_an_interrupted_one(tiny_llama, tmp_path, reference
     assert_same_run(fresh, reference)
 
 
-def test_checkpoints_never_get_ahead_of_the_snapshots_written_in_the_background(tiny_llama, tmp_path, monkeypatch):
+class SnapshotsOnDiskAtSave(TrainerCallback):
+    """Records, at every harvest checkpoint, the snapshot steps whose files are on disk."""
+
+    def __init__(self):
+        self.trainer, self.seen = None, {}
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer.phase == "harvest":
+            history = self.trainer.history_dir
+            self.seen[state.global_step] = sorted(int(n[5:]) for n in os.listdir(history) if n.startswith("step-"))
+
+
+def slow_snapshot_writes(monkeypatch) -> SnapshotsOnDiskAtSave:
+    """Snapshot files take 0.5 s to write (in the background); returns a recorder of what is on disk at each save."""
     import time
 
     from safetensors.torch import save_file
@@ -223,16 +221,12 @@ def test_checkpoints_never_get_ahead_of_the_snapshots_written_in_the_background(
         time.sleep(0.5)
         save_file(*args, **kwargs)
 
-    class SnapshotsOnDiskAtSave(TrainerCallback):
-        seen: dict[int, list[int]] = {}
-
-        def on_save(self, args, state, control, **kwargs):
-            if self.trainer.phase == "harvest":
-                history = self.trainer.history_dir
-                self.seen[state.global_step] = sorted(int(n[5:]) for n in os.listdir(history) if n.startswith("step-"))
-
     monkeypatch.setattr("trl_tms.history.save_file", slow)
-    recorder = SnapshotsOnDiskAtSave()
+    return SnapshotsOnDiskAtSave()
+
+
+def test_checkpoints_never_get_ahead_of_the_snapshots_written_in_the_background(tiny_llama, tmp_path, monkeypatch):
+    recorder = slow_snapshot_writes(monkeypatch)
     trainer = make(tiny_llama, tmp_path, callbacks=[recorder], num_train_epochs=1)  # 6 steps, snapshots 2, 4, 6
     trainer.train()
     assert trainer.history.steps == [2, 4, 6]
@@ -242,24 +236,7 @@ def test_checkpoints_never_get_ahead_of_the_snapshots_written_in_the_background(
 @pytest.mark.parametrize("strategy", ["epoch", "best"])
 def test_epoch_and_best_checkpoints_never_get_ahead_of_the_snapshots(tiny_llama, tmp_path, monkeypatch, strategy):
     # These strategies decide to save after `on_step_end` (at the epoch's end, after evaluating).
-    import time
-
-    from safetensors.torch import save_file
-
-    def slow(*args, **kwargs):
-        time.sleep(0.5)
-        save_file(*args, **kwargs)
-
-    class SnapshotsOnDiskAtSave(TrainerCallback):
-        seen: dict[int, list[int]] = {}
-
-        def on_save(self, args, state, control, **kwargs):
-            if self.trainer.phase == "harvest":
-                history = self.trainer.history_dir
-                self.seen[state.global_step] = sorted(int(n[5:]) for n in os.listdir(history) if n.startswith("step-"))
-
-    monkeypatch.setattr("trl_tms.history.save_file", slow)
-    recorder = SnapshotsOnDiskAtSave()
+    recorder = slow_snapshot_writes(monkeypatch)
     best = dict(eval_strategy="epoch", metric_for_best_model="eval_loss") if strategy == "best" else {}
     # 12 steps, 2 epochs, snapshots at 6 and 12: each epoch ends on a snapshot.
     trainer = make(tiny_llama, tmp_path, callbacks=[recorder], num_checkpoints=2, save_strategy=strategy,

@@ -6,9 +6,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import QUIET_CPU, load_tokenizer, make_examples
+from conftest import QUIET_CPU, Interrupt, StopAt, load_tokenizer, make_examples
 from peft import LoraConfig
-from transformers import TrainerCallback
 
 import trl_tms.trajectories as trajectories_module
 from trl_tms import TMSConfig, TMSTrainer
@@ -16,21 +15,6 @@ from trl_tms.history import adapter_parameters
 from trl_tms.resume import RUN_FILE, TMSRun
 
 STEPS = 6  # 12 prompts, batch 4, 2 epochs; two-pass snapshots at steps 3 and 6, online at 0 and 3
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAt(TrainerCallback):
-    """Raises after optimizer step `step` of `phase`, as a crash or a kill would stop the run."""
-
-    def __init__(self, phase: str, step: int):
-        self.phase, self.step, self.trainer = phase, step, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.phase == self.phase and state.global_step == self.step:
-            raise Interrupt(f"{self.phase} stopped at step {self.step}")
 
 
 def make(path, tmp_path, callbacks=(), **overrides):

@@ -48,6 +48,7 @@ def import_bitsandbytes_offline() -> None:
     with _hub_offline():
         import bitsandbytes  # noqa: F401
 
+
 def keep_4bit_layers_trainable(model) -> int:
     """
     Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.

@@ -49,7 +49,8 @@ class TMSConfig(SFTConfig):
 
     Extends [`~trl.SFTConfig`] with the parameters of Trajectory-Mixed Supervision (TMS, arXiv 2602.03073). Every
     `SFTConfig` / `TrainingArguments` parameter keeps its meaning and applies to both training phases (the harvest run
-    on the labels and the student run on the mixture). Defaults follow the paper where it states them. One default
+    on the labels and the student run on the mixture). Defaults follow the paper where it states them (T = 10, alpha =
+    0.25 in two-pass TMS), except the mode: the default `recipe="retention"` is online TMS at alpha 0.75. One default
     differs from `SFTConfig`: when `bf16` is not set, `use_cpu` is off and no bf16-capable accelerator is present, it
     is `False` (fp32 on CPU) rather than an error.
 

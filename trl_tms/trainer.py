@@ -26,7 +26,7 @@ from .config import (
     check_trainer_arguments,
 )
 from .data import prompt_token_ids, to_prompt_completion
-from .forgetting import RetentionCallback
+from .retention import RetentionCallback
 from .history import AdapterHistory, SnapshotCallback, adapter_parameters, snapshot_steps
 from .candidates import CandidateBuilder, TrajectoryStats
 from .hub import TMSHubMixin

@@ -199,7 +199,7 @@ def evaluate_checkpoint(model, tokenizer, weights, probe_data) -> dict:
     assert isinstance(model, PeftModel)
     result["chat_kl"] = probes.chat_drift(model, tokenizer, probe_data["conversations"], reference=model.disable_adapter)["kl"]
     result["piqa"] = probes.multiple_choice(model, tokenizer, probe_data["piqa"])["accuracy"]
-    from trl_tms.forgetting import meter_sums
+    from trl_tms.retention import meter_sums
 
     for name, reference in probe_data["meters"].items():
         started = time.perf_counter()
@@ -217,7 +217,7 @@ METER_VARIANTS = {"meter_8x32": (8, 32), "meter_16x32": (16, 32), "meter_64x32":
 def probe_data_for(model, tokenizer, args) -> dict:
     from trl_tms import METER_PROMPTS
     from trl_tms.data import prompt_token_ids
-    from trl_tms.forgetting import build_reference
+    from trl_tms.retention import build_reference
 
     prompts = [probes.chat_ids(tokenizer, p) for p in probes.CHAT_PROMPTS[: args.chat_prompts]]
     with model.disable_adapter():

@@ -6,7 +6,7 @@ does each size cost per measurement?
 Reads the adapter snapshots of saved TMS harvests (plain SFT runs; e.g. the study's `--work_dir` histories, whose
 snapshots drift more and more from the base: `python benchmarks/study.py --regimes partly --arms tms --seeds 1,2
 --work_dir W` leaves them in W as `history-partly-s1`, `-s2`; the harvest alone is all this needs) and measures at
-every snapshot the meter (`trl_tms.forgetting`, the initial model's greedy answers to the first N `METER_PROMPTS`, at
+every snapshot the meter (`trl_tms.retention`, the initial model's greedy answers to the first N `METER_PROMPTS`, at
 most M tokens each) for several N x M, and the study's chat probe: KL(base || model) over the base's greedy answers to
 `probes.CHAT_PROMPTS` (prompts the meter never sees).
 Reports, per size, Spearman's rho against the chat probe and against the largest size over all snapshots, and the
@@ -51,7 +51,7 @@ def main() -> None:
     from trl_tms import METER_PROMPTS
     from trl_tms.data import prompt_token_ids
     from trl_tms.embedded import load_embedded_model
-    from trl_tms.forgetting import build_reference, meter_sums
+    from trl_tms.retention import build_reference, meter_sums
     from trl_tms.history import AdapterHistory
 
     os.makedirs(args.output_dir, exist_ok=True)

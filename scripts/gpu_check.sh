@@ -75,7 +75,7 @@ if [ -d "$BUNDLE" ]; then
 fi
 # The forgetting meter and self-rehearsal on a CUDA model (their greedy answers and forward passes), and generation of
 # the drawn pairs only (the default since 2026-12-04).
-step gpu_tests_meter env TRL_TMS_TEST_ON_GPU=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_forgetting.py tests/test_rehearsal.py \
+step gpu_tests_meter env TRL_TMS_TEST_ON_GPU=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_retention.py tests/test_rehearsal.py \
   tests/test_trainer.py::test_generating_given_pairs_samples_those_only_and_reads_them_back \
   tests/test_trainer.py::test_by_default_only_the_trajectories_the_student_draws_are_sampled
 step gpu_tests_online env TRL_TMS_TEST_ON_GPU=1 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_online.py

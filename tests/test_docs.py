@@ -240,6 +240,22 @@ def markdown_files() -> list[Path]:
     return sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
 
 
+def module_map_problems(markdown: str, package: Path) -> list[str]:
+    """
+    Where concepts.md's module map ("Where each stage lives": its `module` column names `name.py`, or `name/` for a subpackage)
+    and the package's modules disagree: a newcomer finds each stage by its file name only if the map names them all.
+    """
+    section = markdown.split("## Where each stage lives", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for row in table_rows(section):
+        named |= set(re.findall(r"`(\w+(?:\.py|/))`", row.get("module", "")))
+    real = {path.name for path in package.glob("*.py") if path.name != "__init__.py"}
+    real |= {path.parent.name + "/" for path in package.glob("*/__init__.py")}
+    return [f"{name}: not in the module map" for name in sorted(real - named)] + [
+        f"{name}: in the module map, not in the package" for name in sorted(named - real)
+    ]
+
+
 # The tests
 
 
@@ -320,3 +336,16 @@ def test_default_checks_catch_a_wrong_meter_default():
     assert wrong_signature == ["RetentionCallback(max_new_tokens=24): the real default is 16"]
     assert meter_share_problems("the meter answers 6 of the 64 built in by default") == []
     assert len(meter_share_problems("the meter answers 8 of the 64\nbuilt in by default")) == 1
+
+
+def test_the_module_map_names_every_module():
+    assert module_map_problems((DOCS / "concepts.md").read_text(encoding="utf-8"), ROOT / "trl_tms") == []
+
+
+def test_module_map_check_catches_a_missing_and_a_stale_module(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "a.py", "b.py", "sub/__init__.py"):
+        (package / name).write_text("")
+    page = "## Where each stage lives\n\n| module | owns |\n|---|---|\n| `a.py`, `gone.py` | x |\n| `sub/` | y |\n\n## Next\n| `b.py` | z |\n"
+    assert module_map_problems(page, package) == ["b.py: not in the module map", "gone.py: in the module map, not in the package"]

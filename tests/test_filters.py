@@ -9,8 +9,9 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_tms import TMSConfig, TMSTrainer
+from trl_tms.candidates import LABEL, end_of_turn_ids, mixture_candidates, truncate_unfinished
 from trl_tms.filters import extract_final_number, keep_flags, kept_by_snapshot, same_final_number
-from trl_tms.mixture import LABEL, MixtureDataset, end_of_turn_ids, mixture_candidates, truncate_unfinished
+from trl_tms.mixture import MixtureDataset
 
 
 def trajectories(rows):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_tms.mixture import IS_LABEL, LABEL, MixtureCollator, MixtureDataset, mixture_candidates
+from trl_tms.candidates import LABEL, mixture_candidates
+from trl_tms.mixture import IS_LABEL, MixtureCollator, MixtureDataset
 
 
 def synthetic_candidates(num_prompts: int, steps=(10, 20), samples: int = 2) -> Dataset:
@@ -310,7 +311,7 @@ def test_extend_checks_the_planning_arguments():
 
 
 def test_kept_fractions_of_a_snapshot_met_in_several_parts_are_weighted_by_their_trajectories():
-    from trl_tms.mixture import TrajectoryStats
+    from trl_tms.candidates import TrajectoryStats
 
     total = TrajectoryStats(kept_fraction={10: 1.0}, by_snapshot={10: 3}, label_copies=2)
     total.add(TrajectoryStats(kept_fraction={10: 0.0, 20: 0.5}, by_snapshot={10: 1, 20: 2}, label_copies=1))
@@ -334,7 +335,7 @@ def test_a_snapshot_that_joins_the_draw_changes_only_the_draws_it_wins():
 @pytest.mark.parametrize("conversational", [False, True])
 def test_label_copies_count_the_kept_trajectories_that_are_their_label_word_for_word(conversational):
     from trl_tms.data import as_completion
-    from trl_tms.mixture import CandidateBuilder
+    from trl_tms.candidates import CandidateBuilder
 
     def form(text):
         return as_completion(text, conversational)

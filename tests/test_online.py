@@ -9,8 +9,9 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from trl_tms import TMSConfig, TMSTrainer
+from trl_tms.candidates import LABEL
 from trl_tms.history import adapter_parameters
-from trl_tms.mixture import LABEL, MixtureDataset
+from trl_tms.mixture import MixtureDataset
 from trl_tms.online import online_snapshot_steps
 import trl_tms.trajectories as trajectories_module
 from trl_tms.trajectories import HotSwapGenerator

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from trl_tms import METER_PROMPTS, TMSConfig, TMSTrainer, mix_in_rehearsal, self_rehearsal_dataset
 from trl_tms.evaluation import GENERAL_PROMPTS
-from trl_tms.mixture import IS_LABEL, IS_REHEARSAL, LABEL, MixtureCollator, MixtureDataset
+from trl_tms.mixture import IS_LABEL, IS_REHEARSAL, MixtureCollator, MixtureDataset
 from trl_tms.rehearsal import REHEARSAL, REHEARSAL_PROMPTS, rehearsal_prompts
 from trl_tms.report import format_summary
 

@@ -7,14 +7,15 @@ from .quantization import import_bitsandbytes_offline
 
 import_bitsandbytes_offline()
 
+from .candidates import TrajectoryStats
 from .config import TMSConfig
 from .data import to_prompt_completion
 from .dial import AdapterScaleCurve, ScalePoint, apply_adapter_scale, trace_adapter_scale
-from .forgetting import METER_PROMPTS, RetentionCallback
 from .history import AdapterHistory, SnapshotCallback
-from .mixture import MixtureDataset, TrajectoryStats
+from .mixture import MixtureDataset
 from .pld import PLDCallback, policy_label_divergence
 from .rehearsal import REHEARSAL_PROMPTS, mix_in_rehearsal, self_rehearsal_dataset
+from .retention import METER_PROMPTS, RetentionCallback
 from .selection import DriftBudgetCallback
 from .trainer import TMSTrainer
 from .trajectories import SamplingParams, generate_trajectories

@@ -225,7 +225,7 @@ class TMSConfig(SFTConfig):
             phase: `retention_kl`, the mean per-token KL(initial model || policy) over the initial model's own greedy
             answers to everyday prompts, and `retention_nll`, the policy's NLL of those answers. Needs no data.
         retention_prompts (`list[str]`, *optional*):
-            The meter's everyday prompts. `None` uses the built-in set (`trl_tms.forgetting.METER_PROMPTS`).
+            The meter's everyday prompts. `None` uses the built-in set (`trl_tms.retention.METER_PROMPTS`).
         retention_num_prompts (`int`, *optional*, defaults to `6`):
             How many of the prompts (the first ones) the meter uses. Each measurement costs one forward pass over them
             and their answers.

@@ -26,9 +26,9 @@ from peft.tuners.lora import LoraLayer
 from transformers.utils import logging
 
 from .atomic import write_json_atomically
-from .forgetting import RetentionCallback
 from .hub import add_adapter_scale_to_card
 from .pld import PLDCallback, policy_label_divergence
+from .retention import RetentionCallback
 
 logger = logging.get_logger(__name__)
 

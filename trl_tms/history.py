@@ -20,7 +20,6 @@ from .atomic import atomic_folder
 from .sharding import gathered, whole
 
 SNAPSHOT_WEIGHTS = "adapter_model.safetensors"
-SNAPSHOT_CONFIG = "adapter_config.json"
 SNAPSHOT_META = "tms_snapshot.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 ON_DISK = "on disk"  # a snapshot served from its file

@@ -8,7 +8,7 @@ import time
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from transformers import TrainerCallback
 
-from .mixture import TrajectoryStats
+from .candidates import TrajectoryStats
 from .resume import TMSRun
 from .trajectories import save_trajectories
 

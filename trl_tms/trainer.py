@@ -26,19 +26,11 @@ from .config import (
     check_trainer_arguments,
 )
 from .data import prompt_token_ids, to_prompt_completion
-from .forgetting import RetentionCallback
+from .retention import RetentionCallback
 from .history import AdapterHistory, SnapshotCallback, adapter_parameters, snapshot_steps
+from .candidates import CandidateBuilder, TrajectoryStats
 from .hub import TMSHubMixin
-from .mixture import (
-    FLAGS,
-    IS_LABEL,
-    IS_REHEARSAL,
-    CandidateBuilder,
-    MixtureCallback,
-    MixtureCollator,
-    MixtureDataset,
-    TrajectoryStats,
-)
+from .mixture import FLAGS, IS_LABEL, IS_REHEARSAL, MixtureCallback, MixtureCollator, MixtureDataset
 from .online import OnlineTMS
 from .pld import PLDCallback, score_trajectories
 from .quantization import is_quantized, keep_4bit_layers_trainable

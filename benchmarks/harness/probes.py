@@ -81,7 +81,7 @@ class ProbeSuite:
     def __init__(self, sizes: dict, model, tokenizer, test, pld_set):
         from trl_tms import METER_PROMPTS
         from trl_tms.data import prompt_token_ids
-        from trl_tms.forgetting import build_reference
+        from trl_tms.retention import build_reference
 
         self.tokenizer, self.test = tokenizer, test
         self.wiki = [t for t in load_wikitext(sizes["wiki_items"]) if len(tokenizer(t)["input_ids"]) > 1]
@@ -105,7 +105,7 @@ class ProbeSuite:
         from peft import PeftModel
 
         from trl_tms.embedded import is_correct
-        from trl_tms.forgetting import meter_sums
+        from trl_tms.retention import meter_sums
 
         started = time.perf_counter()
         model.eval()

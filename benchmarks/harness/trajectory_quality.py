@@ -26,7 +26,7 @@ def trajectory_quality(trajectories, answers: list[str], labels: list | None = N
     for word (whitespace aside), i.e. teach nothing the label would not.
     """
     from trl_tms.embedded import is_correct
-    from trl_tms.mixture import is_label_copy
+    from trl_tms.candidates import is_label_copy
 
     sums = defaultdict(lambda: {"n": 0, "correct": 0, "unfinished": 0, "tokens": 0, "label_copy": 0})
     for row in trajectories:

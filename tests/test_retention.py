@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_tms import METER_PROMPTS, RetentionCallback, TMSConfig, TMSTrainer
 from trl_tms.evaluation import GENERAL_PROMPTS, chat_drift, greedy_answers
-from trl_tms.forgetting import adapter_is_identity, build_reference, compact_kl
+from trl_tms.retention import adapter_is_identity, build_reference, compact_kl
 
 # Prompts in the tiny tokenizer's vocabulary, so that they are not all <unk>.
 PROMPTS = ["what is one plus two ?", "hello world", "a b c d e", "yes or no ?", "the sum of five and six", "x y z"]
@@ -96,7 +96,7 @@ def test_step_0_values_are_what_a_forward_pass_measures(tiny_llama, tmp_path, mo
     meter.start(trainer.state)
     assert adapter_is_identity(trainer.model)
     known = meter.measure(0)
-    monkeypatch.setattr("trl_tms.forgetting.adapter_is_identity", lambda model: False)
+    monkeypatch.setattr("trl_tms.retention.adapter_is_identity", lambda model: False)
     measured = meter.measure(0)
     assert known["retention_kl"] == 0.0 and measured["retention_kl"] == pytest.approx(0.0, abs=1e-5)
     assert known["retention_nll"] == pytest.approx(measured["retention_nll"], abs=1e-4)
@@ -185,7 +185,7 @@ def test_reference_completions_are_used_instead_of_generating(tiny_llama, tmp_pa
                                   "completion": [{"role": "assistant", "content": "yes ."}]},
                                  {"prompt": [{"role": "user", "content": "a b c"}],
                                   "completion": [{"role": "assistant", "content": "no no"}]}])
-    monkeypatch.setattr("trl_tms.forgetting.greedy_answers", lambda *a, **k: pytest.fail("generated an answer"))
+    monkeypatch.setattr("trl_tms.retention.greedy_answers", lambda *a, **k: pytest.fail("generated an answer"))
     meter = RetentionCallback(trainer, prompts=prompts)
     trainer.add_callback(meter)
     trainer.train()
@@ -200,14 +200,14 @@ def scripted_kl(monkeypatch, values):
     not measured: the fresh adapter is the reference, whose KL is 0.
     """
     sequence = iter(values)
-    monkeypatch.setattr("trl_tms.forgetting.meter_sums",
+    monkeypatch.setattr("trl_tms.retention.meter_sums",
                         lambda *a, **k: torch.tensor([next(sequence), 1.0, 1.0], dtype=torch.float64))
 
 
 def test_alarm_warns_once_without_stopping(tiny_llama, tmp_path, monkeypatch):
     scripted_kl(monkeypatch, [0.05, 0.1, 0.3, 0.2, 0.4])
     trainer = sft_trainer(tiny_llama, tmp_path, logging_steps=1, num_train_epochs=5, per_device_train_batch_size=16)
-    with CaptureLogger(logging.get_logger("trl_tms.forgetting")) as captured:
+    with CaptureLogger(logging.get_logger("trl_tms.retention")) as captured:
         trainer.add_callback(RetentionCallback(trainer, prompts=PROMPTS, max_new_tokens=2, kl_threshold=0.25))
         trainer.train()
     assert trainer.state.global_step == 5

@@ -8,6 +8,8 @@
     python benchmarks/study.py --report_only     # summary, table and plots from the arms saved so far
     python benchmarks/study.py --backfill --work_dir DIR   # add later probes to saved runs (from DIR's adapters)
     python benchmarks/study.py --mode retention  # retention.py's arms (zero and mild regimes) on the same harness
+    python benchmarks/study.py --mode frontier --work_dir /work/study   # issue #44's curves (see below), into the
+                                                 # full study's records; many hours: background, resumes per arm
 
 A driver over `harness/`: the arms are declared in `harness/registry.py`, trained by `harness/training.py`,
 measured by `harness/probes.py`, saved as `harness/records.py` records and reported by `harness/report.py` and
@@ -50,6 +52,17 @@ Wall times are of training only (evaluation runs after it). A TMS run also recor
 `max_new_tokens`, kept by the filters, and word-for-word copies of its label; `study.md` tabulates it for the runs
 that recorded it (those from 2026-12-05 on).
 
+Issue #44's curves (`--mode frontier`): every method of `registry.METHODS` is a set of points over its dials:
+plain SFT over the learning rate (`sft`, `sft_lr_x0.5`, `sft_low_lr`, `sft_lr_x0.1`), over where it stops (every
+checkpoint) and over the scale of its final adapter (`SCALES`: WiSE-FT for LoRA, measured after training through
+`peft.helpers.rescale_adapter_scale`, evaluation only); online TMS over its label share and a lower learning rate, its
+checkpoints and scales; paper TMS, its checkpoints and scales; the verifier arms. `harness/curves.py` reads each
+method's frontier off the records, the drift it needs for 0.8x, 0.9x and 1x of plain SFT's gain (bootstrap intervals
+over seeds) and TMS's drift over that of the union of the cheap alternatives (`summary.json`'s `frontiers`, the tables
+in `study.md`, `frontier_<regime>.png`). A record measured before the scales existed gets them from its saved final
+adapter, or by training the arm again with its seed (the record notes how many target items match). Every checkpoint
+also measures `train_kl`, KL to the base on the training prompts (RL's Razor, arXiv 2509.04259), a candidate signal.
+
 Writes under `benchmarks/results/study[_quick]/`: `arms/<regime>/<arm>_s<seed>.json` (every item, so runs resume and
 are compared item by item), `summary.json`, `study.md`, `pareto_<regime>.png` and `signals.png`.
 """
@@ -71,9 +84,9 @@ sys.path.insert(0, HERE)
 from harness import probes, registry, training  # noqa: E402
 from harness.measure import load_average  # noqa: E402
 from harness.plots import plots  # noqa: E402
-from harness.probes import ProbeSuite, score_instructions  # noqa: E402
+from harness.probes import ProbeSuite, evaluate_scaled, score_instructions  # noqa: E402
 from harness.records import arm_path, early, final, load_arms, write_record  # noqa: E402
-from harness.registry import ARMS, REGIMES, reuses_history  # noqa: E402
+from harness.registry import ARMS, METHODS, REGIMES, SCALES, reuses_history  # noqa: E402
 from harness.report import summary, table  # noqa: E402
 from harness.tasks import CANDIDATES, load_task  # noqa: E402
 from trl_tms.atomic import write_json_atomically  # noqa: E402
@@ -87,6 +100,13 @@ MODES = {
                  arms=[name for name, arm in ARMS.items() if arm.in_study], seeds=[0, 1, 2],
                  # Three seeds where the issue asks for them; one for the rest (a budget, stated in the report).
                  seeded_arms=["sft", "tms"], tms_overrides={}),
+    # Issue #44's curves: every arm of `registry.METHODS` over three seeds, the final adapters of the scaled methods
+    # measured at `SCALES` too, and KL to the base on training prompts. Writes into the full study's records (the
+    # same sizes), so that what the full study measured is reused; records lacking the scales get them.
+    "frontier": dict(num_train=64, num_test=100, num_pld=48, mc_items=400, wiki_items=1000, chat_prompts=48,
+                     chat_tokens=96, checkpoints=4, regimes={name: REGIMES[name] for name in ("zero", "partly")},
+                     arms=list(dict.fromkeys(arm for method in METHODS.values() for arm in method.arms)),
+                     seeds=[0, 1, 2], scales=list(SCALES), train_kl_prompts=32, tms_overrides={}),
     # retention.py's comparison, folded in (its own records stay in results/retention*/): two regimes, the paper's
     # TMS against SFT, and students on the same history that differ in the mixture only.
     "retention": dict(num_train=64, num_test=100, num_pld=48, mc_items=400, wiki_items=1000, chat_prompts=48,
@@ -100,14 +120,16 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
     regime = mode["regimes"][regime_name]
     train, test = load_task(regime["task"], mode["num_train"], mode["num_test"], seed=0)
     pld_set = test.select(range(min(mode["num_pld"], len(test))))
-    todo = [(arm, seed) for arm in arms for seed in (mode["seeds"] if arm in mode.get("seeded_arms", arms) else
-                                                     mode["seeds"][:1])
-            if not os.path.isfile(arm_path(output_dir, regime_name, arm, seed))]
+    wanted = [(arm, seed) for arm in arms for seed in (mode["seeds"] if arm in mode.get("seeded_arms", arms) else
+                                                       mode["seeds"][:1])]
+    todo = [(arm, seed) for arm, seed in wanted if not os.path.isfile(arm_path(output_dir, regime_name, arm, seed))]
+    unscaled = [(arm, seed) for arm, seed in wanted if (arm, seed) not in todo and needs_scales(
+        mode, output_dir, regime_name, arm, seed)]
     base_path = arm_path(output_dir, regime_name, "base", 0)
-    if not todo and os.path.isfile(base_path):
+    if not todo and not unscaled and os.path.isfile(base_path):
         return
     model, tokenizer = training.load_model()
-    evaluation = ProbeSuite(mode, model, tokenizer, test, pld_set)
+    evaluation = ProbeSuite(mode, model, tokenizer, test, pld_set, train=train)
     if not os.path.isfile(base_path):
         print(f"[{regime_name}] base", flush=True)
         write_record(output_dir, {"arm": "base", "regime": regime_name, "seed": 0,
@@ -152,10 +174,81 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
                       "checkpoints": checkpoints}
             if "trajectory_quality" in run:
                 record["trajectory_quality"] = run["trajectory_quality"]
+            if is_scaled(mode, name):  # the model holds this run's final weights, measured last
+                record["scaled"] = scale_points(evaluation, model, mode, regime_name, name, seed)
             write_record(output_dir, record)
             training.save_final(scratch, regime_name, name, seed, run["weights"][capture[-1]])
         del model
         shutil.rmtree(workdir, ignore_errors=True)
+    for arm, seed in unscaled:
+        if needs_scales(mode, output_dir, regime_name, arm, seed):  # not already added with a `tms` run's `sft`
+            add_scales(mode, regime_name, arm, seed, evaluation, output_dir, scratch, train, test, pld_set)
+
+
+def is_scaled(mode: dict, arm: str) -> bool:
+    """Whether the mode measures `arm`'s final adapter at adapter scales (an arm of a scaled method)."""
+    return bool(mode.get("scales")) and any(method.scaled and arm in method.arms for method in METHODS.values())
+
+
+def needs_scales(mode: dict, output_dir: str, regime: str, arm: str, seed: int) -> bool:
+    path = arm_path(output_dir, regime, arm, seed)
+    if not is_scaled(mode, arm) or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        measured = {s["scale"] for s in json.load(f).get("scaled", [])}
+    return not set(mode["scales"]) <= measured
+
+
+def scale_points(evaluation: ProbeSuite, model, mode: dict, regime: str, arm: str, seed: int) -> list[dict]:
+    measured = evaluate_scaled(evaluation, model, mode["scales"])
+    for m in measured:
+        print(f"[{regime}] {arm} s{seed} adapter scale {m['scale']}: target {m['target_accuracy']:.3f} chat KL "
+              f"{m['chat_kl']:.3f} wiki {m['wikitext_nll']:.3f}", flush=True)
+    return measured
+
+
+def add_scales(mode: dict, regime_name: str, arm: str, seed: int, evaluation: ProbeSuite, output_dir: str,
+               scratch: str, train, test, pld_set) -> None:
+    """
+    Measure a saved run's final adapter at the mode's scales: from its saved final weights in `scratch`, or by training
+    the arm again with the same seed (checked: the final target items must match the record's).
+    """
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    from trl_tms.embedded import is_correct
+
+    regime = mode["regimes"][regime_name]
+    path = arm_path(output_dir, regime_name, arm, seed)
+    with open(path) as f:
+        record = json.load(f)
+    saved = training.final_path(scratch, regime_name, arm, seed)
+    if os.path.isfile(saved):
+        model, _ = training.load_model()
+        model = get_peft_model(model, training.lora_config(regime))
+        training.load_weights(model, load_file(saved))
+        source = "saved final adapter"
+    else:
+        print(f"[{regime_name}] {arm} s{seed}: training again for its adapter scales", flush=True)
+        steps = training.planned_steps(regime, mode["num_train"])
+        workdir = tempfile.mkdtemp(prefix=f"{arm}-s{seed}-", dir=scratch)
+        history = os.path.join(workdir, "history")
+        # `sft` alone is a plain SFTTrainer run: the harvest of a `tms` run is the same training.
+        runs, model, _ = training.train_run(arm, regime, seed, train, pld_set, workdir, history, [steps],
+                                            mode.get("tms_overrides", {}), reuse=False)
+        training.load_weights(model, runs[arm]["weights"][steps])
+        training.save_final(scratch, regime_name, arm, seed, runs[arm]["weights"][steps])
+        shutil.rmtree(workdir, ignore_errors=True)
+        source = "trained again with the same seed"
+    model.eval()
+    target = probes.target_accuracy(model, evaluation.tokenizer, test, registry.TASK_TOKENS, is_correct)
+    same = sum(a == b for a, b in zip(target["correct"], final(record)["items"]["target"]))
+    record["scaled"] = scale_points(evaluation, model, mode, regime_name, arm, seed)
+    record["scaled_weights"] = {"source": source, "target_items_matching": same, "target_items": len(target["correct"])}
+    print(f"[{regime_name}] {arm} s{seed}: weights from {source}, target items matching the record {same}/"
+          f"{len(target['correct'])}", flush=True)
+    write_record(output_dir, record)
+    del model
 
 
 def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scratch: str) -> None:

@@ -1,4 +1,4 @@
-"""The frontier arithmetic of the study (benchmarks/frontier.py), on hand-made points."""
+"""The frontier arithmetic of the study (benchmarks/harness/frontier.py), on hand-made points."""
 
 import os
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from frontier import Point, dominates, drift_at_gain, drift_needed, drift_ratio, pareto_front  # noqa: E402
+from harness.frontier import Point, dominates, drift_at_gain, drift_needed, drift_ratio, envelope, pareto_front  # noqa: E402
 
 
 def test_the_front_keeps_only_points_nothing_beats_on_both():
@@ -68,3 +68,13 @@ def test_the_ratio_is_method_over_alternative_with_an_interval():
 def test_a_point_needs_one_drift_per_gain():
     with pytest.raises(ValueError, match="one drift and one gain per seed"):
         Point("bad", [0.1, 0.2], [0.3])
+
+
+def test_more_measured_points_never_raise_the_drift_read_off_the_frontier():
+    front = [(0.3, 0.6)]
+    assert drift_at_gain(front, 0.45) == pytest.approx(0.225)  # on the line from the base model
+    # A point just below that line is on the raw front (less drift, some gain) but under the envelope: passed over.
+    assert drift_at_gain(front + [(0.29, 0.4)], 0.45) == pytest.approx(0.225)
+    # A point above the line is on the envelope and lowers the drift needed.
+    assert drift_at_gain(front + [(0.1, 0.4)], 0.45) == pytest.approx(0.1 + 0.2 * 0.05 / 0.2)
+    assert envelope([(0.0, 0.0), (0.29, 0.4), (0.3, 0.6), (0.5, 0.61), (0.6, 0.7)]) == [(0.0, 0.0), (0.3, 0.6), (0.6, 0.7)]

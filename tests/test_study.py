@@ -453,3 +453,85 @@ def test_readme_refresh_replaces_only_the_marked_block_and_refuses_a_readme_with
         "#### What the TMS students drew from (regime `zero`)\n\n| q |\n|---|\n| 4 |\n")
     with pytest.raises(SystemExit, match="What the TMS students drew from"):
         study_readme.sync_docs("### Regime `zero` (task)\n\n| a |\n", tables)
+
+
+def test_frontier_mode_measures_scales_and_task_kl_and_adds_scales_to_an_older_record(tiny_study, tmp_path, monkeypatch):
+    """Issue #44: a scaled arm's record holds its final adapter at each scale (scale 1 is the final checkpoint), every
+    checkpoint the KL on training prompts; an older record without scales gets them by training the arm again."""
+    from harness import probes
+
+    train, pld, regime = tiny_study
+    monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (train, pld))
+    follow = probes.instruction_following
+    monkeypatch.setattr(probes, "instruction_following", lambda model, tok: follow(model, tok, max_new_tokens=4))
+    mode = dict(study.MODES["frontier"], regimes={"zero": regime}, num_train=16, num_test=4, num_pld=4, mc_items=3,
+                wiki_items=6, chat_prompts=2, chat_tokens=4, checkpoints=2, seeds=[0], scales=[0.0, 0.5, 1.0],
+                train_kl_prompts=3)
+    out, scratch = str(tmp_path / "results"), str(tmp_path / "scratch")
+    os.makedirs(scratch)
+    study.run_regime(mode, "zero", ["sft_lr_x0.5"], out, scratch)
+    (record,) = records.load_arms(out)["zero"]["sft_lr_x0.5"]
+    assert record["settings"]["lr_scale"] == 0.5
+    zero, half, whole = record["scaled"]
+    assert [s["scale"] for s in record["scaled"]] == [0.0, 0.5, 1.0]
+    final = record["checkpoints"][-1]
+    # Scale 1 is the adapter as trained, scale 0 the base model (no drift at all).
+    assert whole["items"]["target"] == final["items"]["target"]
+    assert whole["chat_kl"] == pytest.approx(final["chat_kl"], rel=1e-4)
+    assert zero["chat_kl"] == pytest.approx(0.0, abs=1e-5) and zero["train_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert 0 < half["chat_kl"] < whole["chat_kl"]
+    assert all(len(c["items"]["train_kl"]) == 3 and c["train_kl"] > 0 for c in record["checkpoints"])
+
+    # A record written before the scales existed: the arm is trained again (same seed, same weights).
+    del record["scaled"]
+    records.write_record(out, record)
+    os.remove(training.final_path(scratch, "zero", "sft_lr_x0.5", 0))
+    study.run_regime(mode, "zero", ["sft_lr_x0.5"], out, scratch)
+    (again,) = records.load_arms(out)["zero"]["sft_lr_x0.5"]
+    assert again["scaled_weights"] == {"source": "trained again with the same seed", "target_items_matching": 4,
+                                       "target_items": 4}
+    assert [s["chat_kl"] for s in again["scaled"]] == pytest.approx([s["chat_kl"] for s in (zero, half, whole)], rel=1e-4)
+    monkeypatch.setattr(training, "train_run", lambda *a, **k: pytest.fail("trained a finished arm again"))
+    study.run_regime(mode, "zero", ["sft_lr_x0.5"], out, scratch)
+
+
+def test_curves_gather_each_methods_points_and_compare_tms_with_the_cheap_alternatives(tmp_path):
+    """Hand-made records: the points of each method (finals, checkpoints, scales), its frontier and the ratio."""
+    from harness import curves
+
+    base = checkpoint(0, 0.2, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
+
+    def record(arm, seed, points, scaled=()):
+        cps = [dict(checkpoint(step, acc, kl, 5.0 + wiki, 1.0, 0.1, [0] * 4), fraction=step / 8)
+               for step, acc, kl, wiki in points]
+        return {"arm": arm, "seed": seed, "checkpoints": cps,
+                "scaled": [dict(checkpoint(8, acc, kl, 5.0 + wiki, 1.0, 0.1, [0] * 4), scale=s)
+                           for s, acc, kl, wiki in scaled]}
+
+    by_arm = {
+        "sft": [record("sft", seed, [(4, 0.5, 0.3, 0.2), (8, 0.8 + 0.02 * seed, 0.6, 0.4)],
+                       [(0.5, 0.6, 0.2, 0.1)]) for seed in (0, 1)],
+        "sft_low_lr": [record("sft_low_lr", 0, [(4, 0.3, 0.05, 0.0), (8, 0.6, 0.3, 0.1)])],
+        "tms_online_alpha_75": [record("tms_online_alpha_75", seed, [(4, 0.5, 0.05, 0.0), (8, 0.79, 0.15, -0.05)])
+                                for seed in (0, 1)],
+    }
+    cheap = [p for name in ("SFT: learning rate", "SFT: stop early", "SFT: adapter scale")
+             for p in curves.method_points(by_arm, base, registry.METHODS[name], "chat_kl")]
+    labels = sorted({p.label for p in cheap})
+    assert labels == ["sft", "sft @fraction 0.5", "sft @scale 0.5", "sft_low_lr", "sft_low_lr @fraction 0.5"]
+    final_sft = next(p for p in cheap if p.label == "sft")
+    assert final_sft.gain == pytest.approx([0.6, 0.62]) and final_sft.drift == [0.6, 0.6]
+    result = curves.frontiers(by_arm, base, samples=200)
+    assert result["reference"]["gain"] == pytest.approx(0.61)
+    assert result["levels"]["0.9x"] == pytest.approx(0.549)
+    assert "paper TMS" not in result["methods"] and "paper TMS" not in result["ratios"]
+    # Cheap alternatives' envelope: (0, 0) -> (0.05, 0.1) -> (0.2, 0.4) -> (0.6, 0.61); TMS: (0.05, 0.3) -> (0.15, 0.59).
+    need_cheap = result["methods"][registry.CHEAP]["chat_kl"]["needed"]["0.9x"]["drift"]
+    need_tms = result["methods"]["online TMS"]["chat_kl"]["needed"]["0.9x"]["drift"]
+    assert need_cheap == pytest.approx(0.2 + 0.4 * (0.549 - 0.4) / 0.21)
+    assert need_tms == pytest.approx(0.05 + 0.1 * (0.549 - 0.3) / 0.29)
+    assert result["ratios"]["online TMS"]["chat_kl"]["0.9x"]["ratio"] == pytest.approx(need_tms / need_cheap)
+    # In WikiText change the final checkpoint (-0.05, 0.59) beats the half-way one (0.0, 0.3) on both.
+    assert [p["label"] for p in result["methods"]["online TMS"]["wikitext"]["front"]] == ["tms_online_alpha_75"]
+    table = "\n".join(curves.frontier_table("zero", result))
+    assert "| online TMS | 2 |" in table and "not reached" in table  # two points; it never reaches 1x SFT's gain

@@ -65,6 +65,7 @@ def plots(result: dict, arms: dict, output_dir: str) -> list[str]:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
+    written += frontier_plots(result, output_dir)
     points = signal_points(arms)
     if points:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
@@ -78,6 +79,47 @@ def plots(result: dict, arms: dict, output_dir: str) -> list[str]:
         fig.suptitle("Candidate signals vs forgetting, every checkpoint of every run")
         fig.tight_layout()
         path = os.path.join(output_dir, "signals.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def frontier_plots(result: dict, output_dir: str) -> list[str]:
+    """Issue #44: each method's frontier (its concave envelope, from the base model at the origin, as `curves.py` reads
+    it), one figure per regime."""
+    from .curves import DRIFTS
+    from .frontier import ORIGIN, envelope
+
+    plt = pyplot()
+    written = []
+    for regime, r in result["regimes"].items():
+        curves = r.get("frontiers")
+        if plt is None or not curves:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+        styles = {"tms": "-", "cheap": "--", "verifier": ":"}
+        for ax, (drift, (label, _)) in zip(axes, DRIFTS.items()):
+            for i, (name, entry) in enumerate(curves["methods"].items()):
+                if drift not in entry:
+                    continue
+                front = envelope([(p["drift"], p["gain"]) for p in entry[drift]["front"]] + [ORIGIN])
+                family = "cheap" if name.startswith("cheap") or name.startswith("SFT") else (
+                    "verifier" if "verifier" in name else "tms")
+                width = 2.2 if name.startswith("cheap") or family == "tms" else 1.2
+                ax.plot(*zip(*front), styles[family], marker="o", ms=4, lw=width, color=plt.get_cmap("tab10")(i),
+                        label=f"{name} ({entry['points']} points)")
+            for key, gain in curves["levels"].items():
+                ax.axhline(gain, color="grey", lw=0.6, alpha=0.5)
+                ax.annotate(f"{key} SFT's gain", (ax.get_xlim()[1], gain), fontsize=7, color="grey", ha="right",
+                            va="bottom")
+            ax.set_xlabel(f"{label} (lower = retains more)")
+            ax.set_ylabel("target accuracy gain over base")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle(f"Regime {regime}: each method's frontier over its dials (up and left is better)")
+        fig.tight_layout()
+        path = os.path.join(output_dir, f"frontier_{regime}.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -78,7 +78,7 @@ class ProbeSuite:
             Held-out worked answers (`prompt`, `completion`): PLD as TMS logs it.
     """
 
-    def __init__(self, sizes: dict, model, tokenizer, test, pld_set):
+    def __init__(self, sizes: dict, model, tokenizer, test, pld_set, train=None):
         from trl_tms import METER_PROMPTS
         from trl_tms.data import prompt_token_ids
         from trl_tms.retention import build_reference
@@ -89,6 +89,14 @@ class ProbeSuite:
         prompts = [chat_ids(tokenizer, p) for p in CHAT_PROMPTS[: sizes["chat_prompts"]]]
         answers = greedy_answers(model, tokenizer, prompts, sizes["chat_tokens"])
         self.conversations = list(zip(prompts, answers))
+        # KL to the base on the new task's own prompts (RL's Razor, arXiv 2509.04259): the base's greedy answers to
+        # the first training prompts.
+        self.task_conversations = []
+        if train is not None and sizes.get("train_kl_prompts"):
+            task_prompts = [prompt_token_ids(tokenizer, row) for row in train.select(
+                range(min(sizes["train_kl_prompts"], len(train))))]
+            task_answers = greedy_answers(model, tokenizer, task_prompts, registry.TASK_TOKENS)
+            self.task_conversations = list(zip(task_prompts, task_answers))
         # PLD as TMS logs it: mean NLL per token of held-out worked answers (with the end-of-turn token).
         self.labels = []
         for row in pld_set:
@@ -125,6 +133,10 @@ class ProbeSuite:
                       "chat_kl": chat["kls"], "chat_nll": chat["nlls"]},
             "target_examples": target["texts"][:2],
         }
+        if self.task_conversations:
+            task = chat_drift(model, tok, self.task_conversations, reference=reference)
+            result["train_kl"] = task["kl"]
+            result["items"]["train_kl"] = task["kls"]
         if full:
             piqa, siqa = multiple_choice(model, tok, self.piqa), multiple_choice(model, tok, self.siqa)
             result.update(piqa_acc=piqa["accuracy"], siqa_acc=siqa["accuracy"])
@@ -132,6 +144,20 @@ class ProbeSuite:
             score_instructions(model, tok, result)
         result["eval_seconds"] = time.perf_counter() - started
         return result
+
+
+def evaluate_scaled(suite: ProbeSuite, model, scales) -> list[dict]:
+    """
+    The final adapter scaled towards the base model (WiSE-FT for LoRA, `peft.helpers.rescale_adapter_scale`) at each
+    of `scales`: `suite`'s probes (not the full ones) at each, as `{"scale": s, **values}`.
+    """
+    from peft.helpers import rescale_adapter_scale
+
+    measured = []
+    for scale in scales:
+        with rescale_adapter_scale(model, scale):
+            measured.append({"scale": scale, **suite.evaluate(model, full=False)})
+    return measured
 
 
 def score_instructions(model, tokenizer, result: dict) -> dict:

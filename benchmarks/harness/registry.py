@@ -98,7 +98,53 @@ ARMS = {
     "tms_consistent": Arm("tms", dict(_TMS, trajectory_filter="self_consistency"), in_study=False),
     "tms_late": Arm("tms", dict(_TMS, snapshot_weights=[0.0] * 5 + [1.0] * 5), in_study=False),
     "tms_keep_unfinished": Arm("tms", dict(_TMS, unfinished_trajectories="keep"), in_study=False),
+    # Issue #44's curves: plain SFT's learning-rate dial (with `sft` at 1x and `sft_low_lr` at 0.2x of the regime's)...
+    "sft_lr_x0.5": Arm("sft", {"lr_scale": 0.5}, in_study=False),
+    "sft_lr_x0.1": Arm("sft", {"lr_scale": 0.1}, in_study=False),
+    # ... and online TMS's label share at a lower learning rate (SFT at a lower rate forgot far less).
+    "tms_online_alpha_75_lr_x0.5": Arm("tms", dict(_TMS, tms_mode="online", label_weight=0.75, lr_scale=0.5),
+                                       in_study=False),
 }
+
+
+@dataclass(frozen=True)
+class Method:
+    """
+    One curve of issue #44's frontier study: the points a method reaches over its dials, from the records of `arms`.
+
+    Args:
+        arms (`tuple[str, ...]`):
+            The arms whose final checkpoints are points (a dial: learning rate, label share...).
+        checkpoints (`bool`, *optional*, defaults to `False`):
+            Every evaluated checkpoint is a point too: stopping early.
+        scaled (`bool`, *optional*, defaults to `False`):
+            The final adapter scaled towards the base model at `SCALES` is a point too (WiSE-FT for LoRA); the study
+            measures those scales for these arms' runs.
+        family (`str`, *optional*, defaults to `"cheap"`):
+            `"cheap"` (an alternative every TRL user has: its points also make up `CHEAP`), `"tms"` (compared with
+            `CHEAP` at each gain level) or `"verifier"` (needs a verifier: shown, not in the ratio).
+    """
+
+    arms: tuple
+    checkpoints: bool = False
+    scaled: bool = False
+    family: str = "cheap"
+
+
+SCALES = (0.25, 0.5, 0.75)  # adapter scales measured for the `scaled` methods' final adapters
+SFT_LR_ARMS = ("sft", "sft_lr_x0.5", "sft_low_lr", "sft_lr_x0.1")
+ONLINE_TMS_ARMS = ("tms_online", "tms_online_alpha_50", "tms_online_alpha_75", "tms_online_alpha_90",
+                   "tms_online_alpha_75_lr_x0.5")
+METHODS = {
+    "SFT: learning rate": Method(SFT_LR_ARMS),
+    "SFT: stop early": Method(SFT_LR_ARMS, checkpoints=True),
+    "SFT: adapter scale": Method(SFT_LR_ARMS, scaled=True),
+    "online TMS": Method(ONLINE_TMS_ARMS, checkpoints=True, scaled=True, family="tms"),
+    "paper TMS": Method(("tms",), checkpoints=True, scaled=True, family="tms"),
+    "needs a verifier": Method(("self_sft_verified", "tms_online_verified"), checkpoints=True, family="verifier"),
+}
+CHEAP = "cheap alternatives (lr, stop, scale)"  # the union of the `cheap` methods' points
+REFERENCE_ARM = "sft"  # the gain levels are fractions of this arm's gain (plain SFT at the regime's learning rate)
 
 # cost_t10.py: `TMSTrainer` at the package's defaults (not the study's), each arm a process of its own.
 SIGNALS_OFF = dict(log_pld=False, log_retention=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import statistics
 
+from .curves import frontier_table, frontiers
 from .probes import paired_se
 from .records import early, final, load_arms, ran_alone
 from .registry import ARMS
@@ -72,7 +73,8 @@ def summary(output_dir: str) -> dict:
         result["regimes"][regime] = {"task": task, "trajectory_quality": quality, "base": {
             k: base[k] for k in ("target_accuracy", "wikitext_nll", "chat_nll", "pld", "piqa_acc", "siqa_acc", "ifeval_acc")
             if k in base},
-            "arms": rows, "wall_reference": {"arms": sorted({r["arm"] for r in reference}), "seconds": sft_wall}}
+            "arms": rows, "wall_reference": {"arms": sorted({r["arm"] for r in reference}), "seconds": sft_wall},
+            "frontiers": frontiers(by_arm, base)}
     result["pld_correlation"] = correlations(arms)
     return result
 
@@ -117,15 +119,20 @@ def signal_points(arms: dict) -> list[dict]:
                     points.append({"regime": regime, "arm": arm, "seed": record["seed"], "step": c["step"],
                                    "pld": c["pld"], "pld_drift": c["pld"] - lowest, "retention_kl": c["retention_kl"],
                                    "chat_kl": c["chat_kl"], "wiki_delta": c["wikitext_nll"] - base["wikitext_nll"]})
+                    if "train_kl" in c:  # measured from issue #44 on
+                        points[-1]["train_kl"] = c["train_kl"]
     return points
 
 
+SIGNALS = ("pld", "pld_drift", "retention_kl", "train_kl")
+
+
 def correlations(arms: dict) -> dict:
-    points = signal_points(arms)
-    if len(points) < 4:
-        return {}
     out = {}
-    for signal_name in ("pld", "pld_drift", "retention_kl"):
+    for signal_name in SIGNALS:
+        points = [p for p in signal_points(arms) if signal_name in p]
+        if len(points) < 4:
+            continue
         out[signal_name] = {"points": len(points)}
         for measure in ("chat_kl", "wiki_delta"):
             x, y = [p[signal_name] for p in points], [p[measure] for p in points]
@@ -168,6 +175,7 @@ def table(result: dict) -> str:
                              f"{share(q['lowest_correct'])} / {share(q['highest_correct'])} | "
                              f"{share(q['unfinished'])} | {share(q['kept'])} | {share(q['label_copy'])} |")
             lines.append("")
+        lines += frontier_table(regime, r.get("frontiers", {}))
     if result.get("pld_correlation"):
         lines += ["## Do the live signals predict forgetting? (every checkpoint of every run)", "",
                   "| signal | points | Spearman vs chat KL [95% CI] | Spearman vs WikiText change [95% CI] | "

@@ -5,7 +5,8 @@ A method is a set of points, each a setting of its dial (learning rate, stopping
 measured over one or more seeds: per seed, a drift (chat KL, WikiText change: lower is better) and a target gain
 (accuracy above the base model's: higher is better). Its frontier is the points no other point of the method beats on
 both; the drift it needs for a gain level is read off the frontier, linearly between its neighbouring points (the base
-model, drift 0 and gain 0, is every method's first point: stopping at step 0, or scaling the adapter to 0). Intervals
+model, drift 0 and gain 0, is every method's first point: stopping at step 0, or scaling the adapter to 0), along its
+concave envelope, so that measuring more points never makes a method look worse. Intervals
 come from resampling each point's seeds (a percentile bootstrap).
 
 Pure arithmetic on numbers: the study feeds it its records (see `study.py`).
@@ -50,12 +51,30 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def envelope(front: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """
+    The frontier's concave envelope: its points that lie on or above the straight line between any two others, by
+    drift. Interpolating along it, more measured points never make a method look worse (between neighbours on the
+    raw front, a point just below the line from its neighbours would raise the drift read off between them).
+    """
+    hull = []
+    for point in pareto_front(front):
+        while len(hull) >= 2:
+            (d0, g0), (d1, g1) = hull[-2], hull[-1]
+            if (g1 - g0) * (point[0] - d0) <= (point[1] - g0) * (d1 - d0):  # hull[-1] on or below the line
+                hull.pop()
+            else:
+                break
+        hull.append(point)
+    return hull
+
+
 def drift_at_gain(front: list[tuple[float, float]], level: float, origin: tuple[float, float] | None = ORIGIN):
     """
-    The least drift at which the frontier reaches `level` of gain, interpolated linearly between neighbouring frontier
-    points (from `origin` when given); `None` when no point reaches it.
+    The least drift at which the frontier reaches `level` of gain, interpolated linearly along its concave envelope
+    (from `origin` when given); `None` when no point reaches it.
     """
-    points = pareto_front(front + ([origin] if origin is not None else []))
+    points = envelope(front + ([origin] if origin is not None else []))
     if not points or points[-1][1] < level:
         return None
     if points[0][1] >= level:
@@ -125,8 +144,8 @@ def drift_ratio(method: list[Point], alternative: list[Point], levels: list[floa
         need_a, need_b = drift_at_gain(a, level), drift_at_gain(b, level)
         if need_a is None or need_b is None:
             return None
-        if need_b == 0:
-            return None if need_a > 0 else 1.0
+        if need_b <= 0:  # the alternative reaches the level without drift (or with less than none): no ratio
+            return None
         return need_a / need_b
 
     result = {}

@@ -13,6 +13,7 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset, concatenate_datasets
 from transformers import TrainerCallback
 
+from .config import check_choice, check_rehearsal_weight, check_weighted_draw
 from .data import as_completion, completion_text
 from .filters import keep_flags, kept_by_snapshot
 from .rehearsal import REHEARSAL, rehearsal_candidates
@@ -23,7 +24,6 @@ IS_REHEARSAL = "tms_is_rehearsal"  # the same for rehearsal answers (only when t
 FLAGS = (IS_LABEL, IS_REHEARSAL)
 REHEARSAL_STREAM = 1  # extra seed word of the rehearsal draw, whose stream leaves the label/trajectory draw unchanged
 _CARRIED = ("tools", "chat_template_kwargs")
-TRAJECTORY_CHOICES = ("uniform", "curriculum", "pld")
 
 
 def mixture_candidates(
@@ -394,8 +394,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         snapshot_steps: list[int] | None = None,
         sampled: set[tuple[int, int]] | None = None,
     ):
-        if trajectory_choice not in TRAJECTORY_CHOICES:
-            raise ValueError(f"`trajectory_choice` must be one of {TRAJECTORY_CHOICES}, got {trajectory_choice!r}.")
+        check_choice("trajectory_choice", trajectory_choice)
         if sampled is not None and trajectory_choice != "uniform":
             raise ValueError(
                 f'`trajectory_choice={trajectory_choice!r}` compares all of a prompt\'s trajectories: it needs every one '
@@ -406,8 +405,7 @@ class MixtureDataset(torch.utils.data.Dataset):
             if unknown:
                 raise ValueError(f"`snapshot_steps` lacks the steps {sorted(unknown)} of the candidates' trajectories.")
         if snapshot_weights is not None:
-            if trajectory_choice != "uniform":
-                raise ValueError("`snapshot_weights` sets the draw of `trajectory_choice='uniform'` only.")
+            check_weighted_draw(trajectory_choice)
             unknown = set(candidates["snapshot_step"]) - {LABEL} - set(snapshot_weights)
             if unknown:
                 raise ValueError(f"`snapshot_weights` has no weight for the snapshots of steps {sorted(unknown)}.")
@@ -505,8 +503,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         A planning mixture (untokenized candidates) takes untokenized ones: its draws then skip the pairs that a
         rehearsal draw replaces (see [`missing_pairs`]).
         """
-        if not 0.0 <= weight < 1.0:
-            raise ValueError(f"The rehearsal weight (beta) must lie in [0, 1), got {weight}.")
+        check_rehearsal_weight(weight)
         if not len(candidates):
             raise ValueError(
                 "No rehearsal answer is left to train on (all empty, or all cut at the length limit and dropped): raise "

@@ -589,6 +589,7 @@ class TMSConfig(SFTConfig):
         )
 
     def _check_values(self) -> None:
+        """Refuse a field value TMS cannot run with, saying what to set instead."""
         for name in _CHOICE_FIELDS:
             check_choice(name, getattr(self, name))
         for ok, message in self._rules():

@@ -50,7 +50,7 @@ def test_prompts_longer_than_max_length(tiny_llama, tmp_path):
         make(tiny_llama, tmp_path, max_length=6)
     rows = make_examples(8).to_list()
     rows[0]["prompt"][0]["content"] = " ".join(["what is one plus two ?"] * 20)
-    logger = logging.get_logger("trl_tms.config")
+    logger = logging.get_logger("trl_tms.data")
     with CaptureLogger(logger) as captured:
         trainer = make(tiny_llama, tmp_path, train=Dataset.from_list(rows), max_length=40)
     assert "1 of 8 training examples have no label tokens left" in captured.out

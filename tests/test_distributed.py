@@ -203,7 +203,7 @@ def test_what_sharded_engines_cannot_run_is_refused_with_what_to_use_instead(dee
                                                                              refused):
     from types import SimpleNamespace
 
-    from trl_tms.config import check_parallelism
+    from trl_tms.sharding import check_parallelism
 
     reshard = options.pop("reshard_after_forward", True)
     state = SimpleNamespace(

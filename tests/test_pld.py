@@ -134,7 +134,7 @@ def test_forgetting_alarm_settings_are_checked(tiny_llama, tmp_path):
     trainer = sft_trainer(tiny_llama, tmp_path, make_examples(4, seed=1))
     with pytest.raises(ValueError, match="must be positive"):
         PLDCallback(trainer, drift_threshold=0.0)
-    with pytest.raises(ValueError, match="needs a `drift_threshold`"):
+    with pytest.raises(ValueError, match="`stop_on_drift=True` needs `drift_threshold`"):
         PLDCallback(trainer, stop_on_drift=True)
     with pytest.raises(ValueError, match="pld_stop_on_drift=True` needs `pld_drift_threshold`"):
         TMSConfig(recipe="paper", output_dir=str(tmp_path), pld_stop_on_drift=True, **QUIET_CPU)

@@ -294,7 +294,7 @@ def test_built_in_prompts_are_64_and_disjoint_from_the_benchmarks_chat_probe():
          "reference completion of meter prompt 1 is None"),
         (None, {"num_prompts": 0}, "`num_prompts` must be a positive integer"),
         (None, {"kl_threshold": 0.0}, "must be positive"),
-        (None, {"stop_on_kl": True}, "needs a `kl_threshold`"),
+        (None, {"stop_on_kl": True}, "`stop_on_kl=True` needs `kl_threshold`"),
     ],
 )
 def test_bad_meter_input_is_refused_clearly(tiny_llama, tmp_path, prompts, kwargs, message):

@@ -1,18 +1,10 @@
 import dataclasses
-import importlib.util
-import os
-import tempfile
 from dataclasses import dataclass, field
-from functools import partial
 
-from peft import LoraConfig, PeftModel
-from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_npu_available, is_torch_xpu_available, logging
 from trl import SFTConfig
-from trl.distributed import DistributedBackend
 
-from .filters import FILTER_CHOICES, UNFINISHED_CHOICES
-from .mixture import TRAJECTORY_CHOICES
+from .signals import check_alarm
 
 
 logger = logging.get_logger(__name__)
@@ -251,7 +243,7 @@ class TMSConfig(SFTConfig):
             "help": "The settings TMS starts from, by name; a field you set keeps your value. `retention` (default): "
             "online TMS with `label_weight=0.75`, which learned about as much as SFT at a lower learning rate with less "
             "drift in both regimes of our study. `paper`: the paper's two-pass TMS with `label_weight=0.25`.",
-            "choices": ["retention", "paper"],
+            "choices": list(RECIPES),
         },
     )
 
@@ -410,7 +402,7 @@ class TMSConfig(SFTConfig):
         metadata={
             "help": "A trajectory cut at the length limit: `truncate` (train on its text without end-of-turn tokens), "
             "`drop` (leave it out) or `keep` (train on it with the end token, as if the model had stopped there).",
-            "choices": list(UNFINISHED_CHOICES),
+            "choices": ["truncate", "drop", "keep"],
         },
     )
     trajectory_filter: str = field(
@@ -420,7 +412,7 @@ class TMSConfig(SFTConfig):
             "(the paper), `self_consistency` (those whose final answer is the most frequent among the prompt's "
             "trajectories, shared by at least two) or `verifier` (those the trainer's `verifier` scores at least "
             "`min_verifier_score`; by default: same final number as the label).",
-            "choices": list(FILTER_CHOICES),
+            "choices": ["none", "self_consistency", "verifier"],
         },
     )
     min_verifier_score: float = field(
@@ -570,6 +562,14 @@ class TMSConfig(SFTConfig):
                 "or AMX): every bf16 operation is emulated, and training ran about 15x slower than in fp32 in our "
                 "measurements (SmolLM2-135M, 2 cores). Pass `bf16=False` to train in fp32."
             )
+        mode_from_recipe = self._apply_recipe()
+        try:
+            self._check_values()
+        except ValueError as error:
+            raise ValueError(str(error) + self._recipe_hint(mode_from_recipe, str(error))) from None
+
+    def _apply_recipe(self) -> bool:
+        """Fill `tms_mode` and `label_weight` from the recipe where they are not set; whether the mode came from it."""
         if self.recipe not in RECIPES:
             raise ValueError(f"`recipe` must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
         mode_from_recipe = self.tms_mode is None
@@ -577,12 +577,64 @@ class TMSConfig(SFTConfig):
             self.tms_mode = RECIPES[self.recipe]["tms_mode"]
         if self.label_weight is None:
             self.label_weight = MODE_LABEL_WEIGHTS.get(self.tms_mode, RECIPES["paper"]["label_weight"])
-        checks = [
+        return mode_from_recipe
+
+    def _recipe_hint(self, mode_from_recipe: bool, message: str) -> str:
+        """Where a mode the user did not choose is what a check refuses, say where it came from."""
+        if not mode_from_recipe or "tms_mode" not in message:
+            return ""
+        return (
+            f" (`tms_mode={self.tms_mode!r}` comes from `recipe={self.recipe!r}`: set `tms_mode` yourself, or "
+            "`recipe='paper'` for the paper's two-pass TMS.)"
+        )
+
+    def _check_values(self) -> None:
+        """Refuse a field value TMS cannot run with, saying what to set instead."""
+        for name in _CHOICE_FIELDS:
+            check_choice(name, getattr(self, name))
+        for ok, message in self._rules():
+            if not ok:
+                raise ValueError(message)
+        check_rehearsal_weight(self.rehearsal_weight)
+        check_alarm(self.pld_drift_threshold, self.pld_stop_on_drift, "pld_drift_threshold", "pld_stop_on_drift",
+                    "drift", 0.1)
+        check_alarm(self.retention_kl_threshold, self.retention_stop_on_kl, "retention_kl_threshold",
+                    "retention_stop_on_kl", "KL", 0.2)
+        if self.snapshot_weights is not None:
+            self.snapshot_weights = [float(w) for w in self.snapshot_weights]
+            self._check_snapshot_weights()
+
+    def _rules(self) -> list[tuple[bool, str]]:
+        """The value checks of the fields, as (holds, what to change), grouped as the fields are."""
+        online = self.tms_mode == "online"
+        return [
+            # the adapter history, the mode and the data loading it needs
             (self.num_checkpoints >= 1, f"`num_checkpoints` must be at least 1, got {self.num_checkpoints}."),
             (
-                0.0 <= self.label_weight <= 1.0,
-                f"`label_weight` (alpha) is a probability and must lie in [0, 1], got {self.label_weight}.",
+                self.online_snapshot_every is None or self.online_snapshot_every >= 1,
+                f"`online_snapshot_every` must be at least 1 (optimizer steps), got {self.online_snapshot_every}.",
             ),
+            (
+                not online or self.trajectory_choice == "uniform",
+                f"`trajectory_choice={self.trajectory_choice!r}` works with `tms_mode='two_pass'` only: online TMS "
+                "draws uniformly from the snapshots it has taken so far. Set `trajectory_choice='uniform'`.",
+            ),
+            (
+                not online or self.dataloader_num_workers == 0,
+                "`tms_mode='online'` needs `dataloader_num_workers=0`: the mixture gains trajectories during an epoch, "
+                "and worker processes would keep the copy they started the epoch with.",
+            ),
+            (
+                not (self.dataloader_persistent_workers and self.dataloader_num_workers > 0),
+                "`dataloader_persistent_workers=True` is not supported by TMSTrainer: persistent workers keep copies of "
+                "the mixture and would replay the first epoch's draws in every epoch. Set it to False.",
+            ),
+            (
+                not self.packing,
+                "`packing=True` is not supported by TMSTrainer: the mixture draws one completion per prompt each time "
+                "an example is drawn, which needs one example per sequence. Set `packing=False`.",
+            ),
+            # trajectory generation
             (
                 self.samples_per_checkpoint >= 1,
                 f"`samples_per_checkpoint` must be at least 1, got {self.samples_per_checkpoint}.",
@@ -591,6 +643,11 @@ class TMSConfig(SFTConfig):
             (0.0 < self.top_p <= 1.0, f"`top_p` must lie in (0, 1], got {self.top_p}."),
             (self.top_k >= 0, f"`top_k` must be >= 0 (0 disables it), got {self.top_k}."),
             (self.max_new_tokens >= 1, f"`max_new_tokens` must be at least 1, got {self.max_new_tokens}."),
+            (
+                self.max_new_tokens_from_labels is None or self.max_new_tokens_from_labels > 0,
+                f"`max_new_tokens_from_labels` must be positive (a multiple of the longest label), got "
+                f"{self.max_new_tokens_from_labels}.",
+            ),
             (
                 self.generation_batch_size >= 1,
                 f"`generation_batch_size` must be at least 1, got {self.generation_batch_size}.",
@@ -609,10 +666,6 @@ class TMSConfig(SFTConfig):
                 f"`snapshots_per_generate` must be at least 1, got {self.snapshots_per_generate}.",
             ),
             (
-                self.generation_backend in ("transformers", "vllm"),
-                f"`generation_backend` must be `transformers` or `vllm`, got {self.generation_backend!r}.",
-            ),
-            (
                 self.generation_backend != "vllm" or self.tms_mode == "two_pass",
                 "`generation_backend='vllm'` works with `tms_mode='two_pass'`: online TMS would keep the engine and "
                 "its memory beside the training for the whole run, which has not been verified. Use "
@@ -622,51 +675,16 @@ class TMSConfig(SFTConfig):
                 0.0 < self.vllm_gpu_memory_utilization <= 1.0,
                 f"`vllm_gpu_memory_utilization` must lie in (0, 1], got {self.vllm_gpu_memory_utilization}.",
             ),
+            # the mixture
             (
-                self.tms_mode in ("two_pass", "online"),
-                f"`tms_mode` must be `two_pass` or `online`, got {self.tms_mode!r}.",
+                0.0 <= self.label_weight <= 1.0,
+                f"`label_weight` (alpha) is a probability and must lie in [0, 1], got {self.label_weight}.",
             ),
             (
-                self.online_snapshot_every is None or self.online_snapshot_every >= 1,
-                f"`online_snapshot_every` must be at least 1 (optimizer steps), got {self.online_snapshot_every}.",
-            ),
-            (
-                self.tms_mode != "online" or self.trajectory_choice == "uniform",
-                f"`trajectory_choice={self.trajectory_choice!r}` works with `tms_mode='two_pass'` only: online TMS "
-                "draws uniformly from the snapshots it has taken so far. Set `trajectory_choice='uniform'`.",
-            ),
-            (
-                self.tms_mode != "online" or self.dataloader_num_workers == 0,
-                "`tms_mode='online'` needs `dataloader_num_workers=0`: the mixture gains trajectories during an epoch, "
-                "and worker processes would keep the copy they started the epoch with.",
-            ),
-            (
-                self.trajectory_choice in TRAJECTORY_CHOICES,
-                f"`trajectory_choice` must be one of {', '.join(TRAJECTORY_CHOICES)}, got {self.trajectory_choice!r}.",
-            ),
-            (
-                self.max_new_tokens_from_labels is None or self.max_new_tokens_from_labels > 0,
-                f"`max_new_tokens_from_labels` must be positive (a multiple of the longest label), got "
-                f"{self.max_new_tokens_from_labels}.",
-            ),
-            (
-                self.unfinished_trajectories in UNFINISHED_CHOICES,
-                f"`unfinished_trajectories` must be one of {', '.join(UNFINISHED_CHOICES)}, got "
-                f"{self.unfinished_trajectories!r}.",
-            ),
-            (
-                self.trajectory_filter in FILTER_CHOICES,
-                f"`trajectory_filter` must be one of {', '.join(FILTER_CHOICES)}, got {self.trajectory_filter!r}.",
-            ),
-            (
-                self.tms_mode != "online" or self.trajectory_filter != "self_consistency",
+                not online or self.trajectory_filter != "self_consistency",
                 "`trajectory_filter='self_consistency'` works with `tms_mode='two_pass'` only: it compares the answers "
                 "of every snapshot, and online TMS trains before the later snapshots exist. Use "
                 "`trajectory_filter='verifier'` online.",
-            ),
-            (
-                self.trajectories_to_generate in (None, "drawn", "all"),
-                f"`trajectories_to_generate` must be `drawn` or `all`, got {self.trajectories_to_generate!r}.",
             ),
             (
                 self.trajectories_to_generate != "drawn" or not self._draws_need_every_trajectory(),
@@ -674,11 +692,7 @@ class TMSConfig(SFTConfig):
                 "`trajectory_choice='uniform'` and a filter that judges each trajectory on its own (not "
                 "`'self_consistency'`). Set `trajectories_to_generate='all'`.",
             ),
-            (
-                0.0 <= self.rehearsal_weight < 1.0,
-                f"`rehearsal_weight` (beta) is a probability and must lie in [0, 1), got {self.rehearsal_weight}; at 1 "
-                "the student would never see the task.",
-            ),
+            # self-rehearsal
             (
                 self.rehearsal_num_prompts is None or self.rehearsal_num_prompts >= 1,
                 f"`rehearsal_num_prompts` must be at least 1, got {self.rehearsal_num_prompts}. To turn rehearsal off, "
@@ -692,16 +706,8 @@ class TMSConfig(SFTConfig):
                 self.rehearsal_temperature >= 0.0,
                 f"`rehearsal_temperature` must be >= 0 (0 means greedy), got {self.rehearsal_temperature}.",
             ),
+            # PLD and the forgetting meter (their alarms: `check_alarm`)
             (self.pld_num_samples >= 1, f"`pld_num_samples` must be at least 1, got {self.pld_num_samples}."),
-            (
-                self.pld_drift_threshold is None or self.pld_drift_threshold > 0,
-                f"`pld_drift_threshold` must be positive (nats per token), got {self.pld_drift_threshold}.",
-            ),
-            (
-                not self.pld_stop_on_drift or self.pld_drift_threshold is not None,
-                "`pld_stop_on_drift=True` needs `pld_drift_threshold`: set the drift (nats per token) that stops a "
-                "phase, e.g. 0.1.",
-            ),
             (
                 self.retention_num_prompts >= 1,
                 f"`retention_num_prompts` must be at least 1, got {self.retention_num_prompts}. To turn the forgetting "
@@ -710,15 +716,6 @@ class TMSConfig(SFTConfig):
             (
                 self.retention_max_new_tokens >= 1,
                 f"`retention_max_new_tokens` must be at least 1, got {self.retention_max_new_tokens}.",
-            ),
-            (
-                self.retention_kl_threshold is None or self.retention_kl_threshold > 0,
-                f"`retention_kl_threshold` must be positive (nats per token), got {self.retention_kl_threshold}.",
-            ),
-            (
-                not self.retention_stop_on_kl or self.retention_kl_threshold is not None,
-                "`retention_stop_on_kl=True` needs `retention_kl_threshold`: set the KL (nats per token) that stops a "
-                "phase, e.g. 0.2.",
             ),
             (
                 not self.retention_stop_on_kl or self.log_retention,
@@ -740,33 +737,19 @@ class TMSConfig(SFTConfig):
                 "end on it.",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message + self._recipe_hint(mode_from_recipe, message))
-        if self.snapshot_weights is not None:
-            try:
-                self._check_snapshot_weights()
-            except ValueError as error:
-                raise ValueError(str(error) + self._recipe_hint(mode_from_recipe, str(error))) from None
-        if self.dataloader_persistent_workers and self.dataloader_num_workers > 0:
-            raise ValueError(
-                "`dataloader_persistent_workers=True` is not supported by TMSTrainer: persistent workers keep copies of "
-                "the mixture and would replay the first epoch's draws in every epoch. Set it to False."
-            )
-        if self.packing:
-            raise ValueError(
-                "`packing=True` is not supported by TMSTrainer: the mixture draws one completion per prompt each time "
-                "an example is drawn, which needs one example per sequence. Set `packing=False`."
-            )
 
-    def _recipe_hint(self, mode_from_recipe: bool, message: str) -> str:
-        """Where a mode the user did not choose is what a check refuses, say where it came from."""
-        if not mode_from_recipe or "tms_mode" not in message:
-            return ""
-        return (
-            f" (`tms_mode={self.tms_mode!r}` comes from `recipe={self.recipe!r}`: set `tms_mode` yourself, or "
-            "`recipe='paper'` for the paper's two-pass TMS.)"
-        )
+    def _check_snapshot_weights(self) -> None:
+        if len(self.snapshot_weights) != self.num_checkpoints:
+            raise ValueError(
+                f"`snapshot_weights` has {len(self.snapshot_weights)} weights but there are {self.num_checkpoints} "
+                "snapshots (`num_checkpoints`): give one weight per snapshot, in step order."
+            )
+        if any(not w >= 0 for w in self.snapshot_weights) or not any(w > 0 for w in self.snapshot_weights):
+            raise ValueError(
+                "`snapshot_weights` must be non-negative with at least one positive weight, got "
+                f"{self.snapshot_weights}."
+            )
+        check_weighted_draw(self.trajectory_choice, self.tms_mode)
 
     @property
     def generates_drawn_trajectories_only(self) -> bool:
@@ -779,190 +762,43 @@ class TMSConfig(SFTConfig):
         """Whether the mixture's draw compares a prompt's trajectories (so all must exist before it is known)."""
         return self.trajectory_choice != "uniform" or self.trajectory_filter == "self_consistency"
 
-    def _check_snapshot_weights(self) -> None:
-        weights = [float(w) for w in self.snapshot_weights]
-        if len(weights) != self.num_checkpoints:
-            raise ValueError(
-                f"`snapshot_weights` has {len(weights)} weights but there are {self.num_checkpoints} snapshots "
-                "(`num_checkpoints`): give one weight per snapshot, in step order."
-            )
-        if any(not w >= 0 for w in weights) or not any(w > 0 for w in weights):
-            raise ValueError(
-                f"`snapshot_weights` must be non-negative with at least one positive weight, got {weights}."
-            )
-        if self.trajectory_choice != "uniform" or self.tms_mode != "two_pass":
-            raise ValueError(
-                "`snapshot_weights` sets the draw of `trajectory_choice='uniform'` in `tms_mode='two_pass'`; got "
-                f"`trajectory_choice={self.trajectory_choice!r}`, `tms_mode={self.tms_mode!r}`. Drop "
-                "`snapshot_weights` or use the uniform two-pass draw."
-            )
-        self.snapshot_weights = weights
+
+# The fields whose value is one of the `choices` in their metadata (`recipe`, checked first, names its own).
+_CHOICE_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(TMSConfig)
+    if "choices" in f.metadata and f.name in TMSConfig.__annotations__ and f.name != "recipe"
+)
 
 
-# Checks of what `TMSTrainer` is given, made before anything is loaded or trained.
+# Value rules that the components which take these values as arguments apply too (the mixture, the filters), so that a
+# value is judged the same way, with the same message, wherever it is given.
 
 
-def as_tms_config(args, model) -> TMSConfig:
-    """`args` as a `TMSConfig`: an `SFTConfig` or `TrainingArguments` is converted, `None` gets the defaults."""
-    if args is None:
-        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-        return TMSConfig(f"{str(name).rstrip('/').split('/')[-1]}-TMS")
-    if isinstance(args, TMSConfig):
-        return args
-    if isinstance(args, TrainingArguments):
-        # Not `to_dict()`: it masks every `*_token` field (hub_token, eos_token, pad_token).
-        return TMSConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
-    raise TypeError(f"`args` must be a TMSConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
-
-
-def check_trainer_arguments(
-    args: TMSConfig, model, train_dataset, peft_config, quantization_config, formatting_func, optimizers, functions
-) -> None:
-    """The `TMSTrainer` arguments TMS cannot work with, refused with what to pass instead."""
-    if train_dataset is None:
-        raise ValueError("`train_dataset` is required.")
-    if formatting_func is not None:
-        raise ValueError(
-            "`formatting_func` is not supported by TMSTrainer: it turns examples into plain text, and TMS needs the "
-            "prompt apart from the label to generate trajectories. Format the dataset into prompt-completion "
-            "columns beforehand."
-        )
-    if optimizers != (None, None):
-        raise ValueError(
-            "TMSTrainer trains twice (harvest, then student) and the student needs a fresh optimizer and "
-            "schedule, so ready-made `optimizers` instances cannot be reused. Pass `optimizer_cls_and_kwargs` or "
-            "set `optim` / `lr_scheduler_type` in the config."
-        )
-    if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
-        raise ValueError(
-            "`dataset_kwargs={'skip_prepare_dataset': True}` is not supported: TMS reads the prompts and labels "
-            "from an untokenized dataset."
-        )
-    for name, function in functions.items():
-        if function is not None and not callable(function):
-            raise TypeError(f"`{name}` must be a callable, got {type(function).__name__}.")
-    _check_lora(model, peft_config)
-    if args.process_index == 0:  # fail now, not hours later at the first snapshot or checkpoint
-        check_writable(args.output_dir, "output_dir")
-        check_writable(args.history_dir or os.path.join(args.output_dir, "_tms_history"), "history_dir")
-    if isinstance(model, str):  # TRL ignores `quantization_config` for a model that is already loaded
-        _check_quantization(quantization_config or (args.model_init_kwargs or {}).get("quantization_config"))
-
-
-def check_label_tokens_left(kept: int, total: int, max_length: int | None) -> None:
-    """TRL silently drops examples whose label was truncated away; say so, and refuse when none is left."""
-    if kept == total:
+def check_choice(name: str, value) -> None:
+    """Refuse a `value` outside the `choices` of the `TMSConfig` field `name` (`None` passes where it is its default)."""
+    field_ = TMSConfig.__dataclass_fields__[name]
+    choices = field_.metadata["choices"]
+    if value in choices or (value is None and field_.default is None):
         return
-    message = (
-        f"{total - kept} of {total} training examples have no label tokens left after truncation to "
-        f"`max_length={max_length}` (their prompts are that long or longer)"
-    )
-    if kept == 0:
-        raise ValueError(f"{message}, so there is nothing to train on. Raise `max_length` or shorten the prompts.")
-    logger.warning(f"{message}: they are left out of both phases. Raise `max_length` to keep them.")
+    expected = f"`{choices[0]}` or `{choices[1]}`" if len(choices) == 2 else f"one of {', '.join(choices)}"
+    raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
 
 
-def check_num_checkpoints(num_checkpoints: int, planned_steps: int) -> None:
-    if num_checkpoints > planned_steps:
+def check_rehearsal_weight(weight: float) -> None:
+    """`rehearsal_weight` (beta), the share of draws that are rehearsal answers."""
+    if not 0.0 <= weight < 1.0:
         raise ValueError(
-            f"`num_checkpoints` ({num_checkpoints}) exceeds the number of optimizer steps of the harvest run "
-            f"({planned_steps}). Lower `num_checkpoints`, or train longer (more epochs or data, or a smaller batch)."
+            f"`rehearsal_weight` (beta) is a probability and must lie in [0, 1), got {weight}; at 1 the student would "
+            "never see the task."
         )
 
 
-def check_parallelism(
-    accelerator,
-    generation_backend: str = "transformers",
-    tms_mode: str = "two_pass",
-    gradient_checkpointing: bool = False,
-    quantized: bool = False,
-) -> None:
-    """
-    Refuse what TMS cannot run on several processes: vLLM (one engine, one process), FSDP1, a 4-bit base under FSDP2 or
-    DeepSpeed ZeRO-3, and two-pass TMS under ZeRO-3 with gradient checkpointing.
-    """
-    if generation_backend == "vllm" and accelerator.num_processes > 1:
-        raise NotImplementedError(
-            "`generation_backend='vllm'` runs one engine in one process; with several processes use "
-            "`generation_backend='transformers'` (the prompts are then shared out across processes)."
-        )
-    backend = DistributedBackend(accelerator)
-    if backend.is_fsdp:
-        check_fsdp(backend.fsdp_version, accelerator.state.fsdp_plugin, quantized)
-        return
-    if not backend.is_zero3:
-        return
-    if quantized:
-        raise NotImplementedError(
-            "DeepSpeed ZeRO-3 cannot partition a 4-bit (bitsandbytes) base model. For QLoRA on several GPUs use data "
-            "parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 (zero2.yaml): each GPU holds the "
-            "small 4-bit base whole."
-        )
-    if tms_mode == "two_pass" and gradient_checkpointing:
-        raise NotImplementedError(
-            "Two-pass TMS under DeepSpeed ZeRO-3 needs `gradient_checkpointing=False` (the default of SFTConfig is "
-            "True): the student trains with a second DeepSpeed engine on the same model, and gradient checkpointing "
-            "then recomputes layers whose weights ZeRO-3 did not gather. Set `gradient_checkpointing=False` (more "
-            "activation memory), or use `tms_mode='online'` (one engine, which works with it), or ZeRO-2."
-        )
-
-
-def check_fsdp(version: int, plugin, quantized: bool) -> None:
-    """What TMS needs from FSDP: version 2 (whose shards it can gather and unshard), a full-precision base, and a
-    `reshard_after_forward` it can set back after generating."""
-    if version != 2:
-        raise NotImplementedError(
-            f"TMSTrainer supports FSDP2, not FSDP version {version}: set `fsdp_version: 2` in the accelerate config "
-            "(examples/accelerate_configs/fsdp2.yaml), or use DeepSpeed ZeRO-2 / ZeRO-3 (zero2.yaml, zero3.yaml "
-            "there). See docs/sharded.md."
-        )
-    if quantized:
-        raise NotImplementedError(
-            "TMS under FSDP2 with a 4-bit (bitsandbytes) base is not verified. For QLoRA on several GPUs use data "
-            "parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 (zero2.yaml): each GPU holds the "
-            "small 4-bit base whole."
-        )
-    if not isinstance(plugin.reshard_after_forward, bool):
-        raise NotImplementedError(
-            f"TMS under FSDP2 needs `fsdp_reshard_after_forward` true or false (got {plugin.reshard_after_forward!r}): "
-            "it unshards the model to generate and sets that setting back afterwards."
-        )
-
-
-
-
-def check_writable(folder: str, field: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise PermissionError(
-            f"Cannot write to `{field}` {folder!r} ({error.strerror or error}). TMS writes its snapshots, trajectories "
-            f"and checkpoints there: pass a writable `{field}`."
-        ) from error
-
-
-def _check_quantization(quantization_config) -> None:
-    if quantization_config is None:
-        return
-    get = quantization_config.get if isinstance(quantization_config, dict) else partial(getattr, quantization_config)
-    if (get("load_in_4bit", False) or get("load_in_8bit", False)) and importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(
-            "4-bit and 8-bit (QLoRA) loading needs bitsandbytes, which is not installed. Install it with "
-            "`pip install 'bitsandbytes>=0.50.2'`, or drop `quantization_config` to train in full precision."
-        )
-
-
-def _check_lora(model, peft_config) -> None:
-    if peft_config is None and not isinstance(model, PeftModel):
+def check_weighted_draw(trajectory_choice: str, tms_mode: str = "two_pass") -> None:
+    """`snapshot_weights` weigh the uniform draw of two-pass TMS (the other draws choose by epoch or by score)."""
+    if trajectory_choice != "uniform" or tms_mode != "two_pass":
         raise ValueError(
-            "TMSTrainer trains and snapshots a LoRA adapter, but no adapter was given. Pass "
-            "`peft_config=LoraConfig(...)` (e.g. `LoraConfig(r=16, target_modules='all-linear')`) or a `PeftModel`."
-        )
-    config = peft_config if peft_config is not None else model.peft_config[model.active_adapter]
-    if not isinstance(config, LoraConfig):
-        raise ValueError(
-            f"TMSTrainer snapshots and hot-swaps LoRA adapters; got a {type(config).__name__}. Use a `LoraConfig` "
-            "(it also works on 4-bit and 8-bit bases)."
+            "`snapshot_weights` sets the draw of `trajectory_choice='uniform'` in `tms_mode='two_pass'`; got "
+            f"`trajectory_choice={trajectory_choice!r}`, `tms_mode={tms_mode!r}`. Drop "
+            "`snapshot_weights` or use the uniform two-pass draw."
         )

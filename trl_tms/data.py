@@ -11,7 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from datasets import Dataset, IterableDataset
+from transformers.utils import logging
 from trl.data_utils import _tokenize, is_conversational, is_conversational_from_value, maybe_convert_to_chatml
+
+
+logger = logging.get_logger(__name__)
 
 _NO_PROMPT_HELP = (
     "TMS generates completions from the dataset's prompts, so it needs a prompt-completion dataset "
@@ -175,3 +179,16 @@ def as_prompt_rows(prompts, purpose: str, completions: bool = True) -> list[dict
                 "chat messages, for every prompt or for none."
             )
     return rows
+
+
+def check_label_tokens_left(kept: int, total: int, max_length: int | None) -> None:
+    """TRL silently drops examples whose label was truncated away; say so, and refuse when none is left."""
+    if kept == total:
+        return
+    message = (
+        f"{total - kept} of {total} training examples have no label tokens left after truncation to "
+        f"`max_length={max_length}` (their prompts are that long or longer)"
+    )
+    if kept == 0:
+        raise ValueError(f"{message}, so there is nothing to train on. Raise `max_length` or shorten the prompts.")
+    logger.warning(f"{message}: they are left out of both phases. Raise `max_length` to keep them.")

@@ -13,10 +13,8 @@ from decimal import Decimal, InvalidOperation
 
 from datasets import Dataset
 
+from .config import check_choice
 from .data import completion_text
-
-UNFINISHED_CHOICES = ("truncate", "drop", "keep")
-FILTER_CHOICES = ("none", "self_consistency", "verifier")
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -93,10 +91,8 @@ def keep_flags(
         answer_extractor (`Callable`, *optional*):
             `completion_text -> answer or None`, for `"self_consistency"`. Defaults to [`extract_final_number`].
     """
-    if unfinished not in UNFINISHED_CHOICES:
-        raise ValueError(f"`unfinished_trajectories` must be one of {UNFINISHED_CHOICES}, got {unfinished!r}.")
-    if trajectory_filter not in FILTER_CHOICES:
-        raise ValueError(f"`trajectory_filter` must be one of {FILTER_CHOICES}, got {trajectory_filter!r}.")
+    check_choice("unfinished_trajectories", unfinished)
+    check_choice("trajectory_filter", trajectory_filter)
     texts = [completion_text(c) for c in trajectories["completion"]]
     keep = [bool(text.strip()) for text in texts]  # an empty trajectory has nothing to train on
     if unfinished == "drop":

@@ -11,7 +11,7 @@ import threading
 from concurrent.futures import Future, wait
 
 import torch
-from peft import PeftConfig
+from peft import LoraConfig, PeftConfig, PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
@@ -434,3 +434,27 @@ class SnapshotCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.history.flush()
+
+
+def check_lora(model, peft_config) -> None:
+    """The history snapshots and hot-swaps a LoRA adapter: refuse a model without one, or another kind of adapter."""
+    if peft_config is None and not isinstance(model, PeftModel):
+        raise ValueError(
+            "TMSTrainer trains and snapshots a LoRA adapter, but no adapter was given. Pass "
+            "`peft_config=LoraConfig(...)` (e.g. `LoraConfig(r=16, target_modules='all-linear')`) or a `PeftModel`."
+        )
+    config = peft_config if peft_config is not None else model.peft_config[model.active_adapter]
+    if not isinstance(config, LoraConfig):
+        raise ValueError(
+            f"TMSTrainer snapshots and hot-swaps LoRA adapters; got a {type(config).__name__}. Use a `LoraConfig` "
+            "(it also works on 4-bit and 8-bit bases)."
+        )
+
+
+def check_num_checkpoints(num_checkpoints: int, planned_steps: int) -> None:
+    """The snapshot schedule needs an optimizer step per snapshot."""
+    if num_checkpoints > planned_steps:
+        raise ValueError(
+            f"`num_checkpoints` ({num_checkpoints}) exceeds the number of optimizer steps of the harvest run "
+            f"({planned_steps}). Lower `num_checkpoints`, or train longer (more epochs or data, or a smaller batch)."
+        )

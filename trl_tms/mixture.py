@@ -12,13 +12,13 @@ from datasets import Dataset, concatenate_datasets
 from transformers import TrainerCallback
 
 from .candidates import LABEL
+from .config import check_choice, check_rehearsal_weight, check_weighted_draw
 from .rehearsal import REHEARSAL
 
 IS_LABEL = "tms_is_label"  # per-example flag carried to the loss, so the label fraction actually trained on is logged
 IS_REHEARSAL = "tms_is_rehearsal"  # the same for rehearsal answers (only when the mixture has some)
 FLAGS = (IS_LABEL, IS_REHEARSAL)
 REHEARSAL_STREAM = 1  # extra seed word of the rehearsal draw, whose stream leaves the label/trajectory draw unchanged
-TRAJECTORY_CHOICES = ("uniform", "curriculum", "pld")
 
 
 _MASK64 = (1 << 64) - 1
@@ -114,8 +114,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         snapshot_steps: list[int] | None = None,
         sampled: set[tuple[int, int]] | None = None,
     ):
-        if trajectory_choice not in TRAJECTORY_CHOICES:
-            raise ValueError(f"`trajectory_choice` must be one of {TRAJECTORY_CHOICES}, got {trajectory_choice!r}.")
+        check_choice("trajectory_choice", trajectory_choice)
         if sampled is not None and trajectory_choice != "uniform":
             raise ValueError(
                 f'`trajectory_choice={trajectory_choice!r}` compares all of a prompt\'s trajectories: it needs every one '
@@ -126,8 +125,7 @@ class MixtureDataset(torch.utils.data.Dataset):
             if unknown:
                 raise ValueError(f"`snapshot_steps` lacks the steps {sorted(unknown)} of the candidates' trajectories.")
         if snapshot_weights is not None:
-            if trajectory_choice != "uniform":
-                raise ValueError("`snapshot_weights` sets the draw of `trajectory_choice='uniform'` only.")
+            check_weighted_draw(trajectory_choice)
             unknown = set(candidates["snapshot_step"]) - {LABEL} - set(snapshot_weights)
             if unknown:
                 raise ValueError(f"`snapshot_weights` has no weight for the snapshots of steps {sorted(unknown)}.")
@@ -225,8 +223,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         A planning mixture (untokenized candidates) takes untokenized ones: its draws then skip the pairs that a
         rehearsal draw replaces (see [`missing_pairs`]).
         """
-        if not 0.0 <= weight < 1.0:
-            raise ValueError(f"The rehearsal weight (beta) must lie in [0, 1), got {weight}.")
+        check_rehearsal_weight(weight)
         if not len(candidates):
             raise ValueError(
                 "No rehearsal answer is left to train on (all empty, or all cut at the length limit and dropped): raise "

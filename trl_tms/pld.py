@@ -7,7 +7,7 @@ import time
 import torch
 
 from .quantization import keep_4bit_layers_trainable
-from .signals import SignalCallback
+from .signals import SignalCallback, check_alarm
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
@@ -113,10 +113,7 @@ class PLDCallback(SignalCallback):
         drift_threshold: float | None = None,
         stop_on_drift: bool = False,
     ):
-        if drift_threshold is not None and drift_threshold <= 0:
-            raise ValueError(f"`drift_threshold` must be positive (nats per token), got {drift_threshold}.")
-        if stop_on_drift and drift_threshold is None:
-            raise ValueError("`stop_on_drift=True` needs a `drift_threshold`, e.g. 0.1 nats per token.")
+        check_alarm(drift_threshold, stop_on_drift, "drift_threshold", "stop_on_drift", "drift", 0.1)
         super().__init__(trainer, stop_on_alarm=stop_on_drift)
         self.drift_threshold = drift_threshold
         dataset = eval_dataset if eval_dataset is not None else trainer.eval_dataset

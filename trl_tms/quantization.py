@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import logging
 import sys
+from functools import partial
 
 # The loggers that report the Hub kernel lookup bitsandbytes makes at import, which `import_bitsandbytes_offline` skips.
 _KERNEL_LOOKUP_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
@@ -84,3 +85,15 @@ def is_quantized(model) -> bool:
     """Whether the (PEFT-wrapped) model's base is loaded in 4 or 8 bits by bitsandbytes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return any(getattr(m, f"is_loaded_in_{bits}bit", False) for m in (model, base) for bits in (4, 8))
+
+
+def check_bitsandbytes_for(quantization_config) -> None:
+    """A 4-bit or 8-bit `quantization_config` (object or dict) needs bitsandbytes: say so before loading the model."""
+    if quantization_config is None:
+        return
+    get = quantization_config.get if isinstance(quantization_config, dict) else partial(getattr, quantization_config)
+    if (get("load_in_4bit", False) or get("load_in_8bit", False)) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "4-bit and 8-bit (QLoRA) loading needs bitsandbytes, which is not installed. Install it with "
+            "`pip install 'bitsandbytes>=0.50.2'`, or drop `quantization_config` to train in full precision."
+        )

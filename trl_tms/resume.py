@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 
 from transformers import TrainerCallback
@@ -440,3 +441,16 @@ class TMSRun:
                 f"{self.history_dir}."
             )
         return path
+
+
+def check_writable(folder: str, field: str) -> None:
+    """Fail at the start, not hours later at the first snapshot or checkpoint, when `folder` cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"Cannot write to `{field}` {folder!r} ({error.strerror or error}). TMS writes its snapshots, trajectories "
+            f"and checkpoints there: pass a writable `{field}`."
+        ) from error

@@ -35,7 +35,7 @@ from .data import as_prompt_rows, completion_text, prompt_token_ids
 from .evaluation import greedy_answers
 from .quantization import keep_4bit_layers_trainable
 from .sharding import is_partitioned, whole_model_for_generation
-from .signals import SignalCallback
+from .signals import SignalCallback, check_alarm
 from .trajectories import CACHE
 
 logger = logging.get_logger(__name__)
@@ -381,10 +381,7 @@ class RetentionCallback(SignalCallback):
                                   ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{field_name}` must be a positive integer, got {value!r}.")
-        if kl_threshold is not None and kl_threshold <= 0:
-            raise ValueError(f"`kl_threshold` must be positive (nats per token), got {kl_threshold}.")
-        if stop_on_kl and kl_threshold is None:
-            raise ValueError("`stop_on_kl=True` needs a `kl_threshold`, e.g. 0.2 nats per token.")
+        check_alarm(kl_threshold, stop_on_kl, "kl_threshold", "stop_on_kl", "KL", 0.2)
         super().__init__(trainer, stop_on_alarm=stop_on_kl)
         rows = as_prompt_rows(METER_PROMPTS if prompts is None else prompts, "meter")[:num_prompts]
         tokenizer = trainer.processing_class

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from trl.distributed import DistributedBackend
 
 
 def is_dtensor(tensor) -> bool:
@@ -105,3 +106,62 @@ def whole_model_for_generation(model, accelerator, gradient_checkpointing_kwargs
         model, accelerator, gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
     ) as unwrapped, unsharded(unwrapped, getattr(plugin, "reshard_after_forward", True)):
         yield unwrapped
+
+
+def check_parallelism(
+    accelerator,
+    generation_backend: str = "transformers",
+    tms_mode: str = "two_pass",
+    gradient_checkpointing: bool = False,
+    quantized: bool = False,
+) -> None:
+    """
+    Refuse what TMS cannot run on several processes: vLLM (one engine, one process), FSDP1, a 4-bit base under FSDP2 or
+    DeepSpeed ZeRO-3, and two-pass TMS under ZeRO-3 with gradient checkpointing.
+    """
+    if generation_backend == "vllm" and accelerator.num_processes > 1:
+        raise NotImplementedError(
+            "`generation_backend='vllm'` runs one engine in one process; with several processes use "
+            "`generation_backend='transformers'` (the prompts are then shared out across processes)."
+        )
+    backend = DistributedBackend(accelerator)
+    if backend.is_fsdp:
+        check_fsdp(backend.fsdp_version, accelerator.state.fsdp_plugin, quantized)
+        return
+    if not backend.is_zero3:
+        return
+    if quantized:
+        raise NotImplementedError(
+            "DeepSpeed ZeRO-3 cannot partition a 4-bit (bitsandbytes) base model. For QLoRA on several GPUs use data "
+            "parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 (zero2.yaml): each GPU holds the "
+            "small 4-bit base whole."
+        )
+    if tms_mode == "two_pass" and gradient_checkpointing:
+        raise NotImplementedError(
+            "Two-pass TMS under DeepSpeed ZeRO-3 needs `gradient_checkpointing=False` (the default of SFTConfig is "
+            "True): the student trains with a second DeepSpeed engine on the same model, and gradient checkpointing "
+            "then recomputes layers whose weights ZeRO-3 did not gather. Set `gradient_checkpointing=False` (more "
+            "activation memory), or use `tms_mode='online'` (one engine, which works with it), or ZeRO-2."
+        )
+
+
+def check_fsdp(version: int, plugin, quantized: bool) -> None:
+    """What TMS needs from FSDP: version 2 (whose shards it can gather and unshard), a full-precision base, and a
+    `reshard_after_forward` it can set back after generating."""
+    if version != 2:
+        raise NotImplementedError(
+            f"TMSTrainer supports FSDP2, not FSDP version {version}: set `fsdp_version: 2` in the accelerate config "
+            "(examples/accelerate_configs/fsdp2.yaml), or use DeepSpeed ZeRO-2 / ZeRO-3 (zero2.yaml, zero3.yaml "
+            "there). See docs/sharded.md."
+        )
+    if quantized:
+        raise NotImplementedError(
+            "TMS under FSDP2 with a 4-bit (bitsandbytes) base is not verified. For QLoRA on several GPUs use data "
+            "parallelism (examples/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 (zero2.yaml): each GPU holds the "
+            "small 4-bit base whole."
+        )
+    if not isinstance(plugin.reshard_after_forward, bool):
+        raise NotImplementedError(
+            f"TMS under FSDP2 needs `fsdp_reshard_after_forward` true or false (got {plugin.reshard_after_forward!r}): "
+            "it unshards the model to generate and sets that setting back afterwards."
+        )

@@ -26,6 +26,22 @@ def restore_weights(model, weights: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
+def check_alarm(
+    threshold: float | None, stop_on_alarm: bool, threshold_name: str, stop_name: str, signal: str, example: float
+) -> None:
+    """
+    An alarm's threshold is positive (nats per token), and stopping on the alarm needs one. The names are those of the
+    caller's arguments or config fields; `signal` says what the threshold bounds and `example` a typical value.
+    """
+    if threshold is not None and threshold <= 0:
+        raise ValueError(f"`{threshold_name}` must be positive (nats per token), got {threshold}.")
+    if stop_on_alarm and threshold is None:
+        raise ValueError(
+            f"`{stop_name}=True` needs `{threshold_name}`: set the {signal} (nats per token) that stops a phase, e.g. "
+            f"{example}."
+        )
+
+
 class SignalCallback(TrainerCallback):
     """
     Base of the live signals. A subclass sets `name` (the prefix of its logged keys; `name` itself is the key whose

@@ -17,18 +17,11 @@ from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
-from .config import (
-    TMSConfig,
-    as_tms_config,
-    check_label_tokens_left,
-    check_num_checkpoints,
-    check_parallelism,
-    check_trainer_arguments,
-)
-from .data import prompt_token_ids, to_prompt_completion
-from .retention import RetentionCallback
-from .history import AdapterHistory, SnapshotCallback, adapter_parameters, snapshot_steps
+from .arguments import as_tms_config, check_trainer_arguments
 from .candidates import CandidateBuilder, TrajectoryStats
+from .config import TMSConfig
+from .data import check_label_tokens_left, prompt_token_ids, to_prompt_completion
+from .history import AdapterHistory, SnapshotCallback, adapter_parameters, check_num_checkpoints, snapshot_steps
 from .hub import TMSHubMixin
 from .mixture import FLAGS, IS_LABEL, IS_REHEARSAL, MixtureCallback, MixtureCollator, MixtureDataset
 from .online import OnlineTMS
@@ -36,8 +29,9 @@ from .pld import PLDCallback, score_trajectories
 from .quantization import is_quantized, keep_4bit_layers_trainable
 from .rehearsal import initial_history, rehearsal_candidates, rehearsal_prompts, rehearsal_sampling
 from .resume import TMSRun, checkpoint_step, run_settings
+from .retention import RetentionCallback
 from .selection import DriftBudgetCallback
-from .sharding import assign, gathered, whole_model_for_generation
+from .sharding import assign, check_parallelism, gathered, whole_model_for_generation
 from .trajectories import (
     PART_KEYS,
     HotSwapGenerator,

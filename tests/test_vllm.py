@@ -189,7 +189,7 @@ def test_tms_trainer_generates_with_vllm(vllm_tiny, tmp_path):
 def test_both_backends_sample_the_one_distribution_of_the_sampling_params(tiny_llama):
     """What `generate` resolves on the hot-swap path (with a model whose `generation_config` holds sampling settings of
     its own) and what vLLM is asked for are the same distribution: `SamplingParams`' and nothing else."""
-    from trl_tms.trajectories import sampling_params_only
+    from trl_tms.generation import sampling_params_only
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     for key, value in dict(repetition_penalty=1.3, no_repeat_ngram_size=3, min_p=0.05, top_k=20, top_p=0.8,

@@ -11,13 +11,14 @@ from .config import TMSConfig
 from .data import to_prompt_completion
 from .dial import AdapterScaleCurve, ScalePoint, apply_adapter_scale, trace_adapter_scale
 from .forgetting import METER_PROMPTS, RetentionCallback
+from .generation import SamplingParams
 from .history import AdapterHistory, SnapshotCallback
 from .mixture import MixtureDataset, TrajectoryStats
 from .pld import PLDCallback, policy_label_divergence
 from .rehearsal import REHEARSAL_PROMPTS, mix_in_rehearsal, self_rehearsal_dataset
 from .selection import DriftBudgetCallback
 from .trainer import TMSTrainer
-from .trajectories import SamplingParams, generate_trajectories
+from .trajectories import generate_trajectories
 from .vllm_generation import generate_trajectories_vllm, is_vllm_available
 
 __version__ = "0.1.0"

@@ -46,15 +46,15 @@ from .rehearsal import initial_history, rehearsal_candidates, rehearsal_prompts,
 from .resume import TMSRun, checkpoint_step, run_settings
 from .selection import DriftBudgetCallback
 from .sharding import assign, gathered, whole_model_for_generation
-from .trajectories import (
+from .generation import (
     PART_KEYS,
-    HotSwapGenerator,
     SamplingParams,
     fitted_max_new_tokens,
     rows_within_memory,
     save_trajectories,
     trajectories_dataset,
 )
+from .trajectories import HotSwapGenerator
 from .vllm_generation import VLLMGenerator, check_vllm_available
 
 logger = logging.get_logger(__name__)

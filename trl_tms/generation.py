@@ -126,7 +126,6 @@ def sampling_params_only(model):
         target.generation_config = original
 
 
-
 class TrajectoryGenerator:
     """
     The interface of every generation backend, built once by the trainer (as TRL's GRPO trainer builds its generation

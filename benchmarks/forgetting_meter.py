@@ -9,7 +9,7 @@ both) is the meter's cost. Wall times are only comparable within one run of this
 
 `correlation`: runs of different forgetting on the main job's task (SmolLM2-135M-Instruct, LoRA r 64, leg_counting),
 each logging the meter and PLD live at every logging step, and each checkpoint then measured by probes the meter does
-not use: chat KL(base || model) over the base's greedy answers to `evaluation.GENERAL_PROMPTS` (a prompt set disjoint
+not use: chat KL(base || model) over the base's greedy answers to `trl_tms.probes.GENERAL_PROMPTS` (a prompt set disjoint
 from the meter's), WikiText NLL, PIQA accuracy. Runs: the TMS harvest (= plain SFT) and student at the main job's
 settings; SFT for twice as long; SFT at a 5x lower learning rate; SFT with TRL's DFT loss. Reports Spearman's and
 Pearson's correlation, with 95% bootstrap intervals (checkpoints resampled), between each live signal (`retention_kl`,
@@ -56,7 +56,7 @@ def quickstart_args(**overrides) -> argparse.Namespace:
 
 
 def load_task(args):
-    from trl_tms.embedded import load_embedded_model, load_leg_counting
+    from trl_tms.probes.embedded import load_embedded_model, load_leg_counting
 
     model, tokenizer = load_embedded_model()
     train, test = load_leg_counting(args.num_train, args.num_test, args.seed)

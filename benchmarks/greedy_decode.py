@@ -1,5 +1,5 @@
 """
-Greedy answers with finished rows dropped (`trl_tms.evaluation.greedy_answers`, through the trajectories' chunked decode
+Greedy answers with finished rows dropped (`trl_tms.generation.greedy_answers`, through the shared chunked decode
 loop) against one `generate` call per batch (the earlier implementation, kept here as the reference): the same tokens,
 and how long each takes, on the embedded SmolLM2-135M-Instruct (CPU).
 
@@ -20,10 +20,11 @@ import time
 
 import torch
 
-from trl_tms import evaluation
 from trl_tms.atomic import write_json_atomically
 from trl_tms.data import prompt_token_ids
-from trl_tms.embedded import load_embedded_model, load_leg_counting
+from trl_tms.generation import greedy_answers
+from trl_tms.probes.measures import GENERAL_PROMPTS, chat_ids
+from trl_tms.probes.embedded import load_embedded_model, load_leg_counting
 
 
 @torch.no_grad()
@@ -66,7 +67,7 @@ def main() -> None:
     _, test = load_leg_counting(32, args.num_test, 0)
     probes = {
         "leg_counting": ([prompt_token_ids(tokenizer, row) for row in test], 112),
-        "chat": ([evaluation.chat_ids(tokenizer, p) for p in evaluation.GENERAL_PROMPTS], 96),
+        "chat": ([chat_ids(tokenizer, p) for p in GENERAL_PROMPTS], 96),
     }
     one_call_per_batch(model, tokenizer, probes["leg_counting"][0][:8], 8, 8)  # warm-up: neither timed arm pays it
     result = {"model": "SmolLM2-135M-Instruct (embedded)", "adapter": args.adapter, "batch_size": args.batch_size,
@@ -75,7 +76,7 @@ def main() -> None:
         started = time.perf_counter()
         reference = one_call_per_batch(model, tokenizer, prompts, max_new_tokens, args.batch_size)
         middle = time.perf_counter()
-        dropped = evaluation.greedy_answers(model, tokenizer, prompts, max_new_tokens, args.batch_size)
+        dropped = greedy_answers(model, tokenizer, prompts, max_new_tokens, args.batch_size)
         ended = time.perf_counter()
         result["probes"][name] = {
             "items": len(prompts), "identical": sum(a == b for a, b in zip(reference, dropped)),

@@ -50,7 +50,7 @@ def main() -> None:
 
     from trl_tms import METER_PROMPTS
     from trl_tms.data import prompt_token_ids
-    from trl_tms.embedded import load_embedded_model
+    from trl_tms.probes.embedded import load_embedded_model
     from trl_tms.retention import build_reference, meter_sums
     from trl_tms.history import AdapterHistory
 

@@ -60,7 +60,7 @@ def load(model_name: str, workdir: str):
         model, tokenizer = build_model("llama")
         train, heldout = make_examples(32, seed=0), make_examples(8, seed=1)
     elif model_name == "smollm2":
-        from trl_tms.embedded import load_embedded_model, load_gsm_symbolic
+        from trl_tms.probes.embedded import load_embedded_model, load_gsm_symbolic
 
         model, tokenizer = load_embedded_model()
         train, heldout = load_gsm_symbolic(32, 8, seed=0)
@@ -82,7 +82,7 @@ def load(model_name: str, workdir: str):
 
 def export_bundle(folder: str) -> None:
     """What a machine without the embedded model needs to run SmolLM2's architecture: config, tokenizer, data."""
-    from trl_tms.embedded import load_embedded_model, load_gsm_symbolic
+    from trl_tms.probes.embedded import load_embedded_model, load_gsm_symbolic
 
     model, tokenizer = load_embedded_model()
     model.config.save_pretrained(folder)

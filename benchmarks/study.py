@@ -41,7 +41,7 @@ optimizer steps, LoRA settings and seed:
   number of optimizer steps; its wall includes generating them.
 
 Every run is evaluated at `checkpoints` points (25/50/75/100% of its steps) on target accuracy, WikiText NLL, chat
-KL(base || model) and chat NLL over the base's answers to `evaluation.GENERAL_PROMPTS`, and on the candidate
+KL(base || model) and chat NLL over the base's answers to `trl_tms.probes.GENERAL_PROMPTS`, and on the candidate
 forgetting signals: PLD (NLL of held-out worked answers), its drift above the running minimum, and the forgetting
 meter's `retention_kl` (8 prompts x 32 tokens, the meter's default when the study began; disjoint from the chat
 probe's). PIQA, SIQA and instruction following (`harness/instruction_following.py`: 48 format instructions checked on the
@@ -216,7 +216,7 @@ def add_scales(mode: dict, regime_name: str, arm: str, seed: int, evaluation: Pr
     from peft import get_peft_model
     from safetensors.torch import load_file
 
-    from trl_tms.embedded import is_correct
+    from trl_tms.probes.embedded import is_correct
 
     regime = mode["regimes"][regime_name]
     path = arm_path(output_dir, regime_name, arm, seed)
@@ -263,7 +263,7 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
     from safetensors.torch import load_file
 
     from trl_tms import AdapterHistory
-    from trl_tms.embedded import is_correct
+    from trl_tms.probes.embedded import is_correct
 
     regime = mode["regimes"][regime_name]
     train, test = load_task(regime["task"], mode["num_train"], mode["num_test"], seed=0)
@@ -345,7 +345,7 @@ def screen(output_dir: str, num_items: int, num_train: int = 64, learn: list[str
     Base greedy accuracy of every candidate task (and of leg_counting) on `num_items` held-out items, then
     `learnability` of the ones in range. Tasks already in `screen.json` are not measured again.
     """
-    from trl_tms.embedded import is_correct
+    from trl_tms.probes.embedded import is_correct
 
     path = os.path.join(output_dir, "screen.json")
     rows = {}
@@ -389,7 +389,7 @@ def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float
     For the screened tasks whose base accuracy lies in [`low`, `high`]: greedy accuracy after plain SFT with the
     study's LoRA and learning rate for `epochs` epochs of 64 problems (half the study's steps, to keep the screen short).
     """
-    from trl_tms.embedded import is_correct
+    from trl_tms.probes.embedded import is_correct
 
     with open(os.path.join(output_dir, "screen.json")) as f:
         rows = json.load(f)

@@ -44,7 +44,7 @@ def main():
         model, tokenizer = build_model("llama", hidden_size=64, heads=2)  # vLLM's CPU attention needs head size >= 32
         prompts = make_examples(args.prompts, seed=0)
     else:
-        from trl_tms.embedded import load_embedded_model, load_gsm_symbolic
+        from trl_tms.probes.embedded import load_embedded_model, load_gsm_symbolic
 
         model, tokenizer = load_embedded_model()
         prompts, _ = load_gsm_symbolic(args.prompts, 1, seed=0)

@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--output_dir", default="outputs/forgetting-on-sft")
     args = parser.parse_args()
 
-    from trl_tms.embedded import load_embedded_model, load_leg_counting
+    from trl_tms.probes.embedded import load_embedded_model, load_leg_counting
 
     train, heldout = load_leg_counting(args.num_train, args.num_eval, seed=0)
     model, tokenizer = (args.model, None) if args.model else load_embedded_model()

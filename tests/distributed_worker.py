@@ -27,7 +27,8 @@ import trl_tms.trajectories as trajectories_module
 from trl_tms import AdapterHistory, TMSConfig, TMSTrainer
 from trl_tms.history import adapter_parameters
 from trl_tms.sharding import gathered, whole
-from trl_tms.trajectories import SamplingParams, generate_trajectories
+from trl_tms.generation import SamplingParams
+from trl_tms.trajectories import generate_trajectories
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 TRAIN, EVAL = make_examples(24, seed=0), make_examples(7, seed=1)  # 7: uneven across two processes on purpose

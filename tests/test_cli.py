@@ -104,7 +104,7 @@ def test_local_files_with_a_column_mapping(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="needs reasoning-gym")
 def test_without_a_dataset_the_embedded_task_is_the_main_jobs():
-    from trl_tms.embedded import load_leg_counting
+    from trl_tms.probes.embedded import load_leg_counting
 
     script_args, _, _ = parse(["--output_dir", "x", "--num_train_examples", "5", "--num_eval_examples", "3"])
     train, eval_dataset = load_datasets(script_args, seed=2)

@@ -28,7 +28,7 @@ def test_the_config_imports_no_generation_or_mixture_code():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     imported = set(eval(result.stdout.strip().splitlines()[-1]))
     assert "trl_tms.config" in imported
-    elsewhere = {"trl_tms.trajectories", "trl_tms.vllm_generation", "trl_tms.routing", "trl_tms.evaluation",
+    elsewhere = {"trl_tms.generation", "trl_tms.trajectories", "trl_tms.vllm_generation", "trl_tms.routing", "trl_tms.probes",
                  "trl_tms.mixture", "trl_tms.filters", "trl_tms.rehearsal", "trl_tms.history", "trl_tms.trainer"}
     assert not imported & elsewhere, imported & elsewhere
 

@@ -67,7 +67,7 @@ def test_report_divides_by_the_sft_arm_and_needs_one(tmp_path, capsys):
 
 
 def test_the_memory_arm_sizes_its_generation_calls_by_the_budget(tiny_cost, tmp_path):
-    from trl_tms.trajectories import generation_bytes_per_row
+    from trl_tms.generation import generation_bytes_per_row
 
     record = cost_t10.run_arm("tms_memory", str(tmp_path), generation_memory_mb=0.05)
     assert record["generation_memory_mb"] == 0.05 and record["steps"] == 4

@@ -242,15 +242,16 @@ def markdown_files() -> list[Path]:
 
 def module_map_problems(markdown: str, package: Path) -> list[str]:
     """
-    Where concepts.md's module map ("Where each stage lives": its `module` column names `name.py`, or `name/` for a subpackage)
-    and the package's modules disagree: a newcomer finds each stage by its file name only if the map names them all.
+    Where concepts.md's module map ("Where each stage lives": its `module` columns name `name.py`, and `sub/name.py` for
+    the modules of a subpackage) and the package's modules disagree: a newcomer finds each stage by its file name only
+    if the map names them all.
     """
     section = markdown.split("## Where each stage lives", 1)[1].split("\n## ", 1)[0]
     named = set()
     for row in table_rows(section):
-        named |= set(re.findall(r"`(\w+(?:\.py|/))`", row.get("module", "")))
+        named |= set(re.findall(r"`((?:\w+/)?\w+\.py)`", row.get("module", "")))
     real = {path.name for path in package.glob("*.py") if path.name != "__init__.py"}
-    real |= {path.parent.name + "/" for path in package.glob("*/__init__.py")}
+    real |= {f"{path.parent.name}/{path.name}" for path in package.glob("*/*.py") if path.name != "__init__.py"}
     return [f"{name}: not in the module map" for name in sorted(real - named)] + [
         f"{name}: in the module map, not in the package" for name in sorted(named - real)
     ]
@@ -345,7 +346,9 @@ def test_the_module_map_names_every_module():
 def test_module_map_check_catches_a_missing_and_a_stale_module(tmp_path):
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
-    for name in ("__init__.py", "a.py", "b.py", "sub/__init__.py"):
+    for name in ("__init__.py", "a.py", "b.py", "sub/__init__.py", "sub/c.py", "sub/d.py"):
         (package / name).write_text("")
-    page = "## Where each stage lives\n\n| module | owns |\n|---|---|\n| `a.py`, `gone.py` | x |\n| `sub/` | y |\n\n## Next\n| `b.py` | z |\n"
-    assert module_map_problems(page, package) == ["b.py: not in the module map", "gone.py: in the module map, not in the package"]
+    page = ("## Where each stage lives\n\n| module | owns |\n|---|---|\n| `a.py`, `gone.py` | x |\n\nSubpackage:\n\n"
+            "| module | owns |\n|---|---|\n| `sub/c.py` | y |\n\n## Next\n| `b.py` | z |\n")
+    assert module_map_problems(page, package) == ["b.py: not in the module map", "sub/d.py: not in the module map",
+                                                  "gone.py: in the module map, not in the package"]

@@ -1,4 +1,4 @@
-"""Tests of the embedded model and data helpers (`trl_tms.embedded`). The fast ones need `reasoning-gym` only."""
+"""Tests of the embedded model and data helpers (`trl_tms.probes.embedded`). The fast ones need `reasoning-gym` only."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from trl_tms import embedded
-from trl_tms.embedded import extract_final_number, is_correct, load_gsm_symbolic, load_leg_counting
+from trl_tms.probes import embedded
+from trl_tms.probes.embedded import extract_final_number, is_correct, load_gsm_symbolic, load_leg_counting
 
 needs_reasoning_gym = pytest.mark.skipif(
     importlib.util.find_spec("reasoning_gym") is None, reason="needs reasoning-gym (pip install reasoning-gym)"

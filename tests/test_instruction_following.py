@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from harness import instruction_following as probe  # noqa: E402
 
 from trl_tms import METER_PROMPTS, REHEARSAL_PROMPTS
-from trl_tms.evaluation import GENERAL_PROMPTS
+from trl_tms.probes.measures import GENERAL_PROMPTS
 
 # One answer that follows and one that does not, for every kind of constraint the probe uses.
 CASES = {

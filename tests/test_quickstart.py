@@ -11,7 +11,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from trl_tms import TMSConfig, TMSTrainer
-from trl_tms.comparison import ARMS, ArmProbe, compare_sft_and_tms
+from trl_tms.probes.comparison import ARMS, ArmProbe, compare_sft_and_tms
 from trl_tms.history import adapter_parameters
 
 pytest.importorskip("reasoning_gym")
@@ -124,7 +124,7 @@ def test_trl_tms_without_arguments_runs_the_main_job(monkeypatch):
 
 
 def test_the_example_is_the_largest_gap_among_prompts_where_the_student_stayed_close():
-    from trl_tms.comparison import example_index
+    from trl_tms.probes.comparison import example_index
 
     sft = [0.9, 0.5, 0.95, 0.2, 0.6]
     tms = [0.8, 0.1, 0.3, 0.2, 0.1]

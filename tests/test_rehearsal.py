@@ -13,8 +13,8 @@ from test_mixture import synthetic_candidates
 from transformers import AutoModelForCausalLM
 
 from trl_tms import METER_PROMPTS, TMSConfig, TMSTrainer, mix_in_rehearsal, self_rehearsal_dataset
-from trl_tms.evaluation import GENERAL_PROMPTS
 from trl_tms.mixture import IS_LABEL, IS_REHEARSAL, MixtureCollator, MixtureDataset
+from trl_tms.probes.measures import GENERAL_PROMPTS
 from trl_tms.rehearsal import REHEARSAL, REHEARSAL_PROMPTS, rehearsal_prompts
 from trl_tms.report import format_summary
 

@@ -13,7 +13,8 @@ from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from trl_tms import METER_PROMPTS, RetentionCallback, TMSConfig, TMSTrainer
-from trl_tms.evaluation import GENERAL_PROMPTS, chat_drift, greedy_answers
+from trl_tms.generation import greedy_answers
+from trl_tms.probes.measures import GENERAL_PROMPTS, chat_drift
 from trl_tms.retention import adapter_is_identity, build_reference, compact_kl
 
 # Prompts in the tiny tokenizer's vocabulary, so that they are not all <unk>.
@@ -38,7 +39,7 @@ def meter_entries(log_history, phase=None):
 
 
 def token_weighted_exact_kl(trainer, reference):
-    """Full-vocabulary KL(base || model) per answer token, with the adapter disabled for the base (evaluation.py)."""
+    """Full-vocabulary KL(base || model) per answer token, with the adapter disabled for the base (probes/measures.py)."""
     drift = chat_drift(trainer.model, trainer.processing_class, list(zip(reference.prompts, reference.answers)),
                        reference=trainer.model.disable_adapter)
     lengths = [len(a) for a in reference.answers]

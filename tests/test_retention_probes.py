@@ -154,7 +154,7 @@ def test_arms_outside_the_registry_are_refused_before_anything_loads(capsys):
 
 
 def test_greedy_answers_drop_finished_rows_and_keep_their_logits(tiny, monkeypatch):
-    import trl_tms.trajectories as trajectories
+    import trl_tms.generation as generation
 
     model, tokenizer = tiny
     texts = ["what is one plus two ?", "hello", "a b c d e f", "name a color", "ten", "yes no yes"]
@@ -173,7 +173,7 @@ def test_greedy_answers_drop_finished_rows_and_keep_their_logits(tiny, monkeypat
     expected = [row[: next((k + 1 for k, t in enumerate(row) if t in stops), len(row))] for row in free]
 
     monkeypatch.setattr(model.generation_config, "eos_token_id", end)
-    monkeypatch.setattr(trajectories, "DROP_FINISHED_EVERY", 4)
+    monkeypatch.setattr(generation, "DROP_FINISHED_EVERY", 4)
     rows_per_forward = []
     hook = model.register_forward_pre_hook(lambda _, args, kw: rows_per_forward.append(kw["input_ids"].shape[0]),
                                            with_kwargs=True)

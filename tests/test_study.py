@@ -13,7 +13,7 @@ from harness import plots, records, registry, report, training  # noqa: E402
 from harness.tasks import CANDIDATES, load_task  # noqa: E402
 
 from trl_tms.atomic import write_json_atomically
-from trl_tms.embedded import is_correct
+from trl_tms.probes.embedded import is_correct
 
 
 @pytest.mark.parametrize("name", sorted(CANDIDATES))

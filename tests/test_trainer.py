@@ -628,13 +628,14 @@ def test_curriculum_trajectory_choice_knows_the_number_of_student_epochs(tiny_ll
 def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tiny_llama, monkeypatch):
     import contextlib
 
+    import trl_tms.generation as generation
     import trl_tms.trajectories as trajectories
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = load_tokenizer(tiny_llama)
     prompts = [tokenizer(f"what is {a} plus {b} ?")["input_ids"] for a, b in
                [("one", "two"), ("ten", "six"), ("five", "five"), ("nine", "one"), ("two", "two"), ("six", "ten")]]
-    input_ids, attention_mask = trajectories._left_pad(prompts, tokenizer.pad_token_id)
+    input_ids, attention_mask = generation.left_pad(prompts, tokenizer.pad_token_id)
     greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True)
     with torch.no_grad():
         free = model.generate(input_ids=input_ids, attention_mask=attention_mask, **greedy, eos_token_id=None)
@@ -654,12 +655,12 @@ def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tin
         batch_sizes.append(len(row_slots))
         yield {}
 
-    monkeypatch.setattr(trajectories, "DROP_FINISHED_EVERY", 4)
+    monkeypatch.setattr(generation, "DROP_FINISHED_EVERY", 4)
     with torch.no_grad():
         tokens = trajectories._generate_samples(
             model, input_ids, attention_mask, ["s"] * len(prompts), route, {**greedy, "eos_token_id": eos}, {eos}
         )
-    assert [trajectories.until_eos(row, {eos})[0] for row in tokens] == expected
+    assert [generation.until_eos(row, {eos})[0] for row in tokens] == expected
     assert batch_sizes[0] == len(prompts) and batch_sizes[-1] < len(prompts) and batch_sizes == sorted(batch_sizes)[::-1]
     assert len(batch_sizes) == 3  # 12 tokens, 4 at a time, some row still going until the end
 
@@ -670,19 +671,20 @@ def test_rows_that_reach_eos_leave_the_batch_and_the_rest_continue_unchanged(tin
         tokens = trajectories._generate_samples(
             model, input_ids, attention_mask, ["s"] * len(prompts), route, {**greedy, "eos_token_id": eos}, {eos}
         )
-    assert [trajectories.until_eos(row, {eos})[0] for row in tokens] == expected
+    assert [generation.until_eos(row, {eos})[0] for row in tokens] == expected
     assert batch_sizes == [len(prompts)]
 
 
 def test_samples_of_a_prompt_share_one_pass_over_it(tiny_llama):
     import contextlib
 
+    import trl_tms.generation as generation
     import trl_tms.trajectories as trajectories
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = load_tokenizer(tiny_llama)
     prompts = [tokenizer(text)["input_ids"] for text in ["what is one plus two ?", "name a color", "ten"]]
-    input_ids, attention_mask = trajectories._left_pad(prompts, tokenizer.pad_token_id)
+    input_ids, attention_mask = generation.left_pad(prompts, tokenizer.pad_token_id)
     width, samples = input_ids.shape[1], 4
     shapes = []
     hook = model.model.register_forward_pre_hook(lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
@@ -733,12 +735,13 @@ def test_without_the_shared_prompt_pass_each_sample_encodes_its_prompt(tiny_llam
     """`SHARE_PROMPT_PASS = False`: the reference `benchmarks/speed.py` times the shared prompt pass against."""
     import contextlib
 
+    import trl_tms.generation as generation
     import trl_tms.trajectories as trajectories
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = load_tokenizer(tiny_llama)
     prompts = [tokenizer(text)["input_ids"] for text in ["what is one plus two ?", "name a color", "ten"]]
-    input_ids, attention_mask = trajectories._left_pad(prompts, tokenizer.pad_token_id)
+    input_ids, attention_mask = generation.left_pad(prompts, tokenizer.pad_token_id)
     shapes = []
     hook = model.model.register_forward_pre_hook(lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                                  with_kwargs=True)
@@ -759,32 +762,32 @@ def test_without_the_shared_prompt_pass_each_sample_encodes_its_prompt(tiny_llam
 
 
 def test_generation_rows_by_memory_count_the_kv_cache_a_call_really_holds(tiny_llama):
-    import trl_tms.trajectories as trajectories
+    import trl_tms.generation as generation
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = load_tokenizer(tiny_llama)
     prompts = [tokenizer(f"what is {a} plus two ?")["input_ids"] for a in ("one", "ten", "five")]
-    input_ids, attention_mask = trajectories._left_pad(prompts, tokenizer.pad_token_id)
+    input_ids, attention_mask = generation.left_pad(prompts, tokenizer.pad_token_id)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5, do_sample=False,
                                 eos_token_id=None, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
     cache = output.past_key_values
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     positions = cache.get_seq_length()  # the prompt and the new tokens but the last
-    per_token = trajectories.generation_bytes_per_row(model, 1, 0) - trajectories.generation_bytes_per_row(model, 0, 0)
+    per_token = generation.generation_bytes_per_row(model, 1, 0) - generation.generation_bytes_per_row(model, 0, 0)
     assert held == 3 * positions * per_token
-    logits = trajectories.generation_bytes_per_row(model, 0, 0)
-    assert logits == trajectories.LOGIT_COPIES * model.config.vocab_size * 4
-    per_row = trajectories.generation_bytes_per_row(model, 10, 6)
+    logits = generation.generation_bytes_per_row(model, 0, 0)
+    assert logits == generation.LOGIT_COPIES * model.config.vocab_size * 4
+    per_row = generation.generation_bytes_per_row(model, 10, 6)
     assert per_row == 16 * per_token + logits
-    assert trajectories.rows_within_memory(model, 10, 6, budget_mb=7 * per_row / 2**20) == 7
+    assert generation.rows_within_memory(model, 10, 6, budget_mb=7 * per_row / 2**20) == 7
     with pytest.raises(ValueError, match=r"holds 2 rows.*needs at least 4.*Raise it to at least"):
-        trajectories.rows_within_memory(model, 10, 6, budget_mb=2.5 * per_row / 2**20, min_rows=4)
+        generation.rows_within_memory(model, 10, 6, budget_mb=2.5 * per_row / 2**20, min_rows=4)
 
 
 def test_a_memory_budget_sets_the_rows_per_generate_call(tiny_llama, tmp_path):
     from trl_tms.data import prompt_token_ids
-    from trl_tms.trajectories import generation_bytes_per_row
+    from trl_tms.generation import generation_bytes_per_row
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tokenizer = load_tokenizer(tiny_llama)

@@ -189,7 +189,7 @@ def test_tms_trainer_generates_with_vllm(vllm_tiny, tmp_path):
 def test_both_backends_sample_the_one_distribution_of_the_sampling_params(tiny_llama):
     """What `generate` resolves on the hot-swap path (with a model whose `generation_config` holds sampling settings of
     its own) and what vLLM is asked for are the same distribution: `SamplingParams`' and nothing else."""
-    from trl_tms.trajectories import sampling_params_only
+    from trl_tms.generation import sampling_params_only
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     for key, value in dict(repetition_penalty=1.3, no_repeat_ngram_size=3, min_p=0.05, top_k=20, top_p=0.8,
@@ -277,6 +277,23 @@ def test_the_vllm_backend_keeps_one_engine_and_serves_each_snapshot_as_its_own_l
     generator.generate(steps=[1])  # after `close`, a new engine
     assert len(fake_vllm) == 2
     generator.close()
+
+
+def test_one_vllm_call_samples_as_the_backend_does_and_leaves_no_engine(fake_vllm, tmp_path):
+    from trl_tms.vllm_generation import VLLMGenerator
+
+    path = save_tiny(str(tmp_path / "tiny"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=4, target_modules="all-linear"))
+    inputs = (model, load_tokenizer(path), make_examples(3), AdapterHistory(model.peft_config["default"]),
+              SamplingParams(samples_per_checkpoint=2, max_new_tokens=4))
+    inputs[3].take(model, 1)
+    assert len(generate_trajectories_vllm(*inputs, work_dir=str(tmp_path / "a"), pairs=set())) == 0
+    assert fake_vllm == []  # nothing to sample: no engine started
+    once = generate_trajectories_vllm(*inputs, work_dir=str(tmp_path / "a"), pairs={(0, 1), (2, 1)})
+    with VLLMGenerator(*inputs, work_dir=str(tmp_path / "b")) as generator:
+        assert once.to_list() == generator.generate(pairs={(0, 1), (2, 1)}).to_list()
+    assert generator.engine is None and len(fake_vllm) == 2
+    assert sorted(zip(once["prompt_index"], once["sample_index"])) == [(0, 0), (0, 1), (2, 0), (2, 1)]
 
 
 def test_a_tms_run_with_vllm_starts_one_engine_and_shuts_it_down_before_the_student_trains(fake_vllm, tiny_llama,

@@ -11,6 +11,7 @@ from .candidates import TrajectoryStats
 from .config import TMSConfig
 from .data import to_prompt_completion
 from .dial import AdapterScaleCurve, ScalePoint, apply_adapter_scale, trace_adapter_scale
+from .generation import SamplingParams
 from .history import AdapterHistory, SnapshotCallback
 from .mixture import MixtureDataset
 from .pld import PLDCallback, policy_label_divergence
@@ -18,7 +19,7 @@ from .rehearsal import REHEARSAL_PROMPTS, mix_in_rehearsal, self_rehearsal_datas
 from .retention import METER_PROMPTS, RetentionCallback
 from .selection import DriftBudgetCallback
 from .trainer import TMSTrainer
-from .trajectories import SamplingParams, generate_trajectories
+from .trajectories import generate_trajectories
 from .vllm_generation import generate_trajectories_vllm, is_vllm_available
 
 __version__ = "0.1.0"

@@ -91,7 +91,7 @@ def check_arguments(script_args: TMSScriptArguments, model_args: TMSModelConfig)
 def load_datasets(script_args: TMSScriptArguments, seed: int) -> tuple[Dataset, Dataset | None]:
     """The train and eval datasets the flags ask for, in a format TMSTrainer accepts."""
     if script_args.dataset_name is None:
-        from .embedded import load_leg_counting
+        from .probes.embedded import load_leg_counting
 
         return load_leg_counting(script_args.num_train_examples or 64, script_args.num_eval_examples or 16, seed)
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     quantization_config = get_quantization_config(model_args)
     processing_class = None
     if model_args.model_name_or_path is None:
-        from .embedded import load_embedded_model
+        from .probes.embedded import load_embedded_model
 
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
         model, processing_class = load_embedded_model(**extra)

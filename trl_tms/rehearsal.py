@@ -17,15 +17,14 @@ import random
 from datasets import Dataset, concatenate_datasets
 
 from .data import as_completion, as_prompt_rows, completion_text, prompt_token_ids
-from .evaluation import end_tokens, greedy_answers
+from .generation import SamplingParams, end_tokens, greedy_answers
 from .history import AdapterHistory
-from .trajectories import SamplingParams
 
 REHEARSAL = -2  # `snapshot_step` of a rehearsal answer among the mixture's candidates
 INITIAL_STEP = 0  # the initial adapter's step in the rehearsal history
 
 # Everyday prompts for self-rehearsal, written for this project. Disjoint from the forgetting meter's `METER_PROMPTS`
-# and from `evaluation.GENERAL_PROMPTS` (the benchmarks' chat probe), so that neither measures forgetting on prompts the
+# and from `probes.GENERAL_PROMPTS` (the benchmarks' chat probe), so that neither measures forgetting on prompts the
 # student rehearsed; none is about counting or arithmetic. Ordered so that any first `num_prompts` mix the kinds:
 # instructions, explanations, short writing, simple facts and requests a helpful assistant politely declines.
 REHEARSAL_PROMPTS = [

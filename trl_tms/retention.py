@@ -32,15 +32,14 @@ from peft.tuners.lora import LoraLayer
 from transformers.utils import logging
 
 from .data import as_prompt_rows, completion_text, prompt_token_ids
-from .evaluation import greedy_answers
+from .generation import CACHE, greedy_answers
 from .quantization import keep_4bit_layers_trainable
 from .sharding import is_partitioned, whole_model_for_generation
 from .signals import SignalCallback, check_alarm
-from .trajectories import CACHE
 
 logger = logging.get_logger(__name__)
 
-# Everyday prompts for the forgetting meter, written for this project. Disjoint from `evaluation.GENERAL_PROMPTS` (the
+# Everyday prompts for the forgetting meter, written for this project. Disjoint from `probes.GENERAL_PROMPTS` (the
 # benchmarks' and the main job's chat probe), so that the meter can be checked against that probe; none is about
 # counting or arithmetic. Ordered so that any first `num_prompts` mix the kinds: instructions, explanations, short
 # writing, simple facts and requests a helpful assistant politely declines.

@@ -32,15 +32,15 @@ from .resume import TMSRun, checkpoint_step, run_settings
 from .retention import RetentionCallback
 from .selection import DriftBudgetCallback
 from .sharding import assign, check_parallelism, gathered, whole_model_for_generation
-from .trajectories import (
+from .generation import (
     PART_KEYS,
-    HotSwapGenerator,
     SamplingParams,
     fitted_max_new_tokens,
     rows_within_memory,
     save_trajectories,
     trajectories_dataset,
 )
+from .trajectories import HotSwapGenerator
 from .vllm_generation import VLLMGenerator, check_vllm_available
 
 logger = logging.get_logger(__name__)

@@ -15,14 +15,14 @@ from .atomic import atomic_folder
 from .data import prompt_token_ids
 from .history import AdapterHistory
 from .quantization import is_quantized
-from .trajectories import (
+from .generation import (
     PART_KEYS,
     PartStore,
     SamplingParams,
+    TrajectoryGenerator,
     batch_seed,
     eos_token_ids,
     pairs_digest,
-    steps_of_pairs,
     steps_to_sample,
     trajectories_dataset,
     until_eos,
@@ -120,10 +120,10 @@ def _vllm_api() -> SimpleNamespace:
     return SimpleNamespace(LLM=LLM, SamplingParams=VLLMSamplingParams, LoRARequest=LoRARequest)
 
 
-class VLLMGenerator:
+class VLLMGenerator(TrajectoryGenerator):
     """
-    The vLLM generation backend (`generation_backend="vllm"`), with the interface of [`HotSwapGenerator`]: samples the
-    trajectories of [`generate_trajectories`] with vLLM instead of PEFT's `generate`.
+    The vLLM generation backend (`generation_backend="vllm"`, a [`TrajectoryGenerator`]): samples the trajectories of
+    [`generate_trajectories`] with vLLM instead of PEFT's `generate`.
 
     It owns one vLLM engine, as TRL's GRPO trainer owns its: the engine loads the base model once, at the first
     `generate` call with something to sample, and serves every snapshot as a LoRA adapter (`LoRARequest`, no weight
@@ -179,8 +179,7 @@ class VLLMGenerator:
     ):
         check_vllm_available()
         check_vllm_servable(model, adapter_name)
-        self.model, self.tokenizer, self.prompts, self.history = model, tokenizer, prompts, history
-        self.sampling = sampling
+        super().__init__(model, tokenizer, prompts, history, sampling)
         self.work_dir, self.adapter_name, self.gpu_memory_utilization = work_dir, adapter_name, gpu_memory_utilization
         self.disable_tqdm, self.parts_dir, self.api = disable_tqdm, parts_dir, None
         self.prompt_ids = [prompt_token_ids(tokenizer, example, chat_template) for example in prompts]
@@ -191,11 +190,9 @@ class VLLMGenerator:
         """The trajectories of the snapshots of `steps` (default: all of the history), or of the `(prompt_index,
         snapshot_step)` `pairs` only (a pair's trajectories are the same whether it is sampled alone or with others)."""
         prompts, sampling = self.prompts, self.sampling
-        if pairs is not None:
-            steps = steps_of_pairs(pairs, steps, len(prompts))
-            if not steps:
-                return trajectories_dataset(self.tokenizer, prompts, {key: [] for key in PART_KEYS})
-        steps = steps_to_sample(self.history, steps)
+        steps = steps_to_sample(self.history, steps, pairs, len(prompts))
+        if not steps:
+            return trajectories_dataset(self.tokenizer, prompts, {key: [] for key in PART_KEYS})
         per_call = sampling.snapshots_per_generate
         groups = [tuple(steps[i : i + per_call]) for i in range(0, len(steps), per_call)]
         wanted = {
@@ -282,12 +279,6 @@ class VLLMGenerator:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def __enter__(self) -> VLLMGenerator:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
 
 def generate_trajectories_vllm(
     model,
@@ -296,7 +287,6 @@ def generate_trajectories_vllm(
     history: AdapterHistory,
     sampling: SamplingParams,
     *,
-    work_dir: str,
     steps: list[int] | None = None,
     pairs: set[tuple[int, int]] | None = None,
     **options,
@@ -306,18 +296,18 @@ def generate_trajectories_vllm(
     [`VLLMGenerator`] call, its engine shut down before this returns (giving its memory back to training).
 
     Args:
-        model, tokenizer, prompts, history, sampling, work_dir:
+        model, tokenizer, prompts, history, sampling:
             As for [`VLLMGenerator`].
         steps, pairs:
             As for [`generate_trajectories`].
         **options:
-            The other arguments of [`VLLMGenerator`] (`gpu_memory_utilization`, `adapter_name`, `chat_template`,
-            `disable_tqdm`, `parts_dir`).
+            The other arguments of [`VLLMGenerator`]: `work_dir` (required), `gpu_memory_utilization`, `adapter_name`,
+            `chat_template`, `disable_tqdm`, `parts_dir`.
 
     Returns:
         [`~datasets.Dataset`]: The same columns as [`generate_trajectories`].
     """
-    with VLLMGenerator(model, tokenizer, prompts, history, sampling, work_dir=work_dir, **options) as generator:
+    with VLLMGenerator(model, tokenizer, prompts, history, sampling, **options) as generator:
         return generator.generate(steps=steps, pairs=pairs)
 
 

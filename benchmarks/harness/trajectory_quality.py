@@ -25,8 +25,8 @@ def trajectory_quality(trajectories, answers: list[str], labels: list | None = N
     the prompts' `labels` (completions), also `label_copy`: the share of trajectories that are their prompt's label word
     for word (whitespace aside), i.e. teach nothing the label would not.
     """
-    from trl_tms.embedded import is_correct
     from trl_tms.candidates import is_label_copy
+    from trl_tms.probes.embedded import is_correct
 
     sums = defaultdict(lambda: {"n": 0, "correct": 0, "unfinished": 0, "tokens": 0, "label_copy": 0})
     for row in trajectories:
@@ -71,7 +71,7 @@ def main():
 
     from datasets import load_from_disk
 
-    from trl_tms.embedded import load_leg_counting
+    from trl_tms.probes.embedded import load_leg_counting
 
     train, _ = load_leg_counting(args.num_train, 1, seed=0)
     quality = trajectory_quality(load_from_disk(args.trajectories), train["answer"], train["completion"])

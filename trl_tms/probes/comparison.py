@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .evaluation import GENERAL_PROMPTS, chat_drift, chat_ids, greedy_answers, paired_se, target_accuracy, text_nll
-from .history import adapter_parameters
+from ..generation import greedy_answers
+from ..history import adapter_parameters
+from .measures import GENERAL_PROMPTS, chat_drift, chat_ids, paired_se, target_accuracy, text_nll
 
 ARMS = ("base", "sft", "tms")
 ARM_TITLES = {"base": "base model", "sft": "plain SFT (the harvest)", "tms": "TMS student"}

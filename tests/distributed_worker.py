@@ -41,7 +41,8 @@ def config(out: str, **overrides) -> TMSConfig:
         # 5 prompts (x 2 snapshots x 2 samples) per `generate` call: 5 batches of prompts, 3 on one process and 2 on
         # the other, as a sharded engine's generation must allow.
         max_new_tokens=6, samples_per_checkpoint=2, snapshots_per_generate=2, generation_batch_size=20,
-        logging_steps=1, seed=7, trajectories_to_generate="all", tms_mode="two_pass", label_weight=0.25, **QUIET_CPU,
+        logging_steps=1, seed=7, trajectories_to_generate="all", tms_mode="two_pass", label_weight=0.25, log_pld=True,
+        **QUIET_CPU,
     )
     return TMSConfig(**{**values, **overrides})
 

@@ -187,7 +187,7 @@ def test_main_with_a_messages_eval_split(tiny_llama, tmp_path, capsys, monkeypat
     main(["--model_name_or_path", tiny_llama, "--dataset_name", "chat.jsonl", "--output_dir", str(tmp_path / "out"),
           "--num_checkpoints", "2", "--recipe", "paper", "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
           "--max_new_tokens", "4", "--report_to", "none", "--save_strategy", "no", "--lora_r", "4",
-          "--disable_tqdm", "true", "--retention_num_prompts", "3", "--retention_max_new_tokens", "4"])
+          "--disable_tqdm", "true", "--retention_num_prompts", "3", "--retention_max_new_tokens", "4", "--log_pld"])
     printed = capsys.readouterr().out
     assert "A held-out prompt:\n  what is" in printed and "TMS student (greedy):" in printed
     assert "PLD (mean NLL" in printed

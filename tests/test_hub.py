@@ -51,6 +51,7 @@ def run(path, tmp_path, **overrides):
         max_new_tokens=6,
         logging_steps=1,
         tms_mode="two_pass",
+        log_pld=True,  # the card's PLD table
         **QUIET_CPU,
     )
     values.update(overrides)

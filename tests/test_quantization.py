@@ -125,7 +125,7 @@ def test_tms_runs_all_phases_on_a_model_already_loaded_in_4bit(tiny_llama, tmp_p
             recipe="paper",
             output_dir=str(tmp_path / "out"), num_checkpoints=2, per_device_train_batch_size=4, num_train_epochs=1,
             max_new_tokens=4, save_strategy="no", report_to="none", bf16=False, use_cpu=DEVICE == "cpu",
-            disable_tqdm=True,
+            disable_tqdm=True, log_pld=True,
         ),
         train_dataset=make_examples(8),
         eval_dataset=make_examples(4, seed=1),

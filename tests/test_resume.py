@@ -21,7 +21,7 @@ def config(tmp_path, **overrides) -> TMSConfig:
     values = dict(
         output_dir=str(tmp_path / "out"), num_checkpoints=3, per_device_train_batch_size=4, num_train_epochs=2,
         learning_rate=1e-2, max_new_tokens=6, logging_steps=2, snapshots_per_generate=1, generation_batch_size=8,
-        seed=7, tms_mode="two_pass", **{**QUIET_CPU, "save_strategy": "steps"}, save_steps=2,
+        seed=7, tms_mode="two_pass", **{**QUIET_CPU, "save_strategy": "steps"}, save_steps=2, log_pld=True,
     )
     values.update(overrides)
     return TMSConfig(**values)

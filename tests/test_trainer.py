@@ -69,7 +69,8 @@ def trained(tiny_llama, tmp_path_factory):
     trainer = TMSTrainer(
         model=tiny_llama,
         # Every trajectory, so that generation's cover can be checked (`trajectories_to_generate="drawn"` below).
-        args=tms_config(tmp_path, samples_per_checkpoint=2, snapshots_per_generate=2, trajectories_to_generate="all"),
+        args=tms_config(tmp_path, samples_per_checkpoint=2, snapshots_per_generate=2, trajectories_to_generate="all",
+                        log_pld=True),
         train_dataset=make_examples(24, seed=0),
         eval_dataset=make_examples(8, seed=1),
         processing_class=load_tokenizer(tiny_llama),
@@ -524,7 +525,7 @@ def test_gradient_accumulation_reporters_and_seeded_trajectories(tiny_llama, tmp
         sink = LogSink()
         trainer = TMSTrainer(
             model=tiny_llama,
-            args=tms_config(tmp_path / name, gradient_accumulation_steps=2, per_device_train_batch_size=2),
+            args=tms_config(tmp_path / name, gradient_accumulation_steps=2, per_device_train_batch_size=2, log_pld=True),
             train_dataset=make_examples(24, seed=0),
             eval_dataset=make_examples(4, seed=1),
             processing_class=load_tokenizer(tiny_llama),
@@ -574,8 +575,10 @@ def test_bf16_default_matches_sft_config_where_sft_config_works():
 def test_pld_trajectory_choice_scores_every_trajectory_under_the_student(tiny_llama, tmp_path):
     args = tms_config(tmp_path, trajectory_choice="pld", samples_per_checkpoint=2, label_weight=0.25, eval_strategy="no")
     trainer = TMSTrainer(model=tiny_llama, args=args, train_dataset=make_examples(16), peft_config=lora(),
-                         processing_class=load_tokenizer(tiny_llama))
+                         eval_dataset=make_examples(4, seed=1), processing_class=load_tokenizer(tiny_llama))
     trainer.train()
+    # PLD logging is off by default (`log_pld`), even with an evaluation set: the choice scores the trajectories itself.
+    assert trainer.pld_callback is None and not any("pld" in e for e in trainer.state.log_history)
     scored = [e for e in trainer.state.log_history if "tms_chosen_nll" in e]
     assert len(scored) == 2  # once per student epoch
     assert all(e["tms_chosen_nll"] <= e["tms_trajectory_nll"] for e in scored)

@@ -196,9 +196,11 @@ class TMSConfig(SFTConfig):
 
         > Parameters that control Policy-Label Divergence (PLD) logging
 
-        log_pld (`bool`, *optional*, defaults to `True`):
+        log_pld (`bool`, *optional*, defaults to `False`):
             Whether to log PLD (mean per-token NLL of the evaluation labels under the current policy) and PLD drift
-            (its rise above the running minimum) at every logging step of both phases. Needs an `eval_dataset`.
+            (its rise above the running minimum) at every logging step of both phases. Needs an `eval_dataset`. Off by
+            default: it cost about a tenth of a run and did not predict forgetting in our study, where the forgetting
+            meter (`log_retention`) did. `trajectory_choice="pld"` scores the trajectories without it.
         pld_num_samples (`int`, *optional*, defaults to `32`):
             Maximum number of evaluation examples used to compute PLD. Each logging step costs one forward pass over
             them, so this is a share of the training compute: at `logging_steps=10` and 8 examples per step, 32 add
@@ -470,11 +472,12 @@ class TMSConfig(SFTConfig):
 
     # Parameters that control PLD logging
     log_pld: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "Whether to log PLD (mean per-token NLL of the evaluation labels under the current policy) and "
             "PLD drift (its rise above the running minimum) at every logging step of both phases. Needs an "
-            "`eval_dataset`."
+            "`eval_dataset`. Off by default: it cost about a tenth of a run and did not predict forgetting in our "
+            "study, where the forgetting meter (`log_retention`) did. `trajectory_choice='pld'` works without it."
         },
     )
     pld_num_samples: int = field(

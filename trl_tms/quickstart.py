@@ -171,6 +171,7 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, train_dataset, pld
         generation_batch_size=args.generation_batch_size,
         snapshots_per_generate=min(4, args.num_checkpoints),
         temperature=1.0,
+        log_pld=True,  # the side-by-side's PLD curves (off by default since issue #46)
         pld_num_samples=len(pld_dataset),
         max_length=320,
         num_train_epochs=args.epochs,

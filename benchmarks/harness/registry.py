@@ -4,8 +4,8 @@ An `Arm`'s `method` picks the trainer (`sft`: `trl.SFTTrainer`, `tms`: `TMSTrain
 `sdft`: TRL's `SDFTTrainer`); its `settings` are that trainer's config fields, plus three the harness reads itself:
 `lr_scale` (times the regime's learning rate), `rehearsal_weight` for `sft` (the base model's own answers mixed in,
 `trl_tms.mix_in_rehearsal`) and `snapshot_every_epoch` for online TMS. A new arm is one line in `ARMS`; a frontier is
-one arm per value of its dial (`dial`). `study.py` trains `ARMS`; `cost_t10.py` times `COST_ARMS`, `speed.py`
-`SPEED_ARMS`; `forgetting_meter.py` correlates its signals over `METER_ARMS`.
+one arm per value of its dial (`dial`). `study.py` trains `ARMS`; `cost_t10.py` times `COST_ARMS`, `cost.py`
+`COST_BREAKDOWN_ARMS`, `speed.py` `SPEED_ARMS`; `forgetting_meter.py` correlates its signals over `METER_ARMS`.
 """
 
 from __future__ import annotations
@@ -152,17 +152,27 @@ SIGNALS_OFF = dict(log_pld=False, log_retention=False)
 # results keep their meaning.
 PAPER = {"recipe": "paper"}
 PAPER_ONLINE = {"tms_mode": "online", "label_weight": 0.25}
+# PLD was logged by default when they were measured (until 2026-12-06): named, so that they keep measuring it.
+SIGNALS_ON = dict(log_pld=True)
 COST_ARMS = {
     "sft": Arm("sft"),
-    "tms": Arm("tms", PAPER),
+    "tms": Arm("tms", {**PAPER, **SIGNALS_ON}),
     "tms_quiet": Arm("tms", {**PAPER, **SIGNALS_OFF}),
-    "tms_all": Arm("tms", {**PAPER, "trajectories_to_generate": "all"}),
-    "tms_online": Arm("tms", PAPER_ONLINE),
+    "tms_all": Arm("tms", {**PAPER, **SIGNALS_ON, "trajectories_to_generate": "all"}),
+    "tms_online": Arm("tms", {**PAPER_ONLINE, **SIGNALS_ON}),
     "tms_online_quiet": Arm("tms", {**PAPER_ONLINE, **SIGNALS_OFF}),
     # `tms` with its generation calls' KV cache and logits held to a share of the `sft` arm's peak memory.
-    "tms_memory": Arm("tms", PAPER),
+    "tms_memory": Arm("tms", {**PAPER, **SIGNALS_ON}),
 }
 
+# cost.py's breakdown (issue #46): the recommended recipe and the paper's at the package's defaults (T = 10 named, so
+# that a later default keeps the paper's meaning), against plain SFT; `online_pld` prices the PLD signal.
+COST_BREAKDOWN_ARMS = {
+    "sft": Arm("sft"),
+    "online": Arm("tms", {"recipe": "retention"}),
+    "two_pass": Arm("tms", {"recipe": "paper", "num_checkpoints": 10}),
+    "online_pld": Arm("tms", {"recipe": "retention", "log_pld": True}),
+}
 
 # speed.py's TMS arms (SFT is a plain SFTTrainer), on its own small settings.
 SPEED_ARMS = {

@@ -138,6 +138,11 @@ def test_forgetting_alarm_settings_are_checked(tiny_llama, tmp_path):
         PLDCallback(trainer, stop_on_drift=True)
     with pytest.raises(ValueError, match="pld_stop_on_drift=True` needs `pld_drift_threshold`"):
         TMSConfig(recipe="paper", output_dir=str(tmp_path), pld_stop_on_drift=True, **QUIET_CPU)
+    # PLD is off by default: an alarm on it would never sound.
+    with pytest.raises(ValueError, match="`pld_drift_threshold` watches the logged PLD.*set `log_pld=True`"):
+        TMSConfig(recipe="paper", output_dir=str(tmp_path), pld_drift_threshold=0.1, **QUIET_CPU)
+    assert TMSConfig(recipe="paper", output_dir=str(tmp_path), pld_drift_threshold=0.1, log_pld=True,
+                     **QUIET_CPU).pld_drift_threshold == 0.1
 
 
 def test_snapshot_callback_on_plain_sft_trainer(tiny_llama, tmp_path):

@@ -725,6 +725,11 @@ class TMSConfig(SFTConfig):
                 "`retention_stop_on_kl=True` needs the forgetting meter: leave `log_retention=True`.",
             ),
             (
+                self.pld_drift_threshold is None or self.log_pld,
+                "`pld_drift_threshold` watches the logged PLD, which is off by default: set `log_pld=True` (with an "
+                "`eval_dataset` of held-out labels).",
+            ),
+            (
                 self.retention_kl_budget is None or self.retention_kl_budget > 0,
                 f"`retention_kl_budget` must be positive (nats per token; typical values 0.1 to 0.3), got "
                 f"{self.retention_kl_budget}.",

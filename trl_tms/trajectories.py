@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
@@ -369,6 +369,23 @@ def rows_within_memory(model, max_prompt_tokens: int, max_new_tokens: int, budge
             "`snapshots_per_generate`, `samples_per_checkpoint` or `max_new_tokens`."
         )
     return rows
+
+
+def sampling_within_memory(
+    sampling: SamplingParams, model, tokenizer, prompts, budget_mb: float, num_checkpoints: int, chat_template=None
+) -> SamplingParams:
+    """
+    `sampling` with as many rows per `generate` call as `budget_mb` MiB hold ([`rows_within_memory`]) for the longest of
+    `prompts`, at least those of one prompt (its resident snapshots, of at most `num_checkpoints`, x samples).
+    """
+    longest = max(len(prompt_token_ids(tokenizer, example, chat_template)) for example in prompts)
+    per_prompt = min(sampling.snapshots_per_generate, num_checkpoints) * sampling.samples_per_checkpoint
+    rows = rows_within_memory(model, longest, sampling.max_new_tokens, budget_mb, min_rows=per_prompt)
+    logger.info(
+        f"generation_memory_mb={budget_mb}: up to {rows} rows per generate call "
+        f"(longest prompt {longest} tokens + {sampling.max_new_tokens} new)."
+    )
+    return replace(sampling, batch_size=min(sampling.batch_size, rows))
 
 
 def steps_to_sample(history: AdapterHistory, steps: list[int] | None) -> list[int]:

@@ -195,8 +195,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         check_num_checkpoints(args.num_checkpoints, self.planned_steps)
         self.pld_callback, self.retention_callback = None, None
         if args.log_pld and self.eval_dataset is not None:
-            self.pld_callback = PLDCallback(self, num_samples=args.pld_num_samples, stop_on_drift=args.pld_stop_on_drift,
-                                            drift_threshold=args.pld_drift_threshold)
+            self.pld_callback = PLDCallback(
+                self, num_samples=args.pld_num_samples, drift_threshold=args.pld_drift_threshold,
+                stop_on_drift=args.pld_stop_on_drift,
+            )
             self.add_callback(self.pld_callback)
         if args.log_retention:
             self.retention_callback = RetentionCallback(
@@ -206,9 +208,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             )
             self.add_callback(self.retention_callback)
         # The best-checkpoint choice is the student's (or the online run's): the harvest only feeds the snapshots.
-        self.drift_budget = None if args.retention_kl_budget is None else DriftBudgetCallback(
-            self.retention_callback, args.retention_kl_budget
-        )
+        budget = args.retention_kl_budget
+        self.drift_budget = None if budget is None else DriftBudgetCallback(self.retention_callback, budget)
+        self._choice = [] if budget is None else [self.drift_budget]
 
     def _make_generator(self, sampling: SamplingParams, prompts=None, history=None, parts_dir: str | None = None):
         """The generation backend for `prompts` and the snapshots of `history` (default: the training prompts and the
@@ -217,8 +219,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
                       parts_dir=parts_dir or self.run.parts_dir)
         prompts = self.prompts if prompts is None else prompts
         if self.args.generation_memory_mb is not None and self.args.generation_backend == "transformers":
-            sampling = sampling_within_memory(sampling, self.model, self._tokenizer, prompts,
-                                              self.args.generation_memory_mb, self.args.num_checkpoints, self.chat_template)
+            budget = self.args.generation_memory_mb
+            sampling = sampling_within_memory(sampling, self.model, self._tokenizer, prompts, budget,
+                                              self.args.num_checkpoints, self.chat_template)
         inputs = (self.model, self._tokenizer, prompts, self.history if history is None else history, sampling)
         if self.args.generation_backend == "vllm":
             return VLLMGenerator(*inputs, work_dir=self.run.vllm_dir, disable_tqdm=self.args.disable_tqdm,
@@ -295,7 +298,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         mixture = MixtureCallback(self.train_dataset, self.log_event, begin_logs={
             f"tms_{key}": float(value) for key, value in self.stats.as_dict().items()
         }, score=score if self.args.trajectory_choice == "pld" else None)
-        with self._phase("student", [mixture, run.identity("student"), *self._choice()],
+        with self._phase("student", [mixture, run.identity("student"), *self._choice],
                          max_steps=run.record["harvest_steps"]):
             output = train(resume_from_checkpoint=run.checkpoint("student"))
         self.state.log_history = run.record["harvest_log"] + self.state.log_history
@@ -308,21 +311,15 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         # Sampling only the drawn pairs, the mixture knows which were sampled: none yet.
         self.stats.add(self._use_mixture(self.candidate_builder.build(None)[0], set() if online.drawn else None))
         callbacks = [online, SnapshotCallback(self.history, self.model, self.adapter_name),
-                     MixtureCallback(self.train_dataset, self.log_event), self.run.identity("online"), *self._choice()]
+                     MixtureCallback(self.train_dataset, self.log_event), self.run.identity("online"), *self._choice]
         with self._phase("online", callbacks):
             output = train(resume_from_checkpoint=self.run.checkpoint("online"))
         self.trajectories = online.finish()
         return output
 
-    def _choice(self) -> list[TrainerCallback]:
-        return [] if self.drift_budget is None else [self.drift_budget]
-
     @contextlib.contextmanager
     def _phase(self, name: str, callbacks: list[TrainerCallback] = (), **overrides):
-        """
-        Run a phase: `self.phase` names it, and its `callbacks` and the config fields in `overrides` hold only while it
-        runs.
-        """
+        """Run phase `name` (`self.phase`); its `callbacks` and the config fields in `overrides` hold while it runs."""
         saved = {key: getattr(self.args, key) for key in overrides}
         self.phase = name
         try:

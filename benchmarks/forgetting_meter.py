@@ -42,6 +42,7 @@ from harness.plots import meter_vs_probes  # noqa: E402
 from harness.report import pearson, spearman, with_interval  # noqa: E402
 from harness.training import CaptureAdapter  # noqa: E402
 from trl_tms.atomic import write_json_atomically  # noqa: E402
+from trl_tms.report import PHASE_IDS  # noqa: E402
 
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "forgetting_meter")
 
@@ -152,7 +153,7 @@ def run_correlation_arm(name: str, work_dir: str) -> tuple[list[dict], object, o
     model, tokenizer, train, pld = load_task(args)
     if kind == "tms":
         trainer = build_trainer(args, model, tokenizer, train, pld)
-        phases = {"harvest": 1, "student": 2}
+        phases = {name: PHASE_IDS[name] for name in ("harvest", "student")}
     else:
         config = SFTConfig(
             output_dir=args.output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,

@@ -82,7 +82,8 @@ def test_one_run_snapshots_itself_from_step_0_and_trains_on_what_it_has_sampled(
 
 def test_rolling_window_keeps_the_last_num_checkpoints_snapshots(tiny_llama, tmp_path):
     watch = Watch()
-    trainer = make(tiny_llama, tmp_path, watch, num_checkpoints=2, online_snapshot_every=3)
+    # Every pair sampled: the draws of the whole last epoch are defined (drawn-only sampling plans only those trained).
+    trainer = make(tiny_llama, tmp_path, watch, num_checkpoints=2, online_snapshot_every=3, trajectories_to_generate="all")
     trainer.train()
     assert trainer.history.steps == [0, 3, 6, 9]
     assert watch.pools[2] == [0] and watch.pools[3] == [0, 3] and watch.pools[7] == [3, 6] and watch.pools[11] == [6, 9]
@@ -156,6 +157,33 @@ def test_sampling_only_the_drawn_pairs_makes_the_same_draws_from_fewer_trajector
     sampled = [e["tms_sampled_trajectories"] for e in drawn.state.log_history if "tms_sampled_trajectories" in e]
     assert len(sampled) == 3 and sum(sampled) == len(drawn.trajectories)
     assert set(drawn.trajectories.to_pandas().groupby(["prompt_index", "snapshot_step"]).size()) == {1}
+
+
+def test_online_drawn_plan_covers_only_the_prompts_still_to_come(tiny_llama, tmp_path, monkeypatch):
+    record = RecordDraws(monkeypatch)
+    calls = []  # (global step of the refresh, pairs sampled)
+    generate = HotSwapGenerator.generate
+
+    def recording(generator, steps=None, pairs=None):
+        calls.append((trainer.state.global_step, set(pairs)))
+        return generate(generator, steps=steps, pairs=pairs)
+
+    monkeypatch.setattr(HotSwapGenerator, "generate", recording)
+    trainer = make(tiny_llama, tmp_path, num_train_epochs=1, label_weight=0.25)
+    trainer.train()
+    # 24 prompts, batch 4, one epoch: 6 steps; snapshots at 0, 2 and 4. The k-th example fetched trains at step k // 4 + 1.
+    assert trainer.history.steps == [0, 2, 4] and len(record.draws) == 24
+    trained_at = {}
+    for k, (_, position, _, _) in enumerate(record.draws):
+        trained_at.setdefault(trainer.train_dataset.prompt_indices[position], k // 4 + 1)
+    # A refresh at step s samples pairs only for the prompts of steps s + 1 to one past the next refresh.
+    until = {0: 3, 2: 5, 4: 6}
+    assert {step for step, _ in calls} == {0, 2, 4}
+    for step, pairs in calls:
+        assert pairs and all(step < trained_at[index] <= until[step] for index, _ in pairs), (step, pairs)
+    # ... and the run still trains only on pairs it sampled.
+    sampled = set(zip(trainer.trajectories["prompt_index"], trainer.trajectories["snapshot_step"]))
+    assert {(index, step) for _, index, step, is_label in record.draws if not is_label} <= sampled
 
 
 def test_online_tms_on_labels_only_samples_nothing(tiny_llama, tmp_path):

@@ -259,7 +259,7 @@ def test_resume_reuses_the_rehearsal_answers(rehearsed, tiny_llama, monkeypatch)
     folder = os.path.join(trainer.history_dir, "rehearsal")
     before = (os.path.getmtime(folder), sorted(os.listdir(folder)))
     again = make_trainer(tiny_llama, tmp_path)
-    monkeypatch.setattr(again.rehearsal_generator, "generate", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(again.rehearsal.generator, "generate", lambda *a, **k: pytest.fail("generated again"))
     again.train(resume_from_checkpoint=True)
     assert (os.path.getmtime(folder), sorted(os.listdir(folder))) == before  # neither written again nor cached into
     assert again.stats.rehearsal + again.stats.rehearsal_empty == len(PROMPTS)
@@ -275,7 +275,7 @@ def test_changed_rehearsal_settings_generate_again(rehearsed, tiny_llama):
 def test_beta_zero_generates_nothing(tiny_llama, tmp_path):
     trainer = make_trainer(tiny_llama, tmp_path, rehearsal_weight=0.0, num_train_epochs=1)
     trainer.train()
-    assert trainer.rehearsal_generator is None
+    assert trainer.rehearsal is None
     assert not os.path.exists(os.path.join(trainer.history_dir, "rehearsal"))
     assert not any("tms_rehearsal_fraction" in e or "tms_rehearsal_answers" in e for e in trainer.state.log_history)
 

@@ -583,7 +583,8 @@ def test_pld_trajectory_choice_scores_every_trajectory_under_the_student(tiny_ll
     assert len(scored) == 2  # once per student epoch
     assert all(e["tms_chosen_nll"] <= e["tms_trajectory_nll"] for e in scored)
 
-    mixture, candidates = trainer.train_dataset, trainer.candidates
+    # The student's candidates, built again from the trajectories as the trainer built them.
+    mixture, candidates = trainer.train_dataset, trainer.candidate_builder.build(trainer.trajectories)[0]
     rescored = score_trajectories(trainer, mixture, candidates)  # again, under the final student, to check by hand
     model = trainer.model.eval()
     assert len(mixture.trajectory_rows) == 16 * 3 * 2 - trainer.stats.empty
@@ -618,7 +619,8 @@ def test_curriculum_trajectory_choice_knows_the_number_of_student_epochs(tiny_ll
     mixture = trainer.train_dataset
     assert mixture.num_epochs == 3
     steps = trainer.history.steps  # 3 snapshots, 3 epochs: one snapshot an epoch, earliest first
-    step_of, prompt_of = list(trainer.candidates["snapshot_step"]), list(trainer.candidates["prompt_index"])
+    candidates = trainer.candidate_builder.build(trainer.trajectories)[0]
+    step_of, prompt_of = list(candidates["snapshot_step"]), list(candidates["prompt_index"])
     has = {(prompt_of[row], step_of[row]) for row in mixture.trajectory_rows}
     for epoch, step in enumerate(steps):
         drawn = [mixture.draw(p, epoch)[0] for p in range(len(mixture)) if not mixture.draw(p, epoch)[1]]

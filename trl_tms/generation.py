@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from transformers.utils import logging
 from trl.data_utils import is_conversational
 
 from .atomic import atomic_folder, write_json_atomically
-from .data import as_completion, completion_text
+from .data import as_completion, completion_text, prompt_token_ids
 from .history import AdapterHistory
 
 # transformers 5.24 renamed `generate`'s `past_key_values` (argument and output) to `cache`; the old name warns.
@@ -258,6 +258,11 @@ def trajectories_dataset(tokenizer, prompts: Dataset, records: dict[str, list]) 
     )
 
 
+def empty_trajectories(tokenizer, prompts: Dataset) -> Dataset:
+    """A trajectories' dataset with no row (its columns all there): what a run that sampled nothing saves."""
+    return trajectories_dataset(tokenizer, prompts, {key: [] for key in PART_KEYS})
+
+
 def batch_seed(seed: int, first_step: int, batch: int, salt: int = 0) -> int:
     """The seed of one batch of prompts for the group of snapshots starting at `first_step`: independent of processes.
     `salt` (see [`pairs_digest`]) tells apart batches of different pairs of a group."""
@@ -317,6 +322,23 @@ def rows_within_memory(model, max_prompt_tokens: int, max_new_tokens: int, budge
             "`snapshots_per_generate`, `samples_per_checkpoint` or `max_new_tokens`."
         )
     return rows
+
+
+def sampling_within_memory(
+    sampling: SamplingParams, model, tokenizer, prompts, budget_mb: float, num_checkpoints: int, chat_template=None
+) -> SamplingParams:
+    """
+    `sampling` with as many rows per `generate` call as `budget_mb` MiB hold ([`rows_within_memory`]) for the longest of
+    `prompts`, at least those of one prompt (its resident snapshots, of at most `num_checkpoints`, x samples).
+    """
+    longest = max(len(prompt_token_ids(tokenizer, example, chat_template)) for example in prompts)
+    per_prompt = min(sampling.snapshots_per_generate, num_checkpoints) * sampling.samples_per_checkpoint
+    rows = rows_within_memory(model, longest, sampling.max_new_tokens, budget_mb, min_rows=per_prompt)
+    logger.info(
+        f"generation_memory_mb={budget_mb}: up to {rows} rows per generate call "
+        f"(longest prompt {longest} tokens + {sampling.max_new_tokens} new)."
+    )
+    return replace(sampling, batch_size=min(sampling.batch_size, rows))
 
 
 DROP_FINISHED_EVERY = 16  # new tokens between two checks for rows that reached EOS

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .atomic import atomic_folder
-from .sharding import gathered, whole
+from .sharding import assign, gathered, whole
 
 SNAPSHOT_WEIGHTS = "adapter_model.safetensors"
 SNAPSHOT_META = "tms_snapshot.json"
@@ -32,6 +32,21 @@ def adapter_parameters(model, adapter_name: str) -> dict[str, torch.nn.Parameter
     if not params:
         raise ValueError(f"The model has no parameters for the adapter {adapter_name!r}.")
     return params
+
+
+def adapter_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """A copy of one adapter's weights as they are now (this process's part of them, when sharded)."""
+    return {name: param.detach().clone() for name, param in adapter_parameters(model, adapter_name).items()}
+
+
+def restore_adapter(model, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
+    """Put `weights` (from [`adapter_weights`]) back into the adapter `adapter_name` of `model`."""
+    params = adapter_parameters(model, adapter_name)
+    # Partitioned weights (ZeRO-3): every process holds the same weights; the main one's are scattered back.
+    # Shards (FSDP2): each process keeps its part of them.
+    with torch.no_grad(), gathered(params.values(), modifier_rank=0):
+        for name, param in params.items():
+            assign(param, weights[name])
 
 
 def _one_gpu(params: dict[str, torch.Tensor]) -> torch.device | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -100,7 +100,9 @@ class MixtureDataset(torch.utils.data.Dataset):
             them were; a prompt without a trajectory of a pair left out may still draw one ([`missing_pairs`] lists
             those the draws need). Default: every pair was sampled.
 
-    Candidates without `input_ids` (untokenized) make a mixture that plans its draws but cannot be trained on.
+    Candidates without `input_ids` (untokenized) make a mixture that plans its draws but cannot be trained on: two-pass
+    TMS plans the student's draws this way before any trajectory is tokenized (the draw reads only `prompt_index` and
+    `snapshot_step`), so that planning costs no tokenization.
     """
 
     def __init__(
@@ -146,6 +148,25 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.rehearsal_weight = 0.0
         self._rehearsal: list[int] = []  # candidate rows of rehearsal answers
         self._index(keep_steps=None)
+
+    @classmethod
+    def from_config(
+        cls, candidates: Dataset, args, snapshot_steps: list[int], sampled: set[tuple[int, int]] | None = None
+    ) -> MixtureDataset:
+        """
+        The mixture of `candidates` under a [`TMSConfig`]'s settings, drawing from a history of `snapshot_steps`;
+        `sampled`: the (prompt, snapshot) pairs generated, when not all were.
+        """
+        weights = args.snapshot_weights
+        return cls(
+            candidates,
+            args.label_weight,
+            args.seed,
+            trajectory_choice=args.trajectory_choice,
+            snapshot_weights=None if weights is None else dict(zip(snapshot_steps, weights)),
+            snapshot_steps=None if sampled is None else snapshot_steps,
+            sampled=sampled,
+        )
 
     def _index(self, keep_steps: set[int] | None) -> None:
         self._label: dict[int, int] = {}
@@ -338,15 +359,20 @@ class MixtureDataset(torch.utils.data.Dataset):
                     best, best_key = step, key
         return best
 
-    def missing_pairs(self, num_epochs: int, first_epoch: int = 0) -> set[tuple[int, int]]:
+    def missing_pairs(
+        self, num_epochs: int = 0, first_epoch: int = 0, positions: dict[int, Iterable[int]] | None = None
+    ) -> set[tuple[int, int]]:
         """
-        The `(prompt_index, snapshot_step)` pairs that the draws of epochs `first_epoch .. num_epochs - 1` land on and
-        that were not sampled (see `sampled`): sample them (all of the snapshot's samples of the prompt), then ask again
-        with them added, since a draw that lands on a pair left without a trajectory draws again.
+        The `(prompt_index, snapshot_step)` pairs that the draws of epochs `first_epoch .. num_epochs - 1` (or, given
+        `positions`, of the dataset positions `positions[epoch]` of each of its epochs) land on and that were not
+        sampled (see `sampled`): sample them (all of the snapshot's samples of the prompt), then ask again with them
+        added, since a draw that lands on a pair left without a trajectory draws again (`planning.sample_drawn_pairs`).
         """
+        if positions is None:
+            positions = {epoch: range(len(self)) for epoch in range(first_epoch, num_epochs)}
         missing = set()
-        for epoch in range(first_epoch, num_epochs):
-            for index in self.prompt_indices:
+        for epoch, at in positions.items():
+            for index in sorted({self.prompt_indices[position] for position in at}):
                 if self._rehearsal_row(index, epoch) is not None:
                     continue
                 if not self._draws_label(index, epoch)[0]:

@@ -9,8 +9,9 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from transformers import TrainerCallback
 
 from .candidates import TrajectoryStats
-from .resume import TMSRun
 from .generation import save_trajectories
+from .planning import sample_drawn_pairs, step_positions
+from .resume import TMSRun
 
 
 def online_snapshot_steps(total_steps: int, num_checkpoints: int, every: int | None = None) -> list[int]:
@@ -25,9 +26,10 @@ class OnlineTMS(TrainerCallback):
     The online phase of a [`TMSTrainer`]: at each step of its schedule the adapter being trained is snapshotted and
     samples trajectories, and the mixture draws from the last `num_checkpoints` snapshots taken so far (labels only
     before step 0's trajectories exist). With `trajectories_to_generate="all"` each snapshot samples every prompt; with
-    `"drawn"` each refresh samples only the (prompt, snapshot) pairs that the draws of the batches until the next
-    refresh land on, from the new snapshot or an earlier one still in the window: the same draws for a fraction of the
-    generation. A callback of the online phase, it drives the run through the trainer's public methods.
+    `"drawn"` each refresh samples only the (prompt, snapshot) pairs that the draws of the batches until just past the
+    next refresh land on (prompts still to come, in the data loader's order), from the new snapshot or an earlier one
+    still in the window: the same draws for a fraction of the generation. A callback of the online phase, it drives the
+    run through the trainer's public methods and generation backend.
 
     Args:
         trainer ([`TMSTrainer`]):
@@ -49,10 +51,12 @@ class OnlineTMS(TrainerCallback):
         finished = run.done("trajectories") and os.path.isdir(run.trajectories_dir)
         self.finished = load_from_disk(run.trajectories_dir) if finished else None
         self.stats = TrajectoryStats()
+        self.dataloader = None
 
     # Trainer events
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.dataloader = train_dataloader
         global_step = state.global_step
         if global_step == 0:
             self.refresh(0)
@@ -85,13 +89,15 @@ class OnlineTMS(TrainerCallback):
                 lambda s: s == step, input_columns="snapshot_step", keep_in_memory=True  # no cache file in the history
             )))
         elif self.drawn:
-            epochs = self._epochs_until_next_refresh(step)
+            positions = self._positions_until_next_refresh(step)
             self._add(step)  # the new snapshot joins the draw, so that the plan sees it
-            while missing := trainer.train_dataset.missing_pairs(epochs.stop, first_epoch=epochs.start):
-                # A draw landing on a pair left without a trajectory (empty, filtered) draws again: ask again.
-                counts.add(self._add(step, trainer.sample_trajectories(pairs=missing), missing))
+            sample_drawn_pairs(
+                lambda: trainer.train_dataset.missing_pairs(positions=positions),
+                lambda pairs: trainer.generator.generate(pairs=pairs),
+                lambda trajectories, pairs: counts.add(self._add(step, trajectories, pairs)),
+            )
         else:
-            counts.add(self._add(step, trainer.sample_trajectories(steps=[step])))
+            counts.add(self._add(step, trainer.generator.generate(steps=[step])))
         counts.seconds = time.perf_counter() - started
         self.stats.add(counts)
         if take:
@@ -127,20 +133,23 @@ class OnlineTMS(TrainerCallback):
                                          **planning)
         return counts
 
-    def _epochs_until_next_refresh(self, step: int) -> range:
+    def _positions_until_next_refresh(self, step: int) -> dict[int, list[int]]:
         """
-        The epochs of the batches drawn between the refresh at `step` and the next one: those of optimizer steps
-        `step + 1` to one past the next refresh, since the data loader draws a batch ahead of the step it trains.
+        By epoch, the dataset positions of the batches drawn between the refresh at `step` and the next one: those of
+        optimizer steps `step + 1` to one past the next refresh, since the data loader draws a batch ahead of the step
+        it trains.
         """
+        args = self.trainer.args
         later = [s for s in self.steps if s > step]
         last = min((later[0] if later else self.planned_steps) + 1, self.planned_steps)
-        per_epoch = self.trainer.updates_per_epoch
-        return range(step // per_epoch, max(last - 1, step) // per_epoch + 1)
+        per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return step_positions(self.dataloader, range(step + 1, max(last, step + 1) + 1), self.trainer.updates_per_epoch,
+                              per_step, len(self.trainer.train_dataset), args.world_size)
 
     def finish(self):
         """Save every trajectory of the run in the history, record the phase as done, and return the trajectories."""
         if not self.trajectories:  # every draw took a label
-            self.trajectories.append(self.trainer.sample_trajectories(pairs=set()))
+            self.trajectories.append(self.trainer.generator.generate(pairs=set()))
         trajectories = concatenate_datasets(self.trajectories)
         if self.drawn:
             trajectories = trajectories.sort(["prompt_index", "snapshot_step", "sample_index"])

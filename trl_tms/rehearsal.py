@@ -12,12 +12,14 @@ The answers are generated once, by the same generation backend as the trajectori
 
 from __future__ import annotations
 
+import os
 import random
+import time
 
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from .data import as_completion, as_prompt_rows, completion_text, prompt_token_ids
-from .generation import SamplingParams, end_tokens, greedy_answers
+from .generation import SamplingParams, end_tokens, greedy_answers, save_trajectories
 from .history import AdapterHistory
 
 REHEARSAL = -2  # `snapshot_step` of a rehearsal answer among the mixture's candidates
@@ -149,6 +151,68 @@ def rehearsal_candidates(answers: Dataset) -> tuple[Dataset, int]:
     columns = {name: [values[i] for i in keep] for name, values in columns.items()}
     candidates = Dataset.from_dict({**columns, "snapshot_step": [REHEARSAL] * len(keep)})
     return candidates, len(answers) - len(keep)
+
+
+class SelfRehearsal:
+    """
+    Self-rehearsal in a [`TMSTrainer`] (`rehearsal_weight` > 0): the adapter's answers to the rehearsal prompts as it is
+    when this is made (the initial one), generated once by the trainer's generation backend, kept in the run's history
+    folder (a resumed run reads them back), and drawn by the mixture with probability `rehearsal_weight` (beta).
+
+    Args:
+        args ([`TMSConfig`]):
+            The run's configuration (`rehearsal_*` fields, `seed`).
+        model ([`~peft.PeftModel`]) and adapter_name (`str`):
+            The model whose adapter, at its initial weights now, answers.
+        make_generator (`Callable`):
+            `make_generator(sampling, prompts=..., history=..., parts_dir=...)`: the trainer's generation backend for
+            these prompts and snapshots.
+        run ([`TMSRun`]):
+            The run's on-disk state.
+        conversational (`bool`):
+            Whether the training set is conversational.
+    """
+
+    def __init__(self, args, model, adapter_name: str, make_generator, run, conversational: bool):
+        self.weight = args.rehearsal_weight
+        self.prompts = rehearsal_prompts(args.rehearsal_prompts, args.rehearsal_num_prompts, conversational)
+        self.sampling = rehearsal_sampling(args)
+        self.run = run
+        # The initial adapter, taken now (before any training), is the rehearsal's one snapshot.
+        self.generator = make_generator(
+            self.sampling,
+            prompts=self.prompts,
+            history=initial_history(model, adapter_name),
+            parts_dir=run.rehearsal_parts_dir,
+        )
+        self._answers = None
+
+    def answers(self) -> Dataset:
+        """The initial adapter's answers: generated at the first call of the run, then read back from the history."""
+        if self._answers is None and self.run.done("rehearsal") and os.path.isdir(self.run.rehearsal_dir):
+            self._answers = load_from_disk(self.run.rehearsal_dir)
+        if self._answers is None:
+            started = time.perf_counter()
+            self._answers = self.generator.generate()
+            self.generator.close()
+            if self.run.is_main:
+                save_trajectories(self._answers, self.run.rehearsal_dir)
+            self.run.finish("rehearsal", rehearsal_seconds=time.perf_counter() - started)
+        return self._answers
+
+    def add_to(self, mixture, builder=None):
+        """
+        Let `mixture` (a [`MixtureDataset`]) draw the answers with probability `rehearsal_weight`: tokenized by
+        `builder` (a `CandidateBuilder`) for a mixture trained on, and then returns their counts (`TrajectoryStats`);
+        untokenized without `builder`, for a mixture that only plans its draws.
+        """
+        if builder is None:
+            mixture.add_rehearsal(rehearsal_candidates(self.answers())[0], self.weight)
+            return None
+        candidates, counts = builder.build_rehearsal(self.answers())
+        mixture.add_rehearsal(candidates, self.weight)
+        counts.rehearsal_seconds = self.run.record.get("rehearsal_seconds", 0.0)
+        return counts
 
 
 def self_rehearsal_dataset(

@@ -9,7 +9,8 @@ import torch
 
 from .data import prompt_token_ids
 
-PHASE_NAMES = {1: "harvest", 2: "student", 3: "online"}
+PHASE_IDS = {"harvest": 1, "student": 2, "online": 3}  # the `tms_phase` of each training phase's log entries
+PHASE_NAMES = {phase: name for name, phase in PHASE_IDS.items()}
 
 
 def pld_by_phase(log_history: list[dict]) -> dict[str, dict[str, float]]:

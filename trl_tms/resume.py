@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .atomic import write_json_atomically
+from .history import snapshot_steps
 
 logger = logging.get_logger(__name__)
 
@@ -397,6 +398,17 @@ class TMSRun:
     def checkpoint(self, phase: str) -> str | None:
         """The Trainer checkpoint `phase` resumes from (None: from its first step), as found by `start`."""
         return self.checkpoints.get(phase)
+
+    def resume_harvest(self, history, num_checkpoints: int) -> str | None:
+        """
+        The harvest's checkpoint to resume from (None: from its first step), once `history` holds the snapshots the
+        harvest had taken up to it (of its `num_checkpoints`); the later ones it takes again.
+        """
+        checkpoint = self.checkpoint("harvest")
+        if checkpoint is not None:
+            planned = snapshot_steps(self.record["planned_steps"], num_checkpoints)
+            self.reopen_snapshots(history, [s for s in planned if s <= checkpoint_step(checkpoint)])
+        return checkpoint
 
     def _checkpoint(self, resume_from_checkpoint, folder: str, phase: str, settings: dict | None = None) -> str | None:
         """

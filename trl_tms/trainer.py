@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import textwrap
 import time
 from functools import partial
 
-import torch
-from datasets import concatenate_datasets, load_from_disk
+from datasets import load_from_disk
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
@@ -20,32 +18,27 @@ from trl.data_utils import is_conversational
 from .arguments import as_tms_config, check_trainer_arguments
 from .candidates import CandidateBuilder, TrajectoryStats
 from .config import TMSConfig
-from .data import check_label_tokens_left, prompt_token_ids, to_prompt_completion
-from .history import AdapterHistory, SnapshotCallback, adapter_parameters, check_num_checkpoints, snapshot_steps
+from .data import check_label_tokens_left, to_prompt_completion
+from .generation import SamplingParams, empty_trajectories, fitted_max_new_tokens, sampling_within_memory
+from .generation import save_trajectories
+from .history import AdapterHistory, SnapshotCallback, adapter_weights, check_num_checkpoints, restore_adapter
+from .history import snapshot_steps
 from .hub import TMSHubMixin
 from .mixture import FLAGS, IS_LABEL, IS_REHEARSAL, MixtureCallback, MixtureCollator, MixtureDataset
 from .online import OnlineTMS
+from .planning import drawn_trajectories
 from .pld import PLDCallback, score_trajectories
 from .quantization import is_quantized, keep_4bit_layers_trainable
-from .rehearsal import initial_history, rehearsal_candidates, rehearsal_prompts, rehearsal_sampling
-from .resume import TMSRun, checkpoint_step, run_settings
+from .rehearsal import SelfRehearsal
+from .report import PHASE_IDS
+from .resume import TMSRun, run_settings
 from .retention import RetentionCallback
 from .selection import DriftBudgetCallback
-from .sharding import assign, check_parallelism, gathered, whole_model_for_generation
-from .generation import (
-    PART_KEYS,
-    SamplingParams,
-    fitted_max_new_tokens,
-    rows_within_memory,
-    save_trajectories,
-    trajectories_dataset,
-)
+from .sharding import check_parallelism, whole_model_for_generation
 from .trajectories import HotSwapGenerator
 from .vllm_generation import VLLMGenerator, check_vllm_available
 
 logger = logging.get_logger(__name__)
-
-PHASE_IDS = {"harvest": 1, "student": 2, "online": 3}
 
 
 class TMSTrainer(TMSHubMixin, SFTTrainer):
@@ -176,44 +169,25 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         check_label_tokens_left(len(self.train_dataset), len(train_dataset), args.max_length)
         keep_4bit_layers_trainable(self.model)  # TMS generates, then trains, on the same (maybe 4-bit) base
         self.adapter_name = self.model.active_adapter
-        self._initial_adapter = {
-            name: param.detach().clone() for name, param in adapter_parameters(self.model, self.adapter_name).items()
-        }
+        self._initial_adapter = adapter_weights(self.model, self.adapter_name)
         self.history_dir = args.history_dir or os.path.join(args.output_dir, "_tms_history")
         self.run = TMSRun(self.history_dir, is_main=self.is_world_process_zero())
-        self.history = AdapterHistory(
-            self.model.peft_config[self.adapter_name],
-            directory=self.history_dir if self.is_world_process_zero() else None,
-            background_writes=True,
+        self.history = AdapterHistory(self.model.peft_config[self.adapter_name], background_writes=True,
+                                      directory=self.history_dir if self.is_world_process_zero() else None)
+        self.max_new_tokens = args.max_new_tokens if args.max_new_tokens_from_labels is None else fitted_max_new_tokens(
+            self._tokenizer, self.prompts, args.max_new_tokens_from_labels, args.max_new_tokens
         )
-        self.max_new_tokens = args.max_new_tokens
-        if args.max_new_tokens_from_labels is not None:
-            self.max_new_tokens = fitted_max_new_tokens(
-                self._tokenizer, self.prompts, args.max_new_tokens_from_labels, args.max_new_tokens
-            )
         self.generator = self._make_generator(SamplingParams.from_config(args, self.max_new_tokens))
-        self.rehearsal_prompts, self.rehearsal_generator = None, None
+        self.rehearsal = None  # self-rehearsal, whose answers come from the adapter as it is now (the initial one)
         if args.rehearsal_weight > 0:
-            self.rehearsal_prompts = rehearsal_prompts(
-                args.rehearsal_prompts, args.rehearsal_num_prompts, conversational=is_conversational(self.prompts[0])
-            )
-            # The initial adapter, taken now (before any training), is the rehearsal's one snapshot.
-            self.rehearsal_generator = self._make_generator(
-                rehearsal_sampling(args),
-                prompts=self.rehearsal_prompts,
-                history=initial_history(self.model, self.adapter_name),
-                parts_dir=self.run.rehearsal_parts_dir,
-            )
+            self.rehearsal = SelfRehearsal(args, self.model, self.adapter_name, self._make_generator, self.run,
+                                           conversational=is_conversational(self.prompts[0]))
         self.candidate_builder = CandidateBuilder(
             self.prompts,
             lambda candidates, name: self._prepare_dataset(candidates, self.processing_class, args, False, None, name),
-            unfinished=args.unfinished_trajectories,
-            trajectory_filter=args.trajectory_filter,
-            verifier=verifier,
-            min_verifier_score=args.min_verifier_score,
-            answer_extractor=answer_extractor,
-            process_index=self.accelerator.process_index,
-            num_processes=self.accelerator.num_processes,
+            unfinished=args.unfinished_trajectories, trajectory_filter=args.trajectory_filter, verifier=verifier,
+            min_verifier_score=args.min_verifier_score, answer_extractor=answer_extractor,
+            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes,
         )
         self.trajectories = None
         self.stats = TrajectoryStats()
@@ -221,49 +195,38 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         training_values = self.set_initial_training_values(self.args, self.get_train_dataloader())
         self.updates_per_epoch, self.planned_steps = training_values[1], training_values[-1]
         check_num_checkpoints(args.num_checkpoints, self.planned_steps)
-        self.pld_callback = None
+        self.pld_callback, self.retention_callback = None, None
         if args.log_pld and self.eval_dataset is not None:
             self.pld_callback = PLDCallback(
-                self,
-                num_samples=args.pld_num_samples,
-                drift_threshold=args.pld_drift_threshold,
+                self, num_samples=args.pld_num_samples, drift_threshold=args.pld_drift_threshold,
                 stop_on_drift=args.pld_stop_on_drift,
             )
             self.add_callback(self.pld_callback)
-        self.retention_callback = None
         if args.log_retention:
             self.retention_callback = RetentionCallback(
-                self,
-                prompts=args.retention_prompts,
-                num_prompts=args.retention_num_prompts,
-                max_new_tokens=args.retention_max_new_tokens,
-                kl_threshold=args.retention_kl_threshold,
+                self, prompts=args.retention_prompts, num_prompts=args.retention_num_prompts,
+                max_new_tokens=args.retention_max_new_tokens, kl_threshold=args.retention_kl_threshold,
                 stop_on_kl=args.retention_stop_on_kl,
             )
             self.add_callback(self.retention_callback)
         # The best-checkpoint choice is the student's (or the online run's): the harvest only feeds the snapshots.
-        self.drift_budget = None
-        if args.retention_kl_budget is not None:
-            self.drift_budget = DriftBudgetCallback(self.retention_callback, args.retention_kl_budget)
+        budget = args.retention_kl_budget
+        self.drift_budget = None if budget is None else DriftBudgetCallback(self.retention_callback, budget)
+        self._choice = [] if budget is None else [self.drift_budget]
 
     def _make_generator(self, sampling: SamplingParams, prompts=None, history=None, parts_dir: str | None = None):
-        """The generation backend for `prompts` and the snapshots of `history` (default: the training prompts and the
-        run's history)."""
-        common = dict(
-            adapter_name=self.adapter_name, chat_template=self.chat_template, parts_dir=parts_dir or self.run.parts_dir
-        )
+        """The generation backend for `prompts` and the snapshots of `history` (default: this run's)."""
+        common = dict(adapter_name=self.adapter_name, chat_template=self.chat_template,
+                      parts_dir=parts_dir or self.run.parts_dir)
         prompts = self.prompts if prompts is None else prompts
         if self.args.generation_memory_mb is not None and self.args.generation_backend == "transformers":
-            sampling = self._within_memory(sampling, prompts)
+            budget = self.args.generation_memory_mb
+            sampling = sampling_within_memory(sampling, self.model, self._tokenizer, prompts, budget,
+                                              self.args.num_checkpoints, self.chat_template)
         inputs = (self.model, self._tokenizer, prompts, self.history if history is None else history, sampling)
         if self.args.generation_backend == "vllm":
-            return VLLMGenerator(
-                *inputs,
-                work_dir=self.run.vllm_dir,
-                gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
-                disable_tqdm=self.args.disable_tqdm,
-                **common,
-            )
+            return VLLMGenerator(*inputs, work_dir=self.run.vllm_dir, disable_tqdm=self.args.disable_tqdm,
+                                 gpu_memory_utilization=self.args.vllm_gpu_memory_utilization, **common)
         return HotSwapGenerator(
             *inputs,
             # The wrapped model exists once training has started: look it up at each generation.
@@ -271,23 +234,8 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
                 self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
             ),
             disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
-            process_index=self.accelerator.process_index,
-            num_processes=self.accelerator.num_processes,
-            **common,
+            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes, **common,
         )
-
-    def _within_memory(self, sampling: SamplingParams, prompts) -> SamplingParams:
-        """`sampling` with as many rows per call as `generation_memory_mb` holds for the longest of `prompts`."""
-        longest = max(len(prompt_token_ids(self._tokenizer, example, self.chat_template)) for example in prompts)
-        per_prompt = min(sampling.snapshots_per_generate, self.args.num_checkpoints) * sampling.samples_per_checkpoint
-        rows = rows_within_memory(
-            self.model, longest, sampling.max_new_tokens, self.args.generation_memory_mb, min_rows=per_prompt
-        )
-        logger.info(
-            f"generation_memory_mb={self.args.generation_memory_mb}: up to {rows} rows per generate call "
-            f"(longest prompt {longest} tokens + {sampling.max_new_tokens} new)."
-        )
-        return dataclasses.replace(sampling, batch_size=min(sampling.batch_size, rows))
 
     # The algorithm
 
@@ -306,7 +254,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         """
         run = self.run
         sampling = SamplingParams.from_config(self.args, self.max_new_tokens)
-        rehearsal = None if self.rehearsal_prompts is None else (self.rehearsal_prompts, rehearsal_sampling(self.args))
+        rehearsal = None if self.rehearsal is None else (self.rehearsal.prompts, self.rehearsal.sampling)
         settings = run_settings(self.model, self.model.peft_config[self.adapter_name], self.prompts, self.args,
                                 self.planned_steps, sampling, rehearsal)
         run.start(settings, self.planned_steps, resume_from_checkpoint, self.args.output_dir)
@@ -319,10 +267,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         if run.done("harvest"):
             run.reopen_snapshots(self.history, run.record["snapshot_steps"])
         else:
-            checkpoint = run.checkpoint("harvest")
-            if checkpoint is not None:
-                planned = snapshot_steps(run.record["planned_steps"], self.args.num_checkpoints)
-                run.reopen_snapshots(self.history, [s for s in planned if s <= checkpoint_step(checkpoint)])
+            checkpoint = run.resume_harvest(self.history, self.args.num_checkpoints)
             schedule = partial(snapshot_steps, num_checkpoints=self.args.num_checkpoints)
             snapshots = SnapshotCallback(self.history, self.model, self.adapter_name, schedule)
             with self._phase("harvest", [snapshots, run.identity("harvest")], output_dir=run.harvest_dir,
@@ -334,9 +279,10 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         # 2. Trajectories: every snapshot samples its completions of every prompt (and, for self-rehearsal, the initial
         # adapter answers the rehearsal prompts).
         with self._phase("trajectories"):
-            rehearsal = self._rehearsal_answers()
+            if self.rehearsal is not None:
+                self.rehearsal.answers()
             started = time.perf_counter()
-            self.trajectories = self._trajectories(reuse=run.done("trajectories"), rehearsal=rehearsal)
+            self.trajectories = self._trajectories(reuse=run.done("trajectories"))
             seconds = run.record.get("trajectory_seconds", time.perf_counter() - started)
             run.finish("trajectories", trajectory_seconds=seconds)  # then the generation's scratch is removed
 
@@ -347,14 +293,13 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         if self.args.generates_drawn_trajectories_only:
             self.stats.not_sampled = self.unsampled_count(self.trajectories)
             sampled = set(zip(self.trajectories["prompt_index"], self.trajectories["snapshot_step"]))
-        self._use_mixture(candidates, sampled)
-        self.stats.add(self._use_rehearsal(rehearsal))
+        self.stats.add(self._use_mixture(candidates, sampled))
         self._reset_adapter()
         score = partial(score_trajectories, self, self.train_dataset, candidates)
         mixture = MixtureCallback(self.train_dataset, self.log_event, begin_logs={
             f"tms_{key}": float(value) for key, value in self.stats.as_dict().items()
         }, score=score if self.args.trajectory_choice == "pld" else None)
-        with self._phase("student", [mixture, run.identity("student"), *self._choice()],
+        with self._phase("student", [mixture, run.identity("student"), *self._choice],
                          max_steps=run.record["harvest_steps"]):
             output = train(resume_from_checkpoint=run.checkpoint("student"))
         self.state.log_history = run.record["harvest_log"] + self.state.log_history
@@ -363,27 +308,19 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
     def _train_online(self, train):
         """Online TMS: one run on its own snapshots (see [`OnlineTMS`])."""
         online = OnlineTMS(self, self.run)
-        # Sampling only the drawn pairs, the mixture knows which were sampled: none yet.
-        self._use_mixture(self.candidate_builder.build(None)[0], sampled=set() if online.drawn else None)
         self.stats = online.stats
-        # Before the first step, while the adapter is still the initial one the answers come from.
-        self.stats.add(self._use_rehearsal(self._rehearsal_answers()))
+        # Sampling only the drawn pairs, the mixture knows which were sampled: none yet.
+        self.stats.add(self._use_mixture(self.candidate_builder.build(None)[0], set() if online.drawn else None))
         callbacks = [online, SnapshotCallback(self.history, self.model, self.adapter_name),
-                     MixtureCallback(self.train_dataset, self.log_event), self.run.identity("online"), *self._choice()]
+                     MixtureCallback(self.train_dataset, self.log_event), self.run.identity("online"), *self._choice]
         with self._phase("online", callbacks):
             output = train(resume_from_checkpoint=self.run.checkpoint("online"))
         self.trajectories = online.finish()
         return output
 
-    def _choice(self) -> list[TrainerCallback]:
-        return [] if self.drift_budget is None else [self.drift_budget]
-
     @contextlib.contextmanager
     def _phase(self, name: str, callbacks: list[TrainerCallback] = (), **overrides):
-        """
-        Run a phase: `self.phase` names it, and its `callbacks` and the config fields in `overrides` hold only while it
-        runs.
-        """
+        """Run phase `name` (`self.phase`); its `callbacks` and the config fields in `overrides` hold while it runs."""
         saved = {key: getattr(self.args, key) for key in overrides}
         self.phase = name
         try:
@@ -399,80 +336,38 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
                 setattr(self.args, key, value)
             self.phase = None
 
-    def _trajectories(self, reuse: bool = False, rehearsal=None):
-        drawn_only = self.args.generates_drawn_trajectories_only and self.args.label_weight < 1.0
-        epochs = math.ceil(self.run.record["harvest_steps"] / self.updates_per_epoch)
-        if reuse and os.path.isdir(self.run.trajectories_dir):
-            saved = load_from_disk(self.run.trajectories_dir)
-            if not drawn_only:
-                return saved
-            # Sampled for another student's draws (e.g. another `label_weight`): add the pairs this one lacks.
-            trajectories = self._drawn_trajectories(epochs, saved, rehearsal)
-            if len(trajectories) == len(saved):
-                return saved
-        elif self.args.label_weight == 1.0:
+    def _trajectories(self, reuse: bool = False):
+        drawn_only = self.args.generates_drawn_trajectories_only
+        folder = self.run.trajectories_dir
+        saved = load_from_disk(folder) if reuse and os.path.isdir(folder) else None
+        if saved is not None and not drawn_only:
+            return saved
+        if saved is None and self.args.label_weight == 1.0:
             logger.warning("`label_weight=1.0`: the student trains on labels only, so no trajectory is generated.")
-            trajectories = trajectories_dataset(self._tokenizer, self.prompts, {key: [] for key in PART_KEYS})
+            trajectories = None
         elif drawn_only:
-            trajectories = self._drawn_trajectories(epochs, rehearsal=rehearsal)
+            # Given trajectories sampled for another student's draws (e.g. another `label_weight`), adds those it lacks.
+            trajectories = drawn_trajectories(self._missing_pairs, lambda pairs: self.generator.generate(pairs=pairs),
+                                              start=saved)
+            if saved is not None and (trajectories is None or len(trajectories) == len(saved)):
+                return saved
         else:
             trajectories = self.generator.generate()
+        if trajectories is None:
+            trajectories = empty_trajectories(self._tokenizer, self.prompts)
         self.generator.close()  # before the student trains: a vLLM engine gives its memory back
         if self.is_world_process_zero():
             save_trajectories(trajectories, self.run.trajectories_dir)
         return trajectories
 
-    def _drawn_trajectories(self, num_epochs: int, start=None, rehearsal=None):
-        """
-        The trajectories the student's draws over `num_epochs` epochs land on, beyond those of `start`: the pairs the
-        draws need are sampled, then those that a draw landing on a trajectory left out (empty, filtered) draws
-        instead, until none is missing. A draw that the `rehearsal` answers take (self-rehearsal) needs no pair.
-        """
-        parts = [] if start is None or not len(start) else [start]
-        sampled = set(zip(start["prompt_index"], start["snapshot_step"])) if parts else set()
-        rehearsal = None if rehearsal is None else rehearsal_candidates(rehearsal)[0]
-        while True:
-            trajectories = concatenate_datasets(parts) if parts else None
-            plan = self._mixture(self.candidate_builder.untokenized(trajectories), sampled)
-            if rehearsal is not None:
-                plan.add_rehearsal(rehearsal, self.args.rehearsal_weight)
-            missing = plan.missing_pairs(num_epochs)
-            if not missing:
-                break
-            parts.append(self.generator.generate(pairs=missing))
-            sampled |= missing
-        if trajectories is None:
-            return trajectories_dataset(self._tokenizer, self.prompts, {key: [] for key in PART_KEYS})
-        return trajectories.sort(["prompt_index", "snapshot_step", "sample_index"])
-
-    def _rehearsal_answers(self):
-        """The initial model's answers to the rehearsal prompts (None without rehearsal): generated once, then read
-        back from the history folder."""
-        if self.rehearsal_generator is None:
-            return None
-        if self.run.done("rehearsal") and os.path.isdir(self.run.rehearsal_dir):
-            return load_from_disk(self.run.rehearsal_dir)
-        started = time.perf_counter()
-        answers = self.rehearsal_generator.generate()
-        self.rehearsal_generator.close()
-        if self.is_world_process_zero():
-            save_trajectories(answers, self.run.rehearsal_dir)
-        self.run.finish("rehearsal", rehearsal_seconds=time.perf_counter() - started)
-        return answers
-
-    def _use_rehearsal(self, answers) -> TrajectoryStats:
-        """Let the mixture draw the rehearsal `answers` with probability `rehearsal_weight`; returns their counts."""
-        if answers is None:
-            return TrajectoryStats()
-        candidates, counts = self.candidate_builder.build_rehearsal(answers)
-        self.train_dataset.add_rehearsal(candidates, self.args.rehearsal_weight)
-        counts.rehearsal_seconds = self.run.record.get("rehearsal_seconds", 0.0)
-        return counts
-
-    def sample_trajectories(self, steps: list[int] | None = None, pairs: set[tuple[int, int]] | None = None):
-        """Trajectories of the snapshots of `steps` (default: all), or of the `(prompt_index, snapshot_step)` `pairs`
-        only, from the trainer's generation backend."""
-        return self.generator.generate(steps=steps, pairs=pairs)
+    def _missing_pairs(self, trajectories, sampled: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        """The pairs the student's draws land on that were not `sampled`, given the `trajectories` sampled so far."""
+        # Untokenized: the plan reads only which prompt and snapshot each candidate is of.
+        plan = MixtureDataset.from_config(self.candidate_builder.untokenized(trajectories), self.args,
+                                          self.history.steps, sampled)
+        if self.rehearsal is not None:  # a draw the rehearsal answers take needs no pair
+            self.rehearsal.add_to(plan)
+        return plan.missing_pairs(math.ceil(self.run.record["harvest_steps"] / self.updates_per_epoch))
 
     def unsampled_count(self, trajectories) -> int:
         """How many of the trajectories of every prompt x snapshot x sample are not among `trajectories`."""
@@ -480,12 +375,7 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
 
     def _reset_adapter(self) -> None:
         """The adapter back at its initial weights, with a fresh optimizer and schedule."""
-        params = adapter_parameters(self.model, self.adapter_name)
-        # Partitioned weights (ZeRO-3): every process holds the same initial weights; the main one's are scattered back.
-        # Shards (FSDP2): each process keeps its part of them.
-        with torch.no_grad(), gathered(params.values(), modifier_rank=0):
-            for name, param in params.items():
-                assign(param, self._initial_adapter[name])
+        restore_adapter(self.model, self.adapter_name, self._initial_adapter)
         self.optimizer, self.lr_scheduler = None, None
         if self.is_deepspeed_enabled:
             # A DeepSpeed engine owns the optimizer and its partitioned state: let the next `train()` build a new one,
@@ -496,26 +386,15 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
             self.model_wrapped, self.deepspeed = self.model, None
         self._total_train_tokens = 0
 
-    def _use_mixture(self, candidates, sampled: set[tuple[int, int]] | None = None) -> None:
-        """Train on a `MixtureDataset` of the tokenized `candidates` from now on (`sampled`: as for `_mixture`)."""
-        self.candidates = candidates
-        self.train_dataset = self._mixture(candidates, sampled)
+    def _use_mixture(self, candidates, sampled: set[tuple[int, int]] | None = None) -> TrajectoryStats:
+        """Train on a `MixtureDataset` of the tokenized `candidates` and the rehearsal answers from now on (`sampled`:
+        the pairs generated, when not all were); returns the rehearsal answers' counts."""
+        self.train_dataset = MixtureDataset.from_config(candidates, self.args, self.history.steps, sampled)
         if not isinstance(self.data_collator, MixtureCollator):
             self.data_collator = MixtureCollator(self.data_collator)
-
-    def _mixture(self, candidates, sampled: set[tuple[int, int]] | None = None) -> MixtureDataset:
-        """The mixture of `candidates` under this run's settings; `sampled`: the (prompt, snapshot) pairs generated, when
-        not all were."""
-        weights = self.args.snapshot_weights
-        return MixtureDataset(
-            candidates,
-            self.args.label_weight,
-            self.args.seed,
-            trajectory_choice=self.args.trajectory_choice,
-            snapshot_weights=None if weights is None else dict(zip(self.history.steps, weights)),
-            snapshot_steps=None if sampled is None else self.history.steps,
-            sampled=sampled,
-        )
+        if self.rehearsal is None:
+            return TrajectoryStats()
+        return self.rehearsal.add_to(self.train_dataset, self.candidate_builder)
 
     # Hooks into SFTTrainer
 

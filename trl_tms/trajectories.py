@@ -22,6 +22,7 @@ from .generation import (
     batch_seed,
     cache_is_growable,
     decode_until_eos,
+    empty_trajectories,
     eos_token_ids,
     left_pad,
     pairs_digest,
@@ -128,7 +129,7 @@ def generate_trajectories(
     """
     steps = steps_to_sample(history, steps, pairs, len(prompts))
     if not steps:
-        return trajectories_dataset(tokenizer, prompts, {key: [] for key in PART_KEYS})
+        return empty_trajectories(tokenizer, prompts)
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` before generating trajectories.")
 

@@ -16,11 +16,11 @@ from .data import prompt_token_ids
 from .history import AdapterHistory
 from .quantization import is_quantized
 from .generation import (
-    PART_KEYS,
     PartStore,
     SamplingParams,
     TrajectoryGenerator,
     batch_seed,
+    empty_trajectories,
     eos_token_ids,
     pairs_digest,
     steps_to_sample,
@@ -192,7 +192,7 @@ class VLLMGenerator(TrajectoryGenerator):
         prompts, sampling = self.prompts, self.sampling
         steps = steps_to_sample(self.history, steps, pairs, len(prompts))
         if not steps:
-            return trajectories_dataset(self.tokenizer, prompts, {key: [] for key in PART_KEYS})
+            return empty_trajectories(self.tokenizer, prompts)
         per_call = sampling.snapshots_per_generate
         groups = [tuple(steps[i : i + per_call]) for i in range(0, len(steps), per_call)]
         wanted = {

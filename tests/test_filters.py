@@ -158,7 +158,7 @@ def test_snapshot_weights_need_a_weight_for_every_snapshot():
     [
         (dict(unfinished_trajectories="cut"), "unfinished_trajectories"),
         (dict(trajectory_filter="majority"), "trajectory_filter"),
-        (dict(max_new_tokens_from_labels=0.0), "max_new_tokens_from_labels"),
+        (dict(max_new_tokens_from_labels=-1.0), "max_new_tokens_from_labels"),
         (dict(trajectory_filter="self_consistency", tms_mode="online"), "two_pass"),
         (dict(snapshot_weights=[1.0, 1.0]), "3 snapshots"),
         (dict(snapshot_weights=[0.0, 0.0, 0.0]), "at least one positive"),
@@ -260,7 +260,7 @@ def test_max_new_tokens_from_labels_fits_the_length_budget(tiny_llama, tmp_path)
     longest = max(len(tokenizer(c[0]["content"], add_special_tokens=False)["input_ids"])
                   for c in make_examples(8, seed=0)["completion"])
     trainer = run(tiny_llama, tmp_path, max_new_tokens=64, max_new_tokens_from_labels=2.5)
-    assert trainer.max_new_tokens == 16 * math.ceil(2.5 * longest / 16) < 64
+    assert trainer.max_new_tokens == 16 * math.ceil((2.5 * longest + 1) / 16) < 64
     assert max(trainer.trajectories["num_tokens"]) <= trainer.max_new_tokens
     capped = TMSTrainer(
         model=tiny_llama,

@@ -27,11 +27,11 @@ def cpu_has_native_bf16() -> bool | None:
 # The named settings of `TMSConfig.recipe`; the evidence for each is in docs/results.md. When the study's evidence
 # changes, the recipe follows it (and the docs' "Choose a recipe" says so).
 RECIPES = {
-    "retention": {"tms_mode": "online", "label_weight": 0.75},
-    "paper": {"tms_mode": "two_pass", "label_weight": 0.25},
+    "retention": {"tms_mode": "online", "label_weight": 0.75, "max_new_tokens_from_labels": 1.0},
+    "paper": {"tms_mode": "two_pass", "label_weight": 0.25, "max_new_tokens_from_labels": None},
 }
-# The label share a mode defaults to when a recipe of the other mode is named (each mode's recipe's).
-MODE_LABEL_WEIGHTS = {recipe["tms_mode"]: recipe["label_weight"] for recipe in RECIPES.values()}
+# What a mode's fields default to, also when a recipe of the other mode is named: that mode's recipe's.
+MODE_DEFAULTS = {recipe["tms_mode"]: recipe for recipe in RECIPES.values()}
 
 
 @dataclass
@@ -51,11 +51,13 @@ class TMSConfig(SFTConfig):
 
         recipe (`str`, *optional*, defaults to `"retention"`):
             The settings TMS starts from, by name; a field you set yourself keeps your value. `"retention"` (the
-            default): online TMS with `label_weight=0.75`, the setting that learned about as much as SFT at a lower
-            learning rate with less drift in both regimes of our study (see the how-to guide, "Choose a recipe").
-            `"paper"`: the paper's two-pass TMS with `label_weight=0.25`. A recipe sets `tms_mode` and, where it is
-            not set, the `label_weight` of that mode (two-pass 0.25, online 0.75), so `tms_mode="two_pass"` alone is
-            the paper's setting.
+            default): online TMS with `label_weight=0.75` and trajectories as long as the longest label
+            (`max_new_tokens_from_labels=1.0`), the setting that learned about as much as SFT at a lower learning rate
+            with less drift in both regimes of our study (see the how-to guide, "Choose a recipe"). `"paper"`: the
+            paper's two-pass TMS with `label_weight=0.25`, trajectories up to `max_new_tokens`. A recipe sets `tms_mode`
+            and, where they are not set, that mode's `label_weight` (two-pass 0.25, online 0.75) and
+            `max_new_tokens_from_labels` (two-pass none, online 1.0), so `tms_mode="two_pass"` alone is the paper's
+            setting.
 
         > Parameters that control the adapter history (harvest phase)
 
@@ -103,9 +105,12 @@ class TMSConfig(SFTConfig):
         max_new_tokens (`int`, *optional*, defaults to `256`):
             Maximum number of tokens generated per trajectory. Generation stops earlier at the EOS token.
         max_new_tokens_from_labels (`float`, *optional*):
-            Fit the trajectory length to the task: at most this many times the longest training label (in tokens,
-            rounded up to a multiple of 16), and never more than `max_new_tokens`. E.g. `1.5`. Runaway samples then
-            stop near the length a good answer has instead of running to `max_new_tokens`.
+            Fit the trajectory length to the task: at most this many times the longest training label in tokens, plus
+            its end token, rounded up to a multiple of 16, and never more than `max_new_tokens`. Default: the mode's
+            recipe's, `1.0` for online TMS (`retention`: an answer as long as the longest label always fits, a longer
+            one is cut and handled as `unfinished_trajectories` says; in online TMS's small per-refresh `generate`
+            calls every decode step costs nearly a full batch's, so the runaway samples set the cost), none for
+            two-pass TMS (`paper`: up to `max_new_tokens`). `0` turns the budget off.
         generation_batch_size (`int`, *optional*, defaults to `16`):
             Number of sequences per `generate` call (prompts x resident snapshots x samples). A call holds at least one
             prompt, so it exceeds this when `snapshots_per_generate * samples_per_checkpoint` does.
@@ -243,8 +248,9 @@ class TMSConfig(SFTConfig):
         default="retention",
         metadata={
             "help": "The settings TMS starts from, by name; a field you set keeps your value. `retention` (default): "
-            "online TMS with `label_weight=0.75`, which learned about as much as SFT at a lower learning rate with less "
-            "drift in both regimes of our study. `paper`: the paper's two-pass TMS with `label_weight=0.25`.",
+            "online TMS with `label_weight=0.75` and `max_new_tokens_from_labels=1.0`, which learned about as much as "
+            "SFT at a lower learning rate with less drift in both regimes of our study. `paper`: the paper's two-pass "
+            "TMS with `label_weight=0.25`, trajectories up to `max_new_tokens`.",
             "choices": list(RECIPES),
         },
     )
@@ -332,7 +338,9 @@ class TMSConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Fit the trajectory length to the task: at most this many times the longest training label in "
-            "tokens (rounded up to a multiple of 16), and never more than `max_new_tokens`. E.g. 1.5."
+            "tokens, plus its end token, rounded up to a multiple of 16, and never more than `max_new_tokens`. "
+            "Default: the mode's recipe's (`1.0` for online TMS, whose small per-refresh calls pay for every decode "
+            "step of a runaway sample; none for two-pass TMS). `0` turns it off."
         },
     )
     generation_batch_size: int = field(
@@ -572,14 +580,18 @@ class TMSConfig(SFTConfig):
             raise ValueError(str(error) + self._recipe_hint(mode_from_recipe, str(error))) from None
 
     def _apply_recipe(self) -> bool:
-        """Fill `tms_mode` and `label_weight` from the recipe where they are not set; whether the mode came from it."""
+        """Fill `tms_mode`, `label_weight` and `max_new_tokens_from_labels` from the recipe where they are not set (the
+        last two from the mode's recipe); whether the mode came from it."""
         if self.recipe not in RECIPES:
             raise ValueError(f"`recipe` must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
         mode_from_recipe = self.tms_mode is None
         if mode_from_recipe:
             self.tms_mode = RECIPES[self.recipe]["tms_mode"]
+        defaults = MODE_DEFAULTS.get(self.tms_mode, RECIPES["paper"])
         if self.label_weight is None:
-            self.label_weight = MODE_LABEL_WEIGHTS.get(self.tms_mode, RECIPES["paper"]["label_weight"])
+            self.label_weight = defaults["label_weight"]
+        if self.max_new_tokens_from_labels is None:
+            self.max_new_tokens_from_labels = defaults["max_new_tokens_from_labels"]
         return mode_from_recipe
 
     def _recipe_hint(self, mode_from_recipe: bool, message: str) -> str:
@@ -647,9 +659,9 @@ class TMSConfig(SFTConfig):
             (self.top_k >= 0, f"`top_k` must be >= 0 (0 disables it), got {self.top_k}."),
             (self.max_new_tokens >= 1, f"`max_new_tokens` must be at least 1, got {self.max_new_tokens}."),
             (
-                self.max_new_tokens_from_labels is None or self.max_new_tokens_from_labels > 0,
-                f"`max_new_tokens_from_labels` must be positive (a multiple of the longest label), got "
-                f"{self.max_new_tokens_from_labels}.",
+                self.max_new_tokens_from_labels is None or self.max_new_tokens_from_labels >= 0,
+                f"`max_new_tokens_from_labels` must be >= 0 (a multiple of the longest label; 0 turns the budget off), "
+                f"got {self.max_new_tokens_from_labels}.",
             ),
             (
                 self.generation_batch_size >= 1,

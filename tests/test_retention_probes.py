@@ -190,3 +190,27 @@ def test_greedy_answers_drop_finished_rows_and_keep_their_logits(tiny, monkeypat
         with torch.no_grad():
             forced = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
         torch.testing.assert_close(row_logits, forced, atol=1e-4, rtol=1e-4)
+
+
+def test_text_and_choice_contexts_start_with_the_tokenizers_bos(tiny, monkeypatch):
+    """A model trained to see `<bos>` first (Gemma: its WikiText NLL nearly doubles without it) is read after it."""
+    from tokenizers.processors import TemplateProcessing
+
+    from tiny import build_tokenizer
+    from trl_tms.probes import measures
+
+    model, _ = tiny
+    tokenizer = build_tokenizer()
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    text = "what is one plus two ?"
+    words = ids(tokenizer, text)
+    assert tokenizer(text)["input_ids"] == [bos, *words]
+    result = probes.text_nll(model, tokenizer, [text])
+    assert result["tokens"] == [len(words)]  # every word scored, after <bos>
+    assert result["sums"] == pytest.approx([-sum(manual_logprobs(model, [bos], words))], abs=1e-3)
+    seen = []
+    monkeypatch.setattr(measures, "continuation_logprobs", lambda m, t, pairs, b: seen.extend(pairs) or [[0.0]] * len(pairs))
+    probes.multiple_choice(model, tokenizer, [{"context": text, "options": ["yes", "no"], "label": 0}])
+    assert [context for context, _ in seen] == [[bos, *words]] * 2
+    assert [option for _, option in seen] == [ids(tokenizer, " yes"), ids(tokenizer, " no")]  # options: no <bos>

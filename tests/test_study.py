@@ -143,8 +143,8 @@ def tiny_study(monkeypatch, tiny_llama):
     from conftest import load_tokenizer, make_examples
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(training, "load_model", lambda: (AutoModelForCausalLM.from_pretrained(tiny_llama),
-                                                         load_tokenizer(tiny_llama)))
+    monkeypatch.setattr(training, "load_model", lambda regime=None: (AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                                                     load_tokenizer(tiny_llama)))
     monkeypatch.setattr(registry, "TASK_TOKENS", 6)
     train = make_examples(16, seed=0).add_column("answer", ["3"] * 16)
     pld = make_examples(4, seed=1).add_column("answer", ["3"] * 4)

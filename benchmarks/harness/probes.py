@@ -7,14 +7,16 @@
 
 Every probe returns per-item values as well as the mean, so that two models can be compared item by item (paired
 standard errors are far smaller than the spread of either model's accuracy). `ProbeSuite` runs them all and returns
-one record layout (a checkpoint of `records.py`); instruction following is `instruction_following.py`.
+one record layout (a checkpoint of `records.py`); instruction following is `instruction_following.py`. A regime in
+the plain prompt format (a base model without a chat template, `formats.py`) asks the everyday prompts as plain
+questions and leaves instruction following out.
 """
 
 from __future__ import annotations
 
 import time
 
-from . import registry
+from . import formats, registry
 from .instruction_following import instruction_following
 
 from trl_tms.generation import greedy_answers  # noqa: F401  (the benchmark reads it from here)
@@ -76,18 +78,26 @@ class ProbeSuite:
             Held-out target-task problems (`prompt`, `answer`).
         pld_set (`Dataset`):
             Held-out worked answers (`prompt`, `completion`): PLD as TMS logs it.
+        train (`Dataset`, *optional*):
+            The training problems, for KL to the base on their prompts (`sizes["train_kl_prompts"]` of them).
+        prompt_format (`str`, *optional*, defaults to `"chat"`):
+            `formats.FORMATS`: with `"plain"` (a base model without a chat template) the everyday prompts are asked as
+            plain questions, the base model's answers end where they start a new question, and instruction following
+            (which needs a chat template) is left out.
     """
 
-    def __init__(self, sizes: dict, model, tokenizer, test, pld_set, train=None):
+    def __init__(self, sizes: dict, model, tokenizer, test, pld_set, train=None, prompt_format: str = "chat"):
         from trl_tms import METER_PROMPTS
         from trl_tms.data import prompt_token_ids
         from trl_tms.retention import build_reference
 
-        self.tokenizer, self.test = tokenizer, test
+        self.tokenizer, self.test, self.plain = tokenizer, test, prompt_format == "plain"
+        self.verify = formats.verifier(prompt_format)
         self.wiki = [t for t in load_wikitext(sizes["wiki_items"]) if len(tokenizer(t)["input_ids"]) > 1]
         self.piqa, self.siqa = load_piqa(sizes["mc_items"]), load_siqa(sizes["mc_items"])
-        prompts = [chat_ids(tokenizer, p) for p in CHAT_PROMPTS[: sizes["chat_prompts"]]]
-        answers = greedy_answers(model, tokenizer, prompts, sizes["chat_tokens"])
+        ask = (lambda q: formats.question_ids(tokenizer, q)) if self.plain else (lambda q: chat_ids(tokenizer, q))
+        prompts = [ask(p) for p in CHAT_PROMPTS[: sizes["chat_prompts"]]]
+        answers = self.own_answers(model, prompts, sizes["chat_tokens"])
         self.conversations = list(zip(prompts, answers))
         # KL to the base on the new task's own prompts (RL's Razor, arXiv 2509.04259): the base's greedy answers to
         # the first training prompts.
@@ -95,30 +105,41 @@ class ProbeSuite:
         if train is not None and sizes.get("train_kl_prompts"):
             task_prompts = [prompt_token_ids(tokenizer, row) for row in train.select(
                 range(min(sizes["train_kl_prompts"], len(train))))]
-            task_answers = greedy_answers(model, tokenizer, task_prompts, registry.TASK_TOKENS)
+            task_answers = self.own_answers(model, task_prompts, registry.TASK_TOKENS)
             self.task_conversations = list(zip(task_prompts, task_answers))
         # PLD as TMS logs it: mean NLL per token of held-out worked answers (with the end-of-turn token).
         self.labels = []
         for row in pld_set:
+            if self.plain:
+                self.labels.append(formats.label_ids(tokenizer, row))
+                continue
             prompt = prompt_token_ids(tokenizer, row)
             full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
             full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
             self.labels.append((prompt, list(full[len(prompt):])))
-        meter_prompts = [prompt_token_ids(tokenizer, {"prompt": [{"role": "user", "content": p}]})
+        meter_prompts = [formats.question_ids(tokenizer, p) if self.plain else
+                         prompt_token_ids(tokenizer, {"prompt": [{"role": "user", "content": p}]})
                          for p in METER_PROMPTS[:8]]
         self.meter = build_reference(model, tokenizer, meter_prompts, None, 32, top_k=256, batch_size=16)
 
+    def own_answers(self, model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """The base model's greedy answers, a plain one up to where it starts a new question."""
+        answers = greedy_answers(model, self.tokenizer, prompts, max_new_tokens)
+        return [formats.cut_at_next_question(self.tokenizer, a) for a in answers] if self.plain else answers
+
     def evaluate(self, model, full: bool) -> dict:
-        """Every probe on `model` (PIQA, SIQA and instruction following only when `full`): a checkpoint's values."""
+        """
+        Every probe on `model` (PIQA, SIQA and instruction following only when `full`; instruction following never in
+        the plain format): a checkpoint's values.
+        """
         from peft import PeftModel
 
-        from trl_tms.probes.embedded import is_correct
         from trl_tms.retention import meter_sums
 
         started = time.perf_counter()
         model.eval()
         tok = self.tokenizer
-        target = target_accuracy(model, tok, self.test, registry.TASK_TOKENS, is_correct)
+        target = target_accuracy(model, tok, self.test, registry.TASK_TOKENS, self.verify)
         wiki = text_nll(model, tok, self.wiki)
         reference = model.disable_adapter if isinstance(model, PeftModel) else None
         chat = chat_drift(model, tok, self.conversations, reference=reference)
@@ -141,7 +162,8 @@ class ProbeSuite:
             piqa, siqa = multiple_choice(model, tok, self.piqa), multiple_choice(model, tok, self.siqa)
             result.update(piqa_acc=piqa["accuracy"], siqa_acc=siqa["accuracy"])
             result["items"].update(piqa=piqa["correct"], siqa=siqa["correct"])
-            score_instructions(model, tok, result)
+            if not self.plain:
+                score_instructions(model, tok, result)
         result["eval_seconds"] = time.perf_counter() - started
         return result
 

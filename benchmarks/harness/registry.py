@@ -23,6 +23,11 @@ REGIMES = {
     "partly": dict(task="letter_counting_short", lora_r=64, learning_rate=1e-3, epochs=4),
     # retention.py's gentler regime (its `aggressive` one is `zero`; its `aggressive_2ep` SFT control is `sft_early`).
     "mild": dict(task="leg_counting", lora_r=16, learning_rate=3e-4, epochs=3),
+    # Issue #44's second model family: Gemma-3-270M base in the plain "Question:/Answer:" format (`harness/models.py`,
+    # `harness/formats.py`). PLACEHOLDER task from a tiny screen (8 items per task: letter_counting_short 0.50, gcd_small
+    # and products_2x1digit 0.125, the others 0; benchmarks/README.md): the full screen (`study.py --screen
+    # --screen_model gemma3_270m`) must confirm a base accuracy in about [0.15, 0.5] and that SFT raises it.
+    "gemma": dict(model="gemma3_270m", task="letter_counting_short", lora_r=64, learning_rate=1e-3, epochs=4),
 }
 
 

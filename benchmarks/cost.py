@@ -15,7 +15,9 @@ optimizer steps), seed 0, trajectories of at most 128 new tokens, 64 rows per `g
 - `online`: the recommended recipe, `TMSConfig(recipe="retention")` (online TMS at `label_weight` 0.75), everything
   else at the package's defaults but the run's generation length and call size above (`SETUP`), as in `cost_t10.py`;
 - `two_pass`: the paper's, `recipe="paper"` at T = `num_checkpoints` = 10;
-- `online_pld` (only when named): `online` with PLD logged (`log_pld=True`), what the signal costs.
+- `online_pld` (only when named): `online` with PLD logged (`log_pld=True`), what the signal costs;
+- `online_budget` (only when named): `online` with trajectories as long as the longest label
+  (`max_new_tokens_from_labels=1.0`), what the length budget saves.
 
 Each arm's time is split into what it was spent on (`breakdown`), each part divided by the `sft` arm's wall time:
 

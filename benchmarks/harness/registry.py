@@ -181,6 +181,9 @@ COST_ARMS = {
 COST_BREAKDOWN_ARMS = {
     "sft": Arm("sft"),
     "online": Arm("tms", {"recipe": "retention"}),
+    # The recipe with trajectories as long as the longest label (the recipe's setting on 2026-12-06 from 16:00 to
+    # 17:35, dropped when its accuracy check drifted further): what the length budget saves.
+    "online_budget": Arm("tms", {"recipe": "retention", "max_new_tokens_from_labels": 1.0}),
     "two_pass": Arm("tms", {"recipe": "paper", "num_checkpoints": 10}),
     "online_pld": Arm("tms", {"recipe": "retention", "log_pld": True}),
 }

@@ -158,7 +158,7 @@ def test_snapshot_weights_need_a_weight_for_every_snapshot():
     [
         (dict(unfinished_trajectories="cut"), "unfinished_trajectories"),
         (dict(trajectory_filter="majority"), "trajectory_filter"),
-        (dict(max_new_tokens_from_labels=-1.0), "max_new_tokens_from_labels"),
+        (dict(max_new_tokens_from_labels=0.0), "max_new_tokens_from_labels"),
         (dict(trajectory_filter="self_consistency", tms_mode="online"), "two_pass"),
         (dict(snapshot_weights=[1.0, 1.0]), "3 snapshots"),
         (dict(snapshot_weights=[0.0, 0.0, 0.0]), "at least one positive"),

@@ -30,23 +30,12 @@ def test_a_recipe_fills_only_the_fields_left_unset(fields, mode, alpha):
 
 
 def test_the_recipes_are_the_settings_the_docs_name():
-    assert RECIPES == {"retention": {"tms_mode": "online", "label_weight": 0.75, "max_new_tokens_from_labels": None},
-                       "paper": {"tms_mode": "two_pass", "label_weight": 0.25, "max_new_tokens_from_labels": None}}
-
-
-@pytest.mark.parametrize("fields, budget", [
-    ({}, None),                                             # no recipe sets one: up to `max_new_tokens`
-    ({"recipe": "paper"}, None),
-    ({"recipe": "paper", "tms_mode": "online"}, None),
-    ({"max_new_tokens_from_labels": 0}, 0),                 # off, kept
-    ({"recipe": "paper", "max_new_tokens_from_labels": 1.5}, 1.5),
-])
-def test_the_length_budget_is_the_modes_unless_set(fields, budget):
-    assert config(**fields).max_new_tokens_from_labels == budget
+    assert RECIPES == {"retention": {"tms_mode": "online", "label_weight": 0.75},
+                       "paper": {"tms_mode": "two_pass", "label_weight": 0.25}}
 
 
 def test_a_label_length_budget_never_cuts_a_label_length_answer(tiny_llama, tmp_path):
-    """Every label, followed by its end token, fits the budget fitted at 1x the longest label; `0` is off."""
+    """Every label, followed by its end token, fits the budget fitted at 1x the longest label; no recipe sets one."""
     tokenizer = load_tokenizer(tiny_llama)
     examples = make_examples(24, seed=3)
     lengths = [len(tokenizer(c[0]["content"], add_special_tokens=False)["input_ids"]) for c in examples["completion"]]
@@ -61,7 +50,6 @@ def test_a_label_length_budget_never_cuts_a_label_length_answer(tiny_llama, tmp_
     budget = trainer(max_new_tokens_from_labels=1.0).max_new_tokens
     assert max(lengths) + 1 <= budget < 256 and budget % 16 == 0
     assert budget - 16 < max(lengths) + 1  # the smallest multiple of 16 that fits
-    assert trainer(max_new_tokens_from_labels=0).max_new_tokens == 256
 
 
 def test_an_unknown_recipe_is_refused_with_the_choices():

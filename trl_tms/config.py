@@ -27,11 +27,11 @@ def cpu_has_native_bf16() -> bool | None:
 # The named settings of `TMSConfig.recipe`; the evidence for each is in docs/results.md. When the study's evidence
 # changes, the recipe follows it (and the docs' "Choose a recipe" says so).
 RECIPES = {
-    "retention": {"tms_mode": "online", "label_weight": 0.75, "max_new_tokens_from_labels": None},
-    "paper": {"tms_mode": "two_pass", "label_weight": 0.25, "max_new_tokens_from_labels": None},
+    "retention": {"tms_mode": "online", "label_weight": 0.75},
+    "paper": {"tms_mode": "two_pass", "label_weight": 0.25},
 }
-# What a mode's fields default to, also when a recipe of the other mode is named: that mode's recipe's.
-MODE_DEFAULTS = {recipe["tms_mode"]: recipe for recipe in RECIPES.values()}
+# The label share a mode defaults to when a recipe of the other mode is named (each mode's recipe's).
+MODE_LABEL_WEIGHTS = {recipe["tms_mode"]: recipe["label_weight"] for recipe in RECIPES.values()}
 
 
 @dataclass
@@ -51,12 +51,11 @@ class TMSConfig(SFTConfig):
 
         recipe (`str`, *optional*, defaults to `"retention"`):
             The settings TMS starts from, by name; a field you set yourself keeps your value. `"retention"` (the
-            default): online TMS with `label_weight=0.75`, the setting that learned about as much as SFT at a lower learning rate
-            with less drift in both regimes of our study (see the how-to guide, "Choose a recipe"). `"paper"`: the
-            paper's two-pass TMS with `label_weight=0.25`, trajectories up to `max_new_tokens`. A recipe sets `tms_mode`
-            and, where they are not set, that mode's `label_weight` (two-pass 0.25, online 0.75) and
-            `max_new_tokens_from_labels` (none for both), so `tms_mode="two_pass"` alone is the paper's
-            setting.
+            default): online TMS with `label_weight=0.75`, the setting that learned about as much as SFT at a lower
+            learning rate with less drift in both regimes of our study (see the how-to guide, "Choose a recipe").
+            `"paper"`: the paper's two-pass TMS with `label_weight=0.25`. A recipe sets `tms_mode` and, where it is
+            not set, the `label_weight` of that mode (two-pass 0.25, online 0.75), so `tms_mode="two_pass"` alone is
+            the paper's setting.
 
         > Parameters that control the adapter history (harvest phase)
 
@@ -105,11 +104,11 @@ class TMSConfig(SFTConfig):
             Maximum number of tokens generated per trajectory. Generation stops earlier at the EOS token.
         max_new_tokens_from_labels (`float`, *optional*):
             Fit the trajectory length to the task: at most this many times the longest training label in tokens, plus
-            its end token, rounded up to a multiple of 16, and never more than `max_new_tokens`. Default: the mode's
-            recipe's, none for both (up to `max_new_tokens`). At `1.0` an answer as long as the longest label always
+            its end token, rounded up to a multiple of 16, and never more than `max_new_tokens`. Default: none (up to
+            `max_new_tokens`). At `1.0` an answer as long as the longest label always
             fits and a longer one is cut (handled as `unfinished_trajectories` says): it made online TMS 1.55x a plain
             SFT run instead of about 1.8x, but drifted further from the base in our check (docs/results.md, "Does the
-            faster recipe learn and retain as before?"), so no recipe sets it. `0` turns the budget off.
+            faster recipe learn and retain as before?"), so no recipe sets it.
         generation_batch_size (`int`, *optional*, defaults to `16`):
             Number of sequences per `generate` call (prompts x resident snapshots x samples). A call holds at least one
             prompt, so it exceeds this when `snapshots_per_generate * samples_per_checkpoint` does.
@@ -337,8 +336,7 @@ class TMSConfig(SFTConfig):
         metadata={
             "help": "Fit the trajectory length to the task: at most this many times the longest training label in "
             "tokens, plus its end token, rounded up to a multiple of 16, and never more than `max_new_tokens`. "
-            "Default: none (up to `max_new_tokens`); `1.0` made online TMS cheaper but drifted further in our check. "
-            "`0` turns it off."
+            "Default: none (up to `max_new_tokens`); `1.0` made online TMS cheaper but drifted further in our check."
         },
     )
     generation_batch_size: int = field(
@@ -578,18 +576,14 @@ class TMSConfig(SFTConfig):
             raise ValueError(str(error) + self._recipe_hint(mode_from_recipe, str(error))) from None
 
     def _apply_recipe(self) -> bool:
-        """Fill `tms_mode`, `label_weight` and `max_new_tokens_from_labels` from the recipe where they are not set (the
-        last two from the mode's recipe); whether the mode came from it."""
+        """Fill `tms_mode` and `label_weight` from the recipe where they are not set; whether the mode came from it."""
         if self.recipe not in RECIPES:
             raise ValueError(f"`recipe` must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
         mode_from_recipe = self.tms_mode is None
         if mode_from_recipe:
             self.tms_mode = RECIPES[self.recipe]["tms_mode"]
-        defaults = MODE_DEFAULTS.get(self.tms_mode, RECIPES["paper"])
         if self.label_weight is None:
-            self.label_weight = defaults["label_weight"]
-        if self.max_new_tokens_from_labels is None:
-            self.max_new_tokens_from_labels = defaults["max_new_tokens_from_labels"]
+            self.label_weight = MODE_LABEL_WEIGHTS.get(self.tms_mode, RECIPES["paper"]["label_weight"])
         return mode_from_recipe
 
     def _recipe_hint(self, mode_from_recipe: bool, message: str) -> str:
@@ -657,9 +651,9 @@ class TMSConfig(SFTConfig):
             (self.top_k >= 0, f"`top_k` must be >= 0 (0 disables it), got {self.top_k}."),
             (self.max_new_tokens >= 1, f"`max_new_tokens` must be at least 1, got {self.max_new_tokens}."),
             (
-                self.max_new_tokens_from_labels is None or self.max_new_tokens_from_labels >= 0,
-                f"`max_new_tokens_from_labels` must be >= 0 (a multiple of the longest label; 0 turns the budget off), "
-                f"got {self.max_new_tokens_from_labels}.",
+                self.max_new_tokens_from_labels is None or self.max_new_tokens_from_labels > 0,
+                f"`max_new_tokens_from_labels` must be positive (a multiple of the longest label), got "
+                f"{self.max_new_tokens_from_labels}.",
             ),
             (
                 self.generation_batch_size >= 1,

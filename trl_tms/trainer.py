@@ -174,9 +174,9 @@ class TMSTrainer(TMSHubMixin, SFTTrainer):
         self.run = TMSRun(self.history_dir, is_main=self.is_world_process_zero())
         self.history = AdapterHistory(self.model.peft_config[self.adapter_name], background_writes=True,
                                       directory=self.history_dir if self.is_world_process_zero() else None)
-        self.max_new_tokens = fitted_max_new_tokens(
+        self.max_new_tokens = args.max_new_tokens if args.max_new_tokens_from_labels is None else fitted_max_new_tokens(
             self._tokenizer, self.prompts, args.max_new_tokens_from_labels, args.max_new_tokens
-        ) if args.max_new_tokens_from_labels else args.max_new_tokens
+        )
         self.generator = self._make_generator(SamplingParams.from_config(args, self.max_new_tokens))
         self.rehearsal = None  # self-rehearsal, whose answers come from the adapter as it is now (the initial one)
         if args.rehearsal_weight > 0:

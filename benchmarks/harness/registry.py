@@ -161,8 +161,7 @@ SIGNALS_OFF = dict(log_pld=False, log_retention=False)
 # Declared when the paper's two-pass TMS at alpha 0.25 was the package's default: they name it, so that their committed
 # results keep their meaning.
 PAPER = {"recipe": "paper"}
-# Online arms declared before online TMS fitted its trajectories to the labels by default (2026-12-06): budget off.
-PAPER_ONLINE = {"tms_mode": "online", "label_weight": 0.25, "max_new_tokens_from_labels": 0}
+PAPER_ONLINE = {"tms_mode": "online", "label_weight": 0.25}
 # PLD was logged by default when they were measured (until 2026-12-06): named, so that they keep measuring it.
 SIGNALS_ON = dict(log_pld=True)
 COST_ARMS = {

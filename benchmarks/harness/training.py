@@ -89,12 +89,11 @@ def tms_trainer(model, tokenizer, regime: dict, out: str, history_dir: str | Non
 
     # Every trajectory is sampled, as in the arms measured before `trajectories_to_generate="drawn"` existed: one
     # procedure (and one generation cost) across the table. The arms were declared when the paper's two-pass TMS was
-    # the package's default, PLD was logged by default and online TMS sampled up to `max_new_tokens`: the paper's
-    # recipe, `log_pld=True` and no length budget keep their unset fields meaning what they meant.
+    # the package's default, and PLD was logged by default: the paper's recipe and `log_pld=True` keep their unset
+    # fields meaning what they meant.
     config = TMSConfig(out, pld_num_samples=len(pld_set), max_new_tokens=registry.TASK_TOKENS, generation_batch_size=64,
                        temperature=1.0, history_dir=history_dir, log_retention=False, max_length=registry.TASK_TOKENS + 160,
-                       **{"trajectories_to_generate": "all", "recipe": "paper", "log_pld": True,
-                          "max_new_tokens_from_labels": 0, **settings})
+                       **{"trajectories_to_generate": "all", "recipe": "paper", "log_pld": True, **settings})
     return TMSTrainer(model=model, args=config, train_dataset=train, eval_dataset=pld_set, processing_class=tokenizer,
                       peft_config=lora_config(regime))
 

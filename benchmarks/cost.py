@@ -56,7 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from harness import registry, tasks, training  # noqa: E402
-from harness.measure import PeakRSS, load_average  # noqa: E402
+from harness.measure import OtherCPU, PeakRSS, load_average  # noqa: E402
 from trl_tms.atomic import write_json_atomically  # noqa: E402
 from trl_tms.mixture import IS_LABEL  # noqa: E402
 
@@ -235,7 +235,7 @@ def run_arm(arm: str, workdir: str, smoke: bool = False) -> dict:
             timed(trainer.pld_callback, "measure", clock, "pld")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    with PeakRSS() as memory:
+    with PeakRSS() as memory, OtherCPU() as others:
         trainer.train()
     wall = time.perf_counter() - started
     seconds = training_seconds(timer.steps)
@@ -251,7 +251,8 @@ def run_arm(arm: str, workdir: str, smoke: bool = False) -> dict:
                        meter=meter.seconds if meter is not None else 0.0, snapshots=clock["snapshots"])
         record.update(trajectory_seconds=stats.seconds, trajectories_sampled=stats.trajectories,
                       trajectories_not_sampled=stats.not_sampled)
-    record.update(train_peak_rss_mb=memory.peak / 2**20, load_average=load_average(load_before))
+    record.update(train_peak_rss_mb=memory.peak / 2**20, load_average=load_average(load_before),
+                  other_cores=others.cores)
     return record
 
 
@@ -279,6 +280,11 @@ def report(output_dir: str) -> dict:
     text = table(breakdowns, {arm: record["wall_seconds"] for arm, record in records.items()})
     loads = ", ".join(f"{arm} {r['load_average']['before']:.1f} / {r['load_average']['after']:.1f}"
                       for arm, r in records.items())
+    shared = contended(records)
+    others = ", ".join(f"{arm} {r['other_cores']:.2f}" for arm, r in records.items() if r.get("other_cores") is not None)
+    if shared:
+        text += (f"\n\nNot comparable: other processes kept {', '.join(shared)} core(s) busy while these arms trained "
+                 f"(more than {OTHER_CORES_LIMIT}); rerun them alone.")
     print(text)
     result = {"setup": SMOKE if any(r.get("smoke") for r in records.values()) else SETUP,
               "threads": torch.get_num_threads(), "breakdown": breakdowns, "arms": records}
@@ -286,14 +292,25 @@ def report(output_dir: str) -> dict:
     with open(os.path.join(output_dir, "cost.md"), "w") as f:
         f.write(f"# Where TMS's time goes, as shares of plain SFT's (`python benchmarks/cost.py`)\n\n{text}\n\n"
                 f"{CAPTION}\n\n1-minute load average before / after each arm (threads: {torch.get_num_threads()}): "
-                f"{loads}.\n")
+                f"{loads}.\n" + (f"\nCores other processes kept busy while each arm trained: {others}.\n" if others else ""))
     return result
+
+
+OTHER_CORES_LIMIT = 0.1  # cores other processes may keep busy while an arm trains before its wall time is not its own
+
+
+def contended(records: dict[str, dict]) -> list[str]:
+    """The arms during whose training other processes kept more than `OTHER_CORES_LIMIT` cores busy ("arm (cores)")."""
+    return [f"{arm} ({r['other_cores']:.2f})" for arm, r in records.items()
+            if (r.get("other_cores") or 0.0) > OTHER_CORES_LIMIT]
 
 
 # Does the faster recipe learn and retain as before? (Issue #46: partly regime, two seeds, within standard errors.)
 
 STUDY_DIR = os.path.join(HERE, "results", "study")
-CHECK = dict(regime="partly", new="recipe_retention", old="tms_online_alpha_75",
+# `new`: the faster settings checked (study arms, `harness/registry.py`), each against `old`, the online TMS the study
+# measured before the cuts.
+CHECK = dict(regime="partly", new=("recipe_t10", "recipe_t5", "recipe_budget"), old="tms_online_alpha_75",
              measures={"target accuracy": ("target_accuracy", "target"), "chat KL": ("chat_kl", "chat_kl"),
                        "WikiText NLL": ("wikitext_nll", "wikitext")})
 
@@ -302,7 +319,8 @@ def paired_difference(new: list[dict], old: list[dict], key: str, items: str) ->
     """
     `new` minus `old` at their final checkpoints, seed by seed (records of the same seed share their items), each with
     the standard error of its item-wise differences, and their mean over the seeds both have with its standard error
-    (the seeds' errors combined). Raises if no seed is in both.
+    (the seeds' errors combined). `old_seed_range`: the spread of `old` itself over its seeds (max - min; 0 with one
+    seed), the training-seed noise the item-wise errors leave out. Raises if no seed is in both.
     """
     from harness.probes import paired_se
     from harness.records import final
@@ -322,35 +340,50 @@ def paired_difference(new: list[dict], old: list[dict], key: str, items: str) ->
                          "se": paired_se(a["items"][items], b["items"][items])})
     difference = sum(p["difference"] for p in per_seed) / len(per_seed)
     se = sum(p["se"] ** 2 for p in per_seed) ** 0.5 / len(per_seed)
+    old_values = [c[key] for c in by_seed.values()]
     return {"seeds": per_seed, "difference": difference, "se": se,
-            "new": sum(p["new"] for p in per_seed) / len(per_seed), "old": sum(p["old"] for p in per_seed) / len(per_seed)}
+            "new": sum(p["new"] for p in per_seed) / len(per_seed), "old": sum(p["old"] for p in per_seed) / len(per_seed),
+            "old_seed_range": max(old_values) - min(old_values)}
 
 
-def accuracy_check(study_dir: str, output_dir: str) -> dict | None:
-    """`CHECK`'s arms compared measure by measure from the study's records: printed, written as `accuracy_check.{md,json}`."""
-    from harness.records import load_arms
-
-    arms = load_arms(study_dir).get(CHECK["regime"], {})
-    if CHECK["new"] not in arms or CHECK["old"] not in arms:
-        print(f"The study has no {CHECK['new']} and {CHECK['old']} records in {CHECK['regime']} yet: run "
-              f"`python benchmarks/study.py --regimes {CHECK['regime']} --arms {CHECK['new']} --seeds 0,1`.")
-        return None
-    result = {name: paired_difference(arms[CHECK["new"]], arms[CHECK["old"]], key, items)
-              for name, (key, items) in CHECK["measures"].items()}
-    lines = [f"| measure | `{CHECK['old']}` | `{CHECK['new']}` | difference | paired SE | within 2 SE | per seed |",
-             "|---|---|---|---|---|---|---|"]
+def check_table(new: str, result: dict) -> str:
+    """One markdown table: `new` against `CHECK["old"]`, a row per measure."""
+    lines = [f"| measure | `{CHECK['old']}` | `{new}` | difference | paired SE | within 2 SE | per seed | "
+             f"`{CHECK['old']}` seed range |", "|---|---|---|---|---|---|---|---|"]
     for name, r in result.items():
         seeds = "; ".join(f"s{p['seed']}: {p['difference']:+.3f} ± {p['se']:.3f}" for p in r["seeds"])
         lines.append(f"| {name} | {r['old']:.3f} | {r['new']:.3f} | {r['difference']:+.3f} | {r['se']:.3f} | "
-                     f"{'yes' if abs(r['difference']) <= 2 * r['se'] else 'no'} | {seeds} |")
-    text = "\n".join(lines)
+                     f"{'yes' if abs(r['difference']) <= 2 * r['se'] else 'no'} | {seeds} | {r['old_seed_range']:.3f} |")
+    return "\n".join(lines)
+
+
+def accuracy_check(study_dir: str, output_dir: str) -> dict | None:
+    """Each of `CHECK["new"]`'s arms that the study has measured, compared with `CHECK["old"]` measure by measure from
+    the study's records: printed, written as `accuracy_check.{md,json}`. None (and how to run them) if none is."""
+    from harness.records import load_arms
+
+    arms = load_arms(study_dir).get(CHECK["regime"], {})
+    measured = [arm for arm in CHECK["new"] if arm in arms]
+    if CHECK["old"] not in arms or not measured:
+        print(f"The study has no {CHECK['old']} record or none of {', '.join(CHECK['new'])} in {CHECK['regime']} "
+              f"yet: run `python benchmarks/study.py --regimes {CHECK['regime']} --arms {','.join(CHECK['new'])} "
+              f"--seeds 0,1`.")
+        return None
+    results = {arm: {name: paired_difference(arms[arm], arms[CHECK["old"]], key, items)
+                     for name, (key, items) in CHECK["measures"].items()} for arm in measured}
+    sections = []
+    for arm, result in results.items():
+        seeds = ", ".join(str(p["seed"]) for p in next(iter(result.values()))["seeds"])
+        sections.append(f"## `{arm}` (seeds {seeds})\n\n{check_table(arm, result)}\n")
+    text = "\n".join(sections)
     print(text)
-    write_json_atomically(os.path.join(output_dir, "accuracy_check.json"), {"check": CHECK, "result": result})
+    write_json_atomically(os.path.join(output_dir, "accuracy_check.json"), {"check": CHECK, "result": results})
     with open(os.path.join(output_dir, "accuracy_check.md"), "w") as f:
-        f.write(f"# The faster recipe against the one it replaces (`python benchmarks/cost.py --accuracy_check`)\n\n"
+        f.write(f"# The faster settings against the one they replace (`python benchmarks/cost.py --accuracy_check`)\n\n"
                 f"Study regime `{CHECK['regime']}`, final checkpoints, seed by seed (same training data, held-out "
-                f"items and everyday prompts), from `benchmarks/results/study/arms/`.\n\n{text}\n")
-    return result
+                f"items and everyday prompts), from `benchmarks/results/study/arms/`. The paired SE is over items; "
+                f"the last column is how far `{CHECK['old']}`'s own seeds lie apart (training-seed noise).\n\n{text}")
+    return results
 
 
 def main(argv=None):
@@ -363,7 +396,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="A few steps per arm: checks the script, measures nothing.")
     parser.add_argument("--accuracy_check", action="store_true",
-                        help=f"Compare the study's `{CHECK['new']}` records with `{CHECK['old']}`'s, then stop.")
+                        help=f"Compare the study's records of {', '.join(CHECK['new'])} with `{CHECK['old']}`'s, then stop.")
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)  # one arm, in a child process
     args = parser.parse_args(argv)
     if args.accuracy_check:

@@ -165,15 +165,46 @@ def test_the_accuracy_check_writes_its_table_from_the_study_records(tmp_path, ca
     from harness.records import write_record
 
     study = tmp_path / "study"
+    write_record(str(study), study_record(cost.CHECK["old"], 0, [1, 0, 1, 0], [0.1, 0.2]))
+    write_record(str(study), study_record(cost.CHECK["old"], 1, [1, 0, 0, 0], [0.1, 0.2]))
+    assert cost.accuracy_check(str(study), str(tmp_path)) is None  # no new arm run yet: says how
+    assert "--arms recipe_t10,recipe_t5,recipe_budget --seeds 0,1" in capsys.readouterr().out
+    new = cost.CHECK["new"][1]
     for seed in (0, 1):
-        write_record(str(study), study_record(cost.CHECK["old"], seed, [1, 0, 1, 0], [0.1, 0.2]))
-    assert cost.accuracy_check(str(study), str(tmp_path)) is None  # the new arm not run yet: says how
-    assert "--arms recipe_retention --seeds 0,1" in capsys.readouterr().out
-    for seed in (0, 1):
-        write_record(str(study), study_record(cost.CHECK["new"], seed, [1, 1, 1, 0], [0.1, 0.2]))
-    result = cost.accuracy_check(str(study), str(tmp_path))
-    assert result["target accuracy"]["difference"] == pytest.approx(0.25)
-    assert result["chat KL"]["difference"] == pytest.approx(0.0)
+        write_record(str(study), study_record(new, seed, [1, 1, 1, 0], [0.1, 0.2]))
+    results = cost.accuracy_check(str(study), str(tmp_path))
+    assert list(results) == [new]  # only the arms measured
+    target = results[new]["target accuracy"]
+    assert target["difference"] == pytest.approx((0.25 + 0.5) / 2)
+    assert target["old_seed_range"] == pytest.approx(0.25)
+    assert results[new]["chat KL"]["difference"] == pytest.approx(0.0)
     text = (tmp_path / "accuracy_check.md").read_text()
-    assert "| target accuracy | 0.500 | 0.750 | +0.250 |" in text
-    assert json.loads((tmp_path / "accuracy_check.json").read_text())["check"]["new"] == "recipe_retention"
+    assert f"## `{new}` (seeds 0, 1)" in text
+    assert "| target accuracy | 0.375 | 0.750 | +0.375 |" in text
+    assert "| 0.250 |\n" in text  # the target's seed range, in the last column
+    assert list(json.loads((tmp_path / "accuracy_check.json").read_text())["result"]) == [new]
+
+
+def test_other_cpu_counts_a_busy_process_that_is_not_waited_for():
+    import subprocess
+    import sys
+    import time
+
+    from harness.measure import OtherCPU, busy_cpu_seconds
+
+    if busy_cpu_seconds() is None:
+        pytest.skip("no /proc/stat here")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # the interpreter is up and spinning
+        with OtherCPU() as others:
+            time.sleep(1.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert others.cores > 0.6  # one spinning core (more if anything else ran), this process asleep
+
+
+def test_the_report_marks_arms_that_shared_the_machine():
+    records = {"sft": {"other_cores": 0.02}, "online": {"other_cores": 0.45}, "two_pass": {}}
+    assert cost.contended(records) == ["online (0.45)"]

@@ -86,11 +86,18 @@ ARMS = {
     "tms_online_alpha_50": Arm("tms", dict(_TMS, tms_mode="online", label_weight=0.5)),
     "tms_online_alpha_75": Arm("tms", dict(_TMS, tms_mode="online", label_weight=0.75)),
     "tms_online_alpha_90": Arm("tms", dict(_TMS, tms_mode="online", label_weight=0.9)),
-    # Issue #46: the recommended recipe as a user gets it since 2026-12-06 (`recipe="retention"`: online, alpha 0.75,
-    # only the pairs the draws until the next refresh need, trajectories as long as the longest label) against
-    # `tms_online_alpha_75` (every pair sampled, up to `TASK_TOKENS`): does the faster recipe learn and retain as before?
-    "recipe_retention": Arm("tms", dict(recipe="retention", tms_mode="online", trajectories_to_generate="drawn",
-                                        max_new_tokens_from_labels=1.0)),
+    # Issue #46, against `tms_online_alpha_75` (every pair sampled, up to `TASK_TOKENS`, T = 10): do the faster
+    # settings learn and retain as before? (`cost.py --accuracy_check`.) The recipe (`recipe="retention"`: online,
+    # alpha 0.75, only the pairs the draws until the next refresh need, whole trajectories) at T = 10...
+    "recipe_t10": Arm("tms", dict(recipe="retention", tms_mode="online", trajectories_to_generate="drawn",
+                                  num_checkpoints=10), in_study=False),
+    # ... at T = 5 (half the refreshes, so half the `generate` calls)...
+    "recipe_t5": Arm("tms", dict(recipe="retention", tms_mode="online", trajectories_to_generate="drawn",
+                                 num_checkpoints=5), in_study=False),
+    # ... and at T = 10 with trajectories as long as the longest label (the recipe's setting for an hour on
+    # 2026-12-06; it drifted further).
+    "recipe_budget": Arm("tms", dict(recipe="retention", tms_mode="online", trajectories_to_generate="drawn",
+                                     num_checkpoints=10, max_new_tokens_from_labels=1.0), in_study=False),
     # Issue #23: self-rehearsal (the initial model's greedy answers to the 64 built-in everyday prompts, disjoint from
     # the chat probe's and the meter's prompts) drawn with probability beta; students on the `tms` run's history.
     "tms_rehearsal_10": Arm("tms", dict(_TMS, rehearsal_weight=0.1)),
@@ -184,6 +191,9 @@ COST_BREAKDOWN_ARMS = {
     # 17:35, dropped when its accuracy check drifted further): what the length budget saves.
     "online_budget": Arm("tms", {"recipe": "retention", "max_new_tokens_from_labels": 1.0}),
     "two_pass": Arm("tms", {"recipe": "paper", "num_checkpoints": 10}),
+    # The recipe with half the snapshots (T = 5): half the refreshes, so half the `generate` calls, each of whose
+    # cost is set by its longest row, not by its number of rows.
+    "online_t5": Arm("tms", {"recipe": "retention", "num_checkpoints": 5}),
     "online_pld": Arm("tms", {"recipe": "retention", "log_pld": True}),
 }
 

@@ -60,7 +60,7 @@ COMPACT_LABELS = {
     "sft_low_lr": "SFT at a fifth of the learning rate",
     "sft_early": "SFT stopped at half its steps",
     "tms": 'TMS, paper defaults (`recipe="paper"`)',
-    "tms_online_alpha_75": "**online TMS, alpha 0.75 (the default recipe)**",
+    "tms_online_alpha_75": "**online TMS, alpha 0.75 (the default recipe at T = 10)**",
 }
 COMPACT_REGIMES = {"partly": "partly solved, the paper's situation", "zero": "learned from zero"}
 COMPACT_START = "<!-- study-compact"

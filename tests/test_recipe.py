@@ -13,25 +13,26 @@ def config(**fields) -> TMSConfig:
     return TMSConfig(**{"output_dir": "out", **QUIET_CPU, **fields})
 
 
-@pytest.mark.parametrize("fields, mode, alpha", [
-    ({}, "online", 0.75),                                   # the recommended setting by default
-    ({"recipe": "retention"}, "online", 0.75),
-    ({"recipe": "paper"}, "two_pass", 0.25),                # the paper's, by name
-    ({"tms_mode": "two_pass"}, "two_pass", 0.25),           # an explicit mode keeps meaning the paper's setting
-    ({"tms_mode": "online"}, "online", 0.75),
-    ({"recipe": "paper", "tms_mode": "online"}, "online", 0.75),
-    ({"label_weight": 0.5}, "online", 0.5),                 # explicit fields keep the user's value
-    ({"recipe": "paper", "label_weight": 1.0}, "two_pass", 1.0),
-    ({"tms_mode": "two_pass", "label_weight": 0.0}, "two_pass", 0.0),
+@pytest.mark.parametrize("fields, mode, alpha, snapshots", [
+    ({}, "online", 0.75, 5),                                     # the recommended setting by default
+    ({"recipe": "retention"}, "online", 0.75, 5),
+    ({"recipe": "paper"}, "two_pass", 0.25, 10),                 # the paper's, by name
+    ({"tms_mode": "two_pass"}, "two_pass", 0.25, 10),            # an explicit mode keeps meaning the paper's setting
+    ({"tms_mode": "online"}, "online", 0.75, 5),
+    ({"recipe": "paper", "tms_mode": "online"}, "online", 0.75, 5),
+    ({"label_weight": 0.5}, "online", 0.5, 5),                   # explicit fields keep the user's value
+    ({"num_checkpoints": 10}, "online", 0.75, 10),
+    ({"recipe": "paper", "label_weight": 1.0, "num_checkpoints": 3}, "two_pass", 1.0, 3),
+    ({"tms_mode": "two_pass", "label_weight": 0.0}, "two_pass", 0.0, 10),
 ])
-def test_a_recipe_fills_only_the_fields_left_unset(fields, mode, alpha):
+def test_a_recipe_fills_only_the_fields_left_unset(fields, mode, alpha, snapshots):
     args = config(**fields)
-    assert (args.tms_mode, args.label_weight) == (mode, alpha)
+    assert (args.tms_mode, args.label_weight, args.num_checkpoints) == (mode, alpha, snapshots)
 
 
 def test_the_recipes_are_the_settings_the_docs_name():
-    assert RECIPES == {"retention": {"tms_mode": "online", "label_weight": 0.75},
-                       "paper": {"tms_mode": "two_pass", "label_weight": 0.25}}
+    assert RECIPES == {"retention": {"tms_mode": "online", "label_weight": 0.75, "num_checkpoints": 5},
+                       "paper": {"tms_mode": "two_pass", "label_weight": 0.25, "num_checkpoints": 10}}
 
 
 def test_a_label_length_budget_never_cuts_a_label_length_answer(tiny_llama, tmp_path):
@@ -72,4 +73,5 @@ def test_an_sft_config_converted_by_the_trainer_gets_the_default_recipe(tiny_lla
 **QUIET_CPU)
     trainer = TMSTrainer(model=tiny_llama, args=sft, train_dataset=make_examples(40),
                          processing_class=load_tokenizer(tiny_llama), peft_config=LoraConfig(r=2, target_modules="all-linear"))
-    assert (trainer.args.recipe, trainer.args.tms_mode, trainer.args.label_weight) == ("retention", "online", 0.75)
+    assert (trainer.args.recipe, trainer.args.tms_mode, trainer.args.label_weight, trainer.args.num_checkpoints) == (
+        "retention", "online", 0.75, 5)

@@ -380,7 +380,7 @@ def test_readme_compact_table_shows_the_five_arms_with_both_regimes_in_each_cell
         "| SFT stopped at half its steps | 0.80 / - | 0.65 / - | +0.78 / - | 0.5x / - | 4 / - |",
         '| TMS, paper defaults (`recipe="paper"`) | 0.82 / 0.37 | 0.44 / 0.28 | +0.33 / +0.06 | 4.7x / 4.4x (shared) '
         "| 3 / 3 |",
-        "| **online TMS, alpha 0.75 (the default recipe)** | 0.79 / 0.47 | 0.13 / 0.11 | -0.06 / -0.04 | 3.0x | 2 / 2 |",
+        "| **online TMS, alpha 0.75 (the default recipe at T = 10)** | 0.79 / 0.47 | 0.13 / 0.11 | -0.06 / -0.04 | 3.0x | 2 / 2 |",
     ]
     assert study_readme.SHARED_NOTE in lines
     # One regime only: one value per cell, no footnote without a shared wall.

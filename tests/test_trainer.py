@@ -506,8 +506,8 @@ def test_sft_config_is_converted(tiny_llama, tmp_path):
     trainer = make_trainer(tiny_llama, tmp_path, args=args)
     assert isinstance(trainer.args, TMSConfig)
     assert (trainer.args.eos_token, trainer.args.max_length, trainer.args.output_dir) == ("</s>", 64, str(tmp_path / "o"))
-    # With the TMS defaults: the default recipe (online TMS at label_weight 0.75), T = 10.
-    assert (trainer.args.num_checkpoints, trainer.args.tms_mode, trainer.args.label_weight) == (10, "online", 0.75)
+    # With the TMS defaults: the default recipe (online TMS at label_weight 0.75), T = 5.
+    assert (trainer.args.num_checkpoints, trainer.args.tms_mode, trainer.args.label_weight) == (5, "online", 0.75)
 
 
 class LogSink(TrainerCallback):

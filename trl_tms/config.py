@@ -27,11 +27,12 @@ def cpu_has_native_bf16() -> bool | None:
 # The named settings of `TMSConfig.recipe`; the evidence for each is in docs/results.md. When the study's evidence
 # changes, the recipe follows it (and the docs' "Choose a recipe" says so).
 RECIPES = {
-    "retention": {"tms_mode": "online", "label_weight": 0.75},
-    "paper": {"tms_mode": "two_pass", "label_weight": 0.25},
+    "retention": {"tms_mode": "online", "label_weight": 0.75, "num_checkpoints": 5},
+    "paper": {"tms_mode": "two_pass", "label_weight": 0.25, "num_checkpoints": 10},
 }
-# The label share a mode defaults to when a recipe of the other mode is named (each mode's recipe's).
-MODE_LABEL_WEIGHTS = {recipe["tms_mode"]: recipe["label_weight"] for recipe in RECIPES.values()}
+# What a mode defaults to where a field is not set, whichever recipe is named: its own recipe's settings (so
+# `tms_mode="two_pass"` alone is the paper's setting).
+MODE_DEFAULTS = {recipe["tms_mode"]: {k: v for k, v in recipe.items() if k != "tms_mode"} for recipe in RECIPES.values()}
 
 
 @dataclass
@@ -42,7 +43,7 @@ class TMSConfig(SFTConfig):
     Extends [`~trl.SFTConfig`] with the parameters of Trajectory-Mixed Supervision (TMS, arXiv 2602.03073). Every
     `SFTConfig` / `TrainingArguments` parameter keeps its meaning and applies to both training phases (the harvest run
     on the labels and the student run on the mixture). Defaults follow the paper where it states them (T = 10, alpha =
-    0.25 in two-pass TMS), except the mode: the default `recipe="retention"` is online TMS at alpha 0.75. One default
+    0.25 in two-pass TMS), except the mode: the default `recipe="retention"` is online TMS at alpha 0.75 and T = 5. One default
     differs from `SFTConfig`: when `bf16` is not set, `use_cpu` is off and no bf16-capable accelerator is present, it
     is `False` (fp32 on CPU) rather than an error.
 
@@ -51,11 +52,11 @@ class TMSConfig(SFTConfig):
 
         recipe (`str`, *optional*, defaults to `"retention"`):
             The settings TMS starts from, by name; a field you set yourself keeps your value. `"retention"` (the
-            default): online TMS with `label_weight=0.75`, the setting that learned about as much as SFT at a lower
-            learning rate with less drift in both regimes of our study (see the how-to guide, "Choose a recipe").
-            `"paper"`: the paper's two-pass TMS with `label_weight=0.25`. A recipe sets `tms_mode` and, where it is
-            not set, the `label_weight` of that mode (two-pass 0.25, online 0.75), so `tms_mode="two_pass"` alone is
-            the paper's setting.
+            default): online TMS with `label_weight=0.75` and T = `num_checkpoints` = 5, the setting that learned
+            about as much as SFT at a lower learning rate with less drift in both regimes of our study (T = 5 halves
+            its `generate` calls against T = 10; see the how-to guide, "Choose a recipe", for what that changed). `"paper"`: the paper's two-pass TMS with `label_weight=0.25` and T = 10. A recipe sets
+            `tms_mode` and, where they are not set, the `label_weight` and `num_checkpoints` of that mode (two-pass
+            0.25 and 10, online 0.75 and 5), so `tms_mode="two_pass"` alone is the paper's setting.
 
         > Parameters that control the adapter history (harvest phase)
 
@@ -73,9 +74,10 @@ class TMSConfig(SFTConfig):
             `num_checkpoints`). By default, `num_checkpoints` snapshots at steps `k * steps // num_checkpoints`,
             `k = 0..T-1`, all kept in the mixture.
 
-        num_checkpoints (`int`, *optional*, defaults to `10`):
-            Number of adapter snapshots (T) taken during the harvest run, spaced evenly over its optimizer steps. The
-            initial adapter (step 0) is not one of them. Must not exceed the number of optimizer steps.
+        num_checkpoints (`int`, *optional*):
+            Number of adapter snapshots (T) taken during the harvest run, spaced evenly over its optimizer steps (the
+            initial adapter, step 0, is not one of them), or, online, taken from step 0 on. Defaults to the mode's
+            recipe's: 10 two-pass (the paper's), 5 online. Must not exceed the number of optimizer steps.
         history_dir (`str`, *optional*):
             Folder that receives the snapshots (one PEFT adapter folder `step-<N>` each) and the trajectories. Defaults
             to `<output_dir>/_tms_history`; the leading underscore keeps it out of `push_to_hub` uploads.
@@ -246,8 +248,9 @@ class TMSConfig(SFTConfig):
         default="retention",
         metadata={
             "help": "The settings TMS starts from, by name; a field you set keeps your value. `retention` (default): "
-            "online TMS with `label_weight=0.75`, which learned about as much as SFT at a lower learning rate with less "
-            "drift in both regimes of our study. `paper`: the paper's two-pass TMS with `label_weight=0.25`.",
+            "online TMS with `label_weight=0.75` and `num_checkpoints=5`, which learned about as much as SFT at a lower "
+            "learning rate with less drift in both regimes of our study. `paper`: the paper's two-pass TMS with "
+            "`label_weight=0.25` and `num_checkpoints=10`.",
             "choices": list(RECIPES),
         },
     )
@@ -272,11 +275,12 @@ class TMSConfig(SFTConfig):
             "`k = 0..T-1`, all kept in the mixture."
         },
     )
-    num_checkpoints: int = field(
-        default=10,
+    num_checkpoints: int | None = field(
+        default=None,
         metadata={
             "help": "Number of adapter snapshots (T) taken during the harvest run, spaced evenly over its optimizer "
-            "steps. The initial adapter (step 0) is not one of them. Must not exceed the number of optimizer steps."
+            "steps (the initial adapter, step 0, is not one of them), or, online, taken from step 0 on. Default: the "
+            "mode's recipe's, 10 two-pass (the paper's), 5 online. Must not exceed the number of optimizer steps."
         },
     )
     history_dir: str | None = field(
@@ -576,14 +580,17 @@ class TMSConfig(SFTConfig):
             raise ValueError(str(error) + self._recipe_hint(mode_from_recipe, str(error))) from None
 
     def _apply_recipe(self) -> bool:
-        """Fill `tms_mode` and `label_weight` from the recipe where they are not set; whether the mode came from it."""
+        """Fill `tms_mode`, then `label_weight` and `num_checkpoints` from that mode's recipe, where they are not set;
+        whether the mode came from the recipe."""
         if self.recipe not in RECIPES:
             raise ValueError(f"`recipe` must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
         mode_from_recipe = self.tms_mode is None
         if mode_from_recipe:
             self.tms_mode = RECIPES[self.recipe]["tms_mode"]
-        if self.label_weight is None:
-            self.label_weight = MODE_LABEL_WEIGHTS.get(self.tms_mode, RECIPES["paper"]["label_weight"])
+        defaults = MODE_DEFAULTS.get(self.tms_mode, MODE_DEFAULTS["two_pass"])  # an unknown mode is refused later
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         return mode_from_recipe
 
     def _recipe_hint(self, mode_from_recipe: bool, message: str) -> str:

@@ -186,6 +186,8 @@ COST_ARMS = {
 # that a later default keeps the paper's meaning), against plain SFT; `online_pld` prices the PLD signal.
 COST_BREAKDOWN_ARMS = {
     "sft": Arm("sft"),
+    # The recipe as it ships: T = 10 until 2026-12-06 (the records in results/cost/ and results/cost/recipe_t10_t5/),
+    # T = 5 since.
     "online": Arm("tms", {"recipe": "retention"}),
     # The recipe with trajectories as long as the longest label (the recipe's setting on 2026-12-06 from 16:00 to
     # 17:35, dropped when its accuracy check drifted further): what the length budget saves.

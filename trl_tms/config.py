@@ -43,9 +43,9 @@ class TMSConfig(SFTConfig):
     Extends [`~trl.SFTConfig`] with the parameters of Trajectory-Mixed Supervision (TMS, arXiv 2602.03073). Every
     `SFTConfig` / `TrainingArguments` parameter keeps its meaning and applies to both training phases (the harvest run
     on the labels and the student run on the mixture). Defaults follow the paper where it states them (T = 10, alpha =
-    0.25 in two-pass TMS), except the mode: the default `recipe="retention"` is online TMS at alpha 0.75 and T = 5. One default
-    differs from `SFTConfig`: when `bf16` is not set, `use_cpu` is off and no bf16-capable accelerator is present, it
-    is `False` (fp32 on CPU) rather than an error.
+    0.25 in two-pass TMS), except the mode: the default `recipe="retention"` is online TMS at alpha 0.75 and T = 5.
+    One default differs from `SFTConfig`: when `bf16` is not set, `use_cpu` is off and no bf16-capable accelerator is
+    present, it is `False` (fp32 on CPU) rather than an error.
 
     Parameters:
         > The recipe
@@ -54,9 +54,10 @@ class TMSConfig(SFTConfig):
             The settings TMS starts from, by name; a field you set yourself keeps your value. `"retention"` (the
             default): online TMS with `label_weight=0.75` and T = `num_checkpoints` = 5, the setting that learned
             about as much as SFT at a lower learning rate with less drift in both regimes of our study (T = 5 halves
-            its `generate` calls against T = 10; see the how-to guide, "Choose a recipe", for what that changed). `"paper"`: the paper's two-pass TMS with `label_weight=0.25` and T = 10. A recipe sets
-            `tms_mode` and, where they are not set, the `label_weight` and `num_checkpoints` of that mode (two-pass
-            0.25 and 10, online 0.75 and 5), so `tms_mode="two_pass"` alone is the paper's setting.
+            its `generate` calls against T = 10; see the how-to guide, "Choose a recipe", for what that changed).
+            `"paper"`: the paper's two-pass TMS with `label_weight=0.25` and T = 10. A recipe sets `tms_mode` and,
+            where they are not set, the `label_weight` and `num_checkpoints` of that mode (two-pass 0.25 and 10,
+            online 0.75 and 5), so `tms_mode="two_pass"` alone is the paper's setting.
 
         > Parameters that control the adapter history (harvest phase)
 

@@ -75,3 +75,13 @@ def test_the_memory_arm_sizes_its_generation_calls_by_the_budget(tiny_cost, tmp_
     model, _ = training.load_model()
     # The longest tiny prompt is a dozen tokens: the rows that fit, at 6 new tokens each, bound those used.
     assert record["rows_per_call"] <= 0.05 * 2**20 // generation_bytes_per_row(model, 1, cost_t10.TASK_TOKENS)
+
+
+def test_the_online_arms_keep_the_t_they_were_measured_at():
+    """Their committed records ran at T = 10, the default in every mode then; online TMS now defaults to 5."""
+    from trl_tms import TMSConfig
+
+    for name in ("tms_online", "tms_online_quiet"):
+        settings = dict(cost_t10.ARMS[name].settings)
+        args = TMSConfig("out", use_cpu=True, report_to="none", **settings)
+        assert (args.tms_mode, args.num_checkpoints, args.label_weight) == ("online", 10, 0.25)

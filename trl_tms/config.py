@@ -108,10 +108,9 @@ class TMSConfig(SFTConfig):
         max_new_tokens_from_labels (`float`, *optional*):
             Fit the trajectory length to the task: at most this many times the longest training label in tokens, plus
             its end token, rounded up to a multiple of 16, and never more than `max_new_tokens`. Default: none (up to
-            `max_new_tokens`). At `1.0` an answer as long as the longest label always
-            fits and a longer one is cut (handled as `unfinished_trajectories` says): it made online TMS 1.55x a plain
-            SFT run instead of about 1.8x, but drifted further from the base in our check (docs/results.md, "Does the
-            faster recipe learn and retain as before?"), so no recipe sets it.
+            `max_new_tokens`). At `1.0` an answer as long as the longest label always fits and a longer one is cut
+            (handled as `unfinished_trajectories` says): it made online TMS cheaper but drifted further from the base
+            in our check (docs/results.md, "Does the faster recipe learn and retain as before?"), so no recipe sets it.
         generation_batch_size (`int`, *optional*, defaults to `16`):
             Number of sequences per `generate` call (prompts x resident snapshots x samples). A call holds at least one
             prompt, so it exceeds this when `snapshots_per_generate * samples_per_checkpoint` does.

@@ -168,7 +168,8 @@ SIGNALS_OFF = dict(log_pld=False, log_retention=False)
 # Declared when the paper's two-pass TMS at alpha 0.25 was the package's default: they name it, so that their committed
 # results keep their meaning.
 PAPER = {"recipe": "paper"}
-PAPER_ONLINE = {"tms_mode": "online", "label_weight": 0.25}
+# Online arms declared when T defaulted to 10 in every mode (until 2026-12-06; online now defaults to 5): named.
+PAPER_ONLINE = {"tms_mode": "online", "label_weight": 0.25, "num_checkpoints": 10}
 # PLD was logged by default when they were measured (until 2026-12-06): named, so that they keep measuring it.
 SIGNALS_ON = dict(log_pld=True)
 COST_ARMS = {

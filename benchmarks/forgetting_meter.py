@@ -3,14 +3,14 @@
     python benchmarks/forgetting_meter.py --mode cost          # ~25 min on 2 CPU cores; run it alone on the machine
     python benchmarks/forgetting_meter.py --mode correlation   # ~60 min on 2 CPU cores
 
-`cost`: the main job's training phases (`trl_tms.quickstart`, its settings and seed) twice, with the meter off and on
-at its defaults; the ratio of the phases' wall times (harvest + student; trajectory generation is the same work in
-both) is the meter's cost. Wall times are only comparable within one run of this script, alone on the machine.
+`cost`: the training phases of the main job as it was when measured (`JOB`: two-pass TMS, its settings and seed)
+twice, with the meter off and on at its defaults; the ratio of the phases' wall times (harvest + student; trajectory
+generation is the same work in both) is the meter's cost. Wall times are only comparable within one run of this script, alone on the machine.
 
-`correlation`: runs of different forgetting on the main job's task (SmolLM2-135M-Instruct, LoRA r 64, leg_counting),
+`correlation`: runs of different forgetting on that job's task (SmolLM2-135M-Instruct, LoRA r 64, leg_counting),
 each logging the meter and PLD live at every logging step, and each checkpoint then measured by probes the meter does
 not use: chat KL(base || model) over the base's greedy answers to `trl_tms.probes.GENERAL_PROMPTS` (a prompt set disjoint
-from the meter's), WikiText NLL, PIQA accuracy. Runs: the TMS harvest (= plain SFT) and student at the main job's
+from the meter's), WikiText NLL, PIQA accuracy. Runs: the TMS harvest (= plain SFT) and student at `JOB`'s
 settings; SFT for twice as long; SFT at a 5x lower learning rate; SFT with TRL's DFT loss. Reports Spearman's and
 Pearson's correlation, with 95% bootstrap intervals (checkpoints resampled), between each live signal (`retention_kl`,
 `retention_nll` change, `pld`, `pld_drift`) and each probe's measured forgetting, over all checkpoints of all runs.
@@ -47,13 +47,36 @@ from trl_tms.report import PHASE_IDS  # noqa: E402
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "forgetting_meter")
 
 
-def quickstart_args(**overrides) -> argparse.Namespace:
-    from trl_tms.quickstart import parse_args
+# The main job as it was when these runs were measured (`trl_tms.quickstart` until 2026-12-06: the paper's two-pass
+# TMS on leg_counting, plain SFT read off its harvest); the records in results/forgetting_meter/ are of these settings.
+JOB = dict(num_train=32, num_test=40, num_pld=8, epochs=2.0, batch_size=8, learning_rate=1e-3, lora_r=64,
+           num_checkpoints=4, label_weight=0.25, max_new_tokens=128, generation_batch_size=128, logging_steps=2, seed=0)
 
-    args = parse_args(["--disable_tqdm"])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+
+def job_args(**overrides) -> argparse.Namespace:
+    return argparse.Namespace(**{**JOB, **overrides})
+
+
+def build_trainer(args: argparse.Namespace, model, tokenizer, train_dataset, pld_dataset, **overrides):
+    """That job's two-pass `TMSTrainer` (with `overrides` of `TMSConfig` fields on top)."""
+    from peft import LoraConfig
+
+    from trl_tms import TMSConfig, TMSTrainer
+
+    settings = dict(
+        output_dir=args.output_dir, recipe="paper", num_checkpoints=args.num_checkpoints, label_weight=args.label_weight,
+        max_new_tokens=args.max_new_tokens, max_new_tokens_from_labels=1.25,
+        generation_batch_size=args.generation_batch_size, snapshots_per_generate=min(4, args.num_checkpoints),
+        temperature=1.0, log_pld=True, pld_num_samples=len(pld_dataset), max_length=320, num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=16, learning_rate=args.learning_rate,
+        lr_scheduler_type="linear", warmup_steps=0, logging_steps=args.logging_steps, save_strategy="no",
+        report_to="none", seed=args.seed, disable_tqdm=True, use_cpu=True, bf16=False,
+        activation_checkpointing=False,
+    )
+    settings.update(overrides)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
+    return TMSTrainer(model=model, args=TMSConfig(**settings), train_dataset=train_dataset, eval_dataset=pld_dataset,
+                      processing_class=tokenizer, peft_config=lora)
 
 
 def load_task(args):
@@ -68,9 +91,7 @@ def load_task(args):
 
 
 def run_cost_arm(arm: str, work_dir: str) -> dict:
-    from trl_tms.quickstart import build_trainer
-
-    args = quickstart_args(output_dir=os.path.join(work_dir, arm))
+    args = job_args(output_dir=os.path.join(work_dir, arm))
     model, tokenizer, train, pld = load_task(args)
     trainer = build_trainer(args, model, tokenizer, train, pld, log_retention=(arm == "meter_on"))
     output = trainer.train()
@@ -134,7 +155,7 @@ def cost(output_dir: str) -> dict:
 
 # Correlation
 
-RUNS = registry.METER_ARMS  # settings over the main job's (`trl_tms.quickstart`'s arguments)
+RUNS = registry.METER_ARMS  # settings over `JOB`'s
 
 
 def run_correlation_arm(name: str, work_dir: str) -> tuple[list[dict], object, object, list[dict]]:
@@ -143,10 +164,9 @@ def run_correlation_arm(name: str, work_dir: str) -> tuple[list[dict], object, o
     from trl import SFTConfig, SFTTrainer
 
     from trl_tms import PLDCallback, RetentionCallback
-    from trl_tms.quickstart import build_trainer
 
     kind, overrides = RUNS[name].method, dict(RUNS[name].settings)
-    args = quickstart_args(output_dir=os.path.join(work_dir, name))
+    args = job_args(output_dir=os.path.join(work_dir, name))
     loss_type = overrides.pop("loss_type", None) if kind == "sft" else None
     for key, value in overrides.items():
         setattr(args, key, value)

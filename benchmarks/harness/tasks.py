@@ -35,15 +35,6 @@ def _lcm(item: dict) -> str:
     return f"GCD({a}, {b}) = {g}\nLCM = {a} x {b} / {g} = {a * b // g}\n#### {a * b // g}"
 
 
-def _letter_counting(item: dict) -> str:
-    letter = item["metadata"]["target_letter"]
-    words = item["metadata"]["span"]
-    counts = [(w, w.lower().count(letter.lower())) for w in words]
-    total = sum(c for _, c in counts)
-    listed = ", ".join(f"{w}: {c}" for w, c in counts)
-    return f'"{letter}" in each word: {listed}.\nTotal: {total}\n#### {total}'
-
-
 def _count_bits(item: dict) -> str:
     n = item["metadata"]["number"]
     ones = bin(n).count("1")
@@ -55,17 +46,20 @@ CANDIDATES = {
     "products_2x1digit": ("products", dict(min_digits=1, max_digits=2), _products),
     "gcd_small": ("gcd", dict(min_value=2, max_value=60), _gcd),
     "lcm_small": ("lcm", dict(min_value=2, max_value=20), _lcm),
-    "letter_counting_short": ("letter_counting", dict(min_words=1, max_words=3), _letter_counting),
+    # The main job's task too: `trl_tms.probes.embedded.load_letter_counting` with its defaults (same splits).
+    "letter_counting_short": ("letter_counting", dict(min_words=1, max_words=3), None),
     "count_bits_small": ("count_bits", dict(min_n=1, max_n=255), _count_bits),
 }
 
 
 def load_task(name: str, num_train: int, num_test: int, seed: int = 0):
     """`(train, test)` of a task by name: `leg_counting` or a `CANDIDATES` key; no question appears in both."""
-    from trl_tms.probes.embedded import distinct_splits, load_leg_counting
+    from trl_tms.probes.embedded import distinct_splits, load_leg_counting, load_letter_counting
 
     if name == "leg_counting":
         return load_leg_counting(num_train, num_test, seed=seed)
+    if name == "letter_counting_short":
+        return load_letter_counting(num_train, num_test, seed=seed)
     if name not in CANDIDATES:
         raise ValueError(f"Unknown task {name!r}: use leg_counting or one of {sorted(CANDIDATES)}.")
     import reasoning_gym

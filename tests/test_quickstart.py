@@ -223,3 +223,22 @@ def test_the_seed_table_counts_the_seeds_where_the_verdict_held(tmp_path):
     assert out["seeds"][0]["arms"]["sft"]["wikitext_change"] == pytest.approx(1.0)
     assert "held in **1 of 2** seeds" in open(tmp_path / "out" / "seeds.md").read()
     assert json.load(open(tmp_path / "out" / "seeds.json"))["of"] == 2
+
+
+def test_both_runs_start_from_the_same_adapter_initialisation(tiny_llama, tmp_path):
+    from trl_tms.quickstart import build_sft_trainer, build_trainer, parse_args
+
+    args = parse_args(["--output_dir", str(tmp_path), "--lora_r", "4", "--disable_tqdm"])
+    tokenizer, data = load_tokenizer(tiny_llama), make_examples(20)
+    torch.manual_seed(1)  # whatever the global random state, each trainer seeds with `args.seed` first
+    sft = build_sft_trainer(args, AutoModelForCausalLM.from_pretrained(tiny_llama), tokenizer, data)
+    initial = adapter_weights(sft.model, "default")
+    torch.manual_seed(2)
+    tms = build_trainer(args, sft.model.unload(), tokenizer, data)
+    again = adapter_weights(tms.model, tms.adapter_name)
+    assert initial.keys() == again.keys()
+    assert all(torch.equal(initial[k], again[k]) for k in initial)
+    assert any(v.abs().sum() > 0 for v in initial.values())  # LoRA A is random: the equality is not of zeros
+    args.seed = 1
+    other = build_sft_trainer(args, AutoModelForCausalLM.from_pretrained(tiny_llama), tokenizer, data)
+    assert not all(torch.equal(initial[k], v) for k, v in adapter_weights(other.model, "default").items())

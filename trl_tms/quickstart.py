@@ -109,8 +109,6 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     Train both arms, compare them, print the summary, write `summary.json` and the plots; returns the summary.
     `model` and `tokenizer` replace `args.model` when given (a model already loaded).
     """
-    from transformers import set_seed
-
     from .history import adapter_weights
     from .probes.comparison import ArmProbe, compare_adapters, plot_comparison
     from .probes.embedded import is_correct, load_letter_counting
@@ -133,7 +131,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     load_seconds = time.perf_counter() - started
 
     print("Training 1/2: plain SFT (trl.SFTTrainer)")
-    set_seed(args.seed)  # both runs start from the same adapter initialisation
+    # Each trainer seeds with `args.seed` before adding its adapter: both runs start from the same initialisation.
     sft = build_sft_trainer(args, model, tokenizer, train_dataset)
     sft_output = sft.train()
     sft.save_model(os.path.join(args.output_dir, "sft"))
@@ -141,7 +139,6 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     model = sft.model.unload()  # the base model again, without the SFT adapter's layers
 
     print(f"Training 2/2: TMS, recipe={args.recipe!r} (TMSTrainer)")
-    set_seed(args.seed)
     trainer = build_trainer(args, model, tokenizer, train_dataset)
     output = trainer.train()
     trainer.save_model()

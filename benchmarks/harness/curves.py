@@ -108,6 +108,11 @@ def frontier_table(regime: str, curves: dict) -> list[str]:
     for name, entry in curves["methods"].items():
         cells = [cell(entry[drift]["needed"][k]) if drift in entry else "-" for drift in DRIFTS for k in levels]
         lines.append(f"| {name} | {entry['points']} | " + " | ".join(cells) + " |")
+    single = sorted({point["label"] for entry in curves["methods"].values() for drift in DRIFTS if drift in entry
+                     for point in entry[drift]["front"] if len(point["seeds"]) == 1})
+    if single:
+        lines += ["", "Frontier points measured on one seed (resampling seeds cannot move them, so an interval through "
+                      "them is too narrow): " + ", ".join(f"`{label}`" for label in single) + "."]
     if curves["ratios"]:
         lines += ["", f"Drift needed by TMS / by the {CHEAP} (below 1: TMS needs less; the hoped-for bar is 0.5):",
                   "", "| method | " + " | ".join(f"chat KL at {k}" for k in levels) + " | "

@@ -242,3 +242,18 @@ def test_both_runs_start_from_the_same_adapter_initialisation(tiny_llama, tmp_pa
     args.seed = 1
     other = build_sft_trainer(args, AutoModelForCausalLM.from_pretrained(tiny_llama), tokenizer, data)
     assert not all(torch.equal(initial[k], v) for k, v in adapter_weights(other.model, "default").items())
+
+
+def test_the_main_job_runs_the_papers_two_pass_tms_beside_sft_too(tiny_llama, tmp_path, capsys):
+    from trl_tms.quickstart import parse_args, run
+
+    args = parse_args([
+        "--output_dir", str(tmp_path / "qs"), "--recipe", "paper", "--num_train", "20", "--num_test", "4",
+        "--epochs", "1", "--batch_size", "2", "--lora_r", "4", "--max_new_tokens", "8", "--chat_prompts", "2",
+        "--chat_tokens", "4", "--wikitext", "0", "--scales", "", "--disable_tqdm",
+    ])
+    summary = run(args, model=AutoModelForCausalLM.from_pretrained(tiny_llama), tokenizer=load_tokenizer(tiny_llama))
+    assert summary["steps"] == {"sft": 10, "tms": 10}  # the student's steps; its harvest took T = 10 snapshots
+    assert list(summary["comparison"]["arms"]) == ["base", "sft", "tms"]  # no dial points asked for
+    assert sorted(os.listdir(tmp_path / "qs" / "_tms_history"))[:2] == ["step-1", "step-10"]
+    assert summary["settings"]["recipe"] == "paper" and "TMS minus plain SFT" in capsys.readouterr().out

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from trl_tms.probes.embedded import letter_count_steps
+
 
 def _products(item: dict) -> str:
     a, b = (int(t) for t in item["metadata"]["expression"].split("*"))
@@ -46,20 +48,19 @@ CANDIDATES = {
     "products_2x1digit": ("products", dict(min_digits=1, max_digits=2), _products),
     "gcd_small": ("gcd", dict(min_value=2, max_value=60), _gcd),
     "lcm_small": ("lcm", dict(min_value=2, max_value=20), _lcm),
-    # The main job's task too: `trl_tms.probes.embedded.load_letter_counting` with its defaults (same splits).
-    "letter_counting_short": ("letter_counting", dict(min_words=1, max_words=3), None),
+    # The main job's task too (`trl_tms.probes.embedded.load_letter_counting` draws the same splits).
+    "letter_counting_short": ("letter_counting", dict(min_words=1, max_words=3),
+                              lambda item: letter_count_steps(item["metadata"]["target_letter"], item["metadata"]["span"])),
     "count_bits_small": ("count_bits", dict(min_n=1, max_n=255), _count_bits),
 }
 
 
 def load_task(name: str, num_train: int, num_test: int, seed: int = 0):
     """`(train, test)` of a task by name: `leg_counting` or a `CANDIDATES` key; no question appears in both."""
-    from trl_tms.probes.embedded import distinct_splits, load_leg_counting, load_letter_counting
+    from trl_tms.probes.embedded import distinct_splits, load_leg_counting
 
     if name == "leg_counting":
         return load_leg_counting(num_train, num_test, seed=seed)
-    if name == "letter_counting_short":
-        return load_letter_counting(num_train, num_test, seed=seed)
     if name not in CANDIDATES:
         raise ValueError(f"Unknown task {name!r}: use leg_counting or one of {sorted(CANDIDATES)}.")
     import reasoning_gym

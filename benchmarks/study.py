@@ -255,7 +255,8 @@ def add_scales(mode: dict, regime_name: str, arm: str, seed: int, evaluation: Pr
         shutil.rmtree(workdir, ignore_errors=True)
         source = "trained again with the same seed"
     model.eval()
-    target = probes.target_accuracy(model, evaluation.tokenizer, test, registry.TASK_TOKENS, evaluation.verify)
+    target = probes.target_accuracy(model, evaluation.tokenizer, test, registry.TASK_TOKENS, evaluation.verify,
+                                    stop=evaluation.stop)
     same = sum(a == b for a, b in zip(target["correct"], final(record)["items"]["target"]))
     record["scaled"] = scale_points(evaluation, model, mode, regime_name, arm, seed)
     record["scaled_weights"] = {"source": source, "target_items_matching": same, "target_items": len(target["correct"])}
@@ -382,7 +383,8 @@ def screen(output_dir: str, num_items: int, num_train: int = 64, learn: list[str
             continue
         started = time.perf_counter()
         _, test = task_splits(dict(regime, task=name), num_train, num_items)
-        target = probes.target_accuracy(base, tokenizer, test, registry.TASK_TOKENS, is_correct)
+        target = probes.target_accuracy(base, tokenizer, test, registry.TASK_TOKENS, is_correct,
+                                        stop=formats.answer_stop(tokenizer, family(regime).prompt_format))
         n = len(target["correct"])
         acc = target["accuracy"]
         rows[name] = {"base_accuracy": acc, "se": (acc * (1 - acc) / n) ** 0.5, "n": n,
@@ -428,7 +430,8 @@ def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float
         with tempfile.TemporaryDirectory() as workdir:
             _, trained, tokenizer = training.train_run("sft", regime, 0, train, test.select(range(8)), workdir, "", [],
                                                        {})
-        target = probes.target_accuracy(trained, tokenizer, test, registry.TASK_TOKENS, is_correct)
+        target = probes.target_accuracy(trained, tokenizer, test, registry.TASK_TOKENS, is_correct,
+                                        stop=formats.answer_stop(tokenizer, family(regime).prompt_format))
         row.update(sft_accuracy=target["accuracy"], sft_epochs=epochs, sft_example=target["texts"][0],
                    sft_seconds=time.perf_counter() - started)
         print(f"[screen] {name}: base {row['base_accuracy']:.3f} -> SFT {target['accuracy']:.3f}", flush=True)

@@ -192,6 +192,44 @@ def test_greedy_answers_drop_finished_rows_and_keep_their_logits(tiny, monkeypat
         torch.testing.assert_close(row_logits, forced, atol=1e-4, rtol=1e-4)
 
 
+def test_greedy_answers_end_a_row_once_stop_says_so_at_the_end_of_that_chunk(tiny, monkeypatch):
+    """A base model that never ends its answer (Gemma going on to a question of its own) leaves the batch early."""
+    import trl_tms.generation as generation
+
+    model, tokenizer = tiny
+    texts = ["what is one plus two ?", "hello", "a b c d e f", "name a color", "ten", "yes no yes"]
+    prompts = [ids(tokenizer, text) for text in texts]
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    with torch.no_grad():
+        free = [model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               do_sample=False, max_new_tokens=12, eos_token_id=None,
+                               pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist() for p in prompts]
+    free = [row[: next((k + 1 for k, t in enumerate(row) if t in ends), len(row))] for row in free]
+    # A "new question" token that some rows produce early and others never.
+    counts = {}
+    for row in free:
+        for token in set(row[:8]) - ends:
+            counts[token] = counts.get(token, 0) + 1
+    marker = min((t for t, c in counts.items() if 0 < c < len(free)), key=lambda t: abs(counts[t] - len(free) / 2))
+    every = 4
+    expected = []
+    for row in free:
+        first = next((k for k, t in enumerate(row) if t == marker), None)
+        expected.append(row if first is None else row[: min(len(row), (first // every + 1) * every)])
+    assert any(len(e) < len(f) for e, f in zip(expected, free))  # the stop cuts some answers short
+
+    monkeypatch.setattr(generation, "DROP_FINISHED_EVERY", every)
+    seen = []
+    answers = probes.greedy_answers(model, tokenizer, prompts, max_new_tokens=12, batch_size=8,
+                                    stop=lambda row: seen.append(list(row)) or marker in row)
+    assert answers == expected
+    assert all(len(row) % every == 0 for row in seen)  # checked once per chunk, on the tokens so far
+    assert probes.greedy_answers(model, tokenizer, prompts, max_new_tokens=12, batch_size=8) == free
+    accuracy = probes.target_accuracy(model, tokenizer, [{"prompt": t, "answer": "x"} for t in texts], 12,
+                                      lambda text, answer: True, stop=lambda row: marker in row)
+    assert accuracy["texts"] == [tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+
+
 def test_text_and_choice_contexts_start_with_the_tokenizers_bos(tiny, monkeypatch):
     """A model trained to see `<bos>` first (Gemma: its WikiText NLL nearly doubles without it) is read after it."""
     from tokenizers.processors import TemplateProcessing

@@ -35,6 +35,17 @@ def test_plain_rows_are_question_answer_text_and_chat_rows_are_unchanged():
         formats.in_format(rows, "markdown")
 
 
+def test_a_plain_answer_stops_once_its_text_starts_a_new_question():
+    tok = Characters()
+    stop = formats.answer_stop(tok, "plain")
+    assert stop([ord(c) for c in " 12\nQuestion: why?"])
+    assert not stop([ord(c) for c in " 12\nQuest"])
+    assert not stop([ord(c) for c in " 12 Question: why?"])  # a new question starts a line
+    assert formats.answer_stop(tok, "chat") is None
+    with pytest.raises(ValueError, match="plain"):
+        formats.answer_stop(tok, "markdown")
+
+
 def test_a_plain_answer_is_read_before_the_question_the_model_goes_on_to_ask():
     text = " 3 x 4 = 12\n#### 12\nQuestion: what is 5 x 5?\nAnswer: 25\n#### 25"
     assert formats.answer_part(text) == " 3 x 4 = 12\n#### 12"

@@ -353,12 +353,13 @@ def cache_is_growable(model) -> bool:
 
 def decode_until_eos(
     model, input_ids, attention_mask, kwargs: dict, eos_ids: set[int], row_slots: list | None = None, route=None,
-    cache=None, output_logits: bool = False,
+    cache=None, output_logits: bool = False, stop: Callable[[list[int]], bool] | None = None,
 ):
     """
     `model.generate(**kwargs)` from left-padded `input_ids`, in chunks of `DROP_FINISHED_EVERY` new tokens: after each
     chunk the rows that produced a token of `eos_ids` leave the batch (with their KV-cache rows) and the others continue
-    from the cache. `generate` alone keeps computing every finished row until the whole batch is done.
+    from the cache. `generate` alone keeps computing every finished row until the whole batch is done. With `stop`, a
+    row also leaves once `stop(its new tokens so far)` is true (its tokens then run to the end of that chunk).
 
     Returns the new tokens of each row (a finished row's chunk is padded after its EOS, as `generate` pads it). With
     `output_logits=True`, returns `(tokens, logits)`: per row, the raw next-token logits that chose its tokens
@@ -384,7 +385,7 @@ def decode_until_eos(
             tokens[row] += row_tokens
             if output_logits:
                 logits[row].append(torch.stack([step[position] for step in output.logits]))
-            if not eos_ids.intersection(row_tokens):
+            if not eos_ids.intersection(row_tokens) and not (stop is not None and stop(tokens[row])):
                 going.append(position)
         budget -= new.shape[1]
         if not going or budget <= 0:
@@ -428,9 +429,14 @@ def end_tokens(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
-                   summarize_logits: Callable[[torch.Tensor, list[int]], Any] | None = None):
+                   summarize_logits: Callable[[torch.Tensor, list[int]], Any] | None = None,
+                   stop: Callable[[list[int]], bool] | None = None):
     """
     Greedy continuations (token ids, up to and including end of turn) of tokenized prompts, batched, left-padded.
+
+    With `stop`, a continuation also ends once `stop(its tokens so far)` is true, checked every `DROP_FINISHED_EVERY`
+    tokens (so it may run a few tokens past that point): for a base model that never ends its answer but goes on to
+    text of its own, whose caller reads only what comes before it.
 
     With `summarize_logits`, returns `(answers, summaries)`: per answer, `summarize_logits(logits, answer)` of the raw
     next-token logits that chose its tokens (float32, `[answer tokens, vocab]`), for a caller that needs the model's
@@ -450,7 +456,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id)
         # Finished rows leave the batch as they end: a batch costs its answers' tokens, not its rows x the longest.
         out = decode_until_eos(model, ids.to(model.device), mask.to(model.device), kwargs, eos,
-                               output_logits=summarize_logits is not None)
+                               output_logits=summarize_logits is not None, stop=stop)
         tokens, logits = out if summarize_logits is not None else (out, None)
         for r, i in enumerate(rows):
             cut = next((k + 1 for k, t in enumerate(tokens[r]) if t in eos), len(tokens[r]))

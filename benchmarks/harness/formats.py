@@ -54,6 +54,18 @@ def verifier(prompt_format: str):
     return lambda text, answer: is_correct(answer_part(text), answer)
 
 
+def answer_stop(tokenizer, prompt_format: str):
+    """
+    `stop(token_ids)` for greedy decoding in `prompt_format`: a plain answer is done once its text starts a new
+    question (all that is read of it comes before; a base model rarely ends its answer itself). `None` for chat, whose
+    answers end with the end-of-turn token.
+    """
+    _check(prompt_format)
+    if prompt_format == "chat":
+        return None
+    return lambda ids: NEXT_QUESTION in tokenizer.decode(ids)
+
+
 def question_ids(tokenizer, question: str) -> list[int]:
     """Token ids of an everyday question in the plain format (with the tokenizer's special tokens: Gemma's `<bos>`)."""
     return tokenizer(plain_prompt(question))["input_ids"]

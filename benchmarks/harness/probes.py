@@ -93,6 +93,7 @@ class ProbeSuite:
 
         self.tokenizer, self.test, self.plain = tokenizer, test, prompt_format == "plain"
         self.verify = formats.verifier(prompt_format)
+        self.stop = formats.answer_stop(tokenizer, prompt_format)
         self.wiki = [t for t in load_wikitext(sizes["wiki_items"]) if len(tokenizer(t)["input_ids"]) > 1]
         self.piqa, self.siqa = load_piqa(sizes["mc_items"]), load_siqa(sizes["mc_items"])
         ask = (lambda q: formats.question_ids(tokenizer, q)) if self.plain else (lambda q: chat_ids(tokenizer, q))
@@ -124,7 +125,7 @@ class ProbeSuite:
 
     def own_answers(self, model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """The base model's greedy answers, a plain one up to where it starts a new question."""
-        answers = greedy_answers(model, self.tokenizer, prompts, max_new_tokens)
+        answers = greedy_answers(model, self.tokenizer, prompts, max_new_tokens, stop=self.stop)
         return [formats.cut_at_next_question(self.tokenizer, a) for a in answers] if self.plain else answers
 
     def evaluate(self, model, full: bool) -> dict:
@@ -139,7 +140,7 @@ class ProbeSuite:
         started = time.perf_counter()
         model.eval()
         tok = self.tokenizer
-        target = target_accuracy(model, tok, self.test, registry.TASK_TOKENS, self.verify)
+        target = target_accuracy(model, tok, self.test, registry.TASK_TOKENS, self.verify, stop=self.stop)
         wiki = text_nll(model, tok, self.wiki)
         reference = model.disable_adapter if isinstance(model, PeftModel) else None
         chat = chat_drift(model, tok, self.conversations, reference=reference)

@@ -145,13 +145,15 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
                                          return_dict=True)["input_ids"]
 
 
-def target_accuracy(model, tokenizer, dataset, max_new_tokens: int, is_correct, batch_size: int = 32) -> dict:
+def target_accuracy(model, tokenizer, dataset, max_new_tokens: int, is_correct, batch_size: int = 32,
+                    stop=None) -> dict:
     """
     Greedy answers to a prompt-completion dataset with an `answer` column, scored by `is_correct(text, answer)`;
-    prompts are tokenized as the SFT preprocessing does (chat template for conversational ones).
+    prompts are tokenized as the SFT preprocessing does (chat template for conversational ones). `stop` ends an answer
+    early as in [`greedy_answers`].
     """
     prompts = [prompt_token_ids(tokenizer, row) for row in dataset]
-    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop=stop)
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
     correct = [int(is_correct(t, row["answer"])) for t, row in zip(texts, dataset)]
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct, "texts": texts,

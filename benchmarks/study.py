@@ -414,8 +414,9 @@ def write_screen(output_dir: str, rows: dict, model: str = DEFAULT_MODEL) -> Non
 def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float = 0.5, epochs: int = 2,
                  only: list[str] | None = None, model: str = DEFAULT_MODEL) -> dict:
     """
-    For the screened tasks whose base accuracy lies in [`low`, `high`]: greedy accuracy after plain SFT with the
-    study's LoRA and learning rate for `epochs` epochs of 64 problems (half the study's steps, to keep the screen short).
+    For the screened tasks whose base accuracy lies in [`low`, `high`] (or those named in `only`, whatever their base
+    accuracy): greedy accuracy after plain SFT with the study's LoRA and learning rate for `epochs` epochs of 64
+    problems (half the study's steps, to keep the screen short).
     """
     path = os.path.join(output_dir, screen_name(model) + ".json")
     with open(path) as f:
@@ -423,7 +424,8 @@ def learnability(output_dir: str, num_items: int, low: float = 0.15, high: float
     regime = dict(REGIMES["partly"], epochs=epochs, model=model)
     is_correct = formats.verifier(family(regime).prompt_format)
     for name, row in rows.items():
-        if not low <= row["base_accuracy"] <= high or "sft_accuracy" in row or (only and name not in only):
+        in_range = low <= row["base_accuracy"] <= high
+        if "sft_accuracy" in row or (name not in only if only else not in_range):
             continue
         started = time.perf_counter()
         train, test = task_splits(dict(regime, task=name), 64, num_items)
@@ -449,7 +451,8 @@ def main(argv=None):
     parser.add_argument("--screen_model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="The model the screen "
                         "measures (its own screen_<model>.json/.md; the embedded SmolLM2's is screen.json/.md).")
     parser.add_argument("--screen_learn", default=None, help="Comma-separated tasks whose learnability the screen "
-                        "measures (default: every task with a base accuracy in [0.15, 0.5]); `none` for none.")
+                        "measures (default: every task with a base accuracy in [0.15, 0.5]; a task named here is measured "
+                        "whatever its base accuracy); `none` for none.")
     parser.add_argument("--regimes", default=None, help="Comma-separated subset of the regimes.")
     parser.add_argument("--arms", default=None, help="Comma-separated subset of the arms.")
     parser.add_argument("--seeds", default=None, help="Comma-separated seeds, run for every arm named (default: the mode's seeds for sft and tms, seed 0 for the other arms).")

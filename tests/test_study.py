@@ -538,3 +538,30 @@ def test_curves_gather_each_methods_points_and_compare_tms_with_the_cheap_altern
     # `sft_low_lr` ran one seed and lies on the cheap frontier: the table says its interval cannot be trusted.
     single = next(line for line in table.splitlines() if line.startswith("Frontier points measured on one seed"))
     assert "`sft_low_lr" in single and "`sft`" not in single and "`tms_online_alpha_75`" not in single
+
+
+def test_the_screen_measures_learnability_in_its_window_or_for_the_tasks_named(tmp_path, monkeypatch):
+    """Gemma's one partly solved task sat just above the window (0.55): naming it measures it anyway."""
+    rows = {"low": {"base_accuracy": 0.05}, "mid": {"base_accuracy": 0.3}, "high": {"base_accuracy": 0.55},
+            "done": {"base_accuracy": 0.3, "sft_accuracy": 0.9}}
+    write_json_atomically(str(tmp_path / "screen.json"), rows)
+    trained = []
+    monkeypatch.setattr(study, "task_splits", lambda regime, n_train, n_test: (regime["task"], FakeSplit()))
+    monkeypatch.setattr(training, "train_run", lambda arm, regime, seed, train, *a: trained.append(train) or
+                        (None, train, None))
+    monkeypatch.setattr(study.probes, "target_accuracy", lambda model, *a, **k: {"accuracy": 0.8, "texts": [model]})
+
+    def measured(only):
+        write_json_atomically(str(tmp_path / "screen.json"), rows)
+        trained.clear()
+        result = study.learnability(str(tmp_path), 4, only=only)
+        return trained[:], {k: v.get("sft_accuracy") for k, v in result.items()}
+
+    assert measured(None) == (["mid"], {"low": None, "mid": 0.8, "high": None, "done": 0.9})
+    assert measured(["high"]) == (["high"], {"low": None, "mid": None, "high": 0.8, "done": 0.9})
+    assert measured(["-"])[0] == []  # `--screen_learn none`
+
+
+class FakeSplit:
+    def select(self, indices):
+        return self

@@ -131,8 +131,15 @@ def task_splits(regime: dict, num_train: int, num_test: int):
                                                                                  seed=0))
 
 
+def sized(mode: dict, regime: dict) -> dict:
+    """The mode with the regime's own `sizes` (probe items, checkpoints, scales) over its own: a costlier model's regime
+    may be smaller, as issue #44 allows; its records keep the sizes in their settings."""
+    return {**mode, **regime.get("sizes", {})}
+
+
 def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, scratch: str) -> None:
     regime = regime_of(mode, regime_name)
+    mode = sized(mode, regime)
     train, test = task_splits(regime, mode["num_train"], mode["num_test"])
     pld_set = test.select(range(min(mode["num_pld"], len(test))))
     wanted = [(arm, seed) for arm in arms for seed in (mode["seeds"] if arm in mode.get("seeded_arms", arms) else
@@ -280,6 +287,7 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
     from trl_tms import AdapterHistory
 
     regime = regime_of(mode, regime_name)
+    mode = sized(mode, regime)
     if family(regime).prompt_format == "plain":
         print(f"[{regime_name}] backfill: instruction following needs a chat template; nothing to add", flush=True)
         return

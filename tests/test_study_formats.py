@@ -101,19 +101,26 @@ def plain_study(monkeypatch, tiny_llama):
 
 def test_a_plain_regime_trains_and_is_probed_without_a_chat_template(plain_study, tmp_path, monkeypatch):
     rows, regime = plain_study
+    # The regime's own sizes win over the mode's; its TMS settings reach every TMS arm, two-pass and online.
+    regime = dict(regime, sizes=dict(mc_items=2, checkpoints=1), tms_settings=dict(unfinished_trajectories="drop"))
     monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (rows, rows.select(range(4))))
+    built, tms_trainer = [], training.tms_trainer
+    monkeypatch.setattr(training, "tms_trainer", lambda *args: built.append(args[-1]) or tms_trainer(*args))
     mode = dict(study.MODES["quick"], regimes={"plain": regime}, num_train=16, num_test=4, num_pld=4, mc_items=3,
                 wiki_items=6, chat_prompts=2, chat_tokens=4, checkpoints=2)
     out, scratch = str(tmp_path / "results"), str(tmp_path / "scratch")
     os.makedirs(scratch)
     study.run_regime(mode, "plain", ["tms", "self_sft"], out, scratch)  # `tms` also yields `sft`, its harvest
     saved = records.load_arms(out)["plain"]
+    assert [(b.get("tms_mode", "two_pass"), b["unfinished_trajectories"]) for b in built] == [
+        ("two_pass", "drop"), ("online", "drop")]
     base = saved["base"][0]["final"]
-    assert len(base["items"]["piqa"]) == 3 and len(base["items"]["chat_kl"]) == 2
+    assert len(base["items"]["piqa"]) == 2 and len(base["items"]["chat_kl"]) == 2
     assert "ifeval_acc" not in base and "ifeval" not in base["items"]  # needs a chat template: left out
     for arm in ("sft", "tms", "self_sft"):
         (record,) = saved[arm]
         assert record["settings"]["model"] == "tiny_plain" and record["steps"] == 4
+        assert [c["step"] for c in record["checkpoints"]] == [4] and record["settings"]["sizes"]["checkpoints"] == 1
         last = record["checkpoints"][-1]
         assert last["chat_kl"] > 0 and last["pld"] > 0 and 0 <= last["piqa_acc"] <= 1 and "ifeval_acc" not in last
 

@@ -24,10 +24,13 @@ REGIMES = {
     # retention.py's gentler regime (its `aggressive` one is `zero`; its `aggressive_2ep` SFT control is `sft_early`).
     "mild": dict(task="leg_counting", lora_r=16, learning_rate=3e-4, epochs=3),
     # Issue #44's second model family: Gemma-3-270M base in the plain "Question:/Answer:" format (`harness/models.py`,
-    # `harness/formats.py`). PLACEHOLDER task from a tiny screen (8 items per task: letter_counting_short 0.50, gcd_small
-    # and products_2x1digit 0.125, the others 0; benchmarks/README.md): the full screen (`study.py --screen
-    # --screen_model gemma3_270m`) must confirm a base accuracy in about [0.15, 0.5] and that SFT raises it.
-    "gemma": dict(model="gemma3_270m", task="letter_counting_short", lora_r=64, learning_rate=1e-3, epochs=4),
+    # `harness/formats.py`). Its screen (results/study/screen_gemma3_270m.md, 100 items per task): letter_counting_short
+    # 0.55, every other candidate 0.00-0.08; 0.83 after 16 SFT steps. Smaller probes than the SmolLM2 regimes (its
+    # 262k-token output layer makes every token dearer): WikiText on 300 texts, PIQA and SIQA on 200 items each.
+    # A base model rarely ends its answer: every TMS arm leaves out trajectories cut at the length limit (mostly the
+    # base's own, run on into questions of its own) rather than train on that text.
+    "gemma": dict(model="gemma3_270m", task="letter_counting_short", lora_r=64, learning_rate=1e-3, epochs=4,
+                  sizes=dict(wiki_items=300, mc_items=200), tms_settings=dict(unfinished_trajectories="drop")),
 }
 
 

@@ -165,6 +165,7 @@ def train_run(arm: str, regime: dict, seed: int, train, pld_set, workdir: str, h
             settings["online_snapshot_every"] = -(-len(train) // BATCH_SIZE)
         if not online:
             settings.update(tms_overrides)
+        settings.update(regime.get("tms_settings", {}))  # what the regime's model needs of every TMS arm
         # Only the `tms` run and its students share `history_dir`; other TMS runs keep their history in `out`.
         on_tms_history = arm == "tms" or reuses_history(arm)
         trainer = tms_trainer(model, tokenizer, regime, out, history_dir if on_tms_history else None, train, pld_set,
@@ -229,7 +230,7 @@ class StopStudent(TrainerCallback):
 
 def rebuild_history(regime: dict, seed: int, train, pld_set, scratch: str, history_dir: str, tms_overrides: dict):
     """Harvest and trajectories of the `tms` arm into `history_dir`, for its students, without its student run."""
-    settings = {**ARMS["tms"].settings, **tms_overrides}
+    settings = {**ARMS["tms"].settings, **tms_overrides, **regime.get("tms_settings", {})}
     steps = planned_steps(regime, len(train))
     with tempfile.TemporaryDirectory(dir=scratch) as out:
         model, tokenizer = load_model(regime)

@@ -4,7 +4,7 @@ Refresh the study's tables in the README and in `docs/results.md` from `benchmar
     python benchmarks/study.py --report_only      # summary.json and study.md from the arm records
     python benchmarks/study_readme.py             # then this: the README's compact table and the docs' tables
 
-From `summary.json`: the README block between `<!-- study-compact ... -->` and `<!-- /study-compact -->` (five arms,
+From `summary.json`: the README block between `<!-- study-compact ... -->` and `<!-- /study-compact -->` (six arms,
 both regimes in each cell), and the block between `<!-- study-headline ... -->` and `<!-- /study-headline -->` in
 `docs/results.md` (per regime, a selection of arms in the order a reader compares them, with footnotes). From
 `study.md`: each `### Regime` table in `docs/results.md`'s study section. Prose around them is left alone: read the
@@ -35,6 +35,7 @@ LABELS = {
     "sft": "plain SFT",
     "sft_early": "SFT stopped at half (the matched-accuracy control)",
     "sft_low_lr": "SFT at a fifth of the learning rate",
+    "sft_lr_x0.1": "SFT at a tenth of the learning rate",
     "sft_dft": "SFT with TRL's DFT loss",
     "sft_rehearsal_10": "SFT + self-rehearsal (a tenth of the rows the base model's own answers)",
     "tms": "**TMS, paper defaults** (T = 10, alpha = 0.25)",
@@ -54,10 +55,11 @@ LABELS = {
 HARVEST_NORMALISED = {"tms_drawn"}
 START = "<!-- study-headline"
 END = "<!-- /study-headline -->"
-# The README's table: the five arms a newcomer compares first, each cell "partly-solved / learn-from-zero".
+# The README's table: the six arms a newcomer compares first, each cell "partly-solved / learn-from-zero".
 COMPACT_LABELS = {
     "sft": "plain SFT",
     "sft_low_lr": "SFT at a fifth of the learning rate",
+    "sft_lr_x0.1": "SFT at a tenth of the learning rate",
     "sft_early": "SFT stopped at half its steps",
     "tms": 'TMS, paper defaults (`recipe="paper"`)',
     "tms_online_alpha_75": "**online TMS, alpha 0.75 (the default recipe at T = 10)**",

@@ -356,12 +356,13 @@ def _arm(acc, kl, wiki, wall, seeds, shared=False):
             "wall_ratio_to_sft": wall, "wall_shared": shared}
 
 
-def test_readme_compact_table_shows_the_five_arms_with_both_regimes_in_each_cell():
+def test_readme_compact_table_shows_the_six_arms_with_both_regimes_in_each_cell():
     import study_readme
 
     partly = {"task": "letters", "base": {"target_accuracy": 0.43}, "wall_reference": {"seconds": 100.0}, "arms": {
         "sft": _arm(0.805, 0.716, 0.8651, 1.22, 4), "sft_early": _arm(0.80, 0.65, 0.78, 0.61, 4),
-        "sft_low_lr": _arm(0.807, 0.298, 0.297, 1.09, 3), "tms": _arm(0.823, 0.442, 0.334, 4.67, 3),
+        "sft_low_lr": _arm(0.807, 0.298, 0.297, 1.09, 3), "sft_lr_x0.1": _arm(0.827, 0.120, 0.177, 1.0, 3),
+        "tms": _arm(0.823, 0.442, 0.334, 4.67, 3),
         "tms_online_alpha_75": _arm(0.785, 0.132, -0.064, 3.0, 2), "grpo": _arm(0.77, 1.62, 0.79, 9.2, 1)}}
     zero = {"task": "legs", "base": {"target_accuracy": 0.0}, "wall_reference": {"seconds": 90.0}, "arms": {
         "sft": _arm(0.57, 0.32, 0.14, 1.3, 3), "sft_low_lr": _arm(0.47, 0.19, 0.03, 1.04, 2),
@@ -373,10 +374,11 @@ def test_readme_compact_table_shows_the_five_arms_with_both_regimes_in_each_cell
             "(`legs`, base accuracy 0.00).") in lines
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| arm |")]
     # The partly-solved regime first whatever summary.json's order; an arm missing from one regime shows "-" there;
-    # GRPO is not one of the five; a wall that is the same in both regimes is written once.
+    # GRPO is not one of the six; a wall that is the same in both regimes is written once.
     assert rows == [
         "| plain SFT | 0.81 / 0.57 | 0.72 / 0.32 | +0.87 / +0.14 | 1x | 4 / 3 |",
         "| SFT at a fifth of the learning rate | 0.81 / 0.47 | 0.30 / 0.19 | +0.30 / +0.03 | 1.1x / 1.0x | 3 / 2 |",
+        "| SFT at a tenth of the learning rate | 0.83 / - | 0.12 / - | +0.18 / - | 1.0x / - | 3 / - |",
         "| SFT stopped at half its steps | 0.80 / - | 0.65 / - | +0.78 / - | 0.5x / - | 4 / - |",
         '| TMS, paper defaults (`recipe="paper"`) | 0.82 / 0.37 | 0.44 / 0.28 | +0.33 / +0.06 | 4.7x / 4.4x (shared) '
         "| 3 / 3 |",

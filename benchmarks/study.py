@@ -134,7 +134,11 @@ def task_splits(regime: dict, num_train: int, num_test: int):
 def sized(mode: dict, regime: dict) -> dict:
     """The mode with the regime's own `sizes` (probe items, checkpoints, scales) over its own: a costlier model's regime
     may be smaller, as issue #44 allows; its records keep the sizes in their settings."""
-    return {**mode, **regime.get("sizes", {})}
+    sizes = regime.get("sizes", {})
+    unknown = sorted(set(sizes) - set(mode))
+    if unknown:  # a misspelt size would otherwise be ignored without a word
+        raise ValueError(f"Regime sizes {unknown} are not settings of the mode; use some of {sorted(mode)}.")
+    return {**mode, **sizes}
 
 
 def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, scratch: str) -> None:

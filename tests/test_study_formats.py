@@ -125,6 +125,14 @@ def test_a_plain_regime_trains_and_is_probed_without_a_chat_template(plain_study
         assert last["chat_kl"] > 0 and last["pld"] > 0 and 0 <= last["piqa_acc"] <= 1 and "ifeval_acc" not in last
 
 
+def test_a_regime_size_the_mode_does_not_have_is_refused():
+    mode = study.MODES["frontier"]
+    assert study.sized(mode, {"sizes": {"wiki_items": 300}})["wiki_items"] == 300
+    assert study.sized(mode, {})["wiki_items"] == mode["wiki_items"]
+    with pytest.raises(ValueError, match="wiki_item"):
+        study.sized(mode, {"sizes": {"wiki_item": 300}})
+
+
 def test_the_plain_probe_suite_reads_plain_prompts_labels_and_answers(plain_study):
     rows, regime = plain_study
     model, tokenizer = training.load_model(regime)

@@ -435,8 +435,8 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     Greedy continuations (token ids, up to and including end of turn) of tokenized prompts, batched, left-padded.
 
     With `stop`, a continuation also ends once `stop(its tokens so far)` is true, checked every `DROP_FINISHED_EVERY`
-    tokens (so it may run a few tokens past that point): for a base model that never ends its answer but goes on to
-    text of its own, whose caller reads only what comes before it.
+    tokens (so it may run a few tokens past that point; a model whose cache cannot drop rows runs to the end): for a
+    base model that never ends its answer but goes on to text of its own, whose caller reads only what comes before it.
 
     With `summarize_logits`, returns `(answers, summaries)`: per answer, `summarize_logits(logits, answer)` of the raw
     next-token logits that chose its tokens (float32, `[answer tokens, vocab]`), for a caller that needs the model's

@@ -5,7 +5,7 @@ Refresh the study's tables in the README and in `docs/results.md` from `benchmar
     python benchmarks/study_readme.py             # then this: the README's compact table and the docs' tables
 
 From `summary.json`: the README block between `<!-- study-compact ... -->` and `<!-- /study-compact -->` (six arms,
-both regimes in each cell), and the block between `<!-- study-headline ... -->` and `<!-- /study-headline -->` in
+every regime in each cell), and the block between `<!-- study-headline ... -->` and `<!-- /study-headline -->` in
 `docs/results.md` (per regime, a selection of arms in the order a reader compares them, with footnotes). From
 `study.md`: each `### Regime` table in `docs/results.md`'s study section. Prose around them is left alone: read the
 new numbers and update it by hand.
@@ -29,6 +29,7 @@ RESULTS = os.path.join(HERE, "results", "study")
 REGIME_TITLES = {
     "partly": "**Partly solved (the paper's situation)**",
     "zero": "**Learn from zero**",
+    "gemma": "**A second model family: Gemma-3-270M base, partly solved**",
 }
 # The arms the README shows, in this order, where they were run.
 LABELS = {
@@ -55,7 +56,7 @@ LABELS = {
 HARVEST_NORMALISED = {"tms_drawn"}
 START = "<!-- study-headline"
 END = "<!-- /study-headline -->"
-# The README's table: the six arms a newcomer compares first, each cell "partly-solved / learn-from-zero".
+# The README's table: the six arms a newcomer compares first, each cell "partly-solved / learn-from-zero / Gemma".
 COMPACT_LABELS = {
     "sft": "plain SFT",
     "sft_low_lr": "SFT at a fifth of the learning rate",
@@ -64,7 +65,8 @@ COMPACT_LABELS = {
     "tms": 'TMS, paper defaults (`recipe="paper"`)',
     "tms_online_alpha_75": "**online TMS, alpha 0.75 (the default recipe at T = 10)**",
 }
-COMPACT_REGIMES = {"partly": "partly solved, the paper's situation", "zero": "learned from zero"}
+COMPACT_REGIMES = {"partly": "partly solved, the paper's situation", "zero": "learned from zero",
+                   "gemma": "Gemma-3-270M base, partly solved"}
 COMPACT_START = "<!-- study-compact"
 COMPACT_END = "<!-- /study-compact -->"
 GENERATED = "generated from benchmarks/results/study/summary.json by benchmarks/study_readme.py -->"
@@ -148,7 +150,8 @@ def headline(summary: dict) -> str:
 
 
 def compact(summary: dict) -> str:
-    """The README's table: the arms of `COMPACT_LABELS`, one row each, every cell "partly-solved / from zero"."""
+    """The README's table: the arms of `COMPACT_LABELS`, one row each, every cell one value per regime of
+    `COMPACT_REGIMES` that summary.json has ("partly-solved / from zero / Gemma")."""
     regimes = {name: summary["regimes"][name] for name in COMPACT_REGIMES if name in summary["regimes"]}
     if not regimes:
         raise SystemExit(f"summary.json has none of the regimes {', '.join(COMPACT_REGIMES)}: nothing to show.")

@@ -81,6 +81,37 @@ def test_summary_pairs_against_the_base_and_reads_sft_early_off_the_sft_run(tmp_
     assert "What the TMS students drew from" not in report.table(result)
 
 
+def test_live_signals_are_correlated_within_one_model_family(tmp_path):
+    # SmolLM2's checkpoints: the meter follows chat KL. Gemma's: an order of magnitude more drift, and its meter ranks
+    # against it; pooled, Gemma's points would sit above SmolLM2's on both axes and lift the pooled correlation.
+    write_json_atomically(records.arm_path(str(tmp_path), "zero", "base", 0),
+                          {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting",
+                           "final": checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])})
+    write_arm(tmp_path, "sft", 0, [checkpoint(4, 0.25, 0.2, 5.1, 1.0, 0.1, [1, 0, 0, 0]),
+                                   checkpoint(8, 0.5, 0.4, 5.2, 0.5, 0.3, [1, 1, 0, 0])], {"train": 100.0, "total": 100.0})
+    write_arm(tmp_path, "tms", 0, [checkpoint(4, 0.25, 0.1, 5.0, 1.2, 0.05, [1, 0, 0, 0]),
+                                   checkpoint(8, 0.25, 0.3, 5.05, 0.9, 0.2, [0, 1, 0, 0])], {"total": 250.0})
+    write_json_atomically(records.arm_path(str(tmp_path), "gemma", "base", 0),
+                          {"arm": "base", "regime": "gemma", "seed": 0, "task": "letter_counting_short",
+                           "final": checkpoint(0, 0.5, 0.0, 5.6, 3.0, 0.0, [1, 1, 0, 0])})
+    gemma = [checkpoint(step, 0.75, kl, 9.0, 1.0, meter, [1, 1, 1, 0])
+             for step, kl, meter in ((2, 2.0, 4.0), (4, 3.0, 3.0), (6, 4.0, 2.0), (8, 5.0, 1.0))]
+    write_json_atomically(records.arm_path(str(tmp_path), "gemma", "sft", 0),
+                          {"arm": "sft", "regime": "gemma", "seed": 0, "task": "letter_counting_short", "steps": 8,
+                           "wall_seconds": {"train": 300.0, "total": 300.0}, "checkpoints": gemma})
+    result = report.summary(str(tmp_path))
+    smollm2 = result["pld_correlation"]["retention_kl"]
+    assert smollm2["points"] == 4 and smollm2["chat_kl"]["spearman"]["value"] == pytest.approx(1.0)
+    by_model = result["pld_correlation_by_model"]
+    assert list(by_model) == ["gemma3_270m"]
+    assert by_model["gemma3_270m"]["retention_kl"]["points"] == 4
+    assert by_model["gemma3_270m"]["retention_kl"]["chat_kl"]["spearman"]["value"] == pytest.approx(-1.0)
+    assert {p["regime"] for p in report.signal_points(records.load_arms(str(tmp_path)))} == {"zero"}
+    text = report.table(result)
+    assert "## Do the live signals predict forgetting? (every checkpoint of every run)" in text
+    assert "## Do the live signals predict forgetting? (every checkpoint of every run, Gemma-3-270M base" in text
+
+
 def test_trajectory_quality_is_averaged_over_the_seeds_that_recorded_it(tmp_path):
     base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
     write_json_atomically(records.arm_path(str(tmp_path), "zero", "base", 0),
@@ -367,22 +398,26 @@ def test_readme_compact_table_shows_the_six_arms_with_both_regimes_in_each_cell(
     zero = {"task": "legs", "base": {"target_accuracy": 0.0}, "wall_reference": {"seconds": 90.0}, "arms": {
         "sft": _arm(0.57, 0.32, 0.14, 1.3, 3), "sft_low_lr": _arm(0.47, 0.19, 0.03, 1.04, 2),
         "tms": _arm(0.37, 0.28, 0.06, 4.4, 3, shared=True), "tms_online_alpha_75": _arm(0.47, 0.11, -0.04, 3.04, 2)}}
-    block = study_readme.compact({"regimes": {"zero": zero, "partly": partly}})
+    gemma = {"task": "letters", "base": {"target_accuracy": 0.55}, "wall_reference": {"seconds": 300.0}, "arms": {
+        "sft": _arm(0.83, 5.447, 6.41, 1.0, 1)}}
+    block = study_readme.compact({"regimes": {"zero": zero, "gemma": gemma, "partly": partly}})
     lines = block.splitlines()
     assert lines[0].startswith(study_readme.COMPACT_START) and lines[-1] == study_readme.COMPACT_END
     assert ("Each cell: partly solved, the paper's situation (`letters`, base accuracy 0.43) / learned from zero "
-            "(`legs`, base accuracy 0.00).") in lines
+            "(`legs`, base accuracy 0.00) / Gemma-3-270M base, partly solved (`letters`, base accuracy 0.55).") in lines
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| arm |")]
-    # The partly-solved regime first whatever summary.json's order; an arm missing from one regime shows "-" there;
-    # GRPO is not one of the six; a wall that is the same in both regimes is written once.
+    # The regimes in COMPACT_REGIMES' order whatever summary.json's; an arm missing from a regime shows "-" there;
+    # GRPO is not one of the six; a wall that is the same in every regime is written once.
     assert rows == [
-        "| plain SFT | 0.81 / 0.57 | 0.72 / 0.32 | +0.87 / +0.14 | 1x | 4 / 3 |",
-        "| SFT at a fifth of the learning rate | 0.81 / 0.47 | 0.30 / 0.19 | +0.30 / +0.03 | 1.1x / 1.0x | 3 / 2 |",
-        "| SFT at a tenth of the learning rate | 0.83 / - | 0.12 / - | +0.18 / - | 1.0x / - | 3 / - |",
-        "| SFT stopped at half its steps | 0.80 / - | 0.65 / - | +0.78 / - | 0.5x / - | 4 / - |",
-        '| TMS, paper defaults (`recipe="paper"`) | 0.82 / 0.37 | 0.44 / 0.28 | +0.33 / +0.06 | 4.7x / 4.4x (shared) '
-        "| 3 / 3 |",
-        "| **online TMS, alpha 0.75 (the default recipe at T = 10)** | 0.79 / 0.47 | 0.13 / 0.11 | -0.06 / -0.04 | 3.0x | 2 / 2 |",
+        "| plain SFT | 0.81 / 0.57 / 0.83 | 0.72 / 0.32 / 5.45 | +0.87 / +0.14 / +6.41 | 1x | 4 / 3 / 1 |",
+        "| SFT at a fifth of the learning rate | 0.81 / 0.47 / - | 0.30 / 0.19 / - | +0.30 / +0.03 / - | 1.1x / 1.0x / - "
+        "| 3 / 2 / - |",
+        "| SFT at a tenth of the learning rate | 0.83 / - / - | 0.12 / - / - | +0.18 / - / - | 1.0x / - / - | 3 / - / - |",
+        "| SFT stopped at half its steps | 0.80 / - / - | 0.65 / - / - | +0.78 / - / - | 0.5x / - / - | 4 / - / - |",
+        '| TMS, paper defaults (`recipe="paper"`) | 0.82 / 0.37 / - | 0.44 / 0.28 / - | +0.33 / +0.06 / - | 4.7x / 4.4x '
+        "(shared) / - | 3 / 3 / - |",
+        "| **online TMS, alpha 0.75 (the default recipe at T = 10)** | 0.79 / 0.47 / - | 0.13 / 0.11 / - | -0.06 / -0.04 / - "
+        "| 3.0x / 3.0x / - | 2 / 2 / - |",
     ]
     assert study_readme.SHARED_NOTE in lines
     # One regime only: one value per cell, no footnote without a shared wall.
@@ -406,6 +441,7 @@ def test_readme_shows_the_compact_table_and_results_page_the_full_headline_table
     assert study_readme.START not in readme and readme.count(study_readme.COMPACT_START) == 1
     headline = results[results.index(study_readme.START):results.index(study_readme.END)]
     assert "**Partly solved (the paper's situation)**" in headline and "**Learn from zero**" in headline
+    assert study_readme.REGIME_TITLES["gemma"] in headline
     assert "\\* Estimated:" in headline and "(shared): no run of the arm" in headline
 
 

@@ -66,7 +66,7 @@ def plots(result: dict, arms: dict, output_dir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     written += frontier_plots(result, output_dir)
-    points = signal_points(arms)
+    points = signal_points(arms)  # SmolLM2's regimes: another family's signals run on scales of their own
     if points:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
         for ax, name in zip(axes, ("pld", "pld_drift", "retention_kl")):
@@ -76,7 +76,7 @@ def plots(result: dict, arms: dict, output_dir: str) -> list[str]:
             ax.set_xlabel(name)
             ax.set_ylabel("chat KL (forgetting)")
         axes[0].legend(fontsize=7)
-        fig.suptitle("Candidate signals vs forgetting, every checkpoint of every run")
+        fig.suptitle("Candidate signals vs forgetting, every checkpoint of every SmolLM2 run")
         fig.tight_layout()
         path = os.path.join(output_dir, "signals.png")
         fig.savefig(path, dpi=120)

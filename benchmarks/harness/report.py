@@ -8,9 +8,10 @@ import random
 import statistics
 
 from .curves import frontier_table, frontiers
+from .models import DEFAULT_MODEL, MODELS
 from .probes import paired_se
 from .records import early, final, load_arms, ran_alone
-from .registry import ARMS
+from .registry import ARMS, REGIMES
 
 
 def summarise_arm(records: list[dict], base: dict, pick=None) -> dict:
@@ -75,7 +76,11 @@ def summary(output_dir: str) -> dict:
             if k in base},
             "arms": rows, "wall_reference": {"arms": sorted({r["arm"] for r in reference}), "seconds": sft_wall},
             "frontiers": frontiers(by_arm, base)}
+    # Per model family: the signals' scales are the model's own (PLD is a likelihood under it, and Gemma's chat KL runs
+    # ten times SmolLM2's), so pooling two families would rank one family's points above the other's.
     result["pld_correlation"] = correlations(arms)
+    result["pld_correlation_by_model"] = {name: c for name in MODELS if name != DEFAULT_MODEL
+                                          for c in [correlations(arms, name)] if c}
     return result
 
 
@@ -102,10 +107,18 @@ def trajectory_summary(records: list[dict]) -> dict:
     return out
 
 
-def signal_points(arms: dict) -> list[dict]:
-    """Every evaluated checkpoint of every run: its signals and its forgetting (change against the base)."""
+def model_of(regime: str) -> str:
+    """The model family a regime's records come from (`REGIMES[...]["model"]`; the embedded SmolLM2 without one)."""
+    return REGIMES.get(regime, {}).get("model", DEFAULT_MODEL)
+
+
+def signal_points(arms: dict, model: str = DEFAULT_MODEL) -> list[dict]:
+    """Every evaluated checkpoint of every run on `model`'s regimes: its signals and its forgetting (change against
+    the base)."""
     points = []
     for regime, by_arm in arms.items():
+        if model_of(regime) != model:
+            continue
         base = final(by_arm["base"][0]) if "base" in by_arm else None
         if base is None or "pld" not in base:  # runs measured without the live signals (retention.py's)
             continue
@@ -127,10 +140,10 @@ def signal_points(arms: dict) -> list[dict]:
 SIGNALS = ("pld", "pld_drift", "retention_kl", "train_kl")
 
 
-def correlations(arms: dict) -> dict:
+def correlations(arms: dict, model: str = DEFAULT_MODEL) -> dict:
     out = {}
     for signal_name in SIGNALS:
-        points = [p for p in signal_points(arms) if signal_name in p]
+        points = [p for p in signal_points(arms, model) if signal_name in p]
         if len(points) < 4:
             continue
         out[signal_name] = {"points": len(points)}
@@ -176,16 +189,23 @@ def table(result: dict) -> str:
                              f"{share(q['unfinished'])} | {share(q['kept'])} | {share(q['label_copy'])} |")
             lines.append("")
         lines += frontier_table(regime, r.get("frontiers", {}))
-    if result.get("pld_correlation"):
-        lines += ["## Do the live signals predict forgetting? (every checkpoint of every run)", "",
+    tables = {DEFAULT_MODEL: result.get("pld_correlation"), **result.get("pld_correlation_by_model", {})}
+    for model, table_ in tables.items():
+        if not table_:
+            continue
+        title = "every checkpoint of every run" + ("" if model == DEFAULT_MODEL else f", {MODELS[model].title}")
+        lines += [f"## Do the live signals predict forgetting? ({title})", "",
                   "| signal | points | Spearman vs chat KL [95% CI] | Spearman vs WikiText change [95% CI] | "
                   "Pearson vs chat KL |", "|---|---|---|---|---|"]
-        for name, c in result["pld_correlation"].items():
+        for name, c in table_.items():
             def fmt(v):
                 return f"{v['value']:.2f} [{v['low']:.2f}, {v['high']:.2f}]"
             lines.append(f"| {name} | {c['points']} | {fmt(c['chat_kl']['spearman'])} | "
                          f"{fmt(c['wiki_delta']['spearman'])} | {fmt(c['chat_kl']['pearson'])} |")
-    lines += ["", "Changes against the base model, item by item (paired standard errors; mean over seeds). Lower chat "
+        lines.append("")
+    if lines and lines[-1] != "":
+        lines.append("")
+    lines += ["Changes against the base model, item by item (paired standard errors; mean over seeds). Lower chat "
               "KL and WikiText change = more retained. `sft_early`: the `sft` run's checkpoint at half its steps. "
               "Wall: training time over that of a plain `SFTTrainer` run of the same steps (the `sft_low_lr` and "
               "`sft_dft` runs; TMS: harvest, generation and student), from runs that had the machine to themselves. "

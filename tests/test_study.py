@@ -387,7 +387,7 @@ def _arm(acc, kl, wiki, wall, seeds, shared=False):
             "wall_ratio_to_sft": wall, "wall_shared": shared}
 
 
-def test_readme_compact_table_shows_the_six_arms_with_both_regimes_in_each_cell():
+def test_readme_compact_table_shows_the_six_arms_with_every_regime_in_each_cell():
     import study_readme
 
     partly = {"task": "letters", "base": {"target_accuracy": 0.43}, "wall_reference": {"seconds": 100.0}, "arms": {

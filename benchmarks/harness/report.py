@@ -79,8 +79,10 @@ def summary(output_dir: str) -> dict:
     # Per model family: the signals' scales are the model's own (PLD is a likelihood under it, and Gemma's chat KL runs
     # ten times SmolLM2's), so pooling two families would rank one family's points above the other's.
     result["pld_correlation"] = correlations(arms)
-    result["pld_correlation_by_model"] = {name: c for name in MODELS if name != DEFAULT_MODEL
-                                          for c in [correlations(arms, name)] if c}
+    result["pld_correlation_by_model"] = {}
+    for name in MODELS:
+        if name != DEFAULT_MODEL and (table_ := correlations(arms, name)):
+            result["pld_correlation_by_model"][name] = table_
     return result
 
 

@@ -375,6 +375,28 @@ def test_a_regime_runs_end_to_end_into_records_and_resumes(tiny_study, tmp_path,
     study.run_regime(mode, "zero", ["sft_dft"], out, scratch)
 
 
+def test_a_tms_run_leaves_the_sft_record_measured_before_alone(tiny_study, tmp_path, monkeypatch):
+    """The `tms` arm trains its harvest (`sft`) too: where `sft` was measured alone before, its record (scales and all)
+    is kept rather than measured a second time."""
+    from harness import probes
+
+    train, pld, regime = tiny_study
+    monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (train, pld))
+    follow = probes.instruction_following
+    monkeypatch.setattr(probes, "instruction_following", lambda model, tok: follow(model, tok, max_new_tokens=4))
+    mode = dict(study.MODES["quick"], regimes={"zero": regime}, num_train=16, num_test=4, num_pld=4, mc_items=3,
+                wiki_items=6, chat_prompts=2, chat_tokens=4, checkpoints=2)
+    out, scratch = str(tmp_path / "results"), str(tmp_path / "scratch")
+    os.makedirs(scratch)
+    records.write_record(out, {"arm": "base", "regime": "zero", "seed": 0, "final": {"target_accuracy": 0.0}})
+    earlier = {"arm": "sft", "regime": "zero", "seed": 0, "checkpoints": [], "measured_alone": True}
+    records.write_record(out, earlier)
+    study.run_regime(mode, "zero", ["tms"], out, scratch)
+    saved = records.load_arms(out)["zero"]
+    assert saved["sft"] == [earlier]
+    assert [c["step"] for c in saved["tms"][0]["checkpoints"]] == [2, 4]
+
+
 def test_readme_and_docs_show_the_committed_study_results():
     # After `study.py --report_only`, run `python benchmarks/study_readme.py` and commit the README and docs with it.
     import study_readme

@@ -595,6 +595,10 @@ def test_curves_gather_each_methods_points_and_compare_tms_with_the_cheap_altern
     assert [p["label"] for p in result["methods"]["online TMS"]["wikitext"]["front"]] == ["tms_online_alpha_75"]
     table = "\n".join(curves.frontier_table("zero", result))
     assert "| online TMS | 2 |" in table and "not reached" in table  # two points; it never reaches 1x SFT's gain
+    # A level TMS never reaches has no ratio (not "not reached", which the table above says of a method's own points).
+    assert result["ratios"]["online TMS"]["chat_kl"]["1x"]["ratio"] is None
+    ratio_row = next(line for line in table.splitlines() if line.startswith("| online TMS |") and "no ratio" in line)
+    assert "not reached" not in ratio_row
     # `sft_low_lr` ran one seed and lies on the cheap frontier: the table says its interval cannot be trusted.
     single = next(line for line in table.splitlines() if line.startswith("Frontier points measured on one seed"))
     assert "`sft_low_lr" in single and "`sft`" not in single and "`tms_online_alpha_75`" not in single

@@ -90,9 +90,9 @@ def frontier_table(regime: str, curves: dict) -> list[str]:
     def value(v, fmt="{:.3f}"):
         return "-" if v is None else fmt.format(v)
 
-    def cell(entry, key="drift"):
+    def cell(entry, key="drift", missing="not reached"):
         if entry[key] is None:
-            return "not reached"
+            return missing
         return f"{value(entry[key])} [{value(entry['low'])}, {value(entry['high'])}]"
 
     levels = list(curves["levels"])
@@ -114,11 +114,14 @@ def frontier_table(regime: str, curves: dict) -> list[str]:
         lines += ["", "Frontier points measured on one seed (resampling seeds cannot move them, so an interval through "
                       "them is too narrow): " + ", ".join(f"`{label}`" for label in single) + "."]
     if curves["ratios"]:
-        lines += ["", f"Drift needed by TMS / by the {CHEAP} (below 1: TMS needs less; the hoped-for bar is 0.5):",
+        lines += ["", f"Drift needed by TMS / by the {CHEAP} (below 1: TMS needs less; the hoped-for bar is 0.5; "
+                      "\"no ratio\": one of them does not reach the level, or the cheap alternatives reach it with no "
+                      "drift at all):",
                   "", "| method | " + " | ".join(f"chat KL at {k}" for k in levels) + " | "
                   + " | ".join(f"WikiText change at {k}" for k in levels) + " |",
                   "|---|" + "---|" * (2 * len(levels))]
         for name, by_drift in curves["ratios"].items():
-            cells = [cell(by_drift[drift][k], "ratio") if drift in by_drift else "-" for drift in DRIFTS for k in levels]
+            cells = [cell(by_drift[drift][k], "ratio", "no ratio") if drift in by_drift else "-"
+                     for drift in DRIFTS for k in levels]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]

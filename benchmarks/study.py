@@ -188,9 +188,9 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
         # above the torch thread count at either end flags a run that shared it.
         load = load_average(load_before)
         for name, run in runs.items():
+            # A `tms` run's harvest is `sft`: where `sft` was measured alone before, its record (and wall) stands.
             if name != arm and os.path.isfile(arm_path(output_dir, regime_name, name, seed)):
-                continue  # a `tms` run's harvest whose `sft` record was measured alone before: measuring it again costs
-                # as much as the `tms` point's own probes
+                continue
             checkpoints = []
             for step, weights in sorted(run["weights"].items()):
                 training.load_weights(model, weights)

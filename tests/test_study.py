@@ -183,6 +183,22 @@ def tiny_study(monkeypatch, tiny_llama):
     return train, pld, regime
 
 
+@pytest.fixture
+def tiny_regime(tiny_study, tmp_path, monkeypatch):
+    """`run_regime` on `tiny_study` in a small quick mode: (mode, results dir, scratch dir)."""
+    from harness import probes
+
+    train, pld, regime = tiny_study
+    monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (train, pld))
+    follow = probes.instruction_following
+    monkeypatch.setattr(probes, "instruction_following", lambda model, tok: follow(model, tok, max_new_tokens=4))
+    mode = dict(study.MODES["quick"], regimes={"zero": regime}, num_train=16, num_test=4, num_pld=4, mc_items=3,
+                wiki_items=6, chat_prompts=2, chat_tokens=4, checkpoints=2)
+    out, scratch = str(tmp_path / "results"), str(tmp_path / "scratch")
+    os.makedirs(scratch)
+    return mode, out, scratch
+
+
 @pytest.mark.parametrize("arm", ["sft_dft", "sft_rehearsal_10", "grpo", "sdft", "self_sft_verified"])
 def test_every_kind_of_arm_trains_and_keeps_its_checkpoints(tiny_study, tmp_path, arm):
     train, pld, regime = tiny_study
@@ -346,24 +362,15 @@ def test_backfill_adds_the_new_probe_from_the_history_and_a_student_trained_agai
     assert "ifeval" not in summary["sft_dft"]
 
 
-def test_a_regime_runs_end_to_end_into_records_and_resumes(tiny_study, tmp_path, monkeypatch):
+def test_a_regime_runs_end_to_end_into_records_and_resumes(tiny_regime, monkeypatch):
     """Base, then an arm measured at each checkpoint by the probe suite, saved as records; a rerun trains nothing."""
-    from harness import probes
-
-    train, pld, regime = tiny_study
-    monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (train, pld))
-    follow = probes.instruction_following
-    monkeypatch.setattr(probes, "instruction_following", lambda model, tok: follow(model, tok, max_new_tokens=4))
-    mode = dict(study.MODES["quick"], regimes={"zero": regime}, num_train=16, num_test=4, num_pld=4, mc_items=3,
-                wiki_items=6, chat_prompts=2, chat_tokens=4, checkpoints=2)
-    out, scratch = str(tmp_path / "results"), str(tmp_path / "scratch")
-    os.makedirs(scratch)
+    mode, out, scratch = tiny_regime
     study.run_regime(mode, "zero", ["sft_dft"], out, scratch)
     saved = records.load_arms(out)["zero"]
     base = saved["base"][0]["final"]
     assert len(base["items"]["piqa"]) == len(base["items"]["siqa"]) == 3 and len(base["items"]["ifeval"]) == 48
     (record,) = saved["sft_dft"]
-    assert record["settings"] == {**regime, "loss_type": "dft"} and record["steps"] == 4
+    assert record["settings"] == {**mode["regimes"]["zero"], "loss_type": "dft"} and record["steps"] == 4
     assert set(record["load_average"]) == {"before", "after", "threads"}
     first, last = record["checkpoints"]
     assert (first["step"], first["fraction"], last["step"], last["fraction"]) == (2, 0.5, 4, 1.0)
@@ -375,19 +382,10 @@ def test_a_regime_runs_end_to_end_into_records_and_resumes(tiny_study, tmp_path,
     study.run_regime(mode, "zero", ["sft_dft"], out, scratch)
 
 
-def test_a_tms_run_leaves_the_sft_record_measured_before_alone(tiny_study, tmp_path, monkeypatch):
+def test_a_tms_run_leaves_the_sft_record_measured_before_alone(tiny_regime):
     """The `tms` arm trains its harvest (`sft`) too: where `sft` was measured alone before, its record (scales and all)
     is kept rather than measured a second time."""
-    from harness import probes
-
-    train, pld, regime = tiny_study
-    monkeypatch.setattr(study, "load_task", lambda task, n_train, n_test, seed=0: (train, pld))
-    follow = probes.instruction_following
-    monkeypatch.setattr(probes, "instruction_following", lambda model, tok: follow(model, tok, max_new_tokens=4))
-    mode = dict(study.MODES["quick"], regimes={"zero": regime}, num_train=16, num_test=4, num_pld=4, mc_items=3,
-                wiki_items=6, chat_prompts=2, chat_tokens=4, checkpoints=2)
-    out, scratch = str(tmp_path / "results"), str(tmp_path / "scratch")
-    os.makedirs(scratch)
+    mode, out, scratch = tiny_regime
     records.write_record(out, {"arm": "base", "regime": "zero", "seed": 0, "final": {"target_accuracy": 0.0}})
     earlier = {"arm": "sft", "regime": "zero", "seed": 0, "checkpoints": [], "measured_alone": True}
     records.write_record(out, earlier)

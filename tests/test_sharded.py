@@ -12,6 +12,7 @@ global batch; a run interrupted mid-harvest resumes to the same end.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,7 +49,10 @@ def run_worker(mode: str, model: str, out: str, extensions: str, config: str | N
     command = [sys.executable, script, mode, model, out] if config is None else [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, script, mode, model, out]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # The process that failed first is often not the one whose traceback ends the output (the other dies waiting for
+    # it): its error lines lead the message.
+    errors = [line for line in result.stderr.splitlines() if re.search(r"Error:|what\(\):|terminate called", line)]
+    assert result.returncode == 0, "\n".join(dict.fromkeys(errors)) + "\n...\n" + result.stderr[-4000:]
 
 
 def launch(mode: str, model: str, out: str, extensions: str, config: str | None = ZERO2) -> list[dict]:

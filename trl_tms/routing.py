@@ -76,16 +76,22 @@ class RowRouter:
         if len(set(row_slots)) == 1:
             # One snapshot in the call: activating its slot is the plain LoRA forward.
             previous = self.model.active_adapter
-            self.model.set_adapter(row_slots[0])
+            self._activate(row_slots[0])
             try:
                 yield {}
             finally:
-                self.model.set_adapter(previous)
+                self._activate(previous)
         elif self.stacked:
             with self._stacked(row_slots):
                 yield {}
         else:
             yield {"adapter_names": row_slots}
+
+    def _activate(self, slot: str) -> None:
+        """`PeftModel.set_adapter` for LoRA without the FSDP2 reshard PEFT 0.22 added to it: each process generates its
+        own batches here, so after a reshard the next forward's gather would wait for processes with no batch."""
+        self.model.active_adapter = slot
+        self.model.base_model.set_adapter(slot)
 
     @contextlib.contextmanager
     def _stacked(self, row_slots: list[str]):

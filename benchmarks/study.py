@@ -88,7 +88,7 @@ from harness.measure import load_average  # noqa: E402
 from harness.models import DEFAULT_MODEL, MODELS, family  # noqa: E402
 from harness.plots import plots  # noqa: E402
 from harness.probes import ProbeSuite, evaluate_scaled, score_instructions  # noqa: E402
-from harness.records import arm_path, early, final, load_arms, write_record  # noqa: E402
+from harness.records import arm_path, early, final, library_versions, load_arms, write_record  # noqa: E402
 from harness.registry import ARMS, METHODS, REGIMES, SCALES, reuses_history  # noqa: E402
 from harness.report import summary, table  # noqa: E402
 from harness.tasks import CANDIDATES, load_task  # noqa: E402
@@ -160,7 +160,7 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
     if not os.path.isfile(base_path):
         print(f"[{regime_name}] base", flush=True)
         write_record(output_dir, {"arm": "base", "regime": regime_name, "seed": 0,
-                                  "final": evaluation.evaluate(model, full=True)})
+                                  "final": evaluation.evaluate(model, full=True), "versions": library_versions()})
     del model
     steps = training.planned_steps(regime, mode["num_train"])
     capture = [round(steps * k / mode["checkpoints"]) for k in range(1, mode["checkpoints"] + 1)]
@@ -201,7 +201,7 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
             record = {"arm": name, "regime": regime_name, "seed": seed, "task": regime["task"],
                       "settings": {**regime, **ARMS[name].settings} if name in ARMS else regime,
                       "steps": steps, "wall_seconds": run["wall_seconds"], "load_average": load,
-                      "checkpoints": checkpoints}
+                      "checkpoints": checkpoints, "versions": library_versions()}
             if "trajectory_quality" in run:
                 record["trajectory_quality"] = run["trajectory_quality"]
             if is_scaled(mode, name):  # the model holds this run's final weights, measured last
@@ -273,7 +273,8 @@ def add_scales(mode: dict, regime_name: str, arm: str, seed: int, evaluation: Pr
                                     stop=evaluation.stop)
     same = sum(a == b for a, b in zip(target["correct"], final(record)["items"]["target"]))
     record["scaled"] = scale_points(evaluation, model, mode, regime_name, arm, seed)
-    record["scaled_weights"] = {"source": source, "target_items_matching": same, "target_items": len(target["correct"])}
+    record["scaled_weights"] = {"source": source, "target_items_matching": same, "target_items": len(target["correct"]),
+                                "versions": library_versions()}
     print(f"[{regime_name}] {arm} s{seed}: weights from {source}, target items matching the record {same}/"
           f"{len(target['correct'])}", flush=True)
     write_record(output_dir, record)
@@ -305,7 +306,7 @@ def backfill(mode: dict, regime_name: str, arms: list[str], output_dir: str, scr
 
     def measure(model, tokenizer, checkpoint: dict, source: str, verify: bool = True) -> None:
         followed = score_instructions(model, tokenizer, checkpoint)
-        checkpoint["backfilled"] = {"probes": ["ifeval"], "weights": source}
+        checkpoint["backfilled"] = {"probes": ["ifeval"], "weights": source, "versions": library_versions()}
         check = ""
         if verify:
             target = probes.target_accuracy(model, tokenizer, test, registry.TASK_TOKENS, is_correct)

@@ -81,6 +81,27 @@ def test_summary_pairs_against_the_base_and_reads_sft_early_off_the_sft_run(tmp_
     assert "What the TMS students drew from" not in report.table(result)
 
 
+def test_records_carry_the_library_versions_they_were_measured_under_and_the_report_counts_them(tmp_path):
+    """A fresh install resolves the newest releases in our bounds: a record says which it ran under, the report how
+    many records ran under each set (records written before the field existed: "not recorded")."""
+    from importlib import metadata
+
+    versions = records.library_versions()
+    assert versions["peft"] == metadata.version("peft") and versions["torch"] == metadata.version("torch")
+    assert set(versions) == {"python", *records.LIBRARIES}
+    line = records.versions_line(versions)
+    assert f"peft {metadata.version('peft')}" in line and records.versions_line(None) == "not recorded"
+    base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
+    write_json_atomically(records.arm_path(str(tmp_path), "zero", "base", 0),
+                          {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base,
+                           "versions": versions})
+    write_arm(tmp_path, "sft", 0, [checkpoint(8, 0.5, 0.4, 5.2, 0.5, 0.3, [1, 1, 0, 0])], {"train": 100.0, "total": 100.0})
+    write_arm(tmp_path, "sft", 1, [checkpoint(8, 0.5, 0.4, 5.2, 0.5, 0.3, [1, 1, 0, 0])], {"train": 100.0, "total": 100.0})
+    result = report.summary(str(tmp_path))
+    assert result["regimes"]["zero"]["versions"] == {line: 1, "not recorded": 2}
+    assert f"Measured under (records): not recorded (2); {line} (1)" in report.table(result)
+
+
 def test_live_signals_are_correlated_within_one_model_family(tmp_path):
     # SmolLM2's checkpoints: the meter follows chat KL. Gemma's: an order of magnitude more drift, and its meter ranks
     # against it; pooled, Gemma's points would sit above SmolLM2's on both axes and lift the pooled correlation.
@@ -372,6 +393,7 @@ def test_a_regime_runs_end_to_end_into_records_and_resumes(tiny_regime, monkeypa
     (record,) = saved["sft_dft"]
     assert record["settings"] == {**mode["regimes"]["zero"], "loss_type": "dft"} and record["steps"] == 4
     assert set(record["load_average"]) == {"before", "after", "threads"}
+    assert record["versions"] == saved["base"][0]["versions"] == records.library_versions()
     first, last = record["checkpoints"]
     assert (first["step"], first["fraction"], last["step"], last["fraction"]) == (2, 0.5, 4, 1.0)
     assert len(last["items"]["target"]) == 4 and len(last["items"]["chat_kl"]) == 2
@@ -547,7 +569,7 @@ def test_frontier_mode_measures_scales_and_task_kl_and_adds_scales_to_an_older_r
     study.run_regime(mode, "zero", ["sft_lr_x0.5"], out, scratch)
     (again,) = records.load_arms(out)["zero"]["sft_lr_x0.5"]
     assert again["scaled_weights"] == {"source": "trained again with the same seed", "target_items_matching": 4,
-                                       "target_items": 4}
+                                       "target_items": 4, "versions": records.library_versions()}
     assert [s["chat_kl"] for s in again["scaled"]] == pytest.approx([s["chat_kl"] for s in (zero, half, whole)], rel=1e-4)
     monkeypatch.setattr(training, "train_run", lambda *a, **k: pytest.fail("trained a finished arm again"))
     study.run_regime(mode, "zero", ["sft_lr_x0.5"], out, scratch)

@@ -4,7 +4,8 @@
 `wall_seconds` (by phase), `load_average` (before and after training) and `checkpoints`: one dict per evaluated step
 (`step`, `fraction` of the run, and `ProbeSuite.evaluate`'s values: `target_accuracy`, `wikitext_nll`, `chat_kl`,
 `chat_nll`, `pld`, `retention_kl`, at the last one `piqa_acc`, `siqa_acc`, `ifeval_acc`; per-item values under
-`items`). The base model's record (`base_s0.json`) has one `final` checkpoint instead.
+`items`) and `versions` (`library_versions`: what it was measured under; records before it have none). The base model's
+record (`base_s0.json`) has one `final` checkpoint instead.
 
 `retention.py`, folded into the harness, wrote another layout (`<output_dir>/arms/<arm>[_<regime>]_s<seed>.json`
 with one `base.json`, results/retention*/): `load_arms` reads it as records of this format, each with its one final
@@ -15,12 +16,38 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+from importlib import metadata
 
 from trl_tms.atomic import write_json_atomically
 
 
 def arm_path(output_dir: str, regime: str, arm: str, seed: int) -> str:
     return os.path.join(output_dir, "arms", regime, f"{arm}_s{seed}.json")
+
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "trl-tms")
+
+
+def library_versions() -> dict:
+    """
+    Python's and `LIBRARIES`' versions in this process (None: not installed). A fresh install resolves the newest
+    releases within the package's bounds, so a record measured later may have run under another PEFT or transformers.
+    """
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def versions_line(versions: dict | None) -> str:
+    """`versions` in one line, e.g. `torch 2.13.0 · peft 0.21.2 · ...`; "not recorded" for a record without them."""
+    if not versions:
+        return "not recorded"
+    return " · ".join(f"{name} {version}" for name, version in versions.items() if version)
 
 
 def write_record(output_dir: str, record: dict) -> str:

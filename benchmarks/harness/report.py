@@ -4,13 +4,14 @@ the live signals (PLD, its drift, the forgetting meter) predict forgetting acros
 
 from __future__ import annotations
 
+import collections
 import random
 import statistics
 
 from .curves import frontier_table, frontiers
 from .models import DEFAULT_MODEL, MODELS
 from .probes import paired_se
-from .records import early, final, load_arms, ran_alone
+from .records import early, final, load_arms, ran_alone, versions_line
 from .registry import ARMS, REGIMES
 
 
@@ -75,7 +76,8 @@ def summary(output_dir: str) -> dict:
             k: base[k] for k in ("target_accuracy", "wikitext_nll", "chat_nll", "pld", "piqa_acc", "siqa_acc", "ifeval_acc")
             if k in base},
             "arms": rows, "wall_reference": {"arms": sorted({r["arm"] for r in reference}), "seconds": sft_wall},
-            "frontiers": frontiers(by_arm, base)}
+            "frontiers": frontiers(by_arm, base), "versions": dict(collections.Counter(
+                versions_line(r.get("versions")) for records in by_arm.values() for r in records).most_common())}
     # Per model family: the signals' scales are the model's own (PLD is a likelihood under it, and Gemma's chat KL runs
     # ten times SmolLM2's), so pooling two families would rank one family's points above the other's.
     result["pld_correlation"] = correlations(arms)
@@ -161,6 +163,8 @@ def table(result: dict) -> str:
     for regime, r in result["regimes"].items():
         b = r["base"]
         lines += [f"## Regime `{regime}` (task `{r['task']}`; base target accuracy {b['target_accuracy']:.3f})", "",
+                  *([] if not r.get("versions") else ["Measured under (records): " + "; ".join(
+                      f"{line} ({n})" for line, n in r["versions"].items()), ""]),
                   "| arm | seeds | target acc (gain ± SE) | chat KL ± SE | WikiText NLL change ± SE | PIQA change | "
                   "SIQA change | instruction following change (seeds) | wall / SFT |", "|---|---|---|---|---|---|---|---|---|"]
         for arm, s in r["arms"].items():

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from harness.frontier import Point, dominates, drift_at_gain, drift_needed, drift_ratio, envelope, pareto_front  # noqa: E402
+from harness.frontier import (  # noqa: E402
+    Point, deciding_points, dominates, drift_at_gain, drift_needed, drift_ratio, envelope, pareto_front)
 
 
 def test_the_front_keeps_only_points_nothing_beats_on_both():
@@ -25,6 +26,18 @@ def test_drift_at_a_gain_level_interpolates_between_front_points_from_the_base_m
     assert drift_at_gain(front, 0.2, origin=None) == pytest.approx(0.2)  # without the base: the first point
     # A dominated point changes nothing.
     assert drift_at_gain(front + [(0.5, 0.3)], 0.6) == pytest.approx(0.4)
+
+
+def test_the_points_that_decide_a_level_are_the_ends_of_its_envelope_segment():
+    """Issue #44 asks three seeds for every point a level's drift is read between; (0.5, 0.6) is on the front but under
+    the envelope from (0.3, 0.5) to (0.9, 0.9), so it decides nothing, and the base model is not a measured point."""
+    front = [(0.1, 0.2), (0.3, 0.5), (0.5, 0.6), (0.9, 0.9)]
+    assert deciding_points(front, [0.55]) == [(0.3, 0.5), (0.9, 0.9)]
+    assert drift_at_gain(front, 0.55) == pytest.approx(0.3 + 0.6 * 0.05 / 0.4)  # read between those two
+    assert deciding_points(front, [0.1]) == [(0.1, 0.2)]  # between the base model and the first point
+    assert deciding_points(front, [0.1, 0.55, 0.95]) == [(0.1, 0.2), (0.3, 0.5), (0.9, 0.9)]  # 0.95: never reached
+    assert deciding_points(front, [0.5]) == [(0.1, 0.2), (0.3, 0.5)]  # reached at a point: read off the segment to it
+    assert deciding_points(front, [0.0]) == [] and deciding_points([], [0.5]) == []
 
 
 def test_one_front_dominates_another_only_if_it_needs_no_more_drift_at_every_level():

@@ -619,9 +619,16 @@ def test_curves_gather_each_methods_points_and_compare_tms_with_the_cheap_altern
     assert result["ratios"]["online TMS"]["chat_kl"]["1x"]["ratio"] is None
     ratio_row = next(line for line in table.splitlines() if line.startswith("| online TMS |") and "no ratio" in line)
     assert "not reached" not in ratio_row
-    # `sft_low_lr` ran one seed and lies on the cheap frontier: the table says its interval cannot be trusted.
-    single = next(line for line in table.splitlines() if line.startswith("Frontier points measured on one seed"))
-    assert "`sft_low_lr" in single and "`sft`" not in single and "`tms_online_alpha_75`" not in single
+    # The points each level's drift is read between, with fewer than three seeds: the cheap curve's (0.2, 0.4) and
+    # (0.6, 0.61), TMS's two, and `sft_low_lr` (one seed), which is on the learning-rate and stop-early curves' segments
+    # at 0.8x and 0.9x; `sft_low_lr @fraction 0.5` is on the cheap front but decides no level.
+    cheap_front = result["methods"][registry.CHEAP]["chat_kl"]["front"]
+    assert [p["label"] for p in cheap_front if p["decides"]] == ["sft @scale 0.5", "sft"]
+    assert [p["label"] for p in cheap_front if not p["decides"]] == ["sft_low_lr @fraction 0.5"]
+    few = next(line for line in table.splitlines() if line.startswith("Frontier points that decide a level"))
+    assert "`sft` (2), `sft @scale 0.5` (2)" in few and "`sft_low_lr` (1)" in few
+    assert "`tms_online_alpha_75` (2), `tms_online_alpha_75 @fraction 0.5` (2)" in few
+    assert "`sft_low_lr @fraction 0.5`" not in few
 
 
 def test_the_screen_measures_learnability_in_its_window_or_for_the_tasks_named(tmp_path, monkeypatch):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import statistics
 
-from .frontier import Point, drift_needed, drift_ratio, pareto_front
+from .frontier import Point, deciding_points, drift_needed, drift_ratio, pareto_front
 from .records import final
 from .registry import CHEAP, METHODS, REFERENCE_ARM
 
 LEVELS = (0.8, 0.9, 1.0)  # fractions of the reference arm's gain
+SEEDS_WANTED = 3  # issue #44: seeds for every point that decides a level
 DRIFTS = {
     "chat_kl": ("chat KL(base || model)", lambda c, base: c["chat_kl"]),
     "wikitext": ("WikiText NLL change", lambda c, base: c["wikitext_nll"] - base["wikitext_nll"]),
@@ -44,11 +45,16 @@ def method_points(by_arm: dict, base: dict, method, drift: str) -> list[Point]:
     return points
 
 
-def labelled_front(points: list[Point]) -> list[dict]:
-    """The frontier of the points' means, each with its label and seeds."""
+def labelled_front(points: list[Point], levels: list[float]) -> list[dict]:
+    """
+    The frontier of the points' means, each with its label, seeds and whether it `decides` a level (the drift needed at
+    one of `levels` of gain is read off between it and a neighbour).
+    """
     front = pareto_front([p.mean for p in points])
+    deciding = set(deciding_points(front, levels))
     by_mean = {p.mean: p for p in points}
-    return [{"label": by_mean[m].label, "drift": m[0], "gain": m[1], "seeds": by_mean[m].meta["seeds"]} for m in front]
+    return [{"label": by_mean[m].label, "drift": m[0], "gain": m[1], "seeds": by_mean[m].meta["seeds"],
+             "decides": m in deciding} for m in front]
 
 
 def frontiers(by_arm: dict, base: dict, levels=LEVELS, samples: int = 2000) -> dict:
@@ -72,7 +78,7 @@ def frontiers(by_arm: dict, base: dict, levels=LEVELS, samples: int = 2000) -> d
                 continue
             needed = drift_needed(found, list(gains.values()), samples=samples)
             entry = out["methods"].setdefault(name, {"points": len(found)})
-            entry[drift] = {"front": labelled_front(found),
+            entry[drift] = {"front": labelled_front(found, list(gains.values())),
                             "needed": {key: needed[value] for key, value in gains.items()}}
         for name, method in METHODS.items():
             if method.family != "tms" or not points[name] or not points[CHEAP]:
@@ -108,11 +114,13 @@ def frontier_table(regime: str, curves: dict) -> list[str]:
     for name, entry in curves["methods"].items():
         cells = [cell(entry[drift]["needed"][k]) if drift in entry else "-" for drift in DRIFTS for k in levels]
         lines.append(f"| {name} | {entry['points']} | " + " | ".join(cells) + " |")
-    single = sorted({point["label"] for entry in curves["methods"].values() for drift in DRIFTS if drift in entry
-                     for point in entry[drift]["front"] if len(point["seeds"]) == 1})
-    if single:
-        lines += ["", "Frontier points measured on one seed (resampling seeds cannot move them, so an interval through "
-                      "them is too narrow): " + ", ".join(f"`{label}`" for label in single) + "."]
+    few = {point["label"]: len(point["seeds"]) for entry in curves["methods"].values() for drift in DRIFTS
+           if drift in entry for point in entry[drift]["front"]
+           if point.get("decides") and len(point["seeds"]) < SEEDS_WANTED}
+    if few:
+        lines += ["", f"Frontier points that decide a level (its drift is read off between them) measured on fewer than "
+                      f"{SEEDS_WANTED} seeds (on one seed, resampling cannot move them and an interval through them is "
+                      "too narrow): " + ", ".join(f"`{label}` ({n})" for label, n in sorted(few.items())) + "."]
     if curves["ratios"]:
         lines += ["", f"Drift needed by TMS / by the {CHEAP} (below 1: TMS needs less; the hoped-for bar is 0.5; "
                       "\"no ratio\": one of them does not reach the level, or the cheap alternatives reach it with no "

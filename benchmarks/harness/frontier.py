@@ -74,15 +74,33 @@ def drift_at_gain(front: list[tuple[float, float]], level: float, origin: tuple[
     The least drift at which the frontier reaches `level` of gain, interpolated linearly along its concave envelope
     (from `origin` when given); `None` when no point reaches it.
     """
-    points = envelope(front + ([origin] if origin is not None else []))
+    segment = _segment(envelope(front + ([origin] if origin is not None else [])), level)
+    if segment is None:
+        return None
+    if len(segment) == 1:
+        return segment[0][0]
+    (d0, g0), (d1, g1) = segment
+    return d0 + (d1 - d0) * (level - g0) / (g1 - g0)
+
+
+def _segment(points: list[tuple[float, float]], level: float) -> tuple | None:
+    """The envelope's neighbouring points between which it reaches `level` (one point where the first reaches it)."""
     if not points or points[-1][1] < level:
         return None
     if points[0][1] >= level:
-        return points[0][0]
-    for (d0, g0), (d1, g1) in zip(points, points[1:]):
-        if g1 >= level:
-            return d0 + (d1 - d0) * (level - g0) / (g1 - g0)
-    return None
+        return (points[0],)
+    return next((p0, p1) for p0, p1 in zip(points, points[1:]) if p1[1] >= level)
+
+
+def deciding_points(front: list[tuple[float, float]], levels: list[float],
+                    origin: tuple[float, float] = ORIGIN) -> list[tuple[float, float]]:
+    """
+    The measured points the drift at `levels` is read between (each level's segment of the envelope, the origin left
+    out): the points whose seeds decide the comparison at those levels, by drift.
+    """
+    points = envelope(front + [origin])
+    found = {p for level in levels for p in (_segment(points, level) or ()) if p != origin}
+    return sorted(found)
 
 
 def dominates(a: list[tuple[float, float]], b: list[tuple[float, float]], levels: list[float]) -> bool:

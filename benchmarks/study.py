@@ -88,7 +88,7 @@ from harness.measure import load_average  # noqa: E402
 from harness.models import DEFAULT_MODEL, MODELS, family  # noqa: E402
 from harness.plots import plots  # noqa: E402
 from harness.probes import ProbeSuite, evaluate_scaled, score_instructions  # noqa: E402
-from harness.records import arm_path, early, final, library_versions, load_arms, write_record  # noqa: E402
+from harness.records import arm_path, early, final, library_versions, load_arms, machine, write_record  # noqa: E402
 from harness.registry import ARMS, METHODS, REGIMES, SCALES, reuses_history  # noqa: E402
 from harness.report import summary, table  # noqa: E402
 from harness.tasks import CANDIDATES, load_task  # noqa: E402
@@ -201,7 +201,7 @@ def run_regime(mode: dict, regime_name: str, arms: list[str], output_dir: str, s
             record = {"arm": name, "regime": regime_name, "seed": seed, "task": regime["task"],
                       "settings": {**regime, **ARMS[name].settings} if name in ARMS else regime,
                       "steps": steps, "wall_seconds": run["wall_seconds"], "load_average": load,
-                      "checkpoints": checkpoints, "versions": library_versions()}
+                      "checkpoints": checkpoints, "versions": library_versions(), "machine": machine()}
             if "trajectory_quality" in run:
                 record["trajectory_quality"] = run["trajectory_quality"]
             if is_scaled(mode, name):  # the model holds this run's final weights, measured last

@@ -81,6 +81,40 @@ def test_summary_pairs_against_the_base_and_reads_sft_early_off_the_sft_run(tmp_
     assert "What the TMS students drew from" not in report.table(result)
 
 
+def test_wall_ratios_compare_runs_timed_on_the_same_machine(tmp_path):
+    """Sessions land on machines of different speeds: each run's wall is divided by the SFT walls of its own boot, and
+    a run whose machine timed no SFT has no ratio (records without `machine` are one group, as before the field)."""
+    assert records.machine()["boot_id"] == records.machine()["boot_id"]  # stable within a boot
+    base = checkpoint(0, 0.0, 0.0, 5.0, 2.0, 0.0, [0, 0, 0, 0])
+    write_json_atomically(records.arm_path(str(tmp_path), "zero", "base", 0),
+                          {"arm": "base", "regime": "zero", "seed": 0, "task": "leg_counting", "final": base})
+    last = [checkpoint(8, 0.5, 0.4, 5.2, 0.5, 0.3, [1, 1, 0, 0])]
+
+    def on(boot, arm, seed, wall):
+        write_arm(tmp_path, arm, seed, last, wall)
+        path = records.arm_path(str(tmp_path), "zero", arm, seed)
+        with open(path) as f:
+            record = json.load(f)
+        if boot is not None:
+            record["machine"] = {"boot_id": boot, "cpu": "x86_64", "cpus": 2}
+        write_json_atomically(path, record)
+
+    on(None, "sft_low_lr", 0, {"train": 100.0, "total": 100.0})  # an older record, on the older machine
+    on(None, "tms", 0, {"total": 300.0})
+    on("slow", "sft_low_lr", 1, {"train": 200.0, "total": 200.0})
+    on("slow", "tms", 1, {"total": 800.0})
+    on("other", "tms", 2, {"total": 5000.0})  # no SFT timed on its machine: left out
+    on("other", "tms_online", 0, {"total": 900.0})
+    arms = report.summary(str(tmp_path))["regimes"]["zero"]["arms"]
+    # (300 / 100 + 800 / 200) / 2; across machines it would have read (300 + 800 + 5000) / 3 / 150.
+    assert arms["tms"]["wall_ratio_to_sft"] == pytest.approx(3.5) and not arms["tms"]["wall_shared"]
+    assert arms["sft_low_lr"]["wall_ratio_to_sft"] == pytest.approx(1.0)
+    assert arms["tms_online"]["wall_ratio_to_sft"] is None
+    row = next(line for line in report.table(report.summary(str(tmp_path))).splitlines()
+               if line.startswith("| tms_online |"))
+    assert row.endswith("| - |")
+
+
 def test_records_carry_the_library_versions_they_were_measured_under_and_the_report_counts_them(tmp_path):
     """A fresh install resolves the newest releases in our bounds: a record says which it ran under, the report how
     many records ran under each set (records written before the field existed: "not recorded")."""

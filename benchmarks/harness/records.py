@@ -4,7 +4,8 @@
 `wall_seconds` (by phase), `load_average` (before and after training) and `checkpoints`: one dict per evaluated step
 (`step`, `fraction` of the run, and `ProbeSuite.evaluate`'s values: `target_accuracy`, `wikitext_nll`, `chat_kl`,
 `chat_nll`, `pld`, `retention_kl`, at the last one `piqa_acc`, `siqa_acc`, `ifeval_acc`; per-item values under
-`items`) and `versions` (`library_versions`: what it was measured under; records before it have none). The base model's
+`items`), `versions` (`library_versions`: what it was measured under; records before it have none) and `machine`
+(`machine`: which boot of which machine timed it; walls are compared only within one). The base model's
 record (`base_s0.json`) has one `final` checkpoint instead.
 
 `retention.py`, folded into the harness, wrote another layout (`<output_dir>/arms/<arm>[_<regime>]_s<seed>.json`
@@ -41,6 +42,24 @@ def library_versions() -> dict:
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+def machine() -> dict:
+    """
+    The machine a run is timed on: the kernel's boot id (a fresh machine, or this one rebooted, has another), its CPU
+    and core count. Sessions may land on different machines; a wall is comparable only with walls of the same boot.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = None
+    return {"boot_id": boot, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+
+
+def machine_key(record: dict) -> str | None:
+    """The boot a record was timed on; None for records written before `machine` was stored (one group)."""
+    return (record.get("machine") or {}).get("boot_id")
 
 
 def versions_line(versions: dict | None) -> str:

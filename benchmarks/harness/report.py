@@ -11,7 +11,7 @@ import statistics
 from .curves import frontier_table, frontiers
 from .models import DEFAULT_MODEL, MODELS
 from .probes import paired_se
-from .records import early, final, load_arms, ran_alone, versions_line
+from .records import early, final, load_arms, machine_key, ran_alone, versions_line
 from .registry import ARMS, REGIMES
 
 
@@ -40,6 +40,26 @@ def summarise_arm(records: list[dict], base: dict, pick=None) -> dict:
     return out
 
 
+def wall_ratio(records: list[dict], reference: list[dict]) -> tuple[float | None, bool]:
+    """
+    The mean over `records` of each run's wall / the mean training wall of the `reference` runs timed on the same
+    machine (`machine_key`), and whether any run in it shared the machine. Runs that had the machine to themselves
+    come first, on both sides; a run with no reference timed on its machine has no ratio (sessions land on machines
+    of different speeds: a ratio across two machines measures the machines).
+    """
+    timed = [r for r in records if not r["wall_seconds"].get("reused_history")]
+    clean = [r for r in timed if ran_alone(r)]
+    ratios, shared = [], not clean
+    for record in clean or timed:
+        peers = [r for r in reference if machine_key(r) == machine_key(record)]
+        alone = [r for r in peers if ran_alone(r)]
+        if peers:
+            ratios.append(record["wall_seconds"]["total"] / statistics.mean(r["wall_seconds"]["train"]
+                                                                          for r in alone or peers))
+            shared = shared or not alone
+    return (statistics.mean(ratios) if ratios else None), bool(ratios) and shared
+
+
 def summary(output_dir: str) -> dict:
     arms = load_arms(output_dir)
     result = {"regimes": {}}
@@ -49,7 +69,8 @@ def summary(output_dir: str) -> dict:
         # SFT's wall is that of a plain `SFTTrainer` run of the same steps (`sft_low_lr`, `sft_dft`: neither the
         # learning rate nor the loss changes the work). The `sft` arm is TMS's harvest, which, like every TMS phase
         # here, also logs PLD on the held-out labels at each logging step; it is the reference only where no plain run
-        # exists. Runs that had the machine to themselves first (the wall barely depends on the seed).
+        # exists. Runs that had the machine to themselves first (the wall barely depends on the seed), and each run
+        # against the reference runs timed on the same machine (`wall_ratio`).
         plain = [r for arm, records in by_arm.items() if arm != "sft" and arm in ARMS and ARMS[arm].method == "sft"
                  and "rehearsal_weight" not in ARMS[arm].settings for r in records]
         reference = plain or by_arm.get("sft", [])
@@ -59,11 +80,7 @@ def summary(output_dir: str) -> dict:
             if arm == "base":
                 continue
             rows[arm] = summarise_arm(records, base)
-            timed = [r for r in records if not r["wall_seconds"].get("reused_history")]
-            clean = [r for r in timed if ran_alone(r)]
-            walls = [r["wall_seconds"]["total"] / sft_wall for r in clean or timed]
-            rows[arm]["wall_ratio_to_sft"] = statistics.mean(walls) if walls and reference else None
-            rows[arm]["wall_shared"] = bool(walls) and not (clean and reference_clean)
+            rows[arm]["wall_ratio_to_sft"], rows[arm]["wall_shared"] = wall_ratio(records, reference)
             if arm == "sft" and not any(r.get("final_only") for r in records):  # measured at half its steps
                 rows["sft_early"] = summarise_arm(records, base, early)
                 rows["sft_early"]["wall_ratio_to_sft"] = (None if rows["sft"]["wall_ratio_to_sft"] is None

@@ -76,13 +76,18 @@ def load_records(regime: str, arm: str) -> list[dict]:
     return load_arms(RESULTS).get(regime, {}).get(arm, [])
 
 
-def harvest_normalised_wall(regime: str, arm: str, sft_seconds: float) -> tuple[float, str]:
-    """The arm's wall over its own harvest, times `tms`'s harvest over plain SFT; and the footnote that says so."""
-    own = [r["wall_seconds"]["total"] / r["wall_seconds"]["harvest"] for r in load_records(regime, arm)]
-    tms = [r for r in load_records(regime, "tms") if ran_alone(r)]
-    tms_own = [r["wall_seconds"]["total"] / r["wall_seconds"]["harvest"] for r in tms]
-    harvest_ratio = statistics.mean(r["wall_seconds"]["harvest"] for r in tms) / sft_seconds
-    raw = statistics.mean(r["wall_seconds"]["total"] for r in load_records(regime, arm)) / sft_seconds
+def harvest_normalised_wall(regime: str, arm: str, r: dict) -> tuple[float, str] | None:
+    """
+    The arm's wall over its own harvest, times `tms`'s harvest over plain SFT (each timed on one machine); and the
+    footnote that says so. None where no `tms` harvest has an SFT run timed on its machine.
+    """
+    harvest_ratio = r["arms"].get("tms", {}).get("harvest_ratio_to_sft")
+    if harvest_ratio is None:
+        return None
+    own = [x["wall_seconds"]["total"] / x["wall_seconds"]["harvest"] for x in load_records(regime, arm)]
+    tms = [x for x in load_records(regime, "tms") if ran_alone(x)]
+    tms_own = [x["wall_seconds"]["total"] / x["wall_seconds"]["harvest"] for x in tms]
+    raw = r["arms"][arm]["wall_ratio_to_sft"]
     estimate = statistics.mean(own) * harvest_ratio
     note = (f"Estimated: that run's machine was slower than the `tms` runs' (its harvest is the same work as theirs), "
             f"so its wall is read against its own harvest ({statistics.mean(own):.2f}x, against "
@@ -100,8 +105,9 @@ def wall_cell(regime: str, arm: str, s: dict, r: dict) -> tuple[str, str | None,
         return "0.5x", None, False
     if ratio is None:
         return "-", None, False
-    if arm in HARVEST_NORMALISED:
-        estimate, note = harvest_normalised_wall(regime, arm, r["wall_reference"]["seconds"])
+    normalised = harvest_normalised_wall(regime, arm, r) if arm in HARVEST_NORMALISED else None
+    if normalised:
+        estimate, note = normalised
         return f"{estimate:.1f}x", note, False
     if s.get("wall_shared"):
         return f"{ratio:.1f}x (shared)", None, True
@@ -207,8 +213,12 @@ QUALITY = "What the TMS students drew from"
 def regime_tables(study_md: str) -> dict:
     """`regime name -> table lines` from study.md; `(regime name, "quality") -> ...` for its trajectory-quality table."""
     tables = {}
-    for match in re.finditer(r"^## Regime `(\w+)`.*?\n\n((?:\|.*\n)+)", study_md, flags=re.M):
+    # The first table under each heading: prose may come between (e.g. the versions the records ran under).
+    for match in re.finditer(r"^## Regime `(\w+)`.*\n(?:\n|(?!#)[^|\n].*\n)*?((?:\|.*\n)+)", study_md, flags=re.M):
         tables[match.group(1)] = match.group(2)
+    headings = re.findall(r"^## Regime `(\w+)`", study_md, flags=re.M)
+    if sorted(headings) != sorted(tables):
+        raise SystemExit(f"study.md: no table under the heading of regime(s) {sorted(set(headings) - set(tables))}.")
     for match in re.finditer(r"^" + QUALITY + r" \(regime `(\w+)`.*?\n\n((?:\|.*\n)+)", study_md, flags=re.M):
         tables[(match.group(1), "quality")] = match.group(2)
     return tables

@@ -100,14 +100,20 @@ def test_wall_ratios_compare_runs_timed_on_the_same_machine(tmp_path):
         write_json_atomically(path, record)
 
     on(None, "sft_low_lr", 0, {"train": 100.0, "total": 100.0})  # an older record, on the older machine
-    on(None, "tms", 0, {"total": 300.0})
+    on(None, "tms", 0, {"harvest": 150.0, "total": 300.0})
     on("slow", "sft_low_lr", 1, {"train": 200.0, "total": 200.0})
-    on("slow", "tms", 1, {"total": 800.0})
+    on("slow", "tms", 1, {"harvest": 200.0, "total": 800.0})
     on("other", "tms", 2, {"total": 5000.0})  # no SFT timed on its machine: left out
     on("other", "tms_online", 0, {"total": 900.0})
-    arms = report.summary(str(tmp_path))["regimes"]["zero"]["arms"]
+    result = report.summary(str(tmp_path))["regimes"]["zero"]
+    arms = result["arms"]
     # (300 / 100 + 800 / 200) / 2; across machines it would have read (300 + 800 + 5000) / 3 / 150.
     assert arms["tms"]["wall_ratio_to_sft"] == pytest.approx(3.5) and not arms["tms"]["wall_shared"]
+    # TMS's harvest (plain SFT's work plus PLD) against SFT, likewise: (150 / 100 + 200 / 200) / 2, not 350 / 2 / 150.
+    assert arms["tms"]["harvest_ratio_to_sft"] == pytest.approx(1.25)
+    assert "harvest_ratio_to_sft" not in arms["tms_online"]
+    assert result["wall_reference"] == {"arms": ["sft_low_lr"],
+                                        "seconds_by_machine": {"not recorded": 100.0, "slow": 200.0}}
     assert arms["sft_low_lr"]["wall_ratio_to_sft"] == pytest.approx(1.0)
     assert arms["tms_online"]["wall_ratio_to_sft"] is None
     row = next(line for line in report.table(report.summary(str(tmp_path))).splitlines()
@@ -299,7 +305,8 @@ def test_wall_ratios_are_to_a_plain_sft_run_that_had_the_machine_to_itself(tmp_p
     result = report.summary(str(tmp_path))
     arms = result["regimes"]["zero"]["arms"]
     # A plain SFTTrainer run is the reference (the harvest also logs PLD); the shared one is left out: 50 s.
-    assert result["regimes"]["zero"]["wall_reference"] == {"arms": ["sft_dft", "sft_low_lr"], "seconds": 50.0}
+    assert result["regimes"]["zero"]["wall_reference"] == {"arms": ["sft_dft", "sft_low_lr"],
+                                                           "seconds_by_machine": {"not recorded": 50.0}}
     assert arms["sft_dft"]["wall_ratio_to_sft"] == pytest.approx(1.0) and not arms["sft_dft"]["wall_shared"]
     assert arms["sft"]["wall_ratio_to_sft"] == pytest.approx(2.0) and not arms["sft"]["wall_shared"]
     assert arms["sft_early"]["wall_ratio_to_sft"] == pytest.approx(1.0)
@@ -313,7 +320,7 @@ def test_wall_ratios_are_to_a_plain_sft_run_that_had_the_machine_to_itself(tmp_p
     write_json_atomically(records.arm_path(str(tmp_path), "zero", "sft_dft", 0),
                                 {**record, "contended": "tests ran during its training"})
     result = report.summary(str(tmp_path))
-    assert result["regimes"]["zero"]["wall_reference"]["seconds"] == pytest.approx(275.0)
+    assert result["regimes"]["zero"]["wall_reference"]["seconds_by_machine"]["not recorded"] == pytest.approx(275.0)
     assert result["regimes"]["zero"]["arms"]["sft_dft"]["wall_shared"]
 
 
@@ -466,15 +473,15 @@ def _arm(acc, kl, wiki, wall, seeds, shared=False):
 def test_readme_compact_table_shows_the_six_arms_with_every_regime_in_each_cell():
     import study_readme
 
-    partly = {"task": "letters", "base": {"target_accuracy": 0.43}, "wall_reference": {"seconds": 100.0}, "arms": {
+    partly = {"task": "letters", "base": {"target_accuracy": 0.43}, "arms": {
         "sft": _arm(0.805, 0.716, 0.8651, 1.22, 4), "sft_early": _arm(0.80, 0.65, 0.78, 0.61, 4),
         "sft_low_lr": _arm(0.807, 0.298, 0.297, 1.09, 3), "sft_lr_x0.1": _arm(0.827, 0.120, 0.177, 1.0, 3),
         "tms": _arm(0.823, 0.442, 0.334, 4.67, 3),
         "tms_online_alpha_75": _arm(0.785, 0.132, -0.064, 3.0, 2), "grpo": _arm(0.77, 1.62, 0.79, 9.2, 1)}}
-    zero = {"task": "legs", "base": {"target_accuracy": 0.0}, "wall_reference": {"seconds": 90.0}, "arms": {
+    zero = {"task": "legs", "base": {"target_accuracy": 0.0}, "arms": {
         "sft": _arm(0.57, 0.32, 0.14, 1.3, 3), "sft_low_lr": _arm(0.47, 0.19, 0.03, 1.04, 2),
         "tms": _arm(0.37, 0.28, 0.06, 4.4, 3, shared=True), "tms_online_alpha_75": _arm(0.47, 0.11, -0.04, 3.04, 2)}}
-    gemma = {"task": "letters", "base": {"target_accuracy": 0.55}, "wall_reference": {"seconds": 300.0}, "arms": {
+    gemma = {"task": "letters", "base": {"target_accuracy": 0.55}, "arms": {
         "sft": _arm(0.83, 5.447, 6.41, 1.0, 1)}}
     block = study_readme.compact({"regimes": {"zero": zero, "gemma": gemma, "partly": partly}})
     lines = block.splitlines()
@@ -557,7 +564,9 @@ def test_readme_refresh_replaces_only_the_marked_block_and_refuses_a_readme_with
     assert study_readme.sync_docs(docs, {"zero": "| a |\n|---|\n| 2 |\n"}) == (
         "### Regime `zero` (task)\n\n| a |\n|---|\n| 2 |\n\nprose stays\n")
     # The trajectory-quality table, under its own heading (the regime's main table is not touched by it).
-    study_md = ("## Regime `zero` (x)\n\n| a |\n|---|\n| 3 |\n\nWhat the TMS students drew from (regime `zero`; y):"
+    # Prose between a heading and its table (the versions line) is skipped.
+    study_md = ("## Regime `zero` (x)\n\nMeasured under (records): not recorded (3)\n\n| a |\n|---|\n| 3 |\n\n"
+                "What the TMS students drew from (regime `zero`; y):"
                 "\n\n| q |\n|---|\n| 4 |\n")
     tables = study_readme.regime_tables(study_md)
     assert tables == {"zero": "| a |\n|---|\n| 3 |\n", ("zero", "quality"): "| q |\n|---|\n| 4 |\n"}
@@ -567,6 +576,8 @@ def test_readme_refresh_replaces_only_the_marked_block_and_refuses_a_readme_with
         "#### What the TMS students drew from (regime `zero`)\n\n| q |\n|---|\n| 4 |\n")
     with pytest.raises(SystemExit, match="What the TMS students drew from"):
         study_readme.sync_docs("### Regime `zero` (task)\n\n| a |\n", tables)
+    with pytest.raises(SystemExit, match="no table under the heading of regime"):
+        study_readme.regime_tables("## Regime `zero` (x)\n\nno table\n")
 
 
 def test_frontier_mode_measures_scales_and_task_kl_and_adds_scales_to_an_older_record(tiny_study, tmp_path, monkeypatch):

@@ -40,12 +40,13 @@ def summarise_arm(records: list[dict], base: dict, pick=None) -> dict:
     return out
 
 
-def wall_ratio(records: list[dict], reference: list[dict]) -> tuple[float | None, bool]:
+def wall_ratio(records: list[dict], reference: list[dict], part: str = "total") -> tuple[float | None, bool]:
     """
-    The mean over `records` of each run's wall / the mean training wall of the `reference` runs timed on the same
-    machine (`machine_key`), and whether any run in it shared the machine. Runs that had the machine to themselves
-    come first, on both sides; a run with no reference timed on its machine has no ratio (sessions land on machines
-    of different speeds: a ratio across two machines measures the machines).
+    The mean over `records` of each run's wall (`part` of `wall_seconds`: the whole run, or one phase such as TMS's
+    harvest) / the mean training wall of the `reference` runs timed on the same machine (`machine_key`), and whether
+    any run in it shared the machine. Runs that had the machine to themselves come first, on both sides; a run with no
+    reference timed on its machine has no ratio (sessions land on machines of different speeds: a ratio across two
+    machines measures the machines).
     """
     timed = [r for r in records if not r["wall_seconds"].get("reused_history")]
     clean = [r for r in timed if ran_alone(r)]
@@ -54,10 +55,19 @@ def wall_ratio(records: list[dict], reference: list[dict]) -> tuple[float | None
         peers = [r for r in reference if machine_key(r) == machine_key(record)]
         alone = [r for r in peers if ran_alone(r)]
         if peers:
-            ratios.append(record["wall_seconds"]["total"] / statistics.mean(r["wall_seconds"]["train"]
+            ratios.append(record["wall_seconds"][part] / statistics.mean(r["wall_seconds"]["train"]
                                                                           for r in alone or peers))
             shared = shared or not alone
     return (statistics.mean(ratios) if ratios else None), bool(ratios) and shared
+
+
+def reference_walls(reference: list[dict]) -> dict:
+    """The mean training wall of the SFT reference runs on each machine (boot id; "not recorded" before the field)."""
+    walls = collections.defaultdict(list)
+    for record in reference:
+        walls[machine_key(record) or "not recorded"].append(record)
+    return {key: statistics.mean(r["wall_seconds"]["train"] for r in [r for r in runs if ran_alone(r)] or runs)
+            for key, runs in sorted(walls.items())}
 
 
 def summary(output_dir: str) -> dict:
@@ -74,13 +84,14 @@ def summary(output_dir: str) -> dict:
         plain = [r for arm, records in by_arm.items() if arm != "sft" and arm in ARMS and ARMS[arm].method == "sft"
                  and "rehearsal_weight" not in ARMS[arm].settings for r in records]
         reference = plain or by_arm.get("sft", [])
-        reference_clean = [r["wall_seconds"]["train"] for r in reference if ran_alone(r)]
-        sft_wall = statistics.mean(reference_clean or [r["wall_seconds"]["train"] for r in reference] or [float("nan")])
         for arm, records in sorted(by_arm.items()):
             if arm == "base":
                 continue
             rows[arm] = summarise_arm(records, base)
             rows[arm]["wall_ratio_to_sft"], rows[arm]["wall_shared"] = wall_ratio(records, reference)
+            harvested = [r for r in records if "harvest" in r["wall_seconds"]]  # TMS's first pass: SFT's work + PLD
+            if harvested:
+                rows[arm]["harvest_ratio_to_sft"] = wall_ratio(harvested, reference, "harvest")[0]
             if arm == "sft" and not any(r.get("final_only") for r in records):  # measured at half its steps
                 rows["sft_early"] = summarise_arm(records, base, early)
                 rows["sft_early"]["wall_ratio_to_sft"] = (None if rows["sft"]["wall_ratio_to_sft"] is None
@@ -92,7 +103,8 @@ def summary(output_dir: str) -> dict:
         result["regimes"][regime] = {"task": task, "trajectory_quality": quality, "base": {
             k: base[k] for k in ("target_accuracy", "wikitext_nll", "chat_nll", "pld", "piqa_acc", "siqa_acc", "ifeval_acc")
             if k in base},
-            "arms": rows, "wall_reference": {"arms": sorted({r["arm"] for r in reference}), "seconds": sft_wall},
+            "arms": rows, "wall_reference": {"arms": sorted({r["arm"] for r in reference}),
+                                               "seconds_by_machine": reference_walls(reference)},
             "frontiers": frontiers(by_arm, base), "versions": dict(collections.Counter(
                 versions_line(r.get("versions")) for records in by_arm.values() for r in records).most_common())}
     # Per model family: the signals' scales are the model's own (PLD is a likelihood under it, and Gemma's chat KL runs

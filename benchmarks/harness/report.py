@@ -40,6 +40,12 @@ def summarise_arm(records: list[dict], base: dict, pick=None) -> dict:
     return out
 
 
+def train_wall(runs: list[dict]) -> float:
+    """The mean training wall of `runs` (timed on one machine), from those that had the machine to themselves if any."""
+    alone = [r for r in runs if ran_alone(r)]
+    return statistics.mean(r["wall_seconds"]["train"] for r in alone or runs)
+
+
 def wall_ratio(records: list[dict], reference: list[dict], part: str = "total") -> tuple[float | None, bool]:
     """
     The mean over `records` of each run's wall (`part` of `wall_seconds`: the whole run, or one phase such as TMS's
@@ -53,11 +59,9 @@ def wall_ratio(records: list[dict], reference: list[dict], part: str = "total") 
     ratios, shared = [], not clean
     for record in clean or timed:
         peers = [r for r in reference if machine_key(r) == machine_key(record)]
-        alone = [r for r in peers if ran_alone(r)]
         if peers:
-            ratios.append(record["wall_seconds"][part] / statistics.mean(r["wall_seconds"]["train"]
-                                                                          for r in alone or peers))
-            shared = shared or not alone
+            ratios.append(record["wall_seconds"][part] / train_wall(peers))
+            shared = shared or not any(ran_alone(r) for r in peers)
     return (statistics.mean(ratios) if ratios else None), bool(ratios) and shared
 
 
@@ -66,8 +70,7 @@ def reference_walls(reference: list[dict]) -> dict:
     walls = collections.defaultdict(list)
     for record in reference:
         walls[machine_key(record) or "not recorded"].append(record)
-    return {key: statistics.mean(r["wall_seconds"]["train"] for r in [r for r in runs if ran_alone(r)] or runs)
-            for key, runs in sorted(walls.items())}
+    return {key: train_wall(runs) for key, runs in sorted(walls.items())}
 
 
 def summary(output_dir: str) -> dict:
